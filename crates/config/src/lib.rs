@@ -1,0 +1,1 @@
+//! estafeta-config
