@@ -1,0 +1,459 @@
+//! The one table of SMTP replies: every reply code and enhanced status code the server sends.
+//!
+//! No other crate writes a reply by hand. Each constructor names the situation and cites where the
+//! code comes from: RFC 5321 (basic codes), RFC 3463 (enhanced status codes, registered in
+//! RFC 5248), and the RFC of the extension concerned.
+
+use std::fmt;
+
+/// An enhanced mail system status code (RFC 3463): `class.subject.detail`, e.g. `2.1.5`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Status {
+    /// 2 success, 4 persistent transient failure, 5 permanent failure.
+    pub class: u8,
+    /// The subject: 0 other, 1 addressing, 2 mailbox, 3 mail system, 4 network/routing,
+    /// 5 mail delivery protocol, 6 message content, 7 security or policy.
+    pub subject: u16,
+    /// The detail within the subject.
+    pub detail: u16,
+}
+
+impl Status {
+    /// Builds a status code from its three parts.
+    pub const fn new(class: u8, subject: u16, detail: u16) -> Self {
+        Status {
+            class,
+            subject,
+            detail,
+        }
+    }
+
+    /// Parses `"4.7.0"`-style text.
+    pub fn parse(text: &str) -> Option<Status> {
+        let mut it = text.split('.');
+        let class: u8 = it.next()?.parse().ok()?;
+        let subject: u16 = it.next()?.parse().ok()?;
+        let detail: u16 = it.next()?.parse().ok()?;
+        if it.next().is_some() || !matches!(class, 2 | 4 | 5) || subject > 999 || detail > 999 {
+            return None;
+        }
+        Some(Status::new(class, subject, detail))
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+/// One SMTP reply: a three-digit code, an optional enhanced status code and one or more text lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply code (RFC 5321 §4.2), e.g. 250.
+    pub code: u16,
+    /// The enhanced status code written at the start of every line (RFC 2034), when the reply
+    /// carries one (the greeting and the EHLO reply do not).
+    pub status: Option<Status>,
+    /// The text lines; at least one.
+    pub lines: Vec<String>,
+}
+
+/// The broad meaning of a reply code's first digit (RFC 5321 §4.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// 2yz: the action was completed.
+    Positive,
+    /// 3yz: send more (354, 334).
+    Intermediate,
+    /// 4yz: try again later.
+    Transient,
+    /// 5yz: do not try again as is.
+    Permanent,
+}
+
+impl Reply {
+    /// A reply with an enhanced status code and one line of text.
+    pub fn new(code: u16, status: Status, text: impl Into<String>) -> Self {
+        Reply {
+            code,
+            status: Some(status),
+            lines: vec![text.into()],
+        }
+    }
+
+    /// A reply without an enhanced status code (greeting, EHLO, HELO).
+    pub fn plain(code: u16, lines: Vec<String>) -> Self {
+        debug_assert!(!lines.is_empty());
+        Reply {
+            code,
+            status: None,
+            lines,
+        }
+    }
+
+    /// What the first digit of the code says.
+    pub fn severity(&self) -> Severity {
+        match self.code / 100 {
+            2 => Severity::Positive,
+            3 => Severity::Intermediate,
+            4 => Severity::Transient,
+            _ => Severity::Permanent,
+        }
+    }
+
+    /// True for 4yz and 5yz replies.
+    pub fn is_error(&self) -> bool {
+        matches!(self.severity(), Severity::Transient | Severity::Permanent)
+    }
+
+    /// The text of the reply on one line (lines joined by a space), for logs and bounces.
+    pub fn text(&self) -> String {
+        self.lines.join(" ")
+    }
+
+    /// Appends the reply in wire form, CRLF-terminated, to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        let last = self.lines.len().saturating_sub(1);
+        for (i, line) in self.lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            // Writing into a Vec cannot fail.
+            let _ = match self.status {
+                Some(status) => write!(out, "{}{}{} {}\r\n", self.code, sep, status, line),
+                None => write!(out, "{}{}{}\r\n", self.code, sep, line),
+            };
+        }
+    }
+
+    /// The reply in wire form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        self.write_to(&mut out);
+        out
+    }
+}
+
+impl fmt::Display for Reply {
+    /// One line: `550 5.1.1 text text`, for logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "{} {} {}", self.code, s, self.text()),
+            None => write!(f, "{} {}", self.code, self.text()),
+        }
+    }
+}
+
+const fn st(class: u8, subject: u16, detail: u16) -> Status {
+    Status::new(class, subject, detail)
+}
+
+// ---- 2yz -------------------------------------------------------------------------------------
+
+/// `220 <host> <banner>`: the greeting (RFC 5321 §4.2, §3.1). No enhanced code (RFC 2034 §3).
+pub fn greeting(hostname: &str, banner: &str) -> Reply {
+    Reply::plain(220, vec![format!("{hostname} {banner}")])
+}
+
+/// `250 <host>`: the answer to HELO (RFC 5321 §4.1.1.1).
+pub fn helo(hostname: &str) -> Reply {
+    Reply::plain(250, vec![hostname.to_string()])
+}
+
+/// The multi-line answer to EHLO: the host name, then one extension keyword a line
+/// (RFC 5321 §4.1.1.1). No enhanced codes (RFC 2034 §3).
+pub fn ehlo(hostname: &str, extensions: &[String]) -> Reply {
+    let mut lines = Vec::with_capacity(extensions.len() + 1);
+    lines.push(hostname.to_string());
+    lines.extend(extensions.iter().cloned());
+    Reply::plain(250, lines)
+}
+
+/// `250 2.1.0 Ok`: MAIL accepted (RFC 3463 X.1.0: other address status).
+pub fn mail_ok() -> Reply {
+    Reply::new(250, st(2, 1, 0), "Ok")
+}
+
+/// `250 2.1.5 Ok`: RCPT accepted (RFC 3463 X.1.5: destination address valid).
+pub fn rcpt_ok() -> Reply {
+    Reply::new(250, st(2, 1, 5), "Ok")
+}
+
+/// `250 2.0.0 Ok`: RSET, NOOP and other plain successes.
+pub fn ok() -> Reply {
+    Reply::new(250, st(2, 0, 0), "Ok")
+}
+
+/// `354 End data with <CR><LF>.<CR><LF>` (RFC 5321 §4.1.1.4). No enhanced code on 3yz.
+pub fn start_data() -> Reply {
+    Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".to_string()])
+}
+
+/// `250 2.0.0 Ok: queued as ID`: the message is on stable storage.
+pub fn queued(id: &str) -> Reply {
+    Reply::new(250, st(2, 0, 0), format!("Ok: queued as {id}"))
+}
+
+/// `250 2.0.0 N octets received`: one BDAT chunk that is not the last (RFC 3030 §2).
+pub fn chunk_ok(size: u64) -> Reply {
+    Reply::new(250, st(2, 0, 0), format!("{size} octets received"))
+}
+
+/// `221 2.0.0 Bye`: answer to QUIT (RFC 5321 §4.1.1.10).
+pub fn bye() -> Reply {
+    Reply::new(221, st(2, 0, 0), "Bye")
+}
+
+/// `252 2.5.2 …`: VRFY answered without saying whether the user exists (RFC 5321 §3.5.3).
+pub fn vrfy_ambiguous() -> Reply {
+    Reply::new(
+        252,
+        st(2, 5, 2),
+        "Cannot VRFY user, but will accept message and attempt delivery",
+    )
+}
+
+/// `214 2.0.0 …`: HELP (RFC 5321 §4.1.1.8). Names the commands, never the software version.
+pub fn help() -> Reply {
+    Reply {
+        code: 214,
+        status: Some(st(2, 0, 0)),
+        lines: vec![
+            "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP".to_string(),
+            "See RFC 5321".to_string(),
+        ],
+    }
+}
+
+// ---- 4yz -------------------------------------------------------------------------------------
+
+/// `421 4.7.0 <host> Error: too many errors`: the session's error budget is spent; closing.
+pub fn too_many_errors(hostname: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 7, 0),
+        format!("{hostname} Error: too many errors"),
+    )
+}
+
+/// `421 4.4.2 <host> Error: timeout exceeded`: the client was silent too long
+/// (RFC 5321 §4.5.3.2; RFC 3463 X.4.2 bad connection).
+pub fn timeout(hostname: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 4, 2),
+        format!("{hostname} Error: timeout exceeded"),
+    )
+}
+
+/// `421 4.3.2 <host> Service shutting down`: the server is stopping (RFC 3463 X.3.2).
+pub fn shutting_down(hostname: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 3, 2),
+        format!("{hostname} Service shutting down, closing transmission channel"),
+    )
+}
+
+/// `421 4.7.0 <host> Error: too many connections`: the global connection cap is reached.
+pub fn too_many_connections(hostname: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 7, 0),
+        format!("{hostname} Error: too many connections"),
+    )
+}
+
+/// `421 4.7.0 <host> Error: too many connections from <ip>`: the per-address cap is reached.
+pub fn too_many_connections_from(hostname: &str, ip: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 7, 0),
+        format!("{hostname} Error: too many connections from {ip}"),
+    )
+}
+
+/// `452 4.5.3 Error: too many recipients` (RFC 5321 §4.5.3.1.10 asks for 452; RFC 3463 X.5.3).
+pub fn too_many_recipients() -> Reply {
+    Reply::new(452, st(4, 5, 3), "Error: too many recipients")
+}
+
+/// `451 4.3.0 Error: queue file write error`: the spool could not make the message durable.
+pub fn queue_error() -> Reply {
+    Reply::new(451, st(4, 3, 0), "Error: queue file write error")
+}
+
+/// `451 4.3.0 Error: internal error`: a temporary local problem while checking.
+pub fn local_error() -> Reply {
+    Reply::new(451, st(4, 3, 0), "Error: local error in processing")
+}
+
+// ---- 5yz -------------------------------------------------------------------------------------
+
+/// `500 5.5.2 Error: line too long` (RFC 5321 §4.5.3.1.4, §4.5.3.1.9).
+pub fn line_too_long() -> Reply {
+    Reply::new(500, st(5, 5, 2), "Error: line too long")
+}
+
+/// `500 5.5.2 Error: bad UTF-8 syntax`: a command line that is not valid UTF-8.
+pub fn bad_encoding() -> Reply {
+    Reply::new(500, st(5, 5, 2), "Error: bad UTF-8 syntax")
+}
+
+/// `502 5.5.2 Error: command not recognized` (RFC 5321 §4.2.4: 500 or 502 for unknown commands).
+pub fn unknown_command() -> Reply {
+    Reply::new(502, st(5, 5, 2), "Error: command not recognized")
+}
+
+/// `502 5.5.1 Error: command not implemented`: a known command that is not available here.
+pub fn not_implemented() -> Reply {
+    Reply::new(502, st(5, 5, 1), "Error: command not implemented")
+}
+
+/// `502 5.5.1 …`: VRFY turned off by configuration.
+pub fn vrfy_disabled() -> Reply {
+    Reply::new(502, st(5, 5, 1), "VRFY command is disabled")
+}
+
+/// `502 5.5.1 …`: EXPN turned off by configuration.
+pub fn expn_disabled() -> Reply {
+    Reply::new(502, st(5, 5, 1), "EXPN command is disabled")
+}
+
+/// `503 5.5.1 Error: …`: a command out of sequence (RFC 5321 §4.1.4).
+pub fn bad_sequence(text: &str) -> Reply {
+    Reply::new(503, st(5, 5, 1), format!("Error: {text}"))
+}
+
+/// `501 5.5.4 Syntax: …`: bad arguments to a command (RFC 3463 X.5.4).
+pub fn syntax(text: &str) -> Reply {
+    Reply::new(501, st(5, 5, 4), format!("Syntax: {text}"))
+}
+
+/// `501 5.5.4 Error: …`: a bad command parameter.
+pub fn bad_parameter(text: &str) -> Reply {
+    Reply::new(501, st(5, 5, 4), format!("Error: {text}"))
+}
+
+/// `555 5.5.4 Unsupported option: …` (RFC 5321 §4.1.1.11: unrecognised MAIL/RCPT parameters).
+pub fn unsupported_parameter(keyword: &str) -> Reply {
+    Reply::new(555, st(5, 5, 4), format!("Unsupported option: {keyword}"))
+}
+
+/// `501 5.1.7 Bad sender address syntax` (RFC 3463 X.1.7).
+pub fn bad_sender_syntax(detail: &str) -> Reply {
+    Reply::new(
+        501,
+        st(5, 1, 7),
+        format!("Bad sender address syntax: {detail}"),
+    )
+}
+
+/// `501 5.1.3 Bad recipient address syntax` (RFC 3463 X.1.3).
+pub fn bad_recipient_syntax(detail: &str) -> Reply {
+    Reply::new(
+        501,
+        st(5, 1, 3),
+        format!("Bad recipient address syntax: {detail}"),
+    )
+}
+
+/// `553 5.1.7`/`553 5.1.3`: an address whose parts exceed RFC 5321 §4.5.3.1 limits.
+pub fn address_too_long(sender: bool, what: &str) -> Reply {
+    let status = if sender { st(5, 1, 7) } else { st(5, 1, 3) };
+    Reply::new(553, status, format!("Error: {what} too long"))
+}
+
+/// `553 5.6.7 …`: a non-ASCII address without SMTPUTF8 (RFC 6531 §3.5).
+pub fn non_ascii_address() -> Reply {
+    Reply::new(
+        553,
+        st(5, 6, 7),
+        "Non-ASCII addresses require the SMTPUTF8 parameter",
+    )
+}
+
+/// `552 5.3.4 Message size exceeds fixed limit`: the SIZE parameter is over the limit
+/// (RFC 1870 §6.1; RFC 3463 X.3.4).
+pub fn size_exceeds_limit() -> Reply {
+    Reply::new(552, st(5, 3, 4), "Message size exceeds fixed limit")
+}
+
+/// `552 5.3.4 Error: message file too big`: the received content is over the limit.
+pub fn message_too_big() -> Reply {
+    Reply::new(552, st(5, 3, 4), "Error: message file too big")
+}
+
+/// `554 5.5.1 Error: no valid recipients`: DATA/BDAT after every RCPT was refused
+/// (RFC 2920 §3.1).
+pub fn no_valid_recipients() -> Reply {
+    Reply::new(554, st(5, 5, 1), "Error: no valid recipients")
+}
+
+/// `554 5.4.6 Too many hops`: a mail loop (RFC 5321 §6.3; RFC 3463 X.4.6 routing loop).
+pub fn too_many_hops(count: usize) -> Reply {
+    Reply::new(
+        554,
+        st(5, 4, 6),
+        format!("Too many hops: {count} Received headers (mail loop?)"),
+    )
+}
+
+/// `554 5.7.1 <addr>: Relay access denied`: a recipient outside the local domains from a
+/// client that may not relay.
+pub fn relay_denied(address: &str) -> Reply {
+    Reply::new(
+        554,
+        st(5, 7, 1),
+        format!("<{address}>: Relay access denied"),
+    )
+}
+
+/// `550 5.1.1 <addr>: Recipient address rejected: User unknown`.
+pub fn user_unknown(address: &str) -> Reply {
+    Reply::new(
+        550,
+        st(5, 1, 1),
+        format!("<{address}>: Recipient address rejected: User unknown"),
+    )
+}
+
+/// `221 2.7.0 Error: I can break rules, too. Goodbye.`: an HTTP request on the SMTP port
+/// (a browser or proxy abuse, as Postfix answers it).
+pub fn forbidden_command() -> Reply {
+    Reply::new(221, st(2, 7, 0), "Error: I can break rules, too. Goodbye.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_line_with_status() {
+        assert_eq!(rcpt_ok().to_bytes(), b"250 2.1.5 Ok\r\n");
+    }
+
+    #[test]
+    fn multi_line_repeats_code_and_status() {
+        assert_eq!(
+            help().to_bytes(),
+            b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\r\n214 2.0.0 See RFC 5321\r\n"
+        );
+    }
+
+    #[test]
+    fn ehlo_has_no_status() {
+        let r = ehlo("mx.example", &["PIPELINING".into(), "SIZE 100".into()]);
+        assert_eq!(
+            r.to_bytes(),
+            b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 100\r\n"
+        );
+    }
+
+    #[test]
+    fn status_parse() {
+        assert_eq!(Status::parse("4.7.0"), Some(Status::new(4, 7, 0)));
+        assert_eq!(Status::parse("3.1.0"), None);
+        assert_eq!(Status::parse("5.1"), None);
+    }
+}

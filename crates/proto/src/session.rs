@@ -1,0 +1,639 @@
+//! The server side of an SMTP session as a deterministic state machine without I/O.
+//!
+//! The driver (the listener) feeds it bytes with [`Session::feed`] and takes [`Action`]s
+//! from [`Session::poll`] until it returns `None`, which means "flush your replies and read more
+//! input". Some actions ask a question (is this recipient acceptable? please store this
+//! message); the session then waits, and `poll` returns `None`, until the driver gives the
+//! answer with [`Session::rcpt_checked`] or [`Session::enqueued`]. Replies to pipelined
+//! commands come out in order (RFC 2920), one `Send` each; the driver batches them.
+//!
+//! Each verb has a check step (sequence, syntax, limits) that returns the error reply, and a
+//! proceed step that changes the state (as OpenSMTPD's smtp_session.c does).
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::address::ReversePath;
+use crate::command::{Body, Command, MailParams, RcptParams, parse_command};
+use crate::data::{DataReceiver, DataStatus};
+use crate::envelope::{ClientInfo, Envelope, Recipient};
+use crate::reply::{self, Reply};
+use crate::trace::count_received;
+
+/// RFC 5321 §4.5.3.1.4 allows 512 octets for a command line, and each extension adds what its
+/// parameters need: SIZE (RFC 1870 §3: +26), BODY (+16), SMTPUTF8 (+9), RET and ENVID
+/// (RFC 3461 §4: +9 and +107), NOTIFY (+30) and ORCPT (RFC 3461 §4: +507). The longest MAIL is
+/// under 700 octets, the longest RCPT about 1050; 1280 leaves room for separators.
+pub const COMMAND_LINE_LIMIT: usize = 1280;
+
+/// RFC 4954 §4: an AUTH command line or SASL response may be up to 12288 octets.
+pub const AUTH_LINE_LIMIT: usize = 12288;
+
+/// How VRFY is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VrfyMode {
+    /// `252 2.5.2` for every address: reveals nothing (the default).
+    Ambiguous,
+    /// `502 5.5.1`: the command is turned off.
+    Off,
+}
+
+/// The per-listener settings a session needs. Built once by the driver, shared by sessions.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The name in the greeting, the EHLO reply and Received headers.
+    pub hostname: String,
+    /// The greeting text after the host name, e.g. `ESMTP estafeta`.
+    pub banner: String,
+    /// The largest message accepted, in octets (SIZE, RFC 1870).
+    pub max_message_size: u64,
+    /// The most recipients in one transaction.
+    pub max_recipients: usize,
+    /// Errors (syntax, sequence, unknown command, refused recipient) before `421` and close.
+    pub max_errors: u32,
+    /// More `Received:` headers than this is a mail loop: `554 5.4.6`.
+    pub max_received_headers: usize,
+    /// How VRFY is answered.
+    pub vrfy: VrfyMode,
+}
+
+/// What the session asks the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this reply (batch it with the following ones; flush when `poll` returns `None`).
+    Send(Reply),
+    /// Decide on this recipient and answer with [`Session::rcpt_checked`].
+    CheckRcpt(Recipient),
+    /// Store this message durably and answer with [`Session::enqueued`].
+    Enqueue(Box<Envelope>, Vec<u8>),
+    /// Flush what was sent and close the connection.
+    Close,
+}
+
+/// Which inactivity timeout applies now (RFC 5321 §4.5.3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// Waiting for a command (5 minutes by default).
+    Command,
+    /// Waiting for message content (10 minutes by default: the data block timeout).
+    Data,
+}
+
+/// How the incoming bytes are read at this moment.
+#[derive(Debug)]
+enum Input {
+    /// Command lines.
+    Command,
+    /// The content of DATA.
+    Data(DataReceiver),
+    /// The bytes of a BDAT chunk: how many are still to come, whether it is the last chunk,
+    /// and the error reply to give once it is consumed, if the chunk is refused.
+    Bdat {
+        remaining: u64,
+        size: u64,
+        last: bool,
+        refusal: Option<Reply>,
+    },
+}
+
+/// The mail transaction in progress (RFC 5321 §3.3).
+#[derive(Debug)]
+struct Transaction {
+    from: ReversePath,
+    params: MailParams,
+    rcpts: Vec<Recipient>,
+    /// RCPT commands tried, accepted or not (to tell "need RCPT" from "no valid recipients").
+    rcpt_attempts: usize,
+    /// The content received so far.
+    body: Vec<u8>,
+    /// True once a BDAT chunk was received (DATA is then out of sequence).
+    chunking: bool,
+}
+
+/// What the session waits for from the driver.
+#[derive(Debug)]
+enum Waiting {
+    Nothing,
+    Rcpt(Recipient),
+    Enqueue,
+}
+
+/// One SMTP server session.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    peer: SocketAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<String>,
+    txn: Option<Box<Transaction>>,
+    input: Input,
+    buf: Vec<u8>,
+    pos: usize,
+    /// Inside a command line longer than the limit: discard up to its LF.
+    discarding: bool,
+    waiting: Waiting,
+    out: VecDeque<Action>,
+    errors: u32,
+    closed: bool,
+}
+
+impl Session {
+    /// A new session for a client at `peer`; the first action is the greeting.
+    pub fn new(cfg: Arc<SessionConfig>, peer: SocketAddr) -> Self {
+        let mut s = Session {
+            peer,
+            helo: None,
+            esmtp: false,
+            tls: None,
+            txn: None,
+            input: Input::Command,
+            buf: Vec::new(),
+            pos: 0,
+            discarding: false,
+            waiting: Waiting::Nothing,
+            out: VecDeque::new(),
+            errors: 0,
+            closed: false,
+            cfg,
+        };
+        let greeting = reply::greeting(&s.cfg.hostname, &s.cfg.banner);
+        s.send(greeting);
+        s
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The name the client gave in HELO/EHLO, if any.
+    pub fn helo_name(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// True once the session has decided to close (after QUIT, a fatal error or a timeout).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Which timeout applies while waiting for input now.
+    pub fn timeout_kind(&self) -> Timeout {
+        match self.input {
+            Input::Command => Timeout::Command,
+            Input::Data(_) | Input::Bdat { .. } => Timeout::Data,
+        }
+    }
+
+    /// True when bytes are buffered that have not been processed yet (for example pipelined
+    /// commands behind a question the driver has not answered).
+    pub fn has_buffered_input(&self) -> bool {
+        self.pos < self.buf.len()
+    }
+
+    /// Adds bytes read from the client.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.closed {
+            return;
+        }
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos > 4096 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next action, or `None` when the session needs more input or an answer.
+    pub fn poll(&mut self) -> Option<Action> {
+        loop {
+            if let Some(a) = self.out.pop_front() {
+                return Some(a);
+            }
+            if self.closed || !matches!(self.waiting, Waiting::Nothing) {
+                return None;
+            }
+            if !self.step() {
+                // Out of input: give memory back after a large message.
+                if self.pos == self.buf.len() {
+                    self.buf.clear();
+                    self.pos = 0;
+                    if self.buf.capacity() > 16 * 1024 {
+                        self.buf = Vec::new();
+                    }
+                }
+                return None;
+            }
+        }
+    }
+
+    /// The answer to [`Action::CheckRcpt`]: `Ok` accepts the recipient, `Err` refuses it with
+    /// that reply.
+    pub fn rcpt_checked(&mut self, verdict: Result<(), Reply>) {
+        let Waiting::Rcpt(rcpt) = std::mem::replace(&mut self.waiting, Waiting::Nothing) else {
+            debug_assert!(false, "rcpt_checked without a pending RCPT");
+            return;
+        };
+        match verdict {
+            Ok(()) => {
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.rcpts.push(rcpt);
+                }
+                self.send(reply::rcpt_ok());
+            }
+            Err(r) => self.error(r),
+        }
+    }
+
+    /// The answer to [`Action::Enqueue`]: the queue ID, or the reply to give instead
+    /// (a temporary failure when the spool could not store the message).
+    pub fn enqueued(&mut self, result: Result<String, Reply>) {
+        if !matches!(self.waiting, Waiting::Enqueue) {
+            debug_assert!(false, "enqueued without a pending message");
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        self.txn = None;
+        match result {
+            Ok(id) => self.send(reply::queued(&id)),
+            Err(r) => self.send(r),
+        }
+    }
+
+    /// The client was silent longer than the timeout: say so and close.
+    pub fn timed_out(&mut self) {
+        let r = reply::timeout(&self.cfg.hostname);
+        self.send(r);
+        self.close();
+    }
+
+    /// The server is shutting down: say so and close.
+    pub fn shutting_down(&mut self) {
+        let r = reply::shutting_down(&self.cfg.hostname);
+        self.send(r);
+        self.close();
+    }
+
+    fn send(&mut self, r: Reply) {
+        self.out.push_back(Action::Send(r));
+    }
+
+    fn close(&mut self) {
+        if !self.closed {
+            self.closed = true;
+            self.out.push_back(Action::Close);
+        }
+    }
+
+    /// Sends an error reply and counts it; too many errors end the session.
+    fn error(&mut self, r: Reply) {
+        self.send(r);
+        self.errors += 1;
+        if self.errors >= self.cfg.max_errors {
+            let r = reply::too_many_errors(&self.cfg.hostname);
+            self.send(r);
+            self.close();
+        }
+    }
+
+    /// Processes some input. Returns false when more input is needed.
+    fn step(&mut self) -> bool {
+        match &mut self.input {
+            Input::Command => self.step_command(),
+            Input::Data(receiver) => {
+                let txn = self.txn.as_mut().expect("DATA without a transaction");
+                match receiver.feed(&self.buf[self.pos..], &mut txn.body) {
+                    DataStatus::More => {
+                        self.pos = self.buf.len();
+                        false
+                    }
+                    DataStatus::Done(n) => {
+                        self.pos += n;
+                        let overflow = receiver.overflowed();
+                        self.input = Input::Command;
+                        self.finish_message(overflow);
+                        true
+                    }
+                }
+            }
+            Input::Bdat {
+                remaining,
+                size,
+                last,
+                refusal,
+            } => {
+                let avail = (self.buf.len() - self.pos) as u64;
+                let take = avail.min(*remaining) as usize;
+                if refusal.is_none()
+                    && let Some(txn) = self.txn.as_mut()
+                {
+                    txn.body
+                        .extend_from_slice(&self.buf[self.pos..self.pos + take]);
+                }
+                self.pos += take;
+                *remaining -= take as u64;
+                if *remaining > 0 {
+                    return false;
+                }
+                let (size, last, refusal) = (*size, *last, refusal.take());
+                self.input = Input::Command;
+                match refusal {
+                    Some(r) => {
+                        // RFC 3030 §2: after a failed chunk the transaction is over.
+                        self.txn = None;
+                        self.error(r);
+                    }
+                    None if last => self.finish_message(false),
+                    None => self.send(reply::chunk_ok(size)),
+                }
+                true
+            }
+        }
+    }
+
+    fn step_command(&mut self) -> bool {
+        let pending = &self.buf[self.pos..];
+        let Some(lf) = pending.iter().position(|&b| b == b'\n') else {
+            if pending.len() > AUTH_LINE_LIMIT {
+                // RFC 5321 §4.5.3.1.4: too long. Drop what we have and the rest of the line.
+                self.discarding = true;
+                self.pos = self.buf.len();
+            }
+            return false;
+        };
+        let mut line = &pending[..lf];
+        self.pos += lf + 1;
+        if std::mem::take(&mut self.discarding) {
+            self.error(reply::line_too_long());
+            return true;
+        }
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
+        let limit = if is_auth {
+            AUTH_LINE_LIMIT
+        } else {
+            COMMAND_LINE_LIMIT
+        };
+        if line.len() + 2 > limit {
+            self.error(reply::line_too_long());
+            return true;
+        }
+        match parse_command(line) {
+            Err(e) => self.error(e.reply),
+            Ok(cmd) => self.command(cmd),
+        }
+        true
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Helo(name) => {
+                self.helo = Some(name);
+                self.esmtp = false;
+                self.txn = None;
+                let r = reply::helo(&self.cfg.hostname);
+                self.send(r);
+            }
+            Command::Ehlo(name) => {
+                // RFC 5321 §4.1.4: EHLO resets the state as RSET does.
+                self.helo = Some(name);
+                self.esmtp = true;
+                self.txn = None;
+                let r = reply::ehlo(&self.cfg.hostname, &self.extensions());
+                self.send(r);
+            }
+            Command::Mail(from, params) => match self.check_mail(&from, &params) {
+                Err(r) => self.error(r),
+                Ok(()) => {
+                    self.txn = Some(Box::new(Transaction {
+                        from,
+                        params,
+                        rcpts: Vec::new(),
+                        rcpt_attempts: 0,
+                        body: Vec::new(),
+                        chunking: false,
+                    }));
+                    self.send(reply::mail_ok());
+                }
+            },
+            Command::Rcpt(path, params) => match self.check_rcpt(&path, &params) {
+                Err(r) => {
+                    // A recipient limit reply is not the client's error.
+                    if r.code == 452 {
+                        self.send(r)
+                    } else {
+                        self.error(r)
+                    }
+                }
+                Ok(()) => {
+                    let rcpt = Recipient { path, params };
+                    if let Some(txn) = self.txn.as_mut() {
+                        txn.rcpt_attempts += 1;
+                    }
+                    self.out.push_back(Action::CheckRcpt(rcpt.clone()));
+                    self.waiting = Waiting::Rcpt(rcpt);
+                }
+            },
+            Command::Data => match self.check_data() {
+                Err(r) => self.error(r),
+                Ok(()) => {
+                    self.input = Input::Data(DataReceiver::new(self.cfg.max_message_size));
+                    self.send(reply::start_data());
+                }
+            },
+            Command::Bdat { size, last } => {
+                let refusal = self.check_bdat(size).err();
+                if let (None, Some(txn)) = (&refusal, self.txn.as_mut()) {
+                    txn.chunking = true;
+                    txn.body.reserve(size.min(1 << 20) as usize);
+                }
+                self.input = Input::Bdat {
+                    remaining: size,
+                    size,
+                    last,
+                    refusal,
+                };
+            }
+            Command::Rset => {
+                self.txn = None;
+                self.send(reply::ok());
+            }
+            Command::Noop => self.send(reply::ok()),
+            Command::Quit => {
+                self.send(reply::bye());
+                self.close();
+            }
+            Command::Vrfy(_) => match self.cfg.vrfy {
+                VrfyMode::Ambiguous => self.send(reply::vrfy_ambiguous()),
+                VrfyMode::Off => self.error(reply::vrfy_disabled()),
+            },
+            Command::Expn(_) => self.error(reply::expn_disabled()),
+            Command::Help => self.send(reply::help()),
+            Command::StartTls | Command::Auth { .. } | Command::Etrn(_) => {
+                self.error(reply::not_implemented())
+            }
+            Command::Http => {
+                self.send(reply::forbidden_command());
+                self.close();
+            }
+        }
+    }
+
+    /// The EHLO keywords, in the order they are advertised.
+    fn extensions(&self) -> Vec<String> {
+        vec![
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.cfg.max_message_size),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "8BITMIME".to_string(),
+            "DSN".to_string(),
+            "SMTPUTF8".to_string(),
+            "CHUNKING".to_string(),
+        ]
+    }
+
+    fn check_mail(&self, from: &ReversePath, params: &MailParams) -> Result<(), Reply> {
+        if self.helo.is_none() {
+            return Err(reply::bad_sequence("send HELO/EHLO first"));
+        }
+        if self.txn.is_some() {
+            return Err(reply::bad_sequence("nested MAIL command"));
+        }
+        // RFC 5321 §4.1.1.11: parameters need the extension, and extensions need EHLO.
+        if !self.esmtp && *params != MailParams::default() {
+            return Err(reply::unsupported_parameter("ESMTP parameters need EHLO"));
+        }
+        // BINARYMIME is not advertised (RFC 3030 §3).
+        if params.body == Some(Body::BinaryMime) {
+            return Err(reply::unsupported_parameter("BODY=BINARYMIME"));
+        }
+        if let ReversePath::Mailbox(m) = from
+            && m.is_utf8()
+            && !params.smtputf8
+        {
+            return Err(reply::non_ascii_address());
+        }
+        // RFC 1870 §6.1: refuse at MAIL when the declared size is over the limit.
+        if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
+            return Err(reply::size_exceeds_limit());
+        }
+        Ok(())
+    }
+
+    fn check_rcpt(
+        &self,
+        path: &crate::address::ForwardPath,
+        params: &RcptParams,
+    ) -> Result<(), Reply> {
+        let Some(txn) = self.txn.as_ref() else {
+            return Err(reply::bad_sequence("need MAIL command"));
+        };
+        if !self.esmtp && *params != RcptParams::default() {
+            return Err(reply::unsupported_parameter("ESMTP parameters need EHLO"));
+        }
+        if path.mailbox.is_utf8() && !txn.params.smtputf8 {
+            return Err(reply::non_ascii_address());
+        }
+        if txn.rcpts.len() >= self.cfg.max_recipients {
+            return Err(reply::too_many_recipients());
+        }
+        Ok(())
+    }
+
+    fn check_data(&self) -> Result<(), Reply> {
+        let Some(txn) = self.txn.as_ref() else {
+            return Err(reply::bad_sequence("need MAIL command"));
+        };
+        if txn.chunking {
+            // RFC 3030 §2: DATA and BDAT do not mix in one transaction.
+            return Err(reply::bad_sequence("DATA after BDAT"));
+        }
+        if txn.rcpts.is_empty() {
+            return Err(if txn.rcpt_attempts > 0 {
+                reply::no_valid_recipients()
+            } else {
+                reply::bad_sequence("need RCPT command")
+            });
+        }
+        Ok(())
+    }
+
+    fn check_bdat(&self, size: u64) -> Result<(), Reply> {
+        let Some(txn) = self.txn.as_ref() else {
+            return Err(reply::bad_sequence("need MAIL command"));
+        };
+        if txn.rcpts.is_empty() {
+            return Err(if txn.rcpt_attempts > 0 {
+                reply::no_valid_recipients()
+            } else {
+                reply::bad_sequence("need RCPT command")
+            });
+        }
+        if (txn.body.len() as u64).saturating_add(size) > self.cfg.max_message_size {
+            return Err(reply::message_too_big());
+        }
+        Ok(())
+    }
+
+    /// The `with` protocol name for the Received header (RFC 3848, RFC 6531 §3.7.3).
+    fn protocol(&self, smtputf8: bool) -> String {
+        let base = match (smtputf8, self.esmtp) {
+            (true, _) => "UTF8SMTP",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        let mut p = base.to_string();
+        if self.tls.is_some() && (self.esmtp || smtputf8) {
+            p.push('S');
+        }
+        p
+    }
+
+    /// The end of DATA or of the last BDAT chunk: refuse, or ask the driver to store it.
+    fn finish_message(&mut self, overflow: bool) {
+        if overflow {
+            self.txn = None;
+            self.error(reply::message_too_big());
+            return;
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return;
+        };
+        let hops = count_received(&txn.body);
+        if hops > self.cfg.max_received_headers {
+            self.txn = None;
+            self.send(reply::too_many_hops(hops));
+            return;
+        }
+        let body = std::mem::take(&mut txn.body);
+        let from = txn.from.clone();
+        let params = txn.params.clone();
+        let rcpts = std::mem::take(&mut txn.rcpts);
+        let protocol = self.protocol(params.smtputf8);
+        let envelope = Envelope {
+            client: ClientInfo {
+                ip: canonical_ip(self.peer.ip()),
+                port: self.peer.port(),
+                helo: self.helo.clone().unwrap_or_default(),
+                protocol,
+                tls: self.tls.clone(),
+            },
+            from,
+            params,
+            rcpts,
+        };
+        self.out
+            .push_back(Action::Enqueue(Box::new(envelope), body));
+        self.waiting = Waiting::Enqueue;
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`) as the IPv4 address it stands for.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}

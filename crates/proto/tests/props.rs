@@ -1,0 +1,131 @@
+//! Property tests: the parsers never panic, and how input is split into reads never changes
+//! what the session does.
+
+use std::sync::Arc;
+
+use estafeta_proto::command::parse_command;
+use estafeta_proto::data::{DataReceiver, DataStatus, stuff};
+use estafeta_proto::{Action, Session, SessionConfig, VrfyMode};
+use proptest::prelude::*;
+
+fn smtpish() -> impl Strategy<Value = Vec<u8>> {
+    // Bytes biased towards the ones that matter: CR, LF, dot, letters of commands.
+    prop::collection::vec(
+        prop_oneof![
+            Just(b'\r'),
+            Just(b'\n'),
+            Just(b'.'),
+            Just(b' '),
+            Just(b'<'),
+            Just(b'>'),
+            Just(b'@'),
+            Just(b':'),
+            any::<u8>(),
+            prop::sample::select(b"MAILFROMRCPTTODATABDAT0123456789LAST".to_vec()),
+        ],
+        0..300,
+    )
+}
+
+fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let cfg = SessionConfig {
+        hostname: "mx.test".into(),
+        banner: "ESMTP".into(),
+        max_message_size: 10_000,
+        max_recipients: 10,
+        max_errors: 1000,
+        max_received_headers: 50,
+        vrfy: VrfyMode::Ambiguous,
+    };
+    let mut s = Session::new(Arc::new(cfg), "127.0.0.1:1".parse().unwrap());
+    let mut out = Vec::new();
+    let mut msgs = Vec::new();
+    let mut drive = |s: &mut Session, out: &mut Vec<u8>| {
+        while let Some(a) = s.poll() {
+            match a {
+                Action::Send(r) => r.write_to(out),
+                Action::CheckRcpt(_) => s.rcpt_checked(Ok(())),
+                Action::Enqueue(_, body) => {
+                    msgs.push(body);
+                    s.enqueued(Ok("X".into()));
+                }
+                Action::Close => {}
+            }
+        }
+    };
+    drive(&mut s, &mut out);
+    for c in chunks {
+        s.feed(c);
+        drive(&mut s, &mut out);
+    }
+    (out, msgs)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn command_parser_never_panics(line in smtpish()) {
+        let _ = parse_command(&line);
+    }
+
+    #[test]
+    fn mail_rcpt_parser_never_panics(tail in "\\PC{0,80}") {
+        let _ = parse_command(format!("MAIL FROM:{tail}").as_bytes());
+        let _ = parse_command(format!("RCPT TO:<{tail}> NOTIFY=x ORCPT=rfc822;{tail}").as_bytes());
+    }
+
+    #[test]
+    fn data_receiver_split_invariance(input in smtpish(), split in 0usize..300) {
+        let split = split.min(input.len());
+        let mut a = DataReceiver::new(1 << 20);
+        let mut out_a = Vec::new();
+        let end_a = a.feed(&input, &mut out_a);
+        let mut b = DataReceiver::new(1 << 20);
+        let mut out_b = Vec::new();
+        let end_b = match b.feed(&input[..split], &mut out_b) {
+            DataStatus::Done(n) => DataStatus::Done(n),
+            DataStatus::More => match b.feed(&input[split..], &mut out_b) {
+                DataStatus::Done(n) => DataStatus::Done(n + split),
+                DataStatus::More => DataStatus::More,
+            },
+        };
+        prop_assert_eq!(out_a, out_b);
+        prop_assert_eq!(end_a, end_b);
+    }
+
+    #[test]
+    fn data_ends_only_at_crlf_dot_crlf(input in smtpish()) {
+        let mut r = DataReceiver::new(1 << 20);
+        let mut out = Vec::new();
+        if let DataStatus::Done(n) = r.feed(&input, &mut out) {
+            // The end is a real CRLF.CRLF (or `.CRLF` at the very start).
+            let seen = &input[..n];
+            prop_assert!(seen.ends_with(b".\r\n"));
+            prop_assert!(n == 3 || seen[..n - 3].ends_with(b"\r\n"));
+        }
+    }
+
+    #[test]
+    fn stuffed_content_round_trips(content in smtpish()) {
+        let mut wire = Vec::new();
+        stuff(&content, &mut wire);
+        let mut r = DataReceiver::new(1 << 20);
+        let mut back = Vec::new();
+        prop_assert_eq!(r.feed(&wire, &mut back), DataStatus::Done(wire.len()));
+        // Stuffing what was received gives the same wire form again.
+        let mut again = Vec::new();
+        stuff(&back, &mut again);
+        prop_assert_eq!(wire, again);
+    }
+
+    #[test]
+    fn session_split_invariance(input in smtpish(), split in 0usize..300) {
+        let mut full = b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n".to_vec();
+        full.extend_from_slice(&input);
+        let split = split.min(full.len());
+        let whole = run_session(&[&full]);
+        let parts = run_session(&[&full[..split], &full[split..]]);
+        prop_assert_eq!(whole, parts);
+    }
+}

@@ -1,0 +1,477 @@
+//! Dialogue tests of the sans-IO session: `c -> …` lines are fed, `s <- …` replies are checked.
+//! No sockets: the test plays the driver, answering recipient checks and storing messages.
+
+use std::sync::Arc;
+
+use estafeta_proto::reply::{self, Reply};
+use estafeta_proto::{Action, Envelope, Recipient, Session, SessionConfig, VrfyMode};
+
+struct Harness {
+    session: Session,
+    /// Messages "stored" by the driver.
+    queued: Vec<(Envelope, Vec<u8>)>,
+    closed: bool,
+}
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        hostname: "mx.example.test".into(),
+        banner: "ESMTP estafeta".into(),
+        max_message_size: 1000,
+        max_recipients: 3,
+        max_errors: 5,
+        max_received_headers: 3,
+        vrfy: VrfyMode::Ambiguous,
+    }
+}
+
+/// The test's recipient policy: local domain `example.test`, user `nobody` unknown.
+fn verdict(rcpt: &Recipient) -> Result<(), Reply> {
+    let addr = rcpt.path.to_string();
+    let domain = rcpt.path.mailbox.domain.key();
+    if domain != "example.test" && !rcpt.path.bare_postmaster {
+        Err(reply::relay_denied(&addr))
+    } else if rcpt.path.mailbox.local == "nobody" {
+        Err(reply::user_unknown(&addr))
+    } else {
+        Ok(())
+    }
+}
+
+impl Harness {
+    fn new(cfg: SessionConfig) -> (Self, String) {
+        let mut h = Harness {
+            session: Session::new(Arc::new(cfg), "192.0.2.9:40000".parse().unwrap()),
+            queued: Vec::new(),
+            closed: false,
+        };
+        let greeting = h.drive();
+        (h, greeting)
+    }
+
+    /// Runs the session until it needs input; returns the replies written.
+    fn drive(&mut self) -> String {
+        let mut out = Vec::new();
+        while let Some(action) = self.session.poll() {
+            match action {
+                Action::Send(r) => r.write_to(&mut out),
+                Action::CheckRcpt(rcpt) => {
+                    let v = verdict(&rcpt);
+                    self.session.rcpt_checked(v);
+                }
+                Action::Enqueue(env, body) => {
+                    let id = format!("{:012X}", self.queued.len() + 1);
+                    self.queued.push((*env, body));
+                    self.session.enqueued(Ok(id));
+                }
+                Action::Close => self.closed = true,
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// `c -> bytes`, returns `s <- replies`.
+    fn c(&mut self, input: &str) -> String {
+        self.session.feed(input.as_bytes());
+        self.drive()
+    }
+}
+
+fn ready() -> Harness {
+    let (mut h, _) = Harness::new(config());
+    h.c("EHLO client.example\r\n");
+    h
+}
+
+#[test]
+fn greeting_and_ehlo_list() {
+    let (mut h, greeting) = Harness::new(config());
+    assert_eq!(greeting, "220 mx.example.test ESMTP estafeta\r\n");
+    assert_eq!(
+        h.c("EHLO client.example\r\n"),
+        "250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-ENHANCEDSTATUSCODES\r\n\
+         250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n"
+    );
+    assert_eq!(h.c("HELO client.example\r\n"), "250 mx.example.test\r\n");
+}
+
+#[test]
+fn the_readme_dialogue() {
+    let mut h = ready();
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test>\r\n"),
+        "250 2.1.0 Ok\r\n"
+    );
+    assert_eq!(
+        h.c("RCPT TO:<bob@example.test> NOTIFY=SUCCESS,FAILURE\r\n"),
+        "250 2.1.5 Ok\r\n"
+    );
+    assert_eq!(h.c("DATA\r\n"), "354 End data with <CR><LF>.<CR><LF>\r\n");
+    assert_eq!(
+        h.c("Subject: hi\r\n\r\nhello\r\n.\r\n"),
+        "250 2.0.0 Ok: queued as 000000000001\r\n"
+    );
+    assert_eq!(h.c("QUIT\r\n"), "221 2.0.0 Bye\r\n");
+    assert!(h.closed);
+    let (env, body) = &h.queued[0];
+    assert_eq!(body, b"Subject: hi\r\n\r\nhello\r\n");
+    assert_eq!(env.from.to_string(), "alice@example.test");
+    assert_eq!(env.client.protocol, "ESMTP");
+    assert_eq!(env.client.helo, "client.example");
+    assert!(env.rcpts[0].params.notify.unwrap().success);
+}
+
+#[test]
+fn pipelined_batch_gets_replies_in_order() {
+    let mut h = ready();
+    let replies = h.c(
+        "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<nobody@example.test>\r\n\
+         RCPT TO:<c@elsewhere.example>\r\nRCPT TO:<d@example.test>\r\nDATA\r\n",
+    );
+    assert_eq!(
+        replies,
+        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n\
+         550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown\r\n\
+         554 5.7.1 <c@elsewhere.example>: Relay access denied\r\n250 2.1.5 Ok\r\n\
+         354 End data with <CR><LF>.<CR><LF>\r\n"
+    );
+    assert_eq!(
+        h.c("x\r\n.\r\nQUIT\r\n"),
+        "250 2.0.0 Ok: queued as 000000000001\r\n221 2.0.0 Bye\r\n"
+    );
+    assert_eq!(h.queued[0].0.rcpts.len(), 2);
+}
+
+#[test]
+fn pipelined_data_after_all_rcpts_refused() {
+    let mut h = ready();
+    let replies = h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<x@elsewhere.example>\r\nDATA\r\n");
+    assert!(
+        replies.ends_with("554 5.5.1 Error: no valid recipients\r\n"),
+        "{replies}"
+    );
+}
+
+#[test]
+fn bdat_chunks_deliver_exact_bytes() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n");
+    let part1 = "Subject: chunks\r\n\r\n".to_string() + &"x".repeat(79) + "\r\n";
+    assert_eq!(part1.len(), 100);
+    let part2 = ".lone dot\n\rbare".to_string() + &"y".repeat(35);
+    assert_eq!(part2.len(), 50);
+    assert_eq!(
+        h.c(&format!("BDAT 100\r\n{part1}")),
+        "250 2.0.0 100 octets received\r\n"
+    );
+    assert_eq!(
+        h.c(&format!("BDAT 50 LAST\r\n{part2}")),
+        "250 2.0.0 Ok: queued as 000000000001\r\n"
+    );
+    assert_eq!(h.queued[0].1, format!("{part1}{part2}").into_bytes());
+}
+
+#[test]
+fn bdat_in_one_write_split_anywhere() {
+    let input = "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nBDAT 5\r\nhelloBDAT 0 LAST\r\nQUIT\r\n";
+    for split in 0..input.len() {
+        let mut h = ready();
+        let mut replies = h.c(&input[..split]);
+        replies += &h.c(&input[split..]);
+        assert_eq!(
+            replies,
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 5 octets received\r\n\
+             250 2.0.0 Ok: queued as 000000000001\r\n221 2.0.0 Bye\r\n",
+            "split at {split}"
+        );
+        assert_eq!(h.queued[0].1, b"hello");
+    }
+}
+
+#[test]
+fn refused_bdat_chunk_is_consumed_not_executed() {
+    let mut h = ready();
+    // No MAIL: the chunk is still read as data, so the RSET inside it is not a command.
+    let replies = h.c("BDAT 6\r\nRSET\r\nNOOP\r\n");
+    assert_eq!(
+        replies,
+        "503 5.5.1 Error: need MAIL command\r\n250 2.0.0 Ok\r\n"
+    );
+}
+
+#[test]
+fn data_and_bdat_do_not_mix() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nBDAT 1\r\nx");
+    assert_eq!(h.c("DATA\r\n"), "503 5.5.1 Error: DATA after BDAT\r\n");
+}
+
+#[test]
+fn sequence_errors() {
+    let (mut h, _) = Harness::new(config());
+    assert_eq!(
+        h.c("MAIL FROM:<a@example.test>\r\n"),
+        "503 5.5.1 Error: send HELO/EHLO first\r\n"
+    );
+    h.c("EHLO x\r\n");
+    assert_eq!(
+        h.c("RCPT TO:<a@example.test>\r\n"),
+        "503 5.5.1 Error: need MAIL command\r\n"
+    );
+    assert_eq!(h.c("DATA\r\n"), "503 5.5.1 Error: need MAIL command\r\n");
+    h.c("MAIL FROM:<a@example.test>\r\n");
+    assert_eq!(
+        h.c("MAIL FROM:<a@example.test>\r\n"),
+        "503 5.5.1 Error: nested MAIL command\r\n"
+    );
+}
+
+#[test]
+fn need_rcpt_before_data() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\n");
+    assert_eq!(h.c("DATA\r\n"), "503 5.5.1 Error: need RCPT command\r\n");
+}
+
+#[test]
+fn too_many_errors_closes_with_421() {
+    let mut h = ready();
+    let mut all = String::new();
+    for _ in 0..5 {
+        all += &h.c("BOGUS\r\n");
+    }
+    assert!(all.ends_with(
+        "502 5.5.2 Error: command not recognized\r\n421 4.7.0 mx.example.test Error: too many errors\r\n"
+    ), "{all}");
+    assert!(h.closed);
+    assert_eq!(h.c("NOOP\r\n"), "");
+}
+
+#[test]
+fn unknown_and_not_available_commands() {
+    let (mut h, _) = Harness::new(SessionConfig {
+        max_errors: 10,
+        ..config()
+    });
+    assert_eq!(
+        h.c("XYZZY\r\n"),
+        "502 5.5.2 Error: command not recognized\r\n"
+    );
+    assert_eq!(
+        h.c("STARTTLS\r\n"),
+        "502 5.5.1 Error: command not implemented\r\n"
+    );
+    assert_eq!(
+        h.c("AUTH PLAIN\r\n"),
+        "502 5.5.1 Error: command not implemented\r\n"
+    );
+    assert_eq!(
+        h.c("ETRN example.test\r\n"),
+        "502 5.5.1 Error: command not implemented\r\n"
+    );
+    assert_eq!(
+        h.c("EXPN staff\r\n"),
+        "502 5.5.1 EXPN command is disabled\r\n"
+    );
+}
+
+#[test]
+fn vrfy_is_ambiguous() {
+    let mut h = ready();
+    let a = h.c("VRFY bob\r\n");
+    let b = h.c("VRFY nobody\r\n");
+    assert_eq!(a, b);
+    assert!(a.starts_with("252 2.5.2"));
+}
+
+#[test]
+fn help_does_not_reveal_version() {
+    let mut h = ready();
+    let r = h.c("HELP\r\n");
+    assert!(r.starts_with("214-2.0.0"));
+    assert!(!r.contains("estafeta") && !r.contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn bare_lf_commands_work() {
+    let (mut h, _) = Harness::new(config());
+    assert_eq!(h.c("HELO nc\n"), "250 mx.example.test\r\n");
+    assert_eq!(h.c("MAIL FROM:<a@example.test>\n"), "250 2.1.0 Ok\r\n");
+    assert_eq!(h.c("RCPT TO:<b@example.test>\n"), "250 2.1.5 Ok\r\n");
+    assert_eq!(h.c("NOOP\n"), "250 2.0.0 Ok\r\n");
+}
+
+#[test]
+fn smuggling_inside_one_message_stays_one_message() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    let replies = h.c(
+        "Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nsmuggled\r\n.\r\n",
+    );
+    assert_eq!(replies, "250 2.0.0 Ok: queued as 000000000001\r\n");
+    assert_eq!(h.queued.len(), 1);
+    let body = String::from_utf8(h.queued[0].1.clone()).unwrap();
+    assert!(body.contains("MAIL FROM:<evil@example.test>"));
+    // Every smuggling variant from the table: one message each, nothing executed.
+    for sep in ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\r\n.\r", "\r.\r"] {
+        let mut h = ready();
+        h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+        let replies = h.c(&format!(
+            "a{sep}MAIL FROM:<evil@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n"
+        ));
+        assert_eq!(
+            replies, "250 2.0.0 Ok: queued as 000000000001\r\n",
+            "{sep:?}"
+        );
+        assert_eq!(h.queued.len(), 1);
+    }
+}
+
+#[test]
+fn size_limits() {
+    let mut h = ready();
+    assert_eq!(
+        h.c("MAIL FROM:<a@example.test> SIZE=1001\r\n"),
+        "552 5.3.4 Message size exceeds fixed limit\r\n"
+    );
+    h.c("MAIL FROM:<a@example.test> SIZE=10\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    let big = "y".repeat(1200);
+    assert_eq!(
+        h.c(&format!("{big}\r\n.\r\n")),
+        "552 5.3.4 Error: message file too big\r\n"
+    );
+    assert!(h.queued.is_empty());
+    // The session goes on.
+    assert_eq!(h.c("MAIL FROM:<a@example.test>\r\n"), "250 2.1.0 Ok\r\n");
+    h.c("RCPT TO:<b@example.test>\r\n");
+    assert_eq!(h.c("BDAT 1001 LAST\r\n"), "");
+    assert_eq!(
+        h.c(&"z".repeat(1001)),
+        "552 5.3.4 Error: message file too big\r\n"
+    );
+}
+
+#[test]
+fn recipient_limit() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\n");
+    for i in 0..3 {
+        assert_eq!(
+            h.c(&format!("RCPT TO:<u{i}@example.test>\r\n")),
+            "250 2.1.5 Ok\r\n"
+        );
+    }
+    assert_eq!(
+        h.c("RCPT TO:<u4@example.test>\r\n"),
+        "452 4.5.3 Error: too many recipients\r\n"
+    );
+}
+
+#[test]
+fn line_too_long() {
+    let mut h = ready();
+    let long = format!("NOOP {}\r\n", "x".repeat(2000));
+    assert_eq!(h.c(&long), "500 5.5.2 Error: line too long\r\n");
+    let huge = format!("NOOP {}\r\n", "x".repeat(20000));
+    assert_eq!(h.c(&huge), "500 5.5.2 Error: line too long\r\n");
+    assert_eq!(h.c("NOOP\r\n"), "250 2.0.0 Ok\r\n");
+}
+
+#[test]
+fn utf8_addresses_need_smtputf8() {
+    let mut h = ready();
+    assert_eq!(
+        h.c("MAIL FROM:<jörg@example.test>\r\n"),
+        "553 5.6.7 Non-ASCII addresses require the SMTPUTF8 parameter\r\n"
+    );
+    h.c("MAIL FROM:<a@example.test>\r\n");
+    assert!(
+        h.c("RCPT TO:<jörg@example.test>\r\n")
+            .starts_with("553 5.6.7")
+    );
+    h.c("RSET\r\n");
+    assert_eq!(
+        h.c("MAIL FROM:<jörg@example.test> SMTPUTF8\r\n"),
+        "250 2.1.0 Ok\r\n"
+    );
+    assert_eq!(h.c("RCPT TO:<jörg@example.test>\r\n"), "250 2.1.5 Ok\r\n");
+    h.c("DATA\r\nx\r\n.\r\n");
+    assert_eq!(h.queued[0].0.client.protocol, "UTF8SMTP");
+}
+
+#[test]
+fn params_need_ehlo() {
+    let (mut h, _) = Harness::new(config());
+    h.c("HELO old.example\r\n");
+    assert!(
+        h.c("MAIL FROM:<a@example.test> SIZE=10\r\n")
+            .starts_with("555 5.5.4")
+    );
+    assert_eq!(h.c("MAIL FROM:<a@example.test>\r\n"), "250 2.1.0 Ok\r\n");
+    h.c("RCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(h.queued[0].0.client.protocol, "SMTP");
+}
+
+#[test]
+fn loop_detection() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    let hops = "Received: from a\r\n".repeat(4);
+    let r = h.c(&format!("{hops}\r\nbody\r\n.\r\n"));
+    assert!(r.starts_with("554 5.4.6 Too many hops"), "{r}");
+    assert!(h.queued.is_empty());
+}
+
+#[test]
+fn http_is_refused_and_closed() {
+    let (mut h, _) = Harness::new(config());
+    assert_eq!(
+        h.c("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "221 2.7.0 Error: I can break rules, too. Goodbye.\r\n"
+    );
+    assert!(h.closed);
+}
+
+#[test]
+fn rset_and_ehlo_reset_the_transaction() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\n");
+    assert_eq!(h.c("RSET\r\n"), "250 2.0.0 Ok\r\n");
+    assert_eq!(h.c("MAIL FROM:<a@example.test>\r\n"), "250 2.1.0 Ok\r\n");
+    h.c("EHLO again\r\n");
+    assert_eq!(h.c("MAIL FROM:<a@example.test>\r\n"), "250 2.1.0 Ok\r\n");
+}
+
+#[test]
+fn null_sender_and_postmaster() {
+    let mut h = ready();
+    assert_eq!(h.c("MAIL FROM:<>\r\n"), "250 2.1.0 Ok\r\n");
+    assert_eq!(h.c("RCPT TO:<Postmaster>\r\n"), "250 2.1.5 Ok\r\n");
+}
+
+#[test]
+fn timeout_and_shutdown_replies() {
+    let mut h = ready();
+    h.session.timed_out();
+    assert_eq!(
+        h.drive(),
+        "421 4.4.2 mx.example.test Error: timeout exceeded\r\n"
+    );
+    assert!(h.closed);
+    let mut h = ready();
+    h.session.shutting_down();
+    assert!(h.drive().starts_with("421 4.3.2"));
+}
+
+#[test]
+fn received_header_shape() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n");
+    let env = &h.queued[0].0;
+    let hdr = estafeta_proto::trace::received_header("mx.example.test", env, "ABCDEF012345", 0);
+    assert_eq!(
+        hdr,
+        "Received: from client.example (unknown [192.0.2.9])\r\n\tby mx.example.test (estafeta) \
+         with ESMTP id ABCDEF012345\r\n\tfor <b@example.test>; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
+    );
+}
