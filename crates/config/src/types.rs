@@ -1,0 +1,397 @@
+//! The validated configuration: what the rest of estafeta reads.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// The validated configuration of an estafeta server, from a file or the embedded default.
+///
+/// Every key has been checked and every default filled in; see `docs/` and `config/estafeta.toml`
+/// for what each setting means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file this configuration was read from; `None` for the embedded default.
+    pub source: Option<PathBuf>,
+    /// The name used in the banner, EHLO and Received headers; default: [`system_hostname`](crate::system_hostname).
+    pub hostname: String,
+    /// Where the spool, generated keys and state live; relative paths are relative to the current
+    /// directory. Default `./estafeta-data`.
+    pub data_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// The sockets to listen on. A file without `[[listener]]` gets smtp on `0.0.0.0:25` and
+    /// `[::]:25` (the `[::]` socket must be bound IPv6-only).
+    pub listeners: Vec<Listener>,
+    /// The certificate used by STARTTLS and submissions listeners.
+    pub tls: TlsConfig,
+    /// Authentication of submission clients.
+    pub auth: AuthConfig,
+    /// Who may relay, and how remote mail leaves.
+    pub relay: RelayConfig,
+    /// DNS resolution.
+    pub dns: DnsConfig,
+    /// The domains this server receives mail for. Empty is valid: the server then only relays
+    /// (for `mynetworks` and authenticated clients) and accepts no mail for local delivery.
+    pub domains: Vec<Domain>,
+    /// Local delivery into Maildirs.
+    pub delivery: DeliveryConfig,
+    /// The outgoing queue.
+    pub queue: QueueConfig,
+    /// Resource limits of SMTP sessions.
+    pub limits: Limits,
+    /// SMTP protocol behaviour.
+    pub smtp: SmtpConfig,
+    /// The Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
+    /// The local control socket used by the `estafeta queue …` commands.
+    pub control: ControlConfig,
+}
+
+impl Config {
+    /// The local domain named `name` (compared case-insensitively, trailing dot ignored).
+    pub fn domain(&self, name: &str) -> Option<&Domain> {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        self.domains
+            .iter()
+            .find(|d| d.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// The most verbose level logged; `RUST_LOG` overrides it. Default `info`.
+    pub level: LogLevel,
+    /// How log lines are written. Default `text`.
+    pub format: LogFormat,
+}
+
+/// A log level, `log.level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    /// `"error"`.
+    Error,
+    /// `"warn"`.
+    Warn,
+    /// `"info"`.
+    Info,
+    /// `"debug"`.
+    Debug,
+    /// `"trace"`.
+    Trace,
+}
+
+impl LogLevel {
+    /// The name used in the configuration file (and understood by `tracing`'s filters).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// A log format, `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    /// `"text"`: human-readable lines.
+    Text,
+    /// `"json"`: one JSON object per line.
+    Json,
+}
+
+/// One `[[listener]]`: a kind of service on one or more sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// What is served on these sockets.
+    pub kind: ListenerKind,
+    /// The sockets; never empty, and no socket appears in two listeners.
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// The kind of a listener, `listener.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenerKind {
+    /// `"smtp"`: MTA-to-MTA on port 25; STARTTLS offered, no AUTH required.
+    Smtp,
+    /// `"submission"`: message submission on port 587 (RFC 6409); STARTTLS then AUTH.
+    Submission,
+    /// `"submissions"`: submission with implicit TLS on port 465 (RFC 8314).
+    Submissions,
+}
+
+impl ListenerKind {
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Smtp => "smtp",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Submissions => "submissions",
+        }
+    }
+}
+
+/// `[tls]`: both paths or neither (then a self-signed certificate is generated into `data_dir`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub certificate: Option<PathBuf>,
+    /// PEM file with the private key.
+    pub private_key: Option<PathBuf>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// One `address:argon2id-hash` per line; default `data_dir/users`.
+    pub users_file: PathBuf,
+    /// Failed AUTH attempts per session before `421` and close; default 3.
+    pub max_failures: u32,
+}
+
+/// `[relay]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Clients that may relay without AUTH; default `127.0.0.0/8` and `::1/128`.
+    pub mynetworks: Vec<IpNet>,
+    /// Set to allow `mynetworks` entries that cover large public ranges (see
+    /// [`RelayConfig::open_relay_ranges`]).
+    pub allow_open_relay: bool,
+    /// `host:port` every remote message is sent through, instead of MX lookup.
+    pub smarthost: Option<String>,
+    /// TLS towards the smarthost; default `required`.
+    pub smarthost_tls: SmarthostTls,
+    /// File with `user:password` for the smarthost.
+    pub smarthost_credentials: Option<PathBuf>,
+    /// Per-domain next hop that overrides MX (`[relay.routes]`), keys lower-cased.
+    pub routes: BTreeMap<String, String>,
+}
+
+impl RelayConfig {
+    /// The `mynetworks` entries that let hosts on the public internet relay: an IPv4 prefix
+    /// shorter than /8, or an IPv6 prefix shorter than /16, unless it lies entirely inside
+    /// private, loopback or link-local space. A file may only contain them with
+    /// `allow_open_relay = true`; the server should warn about them at start.
+    pub fn open_relay_ranges(&self) -> Vec<IpNet> {
+        self.mynetworks
+            .iter()
+            .copied()
+            .filter(is_open_relay_range)
+            .collect()
+    }
+}
+
+/// Whether `net` covers enough of the public internet to make this server an open relay.
+pub(crate) fn is_open_relay_range(net: &IpNet) -> bool {
+    match net {
+        IpNet::V4(net) => {
+            let private = [
+                Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8),
+                Ipv4Net::new(Ipv4Addr::new(127, 0, 0, 0), 8),
+                Ipv4Net::new(Ipv4Addr::new(172, 16, 0, 0), 12),
+                Ipv4Net::new(Ipv4Addr::new(192, 168, 0, 0), 16),
+                Ipv4Net::new(Ipv4Addr::new(169, 254, 0, 0), 16),
+                Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 10),
+            ];
+            net.prefix_len() < 8 && !private.into_iter().flatten().any(|p| p.contains(net))
+        }
+        IpNet::V6(net) => {
+            let private = [
+                Ipv6Net::new(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),
+                Ipv6Net::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+                Ipv6Net::new(Ipv6Addr::LOCALHOST, 128),
+            ];
+            net.prefix_len() < 16 && !private.into_iter().flatten().any(|p| p.contains(net))
+        }
+    }
+}
+
+/// The default `mynetworks`: loopback only.
+pub(crate) fn loopback_networks() -> Vec<IpNet> {
+    vec![
+        IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8).expect("valid prefix"),
+        IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128).expect("valid prefix"),
+    ]
+}
+
+/// TLS towards the smarthost, `relay.smarthost_tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SmarthostTls {
+    /// `"none"`: plaintext, never STARTTLS.
+    None,
+    /// `"opportunistic"`: STARTTLS when offered, without certificate checks.
+    Opportunistic,
+    /// `"required"`: STARTTLS (or implicit TLS on 465) is mandatory; the certificate is not
+    /// verified.
+    Required,
+    /// `"verify"`: TLS is mandatory and the certificate must be valid for the smarthost's name.
+    Verify,
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsConfig {
+    /// Resolvers to query; empty = the ones in `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// One `[[domain]]`: a domain this server receives mail for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Domain {
+    /// The domain, lower-cased, without a trailing dot.
+    pub name: String,
+    /// Which local parts exist.
+    pub mailboxes: Mailboxes,
+    /// Where mail for unknown local parts goes (a local part or an address), if anywhere.
+    pub catch_all: Option<String>,
+    /// Local part (lower-cased) → targets (local parts of this domain or full addresses);
+    /// never an empty list.
+    pub aliases: BTreeMap<String, Vec<String>>,
+}
+
+/// Which local parts of a domain exist, `domain.mailboxes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mailboxes {
+    /// `"*"`: every local part, each with its own Maildir.
+    Any,
+    /// A list of local parts, lower-cased, without `@`.
+    List(Vec<String>),
+    /// Key absent: the users of this domain in `auth.users_file`.
+    Users,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// Maildir path template with `{domain}` and `{user}` (the lower-cased local part, after
+    /// removing any subaddress); default `<data_dir>/mail/{domain}/{user}/Maildir`.
+    pub maildir: String,
+    /// Separator of subaddresses (`alice+tag`); default `Some("+")`, `None` when set to `""`.
+    pub subaddress_separator: Option<String>,
+}
+
+/// `[queue]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Intervals between delivery attempts; the last one repeats. Never empty, every entry > 0.
+    pub retry: Vec<Duration>,
+    /// Age after which a message is bounced; default 5 days.
+    pub max_lifetime: Duration,
+    /// Age after which a delay DSN is sent; `None` (`"0s"`) for no delay DSNs. Default 4 hours.
+    pub delay_warning: Option<Duration>,
+    /// Concurrent deliveries in total (≥ 1); default 64.
+    pub max_deliveries: usize,
+    /// Concurrent deliveries per destination (≥ 1); default 4.
+    pub max_per_destination: usize,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message accepted, in bytes (advertised by SIZE); default 25 MiB.
+    pub max_message_size: u64,
+    /// Recipients per message; default 100.
+    pub max_recipients: usize,
+    /// Concurrent connections in total; default 1000.
+    pub max_connections: usize,
+    /// Concurrent connections per client IP; default 20.
+    pub max_connections_per_ip: usize,
+    /// Syntax and sequence errors per session before `421`; default 10.
+    pub max_errors: u32,
+    /// Time allowed for each command (RFC 5321 §4.5.3.2 suggests 5 minutes); ≥ 1 s.
+    pub command_timeout: Duration,
+    /// Time allowed for the whole DATA transfer; default 10 minutes, ≥ 1 s.
+    pub data_timeout: Duration,
+}
+
+/// `[smtp]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpConfig {
+    /// Text after the hostname in the `220` greeting; default `ESMTP`.
+    pub banner: String,
+    /// How VRFY is answered.
+    pub vrfy: VrfyMode,
+    /// How EXPN is answered.
+    pub expn: ExpnMode,
+    /// Unknown recipients per session before slowing down, then `421`; default 5.
+    pub max_unknown_recipients: u32,
+    /// Received headers above which a message is taken for a loop (`554 5.4.6`); default 50.
+    pub max_received_headers: u32,
+}
+
+/// `smtp.vrfy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VrfyMode {
+    /// `"ambiguous"`: `252` for everything (default).
+    Ambiguous,
+    /// `"trusted"`: real answers for `mynetworks` and authenticated clients, `252` for others.
+    Trusted,
+    /// `"off"`: `502` for everything.
+    Off,
+}
+
+/// `smtp.expn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpnMode {
+    /// `"off"`: `502` (default).
+    Off,
+    /// `"trusted"`: expanded for `mynetworks` and authenticated clients, `502` for others.
+    Trusted,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// Where Prometheus `/metrics` is served; off when `None`.
+    pub address: Option<SocketAddr>,
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// The Unix socket of the control interface; default `data_dir/control.sock`.
+    pub socket: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(net: &str) -> bool {
+        is_open_relay_range(&net.parse().unwrap())
+    }
+
+    #[test]
+    fn open_relay_ranges() {
+        for net in [
+            "0.0.0.0/0",
+            "0.0.0.0/1",
+            "128.0.0.0/7",
+            "::/0",
+            "2000::/3",
+            "::/8",
+        ] {
+            assert!(open(net), "{net}");
+        }
+        for net in [
+            "127.0.0.0/8",
+            "10.0.0.0/8",
+            "192.168.0.0/16",
+            "11.0.0.0/8",
+            "203.0.113.0/24",
+            "::1/128",
+            "fc00::/7",
+            "fd00::/8",
+            "fe80::/10",
+            "2001:db8::/32",
+        ] {
+            assert!(!open(net), "{net}");
+        }
+    }
+}

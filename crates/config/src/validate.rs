@@ -1,0 +1,810 @@
+//! From the file as written ([`RawConfig`]) to the validated [`Config`], collecting every error.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::duration::{duration_from_integer, parse_duration};
+use crate::error::Reporter;
+use crate::raw::{DurationValue, OneOrMany, RawConfig, RawDomain, RawListener, StrOrInt};
+use crate::size::{parse_size, size_from_integer};
+use crate::types::*;
+use crate::value::{ValueError, check_domain, parse_enum, parse_ip_net, parse_socket_addr};
+use crate::{default, system_hostname};
+
+const LOG_LEVELS: &[(&str, LogLevel)] = &[
+    ("error", LogLevel::Error),
+    ("warn", LogLevel::Warn),
+    ("info", LogLevel::Info),
+    ("debug", LogLevel::Debug),
+    ("trace", LogLevel::Trace),
+];
+const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
+const LISTENER_KINDS: &[(&str, ListenerKind)] = &[
+    ("smtp", ListenerKind::Smtp),
+    ("submission", ListenerKind::Submission),
+    ("submissions", ListenerKind::Submissions),
+];
+const SMARTHOST_TLS: &[(&str, SmarthostTls)] = &[
+    ("none", SmarthostTls::None),
+    ("opportunistic", SmarthostTls::Opportunistic),
+    ("required", SmarthostTls::Required),
+    ("verify", SmarthostTls::Verify),
+];
+const VRFY_MODES: &[(&str, VrfyMode)] = &[
+    ("ambiguous", VrfyMode::Ambiguous),
+    ("trusted", VrfyMode::Trusted),
+    ("off", VrfyMode::Off),
+];
+const EXPN_MODES: &[(&str, ExpnMode)] = &[("off", ExpnMode::Off), ("trusted", ExpnMode::Trusted)];
+
+/// The smallest `limits.max_message_size` accepted.
+const MIN_MESSAGE_SIZE: u64 = 1024;
+
+/// Checks `raw` and fills in defaults. Errors go to `r`; the returned value is only meaningful
+/// when `r` has none.
+pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> Config {
+    let mut v = Validator { r };
+    let hostname = match &raw.hostname {
+        Some(h) => v.hostname(h),
+        None => system_hostname(),
+    };
+    let data_dir = v
+        .path(raw.data_dir.as_ref(), "data_dir", "\"/var/lib/estafeta\"")
+        .unwrap_or_else(default::data_dir);
+
+    let log = LogConfig {
+        level: v.enumerated(raw.log.level.as_ref(), LOG_LEVELS, LogLevel::Info),
+        format: v.enumerated(raw.log.format.as_ref(), LOG_FORMATS, LogFormat::Text),
+    };
+
+    let listeners = match &raw.listener {
+        None => default::production_listeners(),
+        Some(list) => v.listeners(list),
+    };
+
+    let tls = v.tls(&raw);
+
+    let auth = AuthConfig {
+        users_file: v
+            .path(
+                raw.auth.users_file.as_ref(),
+                "users_file",
+                "\"/etc/estafeta/users\"",
+            )
+            .unwrap_or_else(|| data_dir.join("users")),
+        max_failures: raw.auth.max_failures.unwrap_or(3),
+    };
+
+    let relay = v.relay(&raw);
+
+    let dns = DnsConfig {
+        nameservers: raw
+            .dns
+            .nameservers
+            .iter()
+            .flatten()
+            .filter_map(|ns| v.socket_addr(ns, 53))
+            .collect(),
+    };
+
+    let domains = v.domains(&raw.domain);
+
+    let delivery = DeliveryConfig {
+        maildir: match &raw.delivery.maildir {
+            Some(template) => v.maildir_template(template),
+            None => default::maildir_template(&data_dir),
+        },
+        subaddress_separator: match &raw.delivery.subaddress_separator {
+            None => Some("+".to_owned()),
+            Some(sep) if sep.get_ref().is_empty() => None,
+            Some(sep) => {
+                if sep.get_ref().contains(['@', ' ', '\t']) {
+                    v.r.at(
+                        sep.span(),
+                        format!("invalid separator {:?}", sep.get_ref()),
+                        Some("use a character that is valid in a local part, e.g. \"+\" or \"-\", or \"\" for none".to_owned()),
+                    );
+                }
+                Some(sep.get_ref().clone())
+            }
+        },
+    };
+
+    let queue = v.queue(&raw);
+    let limits = v.limits(&raw);
+    let smtp = v.smtp(&raw);
+
+    let metrics = MetricsConfig {
+        address: raw
+            .metrics
+            .address
+            .as_ref()
+            .and_then(|a| v.socket_addr(a, 9425)),
+    };
+    let control = ControlConfig {
+        socket: v
+            .path(
+                raw.control.socket.as_ref(),
+                "socket",
+                "\"/run/estafeta/control.sock\"",
+            )
+            .unwrap_or_else(|| data_dir.join("control.sock")),
+    };
+
+    Config {
+        source: Some(source.to_path_buf()),
+        hostname,
+        data_dir,
+        log,
+        listeners,
+        tls,
+        auth,
+        relay,
+        dns,
+        domains,
+        delivery,
+        queue,
+        limits,
+        smtp,
+        metrics,
+        control,
+    }
+}
+
+struct Validator<'r, 'a> {
+    r: &'r mut Reporter<'a>,
+}
+
+impl Validator<'_, '_> {
+    fn value_error(&mut self, span: std::ops::Range<usize>, e: ValueError) {
+        self.r.at(span, e.message, Some(e.help));
+    }
+
+    fn hostname(&mut self, h: &Spanned<String>) -> String {
+        let name = h.get_ref().strip_suffix('.').unwrap_or(h.get_ref());
+        if let Err(why) = check_domain(name) {
+            self.r.at(
+                h.span(),
+                format!("invalid hostname {:?}: it {why}", h.get_ref()),
+                Some(
+                    "use this host's fully qualified domain name, e.g. \"mail.example.org\""
+                        .to_owned(),
+                ),
+            );
+        }
+        name.to_owned()
+    }
+
+    fn path(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        what: &str,
+        example: &str,
+    ) -> Option<PathBuf> {
+        let value = value?;
+        if value.get_ref().trim().is_empty() {
+            self.r.at(
+                value.span(),
+                format!("{what} is empty"),
+                Some(format!(
+                    "write a path, e.g. {example}, or remove the key to use the default"
+                )),
+            );
+            return None;
+        }
+        Some(PathBuf::from(value.get_ref()))
+    }
+
+    fn enumerated<T: Copy>(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        variants: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(value) = value else {
+            return default;
+        };
+        match parse_enum(value.get_ref(), variants) {
+            Ok(v) => v,
+            Err(e) => {
+                self.value_error(value.span(), e);
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, value: &Spanned<String>, example_port: u16) -> Option<SocketAddr> {
+        match parse_socket_addr(value.get_ref(), example_port) {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                self.value_error(value.span(), e);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, value: &Spanned<DurationValue>) -> Option<Duration> {
+        let result = match &value.get_ref().0 {
+            StrOrInt::Str(s) => parse_duration(s),
+            StrOrInt::Int(i) => Err(duration_from_integer(*i)),
+        };
+        match result {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.value_error(value.span(), e);
+                None
+            }
+        }
+    }
+
+    /// A duration of at least `min`.
+    fn duration_min(
+        &mut self,
+        value: Option<&Spanned<DurationValue>>,
+        min: Duration,
+        why: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else {
+            return default;
+        };
+        match self.duration(value) {
+            Some(d) if d < min => {
+                self.r.at(
+                    value.span(),
+                    format!("{} is too short", show(value)),
+                    Some(why.to_owned()),
+                );
+                default
+            }
+            Some(d) => d,
+            None => default,
+        }
+    }
+
+    fn at_least_one(
+        &mut self,
+        value: Option<&Spanned<usize>>,
+        default: usize,
+        help: &str,
+    ) -> usize {
+        match value {
+            None => default,
+            Some(n) if *n.get_ref() == 0 => {
+                self.r
+                    .at(n.span(), "must be at least 1", Some(help.to_owned()));
+                default
+            }
+            Some(n) => *n.get_ref(),
+        }
+    }
+
+    fn listeners(&mut self, list: &[RawListener]) -> Vec<Listener> {
+        let mut seen: HashSet<SocketAddr> = HashSet::new();
+        let mut listeners = Vec::new();
+        for raw in list {
+            let kind = self.enumerated(Some(&raw.kind), LISTENER_KINDS, ListenerKind::Smtp);
+            let port = match kind {
+                ListenerKind::Smtp => 25,
+                ListenerKind::Submission => 587,
+                ListenerKind::Submissions => 465,
+            };
+            let entries: Vec<Spanned<String>> = match raw.address.get_ref() {
+                OneOrMany::One(s) => vec![Spanned::new(raw.address.span(), s.clone())],
+                OneOrMany::Many(list) => list.clone(),
+            };
+            if entries.is_empty() {
+                self.r.at(
+                    raw.address.span(),
+                    "the address list is empty",
+                    Some(format!(
+                        "add at least one address, e.g. address = [\"[::]:{port}\", \"0.0.0.0:{port}\"]"
+                    )),
+                );
+            }
+            let mut addresses = Vec::new();
+            for entry in &entries {
+                let Some(addr) = self.socket_addr(entry, port) else {
+                    continue;
+                };
+                if !seen.insert(addr) {
+                    self.r.at(
+                        entry.span(),
+                        format!("address \"{addr}\" is used twice"),
+                        Some("each address may appear in only one listener, once".to_owned()),
+                    );
+                    continue;
+                }
+                addresses.push(addr);
+            }
+            listeners.push(Listener { kind, addresses });
+        }
+        listeners
+    }
+
+    fn tls(&mut self, raw: &RawConfig) -> TlsConfig {
+        let certificate = self.path(
+            raw.tls.certificate.as_ref(),
+            "certificate",
+            "\"/etc/estafeta/tls/fullchain.pem\"",
+        );
+        let private_key = self.path(
+            raw.tls.private_key.as_ref(),
+            "private_key",
+            "\"/etc/estafeta/tls/privkey.pem\"",
+        );
+        let help = "set both tls.certificate and tls.private_key, or neither (then a self-signed certificate is generated into data_dir)";
+        match (&raw.tls.certificate, &raw.tls.private_key) {
+            (Some(cert), None) => self.r.at(
+                cert.span(),
+                "certificate is set but private_key is not",
+                Some(help.to_owned()),
+            ),
+            (None, Some(key)) => self.r.at(
+                key.span(),
+                "private_key is set but certificate is not",
+                Some(help.to_owned()),
+            ),
+            _ => {}
+        }
+        TlsConfig {
+            certificate,
+            private_key,
+        }
+    }
+
+    fn relay(&mut self, raw: &RawConfig) -> RelayConfig {
+        let allow_open_relay = raw.relay.allow_open_relay.unwrap_or(false);
+        let mynetworks = match &raw.relay.mynetworks {
+            None => loopback_networks(),
+            Some(list) => {
+                let mut nets = Vec::new();
+                for entry in list {
+                    match parse_ip_net(entry.get_ref()) {
+                        Ok(net) => {
+                            if !allow_open_relay && is_open_relay_range(&net) {
+                                self.r.at(
+                                    entry.span(),
+                                    format!("{:?} lets any host on the internet relay mail through this server (an open relay)", entry.get_ref()),
+                                    Some("list only your own networks, or set allow_open_relay = true if you really mean it".to_owned()),
+                                );
+                            }
+                            nets.push(net);
+                        }
+                        Err(e) => self.value_error(entry.span(), e),
+                    }
+                }
+                nets
+            }
+        };
+        let smarthost = raw.relay.smarthost.as_ref().and_then(|s| {
+            let text = s.get_ref();
+            if text.trim().is_empty() || text.contains(char::is_whitespace) {
+                self.r.at(
+                    s.span(),
+                    format!("invalid smarthost {text:?}"),
+                    Some("use host:port, e.g. \"smtp.provider.example:587\", or remove the key to deliver directly".to_owned()),
+                );
+                None
+            } else {
+                Some(text.clone())
+            }
+        });
+        let smarthost_tls = self.enumerated(
+            raw.relay.smarthost_tls.as_ref(),
+            SMARTHOST_TLS,
+            SmarthostTls::Required,
+        );
+        let smarthost_credentials = self.path(
+            raw.relay.smarthost_credentials.as_ref(),
+            "smarthost_credentials",
+            "\"/etc/estafeta/smarthost.secret\"",
+        );
+        let mut routes = BTreeMap::new();
+        let mut route_keys: HashMap<String, ()> = HashMap::new();
+        for (domain, hop) in raw.relay.routes.iter().flatten() {
+            let name = normalize_domain(domain.get_ref());
+            if let Err(why) = check_domain(&name) {
+                self.r.at(
+                    domain.span(),
+                    format!("invalid domain {:?}: it {why}", domain.get_ref()),
+                    Some(
+                        "route keys are domain names, e.g. \"example.net\" = \"[192.0.2.7]:25\""
+                            .to_owned(),
+                    ),
+                );
+                continue;
+            }
+            if route_keys.insert(name.clone(), ()).is_some() {
+                self.r.at(
+                    domain.span(),
+                    format!("domain {name:?} has two routes"),
+                    Some(
+                        "keep one of them (domain names are compared case-insensitively)"
+                            .to_owned(),
+                    ),
+                );
+                continue;
+            }
+            if hop.get_ref().trim().is_empty() {
+                self.r.at(
+                    hop.span(),
+                    "the next hop is empty",
+                    Some("use host:port or [ip]:port, e.g. \"[192.0.2.7]:25\"".to_owned()),
+                );
+                continue;
+            }
+            routes.insert(name, hop.get_ref().trim().to_owned());
+        }
+        RelayConfig {
+            mynetworks,
+            allow_open_relay,
+            smarthost,
+            smarthost_tls,
+            smarthost_credentials,
+            routes,
+        }
+    }
+
+    fn domains(&mut self, list: &[RawDomain]) -> Vec<Domain> {
+        let mut seen = HashSet::new();
+        let mut domains = Vec::new();
+        for raw in list {
+            let name = normalize_domain(raw.name.get_ref());
+            if let Err(why) = check_domain(&name) {
+                self.r.at(
+                    raw.name.span(),
+                    format!("invalid domain name {:?}: it {why}", raw.name.get_ref()),
+                    Some("use a domain name like \"example.org\"".to_owned()),
+                );
+            } else if !seen.insert(name.clone()) {
+                self.r.at(
+                    raw.name.span(),
+                    format!("domain {name:?} is listed twice"),
+                    Some("merge the two [[domain]] sections into one (names are compared case-insensitively)".to_owned()),
+                );
+            }
+            let mailboxes = match &raw.mailboxes {
+                None => Mailboxes::Users,
+                Some(m) => self.mailboxes(m),
+            };
+            let catch_all = raw.catch_all.as_ref().and_then(|c| {
+                let target = c.get_ref().trim();
+                match check_target(target) {
+                    Ok(()) => Some(target.to_owned()),
+                    Err(why) => {
+                        self.r.at(
+                            c.span(),
+                            format!("invalid catch_all {:?}: {why}", c.get_ref()),
+                            Some(
+                                "use a local part of this domain, e.g. \"alice\", or an address"
+                                    .to_owned(),
+                            ),
+                        );
+                        None
+                    }
+                }
+            });
+            let aliases = self.aliases(raw);
+            domains.push(Domain {
+                name,
+                mailboxes,
+                catch_all,
+                aliases,
+            });
+        }
+        domains
+    }
+
+    fn mailboxes(&mut self, m: &Spanned<OneOrMany>) -> Mailboxes {
+        let help_any = "use mailboxes = \"*\" for every local part, or a list of local parts like [\"alice\", \"bob\"]";
+        match m.get_ref() {
+            OneOrMany::One(s) if s == "*" => Mailboxes::Any,
+            OneOrMany::One(s) => {
+                self.r.at(
+                    m.span(),
+                    format!("invalid mailboxes {s:?}"),
+                    Some(help_any.to_owned()),
+                );
+                Mailboxes::Users
+            }
+            OneOrMany::Many(list) => {
+                let mut out: Vec<String> = Vec::new();
+                for entry in list {
+                    let local = entry.get_ref().trim();
+                    if local == "*" {
+                        self.r.at(
+                            entry.span(),
+                            "\"*\" inside a list",
+                            Some(
+                                "write mailboxes = \"*\" (not a list) to accept every local part"
+                                    .to_owned(),
+                            ),
+                        );
+                    } else if local.is_empty() {
+                        self.r.at(
+                            entry.span(),
+                            "empty mailbox name",
+                            Some("remove the empty string from the list".to_owned()),
+                        );
+                    } else if let Some((user, _)) = local.split_once('@') {
+                        self.r.at(
+                            entry.span(),
+                            format!("mailbox {local:?} contains \"@\""),
+                            Some(format!("write only the local part: {user:?}; the domain is this [[domain]]'s name")),
+                        );
+                    } else {
+                        let local = local.to_lowercase();
+                        if !out.contains(&local) {
+                            out.push(local);
+                        }
+                    }
+                }
+                Mailboxes::List(out)
+            }
+        }
+    }
+
+    fn aliases(&mut self, raw: &RawDomain) -> BTreeMap<String, Vec<String>> {
+        let mut aliases = BTreeMap::new();
+        for (key, value) in raw.aliases.iter().flatten() {
+            let local = key.get_ref().trim().to_lowercase();
+            if local.is_empty() || local.contains('@') {
+                self.r.at(
+                    key.span(),
+                    format!("invalid alias {:?}", key.get_ref()),
+                    Some(
+                        "alias names are local parts of this domain, e.g. postmaster = \"alice\""
+                            .to_owned(),
+                    ),
+                );
+                continue;
+            }
+            if aliases.contains_key(&local) {
+                self.r.at(
+                    key.span(),
+                    format!("alias {local:?} is defined twice"),
+                    Some(
+                        "keep one of them (alias names are compared case-insensitively)".to_owned(),
+                    ),
+                );
+                continue;
+            }
+            let entries: Vec<Spanned<String>> = match value.get_ref() {
+                OneOrMany::One(s) => vec![Spanned::new(value.span(), s.clone())],
+                OneOrMany::Many(list) => list.clone(),
+            };
+            if entries.is_empty() {
+                self.r.at(
+                    value.span(),
+                    format!("alias {local:?} has no targets"),
+                    Some("list at least one local part or address, or remove the alias".to_owned()),
+                );
+                continue;
+            }
+            let mut targets = Vec::new();
+            for entry in &entries {
+                let target = entry.get_ref().trim();
+                match check_target(target) {
+                    Ok(()) => targets.push(target.to_owned()),
+                    Err(why) => self.r.at(
+                        entry.span(),
+                        format!("invalid alias target {:?}: {why}", entry.get_ref()),
+                        Some("use a local part of this domain, e.g. \"alice\", or an address like \"carol@elsewhere.example\"".to_owned()),
+                    ),
+                }
+            }
+            aliases.insert(local, targets);
+        }
+        aliases
+    }
+
+    fn maildir_template(&mut self, template: &Spanned<String>) -> String {
+        let text = template.get_ref();
+        let example = "e.g. \"/var/mail/{domain}/{user}/Maildir\"";
+        let mut rest = text.as_str();
+        while let Some(open) = rest.find('{') {
+            let after = &rest[open..];
+            let close = after.find('}').map_or(after.len(), |c| c + 1);
+            let placeholder = &after[..close];
+            if placeholder != "{domain}" && placeholder != "{user}" {
+                self.r.at(
+                    template.span(),
+                    format!("unknown placeholder {placeholder:?} in maildir template"),
+                    Some(format!(
+                        "the placeholders are {{domain}} and {{user}}, {example}"
+                    )),
+                );
+                break;
+            }
+            rest = &after[close..];
+        }
+        if !text.contains("{user}") {
+            self.r.at(
+                template.span(),
+                format!("maildir template {text:?} does not contain {{user}}"),
+                Some(format!(
+                    "every mailbox needs its own Maildir: add {{user}}, {example}"
+                )),
+            );
+        }
+        text.clone()
+    }
+
+    fn queue(&mut self, raw: &RawConfig) -> QueueConfig {
+        let q = &raw.queue;
+        let retry = match &q.retry {
+            None => default::retry_intervals(),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.r.at(
+                        list.span(),
+                        "the retry list is empty",
+                        Some("list at least one interval, e.g. retry = [\"5m\", \"30m\", \"1h\"] (the last one repeats)".to_owned()),
+                    );
+                }
+                let mut out = Vec::new();
+                for entry in list.get_ref() {
+                    match self.duration(entry) {
+                        Some(Duration::ZERO) => self.r.at(
+                            entry.span(),
+                            format!("retry interval {} is zero", show(entry)),
+                            Some("use an interval above zero, e.g. \"5m\"".to_owned()),
+                        ),
+                        Some(d) => out.push(d),
+                        None => {}
+                    }
+                }
+                if out.is_empty() {
+                    default::retry_intervals()
+                } else {
+                    out
+                }
+            }
+        };
+        let max_lifetime = self.duration_min(
+            q.max_lifetime.as_ref(),
+            Duration::from_secs(1),
+            "use a lifetime of at least a few hours; \"5d\" is usual",
+            Duration::from_secs(5 * 86_400),
+        );
+        let delay_warning = match &q.delay_warning {
+            None => Some(Duration::from_secs(4 * 3600)),
+            Some(v) => self.duration(v).filter(|d| !d.is_zero()),
+        };
+        QueueConfig {
+            retry,
+            max_lifetime,
+            delay_warning,
+            max_deliveries: self.at_least_one(
+                q.max_deliveries.as_ref(),
+                64,
+                "use at least 1 concurrent delivery; the default is 64",
+            ),
+            max_per_destination: self.at_least_one(
+                q.max_per_destination.as_ref(),
+                4,
+                "use at least 1 delivery per destination; the default is 4",
+            ),
+        }
+    }
+
+    fn limits(&mut self, raw: &RawConfig) -> Limits {
+        let l = &raw.limits;
+        let max_message_size = match &l.max_message_size {
+            None => default::MAX_MESSAGE_SIZE,
+            Some(v) => {
+                let result = match &v.get_ref().0 {
+                    StrOrInt::Str(s) => parse_size(s),
+                    StrOrInt::Int(i) => size_from_integer(*i),
+                };
+                match result {
+                    Ok(size) if size < MIN_MESSAGE_SIZE => {
+                        self.r.at(
+                            v.span(),
+                            format!("max_message_size of {size} bytes is too small"),
+                            Some("use at least \"1KiB\"; \"10MB\" to \"50MB\" is usual".to_owned()),
+                        );
+                        default::MAX_MESSAGE_SIZE
+                    }
+                    Ok(size) => size,
+                    Err(e) => {
+                        self.value_error(v.span(), e);
+                        default::MAX_MESSAGE_SIZE
+                    }
+                }
+            }
+        };
+        Limits {
+            max_message_size,
+            // RFC 5321 §4.5.3.1.8: servers should accept at least 100 recipients.
+            max_recipients: self.at_least_one(
+                l.max_recipients.as_ref(),
+                100,
+                "use at least 1; RFC 5321 §4.5.3.1.8 recommends accepting 100",
+            ),
+            max_connections: self.at_least_one(
+                l.max_connections.as_ref(),
+                1000,
+                "use at least 1; the default is 1000",
+            ),
+            max_connections_per_ip: self.at_least_one(
+                l.max_connections_per_ip.as_ref(),
+                20,
+                "use at least 1; the default is 20",
+            ),
+            max_errors: l.max_errors.unwrap_or(10),
+            // RFC 5321 §4.5.3.2: servers should wait at least 5 minutes for a command.
+            command_timeout: self.duration_min(
+                l.command_timeout.as_ref(),
+                Duration::from_secs(1),
+                "use at least \"1s\"; RFC 5321 §4.5.3.2 recommends \"5m\"",
+                Duration::from_secs(300),
+            ),
+            data_timeout: self.duration_min(
+                l.data_timeout.as_ref(),
+                Duration::from_secs(1),
+                "use at least \"1s\"; RFC 5321 §4.5.3.2 recommends \"10m\"",
+                Duration::from_secs(600),
+            ),
+        }
+    }
+
+    fn smtp(&mut self, raw: &RawConfig) -> SmtpConfig {
+        let s = &raw.smtp;
+        let banner = match &s.banner {
+            None => "ESMTP".to_owned(),
+            Some(b) => {
+                if b.get_ref().contains(['\r', '\n']) {
+                    self.r.at(
+                        b.span(),
+                        "the banner contains a line break",
+                        Some("write the banner on one line".to_owned()),
+                    );
+                }
+                b.get_ref().clone()
+            }
+        };
+        SmtpConfig {
+            banner,
+            vrfy: self.enumerated(s.vrfy.as_ref(), VRFY_MODES, VrfyMode::Ambiguous),
+            expn: self.enumerated(s.expn.as_ref(), EXPN_MODES, ExpnMode::Off),
+            max_unknown_recipients: s.max_unknown_recipients.unwrap_or(5),
+            max_received_headers: s.max_received_headers.unwrap_or(50),
+        }
+    }
+}
+
+/// Lower-cases a domain and strips one trailing dot.
+fn normalize_domain(name: &str) -> String {
+    let name = name.trim();
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// Checks an alias or catch-all target: a local part, or `local@domain` with both parts.
+fn check_target(target: &str) -> Result<(), &'static str> {
+    if target.is_empty() {
+        return Err("it is empty");
+    }
+    if let Some((local, domain)) = target.rsplit_once('@')
+        && (local.is_empty() || domain.is_empty())
+    {
+        return Err("an address needs a local part and a domain");
+    }
+    if target.contains(char::is_whitespace) {
+        return Err("it contains a space");
+    }
+    Ok(())
+}
+
+/// How a duration value was written, for messages.
+fn show(value: &Spanned<DurationValue>) -> String {
+    match &value.get_ref().0 {
+        StrOrInt::Str(s) => format!("{s:?}"),
+        StrOrInt::Int(i) => i.to_string(),
+    }
+}
