@@ -5,6 +5,8 @@
 //! Every problem in a file is reported at once, each with `file:line:column`, the dotted key,
 //! what is wrong and what to change; see [`ConfigError`].
 
+#![warn(missing_docs)]
+
 mod default;
 mod duration;
 mod error;

@@ -164,7 +164,13 @@ fn report_serde_error(r: &mut Reporter<'_>, span: Range<usize>, key: &str, messa
     } else if let Some(rest) = message.strip_prefix("invalid type: ") {
         let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, "?"));
         let expected = describe_expected(expected);
-        let help = type_help(found, &expected);
+        let help = if (key == "listener" || key == "domain") && expected == "a list" {
+            Some(format!(
+                "write [[{key}]] with double brackets: the section is repeatable"
+            ))
+        } else {
+            type_help(found, &expected)
+        };
         r.error(
             span,
             key,
