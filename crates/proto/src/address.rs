@@ -485,12 +485,12 @@ mod tests {
             Err(AddressError::LocalPartTooLong)
         );
         let label = "a".repeat(60);
-        let long_domain = vec![label.as_str(); 5].join(".");
+        let long_domain = [label.as_str(); 5].join(".");
         assert_eq!(
             parse_mailbox(&format!("u@{long_domain}")),
             Err(AddressError::DomainTooLong)
         );
-        let domain = vec![label.as_str(); 4].join(".");
+        let domain = [label.as_str(); 4].join(".");
         assert_eq!(
             fwd(&format!("<{}@{domain}>", "b".repeat(20))),
             Err(AddressError::PathTooLong)

@@ -1,1 +1,17 @@
-//! estafeta-queue
+//! estafeta-queue: the durable spool, the delivery scheduler and the [`Transport`] trait.
+//!
+//! A message is acknowledged only once [`Spool::put`] returned, that is once its file and its
+//! directory entry are on stable storage (group-committed by the [`Syncer`]). The
+//! [`scheduler`] hands due messages to a transport and records each recipient's outcome.
+
+pub mod id;
+pub mod scheduler;
+pub mod spool;
+pub mod sync;
+pub mod transport;
+
+pub use id::{IdGenerator, QueueId};
+pub use scheduler::{QueueHandle, SchedulerConfig, start};
+pub use spool::{QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
+pub use sync::Syncer;
+pub use transport::{DeliveryJob, Failure, Outcome, Transport};

@@ -1,0 +1,513 @@
+//! The durable spool: one file per message, written before the client hears `250`.
+//!
+//! Layout under the spool directory (`<data_dir>/queue`):
+//!
+//! - `ID`: the message. A text header holding the envelope (one `key value` a line), an
+//!   empty line, then the message as it will be delivered (our Received header first).
+//!   Written to `ID.tmp`, renamed to `ID`, then made durable by the group-commit [`Syncer`];
+//!   only then is the ID returned. The file never changes afterwards.
+//! - `ID.st`: the recipients' delivery state once it differs from "all pending" (written to
+//!   `ID.st.tmp`, renamed, synced before the scheduler acts on it).
+//!
+//! At start, `*.tmp` files are half-written and never acknowledged: they are removed. Every
+//! `ID` file is an acknowledged message and is loaded with its state.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use estafeta_proto::address::{parse_forward_path, parse_reverse_path};
+use estafeta_proto::command::{Body, MailParams, Notify, Orcpt, RcptParams, Ret};
+use estafeta_proto::trace::received_header;
+use estafeta_proto::{ClientInfo, Envelope, Recipient};
+
+use crate::id::{IdGenerator, QueueId};
+use crate::sync::Syncer;
+
+const MAGIC: &str = "estafeta-queue 1";
+const STATUS_MAGIC: &str = "estafeta-status 1";
+
+/// Messages larger than this are written from the blocking pool rather than inline.
+const INLINE_WRITE_LIMIT: usize = 256 * 1024;
+
+/// The delivery state of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RcptState {
+    /// Not delivered yet.
+    Pending,
+    /// Delivered (or relayed); never attempted again.
+    Delivered,
+    /// Failed for good; never attempted again.
+    Failed,
+}
+
+/// A recipient's state, attempts and last error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RcptStatus {
+    /// Where it stands.
+    pub state: RcptState,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// The last error, for `queue list` and logs.
+    pub last_error: Option<String>,
+}
+
+impl RcptStatus {
+    fn pending() -> Self {
+        RcptStatus {
+            state: RcptState::Pending,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// A message in the spool: its envelope and the state of each recipient (not its content,
+/// which [`Spool::read_content`] reads when it is needed).
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    /// The queue ID.
+    pub id: QueueId,
+    /// When it was accepted (Unix seconds).
+    pub arrival: u64,
+    /// The envelope.
+    pub envelope: Envelope,
+    /// One status per `envelope.rcpts` entry, in the same order.
+    pub status: Vec<RcptStatus>,
+    /// The size of the message content in octets (with our Received header).
+    pub size: u64,
+    /// When the next attempt is due (Unix seconds); 0 means now.
+    pub next_attempt: u64,
+}
+
+impl QueuedMessage {
+    /// The indices of the recipients still pending.
+    pub fn pending(&self) -> Vec<usize> {
+        self.status
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == RcptState::Pending)
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The spool directory and its group-commit syncer.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    dev: u64,
+    ids: IdGenerator,
+    syncer: Syncer,
+    hostname: String,
+}
+
+impl Spool {
+    /// Opens (creating it if needed, mode 0700) the spool directory `dir`.
+    pub fn open(dir: &Path, hostname: &str, syncer: Syncer) -> io::Result<Spool> {
+        fs::create_dir_all(dir)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        }
+        let dev = fs::metadata(dir)?.dev();
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            dev,
+            ids: IdGenerator::new(),
+            syncer,
+            hostname: hostname.to_string(),
+        })
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The group-commit syncer shared with the delivery agents.
+    pub fn syncer(&self) -> &Syncer {
+        &self.syncer
+    }
+
+    fn path(&self, id: QueueId) -> PathBuf {
+        self.dir.join(id.to_string())
+    }
+
+    fn status_path(&self, id: QueueId) -> PathBuf {
+        self.dir.join(format!("{id}.st"))
+    }
+
+    /// Stores a message durably and returns it as queued. When this returns `Ok`, the message
+    /// and its envelope are on stable storage (DESIGN.md decision 1).
+    pub async fn put(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueuedMessage> {
+        let arrival = unix_now();
+        let (id, size) = if body.len() <= INLINE_WRITE_LIMIT {
+            self.write_new(&envelope, &body, arrival)?
+        } else {
+            let env = envelope.clone();
+            let dir = self.dir.clone();
+            let hostname = self.hostname.clone();
+            let id = self.ids.next();
+            let ids = (id, dir, hostname);
+            tokio::task::spawn_blocking(move || {
+                let (id, dir, hostname) = ids;
+                write_file(&dir, &hostname, id, &env, &body, arrival).map(|size| (id, size))
+            })
+            .await
+            .map_err(io::Error::other)??
+        };
+        self.syncer.sync(self.dev, &self.dir).await?;
+        let status = vec![RcptStatus::pending(); envelope.rcpts.len()];
+        Ok(QueuedMessage {
+            id,
+            arrival,
+            envelope,
+            status,
+            size,
+            next_attempt: 0,
+        })
+    }
+
+    fn write_new(&self, env: &Envelope, body: &[u8], arrival: u64) -> io::Result<(QueueId, u64)> {
+        loop {
+            let id = self.ids.next();
+            match write_file(&self.dir, &self.hostname, id, env, body, arrival) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                r => return r.map(|size| (id, size)),
+            }
+        }
+    }
+
+    /// Reads the message content (what is delivered) of `id`.
+    pub fn read_content(&self, id: QueueId) -> io::Result<Vec<u8>> {
+        let mut data = Vec::new();
+        File::open(self.path(id))?.read_to_end(&mut data)?;
+        let start = header_end(&data).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "queue file has no header end")
+        })?;
+        data.drain(..start);
+        Ok(data)
+    }
+
+    /// Loads one message with its state.
+    pub fn load(&self, id: QueueId) -> io::Result<QueuedMessage> {
+        let file = File::open(self.path(id))?;
+        let total = file.metadata()?.len();
+        let mut reader = BufReader::new(file);
+        let (mut msg, header_len) = parse_header(&mut reader, id)?;
+        msg.size = total.saturating_sub(header_len);
+        match fs::read_to_string(self.status_path(id)) {
+            Ok(text) => apply_status(&mut msg, &text)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(msg)
+    }
+
+    /// Scans the spool at start: removes half-written files, returns every acknowledged
+    /// message. Files that cannot be read are reported and left in place for the operator.
+    pub fn recover(&self) -> io::Result<Vec<QueuedMessage>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".tmp") {
+                tracing::info!(file = name, "removing half-written queue file");
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+            let Some(id) = QueueId::parse(name) else {
+                continue;
+            };
+            match self.load(id) {
+                Ok(m) => out.push(m),
+                Err(e) => {
+                    tracing::error!(id = %id, error = %e, "cannot read queue file; left in place")
+                }
+            }
+        }
+        out.sort_by_key(|m| m.id);
+        Ok(out)
+    }
+
+    /// Records the recipients' state durably (before the scheduler acts on it).
+    pub async fn write_status(&self, msg: &QueuedMessage) -> io::Result<()> {
+        let mut text = String::new();
+        text.push_str(STATUS_MAGIC);
+        text.push('\n');
+        text.push_str(&format!("next {}\n", msg.next_attempt));
+        for (i, s) in msg.status.iter().enumerate() {
+            let state = match s.state {
+                RcptState::Pending => "pending",
+                RcptState::Delivered => "delivered",
+                RcptState::Failed => "failed",
+            };
+            let err = s
+                .last_error
+                .as_deref()
+                .unwrap_or("")
+                .replace(['\r', '\n'], " ");
+            text.push_str(&format!("rcpt {i} {state} {} {err}\n", s.attempts));
+        }
+        let tmp = self.dir.join(format!("{}.st.tmp", msg.id));
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+        }
+        fs::rename(&tmp, self.status_path(msg.id))?;
+        self.syncer.sync(self.dev, &self.dir).await
+    }
+
+    /// Removes a message whose recipients are all done. Not synced: should the removal be
+    /// lost in a crash, the message is delivered again (at least once, never lost).
+    pub fn remove(&self, id: QueueId) -> io::Result<()> {
+        match fs::remove_file(self.status_path(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fs::remove_file(self.path(id))
+    }
+}
+
+/// The offset of the message content: just after the first empty line.
+fn header_end(data: &[u8]) -> Option<usize> {
+    data.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+fn write_file(
+    dir: &Path,
+    hostname: &str,
+    id: QueueId,
+    env: &Envelope,
+    body: &[u8],
+    arrival: u64,
+) -> io::Result<u64> {
+    let final_path = dir.join(id.to_string());
+    if fs::symlink_metadata(&final_path).is_ok() {
+        return Err(io::ErrorKind::AlreadyExists.into());
+    }
+    let tmp = dir.join(format!("{id}.tmp"));
+    let mut header = serialize_envelope(env, id, arrival);
+    header.push('\n');
+    let received = received_header(hostname, env, &id.to_string(), arrival);
+    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let result = (|| {
+        let mut buf = Vec::with_capacity(header.len() + received.len() + body.len());
+        buf.extend_from_slice(header.as_bytes());
+        buf.extend_from_slice(received.as_bytes());
+        buf.extend_from_slice(body);
+        f.write_all(&buf)?;
+        drop(f);
+        fs::rename(&tmp, &final_path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| (received.len() + body.len()) as u64)
+}
+
+/// The envelope as `key value` lines (no line holds CR or LF: the parser refused them).
+fn serialize_envelope(env: &Envelope, id: QueueId, arrival: u64) -> String {
+    let mut s = String::with_capacity(256);
+    let mut line = |k: &str, v: &str| {
+        s.push_str(k);
+        if !v.is_empty() {
+            s.push(' ');
+            s.push_str(v);
+        }
+        s.push('\n');
+    };
+    line(MAGIC, "");
+    line("id", &id.to_string());
+    line("arrival", &arrival.to_string());
+    line("client-ip", &env.client.ip.to_string());
+    line("client-port", &env.client.port.to_string());
+    line("helo", &env.client.helo);
+    line("protocol", &env.client.protocol);
+    if let Some(tls) = &env.client.tls {
+        line("tls", tls);
+    }
+    line("from", &format!("<{}>", env.from));
+    if let Some(size) = env.params.size {
+        line("size", &size.to_string());
+    }
+    if let Some(body) = env.params.body {
+        line("body", body.as_str());
+    }
+    if env.params.smtputf8 {
+        line("smtputf8", "");
+    }
+    if let Some(ret) = env.params.ret {
+        line("ret", ret.as_str());
+    }
+    if let Some(envid) = &env.params.envid {
+        line("envid", envid);
+    }
+    for r in &env.rcpts {
+        let mut v = format!("<{}>", r.path);
+        if let Some(n) = r.params.notify {
+            v.push_str(&format!(" NOTIFY={}", n.to_wire()));
+        }
+        if let Some(o) = &r.params.orcpt {
+            v.push_str(&format!(" ORCPT={};{}", o.addr_type, o.xtext));
+        }
+        line("rcpt", &v);
+    }
+    s
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("queue file: {what}"))
+}
+
+fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMessage, u64)> {
+    let mut consumed = 0u64;
+    let mut line = String::new();
+    let mut first = true;
+    let mut arrival = 0;
+    let mut client = ClientInfo {
+        ip: IpAddr::from([0, 0, 0, 0]),
+        port: 0,
+        helo: String::new(),
+        protocol: String::new(),
+        tls: None,
+    };
+    let mut from = None;
+    let mut params = MailParams::default();
+    let mut rcpts = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 {
+            return Err(bad("truncated header"));
+        }
+        consumed += n as u64;
+        let l = line.trim_end_matches('\n');
+        if first {
+            if l != MAGIC {
+                return Err(bad("unknown format"));
+            }
+            first = false;
+            continue;
+        }
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(' ').unwrap_or((l, ""));
+        match k {
+            "id" => {}
+            "arrival" => arrival = v.parse().map_err(|_| bad("arrival"))?,
+            "client-ip" => client.ip = v.parse().map_err(|_| bad("client-ip"))?,
+            "client-port" => client.port = v.parse().map_err(|_| bad("client-port"))?,
+            "helo" => client.helo = v.to_string(),
+            "protocol" => client.protocol = v.to_string(),
+            "tls" => client.tls = Some(v.to_string()),
+            "from" => from = Some(parse_reverse_path(v).map_err(|_| bad("from"))?.0),
+            "size" => params.size = v.parse().ok(),
+            "body" => {
+                params.body = match v {
+                    "7BIT" => Some(Body::SevenBit),
+                    "8BITMIME" => Some(Body::EightBitMime),
+                    "BINARYMIME" => Some(Body::BinaryMime),
+                    _ => None,
+                }
+            }
+            "smtputf8" => params.smtputf8 = true,
+            "ret" => {
+                params.ret = if v == "FULL" {
+                    Some(Ret::Full)
+                } else {
+                    Some(Ret::Hdrs)
+                }
+            }
+            "envid" => params.envid = Some(v.to_string()),
+            "rcpt" => {
+                let (path, rest) = parse_forward_path(v).map_err(|_| bad("rcpt"))?;
+                let mut rp = RcptParams::default();
+                for p in rest.split(' ').filter(|p| !p.is_empty()) {
+                    if let Some(n) = p.strip_prefix("NOTIFY=") {
+                        rp.notify = Notify::parse(n);
+                    } else if let Some(o) = p.strip_prefix("ORCPT=")
+                        && let Some((t, x)) = o.split_once(';')
+                    {
+                        rp.orcpt = Some(Orcpt {
+                            addr_type: t.to_string(),
+                            xtext: x.to_string(),
+                        });
+                    }
+                }
+                rcpts.push(Recipient { path, params: rp });
+            }
+            _ => {} // written by a newer version: ignored
+        }
+    }
+    let from = from.ok_or_else(|| bad("no sender"))?;
+    let status = vec![RcptStatus::pending(); rcpts.len()];
+    Ok((
+        QueuedMessage {
+            id,
+            arrival,
+            envelope: Envelope {
+                client,
+                from,
+                params,
+                rcpts,
+            },
+            status,
+            size: 0,
+            next_attempt: 0,
+        },
+        consumed,
+    ))
+}
+
+fn apply_status(msg: &mut QueuedMessage, text: &str) -> io::Result<()> {
+    let mut lines = text.lines();
+    if lines.next() != Some(STATUS_MAGIC) {
+        return Err(bad("unknown status format"));
+    }
+    for l in lines {
+        let mut parts = l.splitn(5, ' ');
+        match parts.next() {
+            Some("next") => {
+                msg.next_attempt = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+            Some("rcpt") => {
+                let i: usize = parts
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad("status index"))?;
+                let state = match parts.next() {
+                    Some("pending") => RcptState::Pending,
+                    Some("delivered") => RcptState::Delivered,
+                    Some("failed") => RcptState::Failed,
+                    _ => return Err(bad("status state")),
+                };
+                let attempts = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let err = parts.next().unwrap_or("").trim();
+                if let Some(s) = msg.status.get_mut(i) {
+                    *s = RcptStatus {
+                        state,
+                        attempts,
+                        last_error: (!err.is_empty()).then(|| err.to_string()),
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! What a delivery agent is given and what it answers: the [`Transport`] trait and the typed
+//! per-recipient [`Outcome`] (DESIGN.md decision 4).
+
+use std::future::Future;
+
+use estafeta_proto::{Envelope, Reply};
+
+use crate::id::QueueId;
+
+/// One delivery attempt of one message to some of its recipients.
+#[derive(Debug)]
+pub struct DeliveryJob {
+    /// The message's queue ID, for logs.
+    pub id: QueueId,
+    /// The envelope (sender, all recipients, parameters).
+    pub envelope: Envelope,
+    /// The message content as stored (our Received header first).
+    pub content: Vec<u8>,
+    /// The indices in `envelope.rcpts` to deliver to in this attempt.
+    pub rcpts: Vec<usize>,
+}
+
+/// Why an attempt did not deliver, with what is needed for logs and bounces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The reply: the remote server's, or one from the reply table for a local problem.
+    pub reply: Reply,
+    /// The remote host that answered, if any.
+    pub remote: Option<String>,
+    /// The SMTP command the reply answered, if any.
+    pub command: Option<String>,
+}
+
+impl Failure {
+    /// A failure with just a reply (local problems).
+    pub fn local(reply: Reply) -> Self {
+        Failure {
+            reply,
+            remote: None,
+            command: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(remote) = &self.remote {
+            write!(f, "{remote} said: ")?;
+        }
+        write!(f, "{}", self.reply)?;
+        if let Some(cmd) = &self.command {
+            write!(f, " (in reply to {cmd})")?;
+        }
+        Ok(())
+    }
+}
+
+/// The result of an attempt for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered; the text says where (a Maildir file, a remote server's reply).
+    Delivered(String),
+    /// Not delivered now; try again later.
+    TempFail(Failure),
+    /// Not deliverable; do not try again.
+    PermFail(Failure),
+}
+
+/// A delivery agent (local Maildir, remote SMTP, or a router over several).
+pub trait Transport: Send + Sync + 'static {
+    /// Attempts delivery to `job.rcpts` and returns one outcome for each of them (in any order).
+    /// A recipient missing from the answer is treated as a temporary failure.
+    fn deliver(&self, job: &DeliveryJob) -> impl Future<Output = Vec<(usize, Outcome)>> + Send;
+}
