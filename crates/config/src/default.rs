@@ -109,7 +109,7 @@ impl Config {
                 data_timeout: Duration::from_secs(600),
             },
             smtp: SmtpConfig {
-                banner: "ESMTP".to_owned(),
+                banner: "ESMTP estafeta".to_owned(),
                 vrfy: VrfyMode::Ambiguous,
                 expn: ExpnMode::Off,
                 max_unknown_recipients: 5,

@@ -757,7 +757,7 @@ impl Validator<'_, '_> {
     fn smtp(&mut self, raw: &RawConfig) -> SmtpConfig {
         let s = &raw.smtp;
         let banner = match &s.banner {
-            None => "ESMTP".to_owned(),
+            None => "ESMTP estafeta".to_owned(),
             Some(b) => {
                 if b.get_ref().contains(['\r', '\n']) {
                     self.r.at(

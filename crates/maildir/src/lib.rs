@@ -1,1 +1,263 @@
-//! estafeta-maildir
+//! estafeta-maildir: local delivery into Maildir folders.
+//!
+//! Each delivery writes `tmp/NAME` (created exclusively, mode 0600) with `Return-Path` and
+//! `Delivered-To` prepended, makes it durable, renames it into `new/NAME` and makes the rename
+//! durable (both through the group-commit syncer, so that concurrent deliveries share their
+//! syncs). Only then is the recipient reported delivered. Any error is temporary: the message
+//! stays queued and is retried. Line endings are stored as received (CRLF), which Dovecot and
+//! other Maildir readers accept, so the body is byte-identical to what the client sent.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use estafeta_queue::Syncer;
+
+/// Why a mailbox path could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    /// The user or domain name would escape the mail directory or is not a usable file name.
+    Unsafe(String),
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathError::Unsafe(s) => write!(f, "unsafe mailbox name {s:?}"),
+        }
+    }
+}
+
+/// A name usable as one path component: not empty, not `.`/`..`, no `/` or NUL, no
+/// leading dot (hidden files and Maildir++ folders start with one).
+fn safe_component(s: &str) -> bool {
+    !s.is_empty() && !s.starts_with('.') && !s.contains(['/', '\0']) && s.len() <= 255
+}
+
+/// Expands the Maildir template: `{domain}` and `{user}` (already lower-cased by the caller).
+pub fn mailbox_path(template: &str, domain: &str, user: &str) -> Result<PathBuf, PathError> {
+    if !safe_component(domain) {
+        return Err(PathError::Unsafe(domain.to_string()));
+    }
+    if !safe_component(user) {
+        return Err(PathError::Unsafe(user.to_string()));
+    }
+    Ok(PathBuf::from(
+        template.replace("{domain}", domain).replace("{user}", user),
+    ))
+}
+
+/// One recipient of a local delivery.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The Maildir folder (holding tmp/, new/, cur/).
+    pub maildir: PathBuf,
+    /// The address written into `Delivered-To:`.
+    pub delivered_to: String,
+}
+
+/// The Maildir delivery agent.
+#[derive(Debug)]
+pub struct Maildir {
+    syncer: Syncer,
+    host: String,
+    pid: u32,
+    seq: AtomicU64,
+}
+
+impl Maildir {
+    /// A delivery agent naming its files after `hostname`.
+    pub fn new(syncer: Syncer, hostname: &str) -> Self {
+        // Maildir file names must not hold '/' or ':' (the info separator).
+        let host = hostname.replace('/', "\\057").replace(':', "\\072");
+        Maildir {
+            syncer,
+            host,
+            pid: std::process::id(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// A unique file name: `SECONDS.MmicrosPpidQseq.host` (the modern Maildir convention).
+    fn unique_name(&self) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "{}.M{}P{}Q{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            self.pid,
+            seq,
+            self.host
+        )
+    }
+
+    /// Delivers `content` to every target; one result per target, in order (the path of the
+    /// file in `new/` or the error). Files of all targets are written first, then one durable
+    /// sync covers them all, then the renames, then one more sync.
+    pub async fn deliver(
+        &self,
+        targets: &[Target],
+        return_path: &str,
+        content: &[u8],
+    ) -> Vec<io::Result<PathBuf>> {
+        let mut staged: Vec<io::Result<(PathBuf, PathBuf, u64)>> = targets
+            .iter()
+            .map(|t| self.write_tmp(t, return_path, content))
+            .collect();
+        if let Err(e) = self.sync_all(&staged).await {
+            return staged
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect();
+        }
+        for s in staged.iter_mut() {
+            if let Ok((tmp, new, _)) = s
+                && let Err(e) = fs::rename(&*tmp, &*new)
+            {
+                let _ = fs::remove_file(&*tmp);
+                *s = Err(e);
+            }
+        }
+        if let Err(e) = self.sync_all(&staged).await {
+            return staged
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect();
+        }
+        staged
+            .into_iter()
+            .map(|s| s.map(|(_, new, _)| new))
+            .collect()
+    }
+
+    async fn sync_all(&self, staged: &[io::Result<(PathBuf, PathBuf, u64)>]) -> io::Result<()> {
+        let mut done: Vec<u64> = Vec::new();
+        for (tmp, _, dev) in staged.iter().flatten() {
+            if !done.contains(dev) {
+                done.push(*dev);
+                let dir = tmp.parent().unwrap_or(Path::new("."));
+                self.syncer.sync(*dev, dir).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the folders if needed and writes `tmp/NAME`. Returns (tmp path, new path, device).
+    fn write_tmp(
+        &self,
+        target: &Target,
+        return_path: &str,
+        content: &[u8],
+    ) -> io::Result<(PathBuf, PathBuf, u64)> {
+        let root = &target.maildir;
+        let new_dir = root.join("new");
+        if !new_dir.is_dir() {
+            let mut b = fs::DirBuilder::new();
+            b.recursive(true).mode(0o700);
+            for sub in ["tmp", "new", "cur"] {
+                b.create(root.join(sub))?;
+            }
+        }
+        let name = self.unique_name();
+        let tmp = root.join("tmp").join(&name);
+        let new = new_dir.join(&name);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let head = format!(
+            "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+            return_path, target.delivered_to
+        );
+        let result = f
+            .write_all(head.as_bytes())
+            .and_then(|()| f.write_all(content))
+            .and_then(|()| f.metadata());
+        match result {
+            Ok(meta) => Ok((tmp, new, meta.dev())),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_and_traversal() {
+        let p = mailbox_path("/var/mail/{domain}/{user}/Maildir", "example.org", "bob").unwrap();
+        assert_eq!(p, PathBuf::from("/var/mail/example.org/bob/Maildir"));
+        for bad in ["..", ".", "", "a/b", ".hidden", "x\0y"] {
+            assert!(
+                mailbox_path("/m/{domain}/{user}", "example.org", bad).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(mailbox_path("/m/{domain}/{user}", "../etc", "bob").is_err());
+    }
+
+    #[tokio::test]
+    async fn delivers_into_new_with_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = Maildir::new(Syncer::start().unwrap(), "mx.example.test");
+        let targets = vec![
+            Target {
+                maildir: dir.path().join("a/Maildir"),
+                delivered_to: "a@example.test".into(),
+            },
+            Target {
+                maildir: dir.path().join("b/Maildir"),
+                delivered_to: "b@example.test".into(),
+            },
+        ];
+        let results = md
+            .deliver(&targets, "alice@example.test", b"Subject: x\r\n\r\nhi\r\n")
+            .await;
+        for (r, t) in results.iter().zip(&targets) {
+            let path = r.as_ref().unwrap();
+            assert!(path.starts_with(t.maildir.join("new")));
+            let data = fs::read(path).unwrap();
+            let want = format!(
+                "Return-Path: <alice@example.test>\r\nDelivered-To: {}\r\nSubject: x\r\n\r\nhi\r\n",
+                t.delivered_to
+            );
+            assert_eq!(data, want.as_bytes());
+            assert_eq!(fs::read_dir(t.maildir.join("tmp")).unwrap().count(), 0);
+            assert!(t.maildir.join("cur").is_dir());
+            let mode = fs::metadata(path).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+    }
+
+    #[tokio::test]
+    async fn failure_is_reported_per_target() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the Maildir folder should be: that target fails, the other succeeds.
+        fs::write(dir.path().join("blocked"), b"").unwrap();
+        let md = Maildir::new(Syncer::start().unwrap(), "mx");
+        let targets = vec![
+            Target {
+                maildir: dir.path().join("blocked/Maildir"),
+                delivered_to: "x@y".into(),
+            },
+            Target {
+                maildir: dir.path().join("ok/Maildir"),
+                delivered_to: "z@y".into(),
+            },
+        ];
+        let r = md.deliver(&targets, "", b"x\r\n").await;
+        assert!(r[0].is_err());
+        assert!(r[1].is_ok());
+    }
+}

@@ -288,6 +288,11 @@ pub fn local_error() -> Reply {
     Reply::new(451, st(4, 3, 0), "Error: local error in processing")
 }
 
+/// `451 4.3.0 …`: local delivery (Maildir) failed; the message stays queued.
+pub fn local_delivery_failed(detail: &str) -> Reply {
+    Reply::new(451, st(4, 3, 0), format!("Local delivery failed: {detail}"))
+}
+
 // ---- 5yz -------------------------------------------------------------------------------------
 
 /// `500 5.5.2 Error: line too long` (RFC 5321 §4.5.3.1.4, §4.5.3.1.9).

@@ -1,9 +1,10 @@
 //! Queue IDs: 12 upper-case hex digits, unique, and sortable by arrival.
 //!
-//! The high 36 bits are milliseconds since the Unix epoch (wrapping every ~2.2 years), the low
-//! 12 bits a sequence within the millisecond. A generator never hands out the same value twice
-//! in one process; across restarts the clock has moved on, and the spool's exclusive create
-//! catches the rare collision (a clock set back), after which the next value is tried.
+//! The value is the time in microseconds since the Unix epoch, modulo 2^48 (wrapping every
+//! ~8.9 years); when two messages arrive in the same microsecond the second takes the next
+//! value. A generator never hands out the same value twice in one process; across restarts the
+//! clock has moved on, and the spool's exclusive create catches the rare collision (a clock set
+//! back), after which the next value is tried.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,11 +46,11 @@ impl IdGenerator {
 
     /// The next ID: never equal to one handed out before by this generator.
     pub fn next(&self) -> QueueId {
-        let now_ms = SystemTime::now()
+        let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
+            .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        let candidate = (now_ms << 12) & MASK;
+        let candidate = now_us & MASK;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = if candidate > last {

@@ -96,9 +96,8 @@ fn run(rx: mpsc::Receiver<Request>) {
 }
 
 fn sync_fs(handles: &mut HashMap<u64, File>, dev: u64, dir: &Path) -> io::Result<()> {
-    if !handles.contains_key(&dev) {
-        let f = File::open(dir)?;
-        handles.insert(dev, f);
+    if let std::collections::hash_map::Entry::Vacant(e) = handles.entry(dev) {
+        e.insert(File::open(dir)?);
     }
     let f = &handles[&dev];
     // SAFETY: syncfs takes a valid open file descriptor, which `f` keeps open.

@@ -1,0 +1,77 @@
+//! The transport the scheduler uses: it sends each recipient to its delivery agent. For now
+//! every accepted recipient is local (Maildir); remote delivery joins with the relay issue.
+
+use std::sync::Arc;
+
+use estafeta_maildir::{Maildir, Target, mailbox_path};
+use estafeta_policy::Policy;
+use estafeta_proto::reply;
+use estafeta_queue::{DeliveryJob, Failure, Outcome, Transport};
+
+/// Routes recipients to delivery agents.
+#[derive(Debug)]
+pub struct Router {
+    policy: Arc<Policy>,
+    maildir: Maildir,
+    template: String,
+}
+
+impl Router {
+    /// A router delivering local mail with `maildir` into folders named by `template`.
+    pub fn new(policy: Arc<Policy>, maildir: Maildir, template: String) -> Self {
+        Router {
+            policy,
+            maildir,
+            template,
+        }
+    }
+}
+
+impl Transport for Router {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        let mut outcomes = Vec::with_capacity(job.rcpts.len());
+        let mut local: Vec<(usize, Target)> = Vec::new();
+        for &i in &job.rcpts {
+            let rcpt = &job.envelope.rcpts[i];
+            let Some(mb) = self.policy.resolve_local(&rcpt.path) else {
+                // Accepted earlier, unknown now (the configuration changed).
+                let r = reply::user_unknown(&rcpt.path.to_string());
+                outcomes.push((i, Outcome::PermFail(Failure::local(r))));
+                continue;
+            };
+            match mailbox_path(&self.template, &mb.domain, &mb.user) {
+                Ok(maildir) => local.push((
+                    i,
+                    Target {
+                        maildir,
+                        delivered_to: mb.address(),
+                    },
+                )),
+                Err(e) => {
+                    let r = reply::user_unknown(&format!("{} ({e})", rcpt.path));
+                    outcomes.push((i, Outcome::PermFail(Failure::local(r))));
+                }
+            }
+        }
+        if !local.is_empty() {
+            let targets: Vec<Target> = local.iter().map(|(_, t)| t.clone()).collect();
+            let return_path = job.envelope.from.to_string();
+            let results = self
+                .maildir
+                .deliver(&targets, &return_path, &job.content)
+                .await;
+            for ((i, _), r) in local.into_iter().zip(results) {
+                outcomes.push((
+                    i,
+                    match r {
+                        Ok(path) => Outcome::Delivered(format!("maildir {}", path.display())),
+                        Err(e) => Outcome::TempFail(Failure::local(reply::local_delivery_failed(
+                            &e.to_string(),
+                        ))),
+                    },
+                ));
+            }
+        }
+        outcomes
+    }
+}
