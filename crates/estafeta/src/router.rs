@@ -58,7 +58,7 @@ impl Transport for Router {
             let return_path = job.envelope.from.to_string();
             let results = self
                 .maildir
-                .deliver(&targets, &return_path, &job.content)
+                .deliver(&targets, &return_path, job.content.as_bytes())
                 .await;
             for ((i, _), r) in local.into_iter().zip(results) {
                 outcomes.push((

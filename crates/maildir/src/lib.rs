@@ -9,7 +9,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -63,6 +63,8 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Maildir {
     syncer: Syncer,
+    /// Maildir folders known to exist with their tmp/, new/ and cur/ (saves stats per delivery).
+    known: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
     host: String,
     pid: u32,
     seq: AtomicU64,
@@ -75,6 +77,7 @@ impl Maildir {
         let host = hostname.replace('/', "\\057").replace(':', "\\072");
         Maildir {
             syncer,
+            known: Default::default(),
             host,
             pid: std::process::id(),
             seq: AtomicU64::new(0),
@@ -106,46 +109,39 @@ impl Maildir {
         return_path: &str,
         content: &[u8],
     ) -> Vec<io::Result<PathBuf>> {
-        let mut staged: Vec<io::Result<(PathBuf, PathBuf, u64)>> = targets
+        let mut files = Vec::new();
+        let mut staged: Vec<io::Result<(PathBuf, PathBuf)>> = targets
             .iter()
-            .map(|t| self.write_tmp(t, return_path, content))
+            .map(|t| {
+                self.write_tmp(t, return_path, content)
+                    .map(|(tmp, new, f)| {
+                        files.push(f);
+                        (tmp, new)
+                    })
+            })
             .collect();
-        if let Err(e) = self.sync_all(&staged).await {
-            return staged
-                .iter()
-                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-                .collect();
+        // The data of every tmp/ file is durable before any of them appears in new/.
+        if let Err(e) = self.syncer.sync(files, Vec::new()).await {
+            return fail_all(&staged, &e);
         }
+        let mut dirs: Vec<PathBuf> = Vec::new();
         for s in staged.iter_mut() {
-            if let Ok((tmp, new, _)) = s
-                && let Err(e) = fs::rename(&*tmp, &*new)
-            {
-                let _ = fs::remove_file(&*tmp);
-                *s = Err(e);
+            if let Ok((tmp, new)) = s {
+                if let Err(e) = fs::rename(&*tmp, &*new) {
+                    let _ = fs::remove_file(&*tmp);
+                    *s = Err(e);
+                } else if let Some(dir) = new.parent()
+                    && !dirs.iter().any(|d| d == dir)
+                {
+                    dirs.push(dir.to_path_buf());
+                }
             }
         }
-        if let Err(e) = self.sync_all(&staged).await {
-            return staged
-                .iter()
-                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-                .collect();
+        // Then the renames into new/ are durable before the delivery is reported.
+        if let Err(e) = self.syncer.sync(Vec::new(), dirs).await {
+            return fail_all(&staged, &e);
         }
-        staged
-            .into_iter()
-            .map(|s| s.map(|(_, new, _)| new))
-            .collect()
-    }
-
-    async fn sync_all(&self, staged: &[io::Result<(PathBuf, PathBuf, u64)>]) -> io::Result<()> {
-        let mut done: Vec<u64> = Vec::new();
-        for (tmp, _, dev) in staged.iter().flatten() {
-            if !done.contains(dev) {
-                done.push(*dev);
-                let dir = tmp.parent().unwrap_or(Path::new("."));
-                self.syncer.sync(*dev, dir).await?;
-            }
-        }
-        Ok(())
+        staged.into_iter().map(|s| s.map(|(_, new)| new)).collect()
     }
 
     /// Creates the folders if needed and writes `tmp/NAME`. Returns (tmp path, new path, device).
@@ -154,40 +150,84 @@ impl Maildir {
         target: &Target,
         return_path: &str,
         content: &[u8],
-    ) -> io::Result<(PathBuf, PathBuf, u64)> {
+    ) -> io::Result<(PathBuf, PathBuf, std::fs::File)> {
         let root = &target.maildir;
-        let new_dir = root.join("new");
-        if !new_dir.is_dir() {
-            let mut b = fs::DirBuilder::new();
-            b.recursive(true).mode(0o700);
-            for sub in ["tmp", "new", "cur"] {
-                b.create(root.join(sub))?;
-            }
-        }
         let name = self.unique_name();
         let tmp = root.join("tmp").join(&name);
-        let new = new_dir.join(&name);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let new = root.join("new").join(&name);
         let head = format!(
             "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
             return_path, target.delivered_to
         );
-        let result = f
-            .write_all(head.as_bytes())
-            .and_then(|()| f.write_all(content))
-            .and_then(|()| f.metadata());
-        match result {
-            Ok(meta) => Ok((tmp, new, meta.dev())),
+        let mut data = Vec::with_capacity(head.len() + content.len());
+        data.extend_from_slice(head.as_bytes());
+        data.extend_from_slice(content);
+        let known = self.is_known(root);
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+        };
+        let mut f = match open() {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // First delivery to this folder, or it was removed: create it.
+                let mut b = fs::DirBuilder::new();
+                b.recursive(true).mode(0o700);
+                for sub in ["tmp", "new", "cur"] {
+                    b.create(root.join(sub))?;
+                }
+                open()?
+            }
+            Err(e) => return Err(e),
+        };
+        if !known {
+            // A folder created by someone else may lack new/ or cur/.
+            for sub in ["new", "cur"] {
+                if !root.join(sub).is_dir() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(root.join(sub))?;
+                }
+            }
+        }
+        match f.write_all(&data) {
+            Ok(()) => {
+                if !known {
+                    self.remember(root);
+                }
+                Ok((tmp, new, f))
+            }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 Err(e)
             }
         }
     }
+
+    fn is_known(&self, root: &Path) -> bool {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.contains(root)
+    }
+
+    fn remember(&self, root: &Path) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: a server with more mailboxes than this just checks more often.
+        if known.len() >= 100_000 {
+            known.clear();
+        }
+        known.insert(root.to_path_buf());
+    }
+}
+
+fn fail_all<T>(staged: &[io::Result<T>], e: &io::Error) -> Vec<io::Result<PathBuf>> {
+    staged
+        .iter()
+        .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -235,7 +275,7 @@ mod tests {
             assert_eq!(data, want.as_bytes());
             assert_eq!(fs::read_dir(t.maildir.join("tmp")).unwrap().count(), 0);
             assert!(t.maildir.join("cur").is_dir());
-            let mode = fs::metadata(path).unwrap().mode() & 0o777;
+            let mode = std::os::unix::fs::MetadataExt::mode(&fs::metadata(path).unwrap()) & 0o777;
             assert_eq!(mode, 0o600);
         }
     }

@@ -44,6 +44,11 @@ impl IdGenerator {
         Self::default()
     }
 
+    /// Makes sure every later ID is above `id` (called for each message found at start).
+    pub fn advance_past(&self, id: QueueId) {
+        self.last.fetch_max(id.0, Ordering::Relaxed);
+    }
+
     /// The next ID: never equal to one handed out before by this generator.
     pub fn next(&self) -> QueueId {
         let now_us = SystemTime::now()

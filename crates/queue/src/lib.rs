@@ -12,6 +12,6 @@ pub mod transport;
 
 pub use id::{IdGenerator, QueueId};
 pub use scheduler::{QueueHandle, SchedulerConfig, start};
-pub use spool::{QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
+pub use spool::{Content, QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
 pub use sync::Syncer;
 pub use transport::{DeliveryJob, Failure, Outcome, Transport};

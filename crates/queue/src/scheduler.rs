@@ -237,10 +237,14 @@ async fn attempt<T: Transport>(
 ) -> Option<QueuedMessage> {
     let pending = m.pending();
     if pending.is_empty() {
-        let _ = spool.remove(m.id);
+        let _ = spool.remove(&m);
         return None;
     }
-    let content = match spool.read_content(m.id) {
+    let content = match m.content.take() {
+        Some(c) => Ok(c),
+        None => spool.read_content(m.id),
+    };
+    let content = match content {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(id = %m.id, error = %e, "cannot read queued message; will retry");
@@ -292,7 +296,7 @@ async fn attempt<T: Transport>(
     }
     let remaining = m.pending();
     if remaining.is_empty() {
-        if let Err(e) = spool.remove(m.id) {
+        if let Err(e) = spool.remove(&m) {
             tracing::error!(id = %m.id, error = %e, "cannot remove queue file");
         } else {
             tracing::info!(target: "estafeta::maillog", id = %m.id, "removed");
@@ -305,7 +309,7 @@ async fn attempt<T: Transport>(
         .max()
         .unwrap_or(1);
     m.next_attempt = unix_now() + retry_delay(retry, attempts).as_secs().max(1);
-    if let Err(e) = spool.write_status(&m).await {
+    if let Err(e) = spool.write_status(&mut m).await {
         tracing::error!(id = %m.id, error = %e, "cannot record delivery state");
     }
     Some(m)
@@ -328,6 +332,6 @@ async fn defer_all(
         .max()
         .unwrap_or(1);
     m.next_attempt = unix_now() + retry_delay(retry, attempts).as_secs().max(1);
-    let _ = spool.write_status(&m).await;
+    let _ = spool.write_status(&mut m).await;
     Some(m)
 }

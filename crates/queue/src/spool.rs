@@ -15,7 +15,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -81,7 +80,38 @@ pub struct QueuedMessage {
     pub size: u64,
     /// When the next attempt is due (Unix seconds); 0 means now.
     pub next_attempt: u64,
+    /// True when an `ID.st` state file exists for this message.
+    pub has_status_file: bool,
+    /// The content, kept in memory from acceptance to the first attempt so that it is not
+    /// read back from disk (None after that, or for large messages).
+    pub content: Option<Content>,
 }
+
+/// Message content shared without copying: the spool file's bytes and where the message
+/// starts in them.
+#[derive(Debug, Clone)]
+pub struct Content {
+    data: std::sync::Arc<Vec<u8>>,
+    start: usize,
+}
+
+impl Content {
+    /// The message as it is delivered (our Received header first).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
+
+    /// Content held in a plain vector.
+    pub fn from_vec(data: Vec<u8>) -> Content {
+        Content {
+            data: std::sync::Arc::new(data),
+            start: 0,
+        }
+    }
+}
+
+/// Messages up to this size stay in memory between acceptance and the first attempt.
+const KEEP_IN_MEMORY: usize = 1024 * 1024;
 
 impl QueuedMessage {
     /// The indices of the recipients still pending.
@@ -107,7 +137,6 @@ pub fn unix_now() -> u64 {
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
-    dev: u64,
     ids: IdGenerator,
     syncer: Syncer,
     hostname: String,
@@ -121,10 +150,8 @@ impl Spool {
             use std::os::unix::fs::PermissionsExt;
             let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
         }
-        let dev = fs::metadata(dir)?.dev();
         Ok(Spool {
             dir: dir.to_path_buf(),
-            dev,
             ids: IdGenerator::new(),
             syncer,
             hostname: hostname.to_string(),
@@ -153,23 +180,26 @@ impl Spool {
     /// and its envelope are on stable storage (DESIGN.md decision 1).
     pub async fn put(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueuedMessage> {
         let arrival = unix_now();
-        let (id, size) = if body.len() <= INLINE_WRITE_LIMIT {
+        let (id, buf, start, file) = if body.len() <= INLINE_WRITE_LIMIT {
             self.write_new(&envelope, &body, arrival)?
         } else {
             let env = envelope.clone();
             let dir = self.dir.clone();
             let hostname = self.hostname.clone();
             let id = self.ids.next();
-            let ids = (id, dir, hostname);
             tokio::task::spawn_blocking(move || {
-                let (id, dir, hostname) = ids;
-                write_file(&dir, &hostname, id, &env, &body, arrival).map(|size| (id, size))
+                write_file(&dir, &hostname, id, &env, &body, arrival).map(|(b, s, f)| (id, b, s, f))
             })
             .await
             .map_err(io::Error::other)??
         };
-        self.syncer.sync(self.dev, &self.dir).await?;
+        self.syncer.sync(vec![file], vec![self.dir.clone()]).await?;
         let status = vec![RcptStatus::pending(); envelope.rcpts.len()];
+        let size = (buf.len() - start) as u64;
+        let content = (buf.len() <= KEEP_IN_MEMORY).then(|| Content {
+            data: std::sync::Arc::new(buf),
+            start,
+        });
         Ok(QueuedMessage {
             id,
             arrival,
@@ -177,28 +207,37 @@ impl Spool {
             status,
             size,
             next_attempt: 0,
+            has_status_file: false,
+            content,
         })
     }
 
-    fn write_new(&self, env: &Envelope, body: &[u8], arrival: u64) -> io::Result<(QueueId, u64)> {
+    fn write_new(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        arrival: u64,
+    ) -> io::Result<(QueueId, Vec<u8>, usize, File)> {
         loop {
             let id = self.ids.next();
             match write_file(&self.dir, &self.hostname, id, env, body, arrival) {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                r => return r.map(|size| (id, size)),
+                r => return r.map(|(b, s, f)| (id, b, s, f)),
             }
         }
     }
 
     /// Reads the message content (what is delivered) of `id`.
-    pub fn read_content(&self, id: QueueId) -> io::Result<Vec<u8>> {
+    pub fn read_content(&self, id: QueueId) -> io::Result<Content> {
         let mut data = Vec::new();
         File::open(self.path(id))?.read_to_end(&mut data)?;
         let start = header_end(&data).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "queue file has no header end")
         })?;
-        data.drain(..start);
-        Ok(data)
+        Ok(Content {
+            data: std::sync::Arc::new(data),
+            start,
+        })
     }
 
     /// Loads one message with its state.
@@ -209,7 +248,10 @@ impl Spool {
         let (mut msg, header_len) = parse_header(&mut reader, id)?;
         msg.size = total.saturating_sub(header_len);
         match fs::read_to_string(self.status_path(id)) {
-            Ok(text) => apply_status(&mut msg, &text)?,
+            Ok(text) => {
+                apply_status(&mut msg, &text)?;
+                msg.has_status_file = true;
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
@@ -232,6 +274,7 @@ impl Spool {
             let Some(id) = QueueId::parse(name) else {
                 continue;
             };
+            self.ids.advance_past(id);
             match self.load(id) {
                 Ok(m) => out.push(m),
                 Err(e) => {
@@ -244,7 +287,7 @@ impl Spool {
     }
 
     /// Records the recipients' state durably (before the scheduler acts on it).
-    pub async fn write_status(&self, msg: &QueuedMessage) -> io::Result<()> {
+    pub async fn write_status(&self, msg: &mut QueuedMessage) -> io::Result<()> {
         let mut text = String::new();
         text.push_str(STATUS_MAGIC);
         text.push('\n');
@@ -263,22 +306,23 @@ impl Spool {
             text.push_str(&format!("rcpt {i} {state} {} {err}\n", s.attempts));
         }
         let tmp = self.dir.join(format!("{}.st.tmp", msg.id));
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-        }
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
         fs::rename(&tmp, self.status_path(msg.id))?;
-        self.syncer.sync(self.dev, &self.dir).await
+        msg.has_status_file = true;
+        self.syncer.sync(vec![f], vec![self.dir.clone()]).await
     }
 
     /// Removes a message whose recipients are all done. Not synced: should the removal be
     /// lost in a crash, the message is delivered again (at least once, never lost).
-    pub fn remove(&self, id: QueueId) -> io::Result<()> {
-        match fs::remove_file(self.status_path(id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+    pub fn remove(&self, msg: &QueuedMessage) -> io::Result<()> {
+        if msg.has_status_file {
+            match fs::remove_file(self.status_path(msg.id)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
-        fs::remove_file(self.path(id))
+        fs::remove_file(self.path(msg.id))
     }
 }
 
@@ -287,6 +331,8 @@ fn header_end(data: &[u8]) -> Option<usize> {
     data.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
 }
 
+/// Writes `ID.tmp` and renames it to `ID` without replacing an existing file. Returns the
+/// bytes written, where the message content starts in them, and the open file (to be synced).
 fn write_file(
     dir: &Path,
     hostname: &str,
@@ -294,29 +340,56 @@ fn write_file(
     env: &Envelope,
     body: &[u8],
     arrival: u64,
-) -> io::Result<u64> {
+) -> io::Result<(Vec<u8>, usize, File)> {
     let final_path = dir.join(id.to_string());
-    if fs::symlink_metadata(&final_path).is_ok() {
-        return Err(io::ErrorKind::AlreadyExists.into());
-    }
     let tmp = dir.join(format!("{id}.tmp"));
     let mut header = serialize_envelope(env, id, arrival);
     header.push('\n');
     let received = received_header(hostname, env, &id.to_string(), arrival);
+    let mut buf = Vec::with_capacity(header.len() + received.len() + body.len());
+    buf.extend_from_slice(header.as_bytes());
+    buf.extend_from_slice(received.as_bytes());
+    buf.extend_from_slice(body);
     let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-    let result = (|| {
-        let mut buf = Vec::with_capacity(header.len() + received.len() + body.len());
-        buf.extend_from_slice(header.as_bytes());
-        buf.extend_from_slice(received.as_bytes());
-        buf.extend_from_slice(body);
-        f.write_all(&buf)?;
-        drop(f);
-        fs::rename(&tmp, &final_path)
-    })();
+    let result = f
+        .write_all(&buf)
+        .and_then(|()| rename_noreplace(&tmp, &final_path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map(|()| (received.len() + body.len()) as u64)
+    result.map(|()| (buf, header.len(), f))
+}
+
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to` (renameat2
+/// RENAME_NOREPLACE; a check then a rename where the file system lacks it).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let f = CString::new(from.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let t = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            fs::rename(from, to)
+        }
+        _ => Err(err),
+    }
 }
 
 /// The envelope as `key value` lines (no line holds CR or LF: the parser refused them).
@@ -469,6 +542,8 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             status,
             size: 0,
             next_attempt: 0,
+            has_status_file: false,
+            content: None,
         },
         consumed,
     ))

@@ -15,7 +15,7 @@ pub struct DeliveryJob {
     /// The envelope (sender, all recipients, parameters).
     pub envelope: Envelope,
     /// The message content as stored (our Received header first).
-    pub content: Vec<u8>,
+    pub content: crate::spool::Content,
     /// The indices in `envelope.rcpts` to deliver to in this attempt.
     pub rcpts: Vec<usize>,
 }

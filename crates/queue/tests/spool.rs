@@ -64,14 +64,15 @@ async fn put_load_recover_round_trip() {
         .unwrap();
     assert_eq!(m.id.to_string().len(), 12);
     let content = s.read_content(m.id).unwrap();
-    let text = String::from_utf8(content.clone()).unwrap();
+    let text = String::from_utf8(content.as_bytes().to_vec()).unwrap();
+    assert_eq!(m.content.as_ref().unwrap().as_bytes(), content.as_bytes());
     assert!(
         text.starts_with("Received: from client.example (unknown [192.0.2.1])"),
         "{text}"
     );
     assert!(text.contains(&format!("id {}", m.id)));
     assert!(text.ends_with("Subject: x\r\n\r\nbody\r\n"));
-    assert_eq!(m.size, content.len() as u64);
+    assert_eq!(m.size, content.as_bytes().len() as u64);
 
     // A half-written file left by a crash is removed at recovery; the real one is kept.
     std::fs::write(s.dir().join("000000000001.tmp"), b"half").unwrap();
@@ -96,7 +97,7 @@ async fn status_survives_restart() {
     m.status[1].attempts = 1;
     m.status[1].last_error = Some("451 4.3.0 disk full".into());
     m.next_attempt = 4_000_000_000;
-    s.write_status(&m).await.unwrap();
+    s.write_status(&mut m).await.unwrap();
     let back = spool(dir.path()).recover().unwrap().pop().unwrap();
     assert_eq!(back.status, m.status);
     assert_eq!(back.next_attempt, 4_000_000_000);
