@@ -48,6 +48,28 @@ pub fn session_config(cfg: &Config) -> SessionConfig {
     }
 }
 
+/// What this version cannot do of a valid configuration: `check-config` reports it and `serve`
+/// refuses to start, so that the two always agree.
+pub fn unsupported(cfg: &Config) -> Vec<String> {
+    cfg.listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.kind != ListenerKind::Smtp)
+        .map(|(i, l)| {
+            format!(
+                "listener[{i}].kind: \"{}\" ({}) needs STARTTLS and AUTH, which this version does \
+                 not provide yet; use kind = \"smtp\" for now",
+                l.kind.as_str(),
+                l.addresses
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+        .collect()
+}
+
 /// Creates a directory (and parents) readable only by the service user.
 fn private_dir(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -61,19 +83,8 @@ fn private_dir(path: &Path) -> anyhow::Result<()> {
 impl Server {
     /// Starts everything. Must run inside a tokio runtime.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
-        for l in &cfg.listeners {
-            if l.kind != ListenerKind::Smtp {
-                bail!(
-                    "listener kind \"{}\" ({}) needs STARTTLS and AUTH, which this version does not \
-                     provide yet; use kind = \"smtp\" for now",
-                    l.kind.as_str(),
-                    l.addresses
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
+        if let Some(problem) = unsupported(&cfg).into_iter().next() {
+            bail!("{problem}");
         }
         private_dir(&cfg.data_dir)?;
         let syncer = Syncer::start().context("cannot start the sync thread")?;

@@ -58,6 +58,12 @@ fn main() -> ExitCode {
 
 fn check_config(file: &Path) -> ExitCode {
     match Config::from_file(file) {
+        Ok(cfg) if !estafeta::unsupported(&cfg).is_empty() => {
+            for problem in estafeta::unsupported(&cfg) {
+                eprintln!("{}: error: {problem}", file.display());
+            }
+            ExitCode::FAILURE
+        }
         Ok(cfg) => {
             println!(
                 "{}: ok ({} listener(s), {} local domain(s), hostname {})",
@@ -118,6 +124,20 @@ fn serve(
         },
     };
     init_logging(&cfg, log_level.as_deref());
+    let unsupported = estafeta::unsupported(&cfg);
+    if !unsupported.is_empty() {
+        for problem in &unsupported {
+            eprintln!(
+                "{}: error: {problem}",
+                cfg.source
+                    .as_deref()
+                    .unwrap_or(Path::new("(embedded)"))
+                    .display()
+            );
+        }
+        eprintln!("estafeta: not started: fix the configuration");
+        return ExitCode::from(EX_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -155,12 +175,20 @@ fn serve(
     })
 }
 
+/// Waits for SIGTERM or SIGINT. SIGHUP (which would otherwise end the process) is caught and
+/// logged: configuration reload comes with a later issue.
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received: reloading is not supported yet; restart to apply a new configuration");
+            }
+        }
     }
 }

@@ -428,7 +428,11 @@ fn address_error(sender: bool, e: AddressError) -> ParseError {
 /// Takes `FROM:` / `TO:` off the argument, case-insensitively, allowing spaces after the colon
 /// (a common deviation that RFC 5321 §4.1.1.2 grammar forbids but that clients send).
 fn strip_keyword<'a>(arg: &'a str, keyword: &str) -> Option<&'a str> {
-    if arg.len() >= keyword.len() && arg[..keyword.len()].eq_ignore_ascii_case(keyword) {
+    // `get` and not `[..]`: the cut may fall inside a multi-byte character (`MAIL FROMé`).
+    if arg
+        .get(..keyword.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(keyword))
+    {
         Some(arg[keyword.len()..].trim_start_matches(' '))
     } else {
         None
@@ -691,6 +695,20 @@ mod tests {
                 last: true
             }
         );
+    }
+
+    #[test]
+    fn non_ascii_where_the_colon_belongs() {
+        // Found by fuzzing: slicing inside a multi-byte character panicked.
+        for line in [
+            "MAIL FROMé",
+            "RCPT TOé",
+            "MAIL FRé",
+            "RCPT é",
+            "MAIL FROM:é",
+        ] {
+            assert!(parse_command(line.as_bytes()).is_err(), "{line}");
+        }
     }
 
     #[test]
