@@ -3,6 +3,7 @@
 //! end-to-end tests both use it.
 
 pub mod router;
+pub mod user_cmd;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -33,6 +33,14 @@ enum Command {
         #[arg(long, value_name = "LEVEL")]
         log_level: Option<String>,
     },
+    /// Manage the users who may authenticate (the users file of the configuration).
+    User {
+        #[command(subcommand)]
+        command: estafeta::user_cmd::UserCommand,
+        /// The configuration file (default: the embedded development default).
+        #[arg(long, short = 'c', value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+    },
     /// Check a configuration file and print every error with file:line:column.
     CheckConfig {
         /// The configuration file.
@@ -48,6 +56,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::User { command, config } => {
+            let cfg = match &config {
+                Some(path) => match Config::from_file(path) {
+                    Ok(c) => c,
+                    Err(errors) => {
+                        eprintln!("{errors}");
+                        return ExitCode::from(EX_CONFIG);
+                    }
+                },
+                None => Config::embedded_default(),
+            };
+            estafeta::user_cmd::run(command, &cfg)
+        }
         Command::Serve {
             config,
             data_dir,
