@@ -46,6 +46,11 @@ pub fn session_config(cfg: &Config) -> SessionConfig {
             VrfyMode::Ambiguous | VrfyMode::Trusted => estafeta_proto::VrfyMode::Ambiguous,
             VrfyMode::Off => estafeta_proto::VrfyMode::Off,
         },
+        starttls: false,
+        auth: estafeta_proto::AuthMode::Never,
+        require_auth: false,
+        max_auth_failures: cfg.auth.max_failures,
+        check_sender: false,
     }
 }
 

@@ -217,6 +217,15 @@ pub async fn handle_connection(
                     };
                     session.enqueued(answer);
                 }
+                // Not offered yet by this listener (STARTTLS and AUTH are wired with the
+                // submission issue); the session only asks when its config offers them.
+                Action::CheckMail { .. } => session.mail_checked(Ok(())),
+                Action::StartTls => {
+                    session.shutting_down();
+                }
+                Action::Authenticate { .. } => {
+                    session.auth_checked(Err(reply::auth_temporary_failure()));
+                }
                 Action::Close => close = true,
             }
         }

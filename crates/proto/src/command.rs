@@ -134,6 +134,9 @@ pub struct MailParams {
     pub ret: Option<Ret>,
     /// `ENVID=` (RFC 3461), xtext as received.
     pub envid: Option<String>,
+    /// `AUTH=` (RFC 4954 §5): the original submitter as the client claims it, xtext or `<>`.
+    /// Accepted and not trusted.
+    pub auth: Option<String>,
 }
 
 /// The parameters of `RCPT TO`.
@@ -371,6 +374,13 @@ fn parse_mail_params(text: &str) -> Result<MailParams, ParseError> {
                     return Err(param_err(reply::bad_parameter("bad ENVID value")));
                 }
                 p.envid = Some(v.to_string());
+            }
+            "AUTH" => {
+                let v = need_value(&key, v)?;
+                if v != "<>" && !is_xtext(v) {
+                    return Err(param_err(reply::bad_parameter("bad AUTH value")));
+                }
+                p.auth = Some(v.to_string());
             }
             _ => return Err(param_err(reply::unsupported_parameter(&key))),
         }

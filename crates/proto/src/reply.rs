@@ -225,6 +225,21 @@ pub fn help() -> Reply {
     }
 }
 
+/// `220 2.0.0 Ready to start TLS` (RFC 3207 §4).
+pub fn ready_to_start_tls() -> Reply {
+    Reply::new(220, st(2, 0, 0), "Ready to start TLS")
+}
+
+/// `334 <challenge>`: a SASL continuation (RFC 4954 §4); the challenge is base64, possibly empty.
+pub fn auth_continue(challenge: &str) -> Reply {
+    Reply::plain(334, vec![challenge.to_string()])
+}
+
+/// `235 2.7.0 Authentication successful` (RFC 4954 §6).
+pub fn auth_ok() -> Reply {
+    Reply::new(235, st(2, 7, 0), "Authentication successful")
+}
+
 // ---- 4yz -------------------------------------------------------------------------------------
 
 /// `421 4.7.0 <host> Error: too many errors`: the session's error budget is spent; closing.
@@ -271,6 +286,29 @@ pub fn too_many_connections_from(hostname: &str, ip: &str) -> Reply {
         st(4, 7, 0),
         format!("{hostname} Error: too many connections from {ip}"),
     )
+}
+
+/// `421 4.7.0 <host> Error: too many failed authentication attempts` (then close).
+pub fn too_many_auth_failures(hostname: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 7, 0),
+        format!("{hostname} Error: too many failed authentication attempts"),
+    )
+}
+
+/// `454 4.7.0 TLS not available due to temporary reason` (RFC 3207 §4).
+pub fn tls_unavailable() -> Reply {
+    Reply::new(
+        454,
+        st(4, 7, 0),
+        "TLS not available due to temporary reason",
+    )
+}
+
+/// `454 4.7.0 Temporary authentication failure` (RFC 4954 §6): the check itself failed.
+pub fn auth_temporary_failure() -> Reply {
+    Reply::new(454, st(4, 7, 0), "Temporary authentication failure")
 }
 
 /// `452 4.5.3 Error: too many recipients` (RFC 5321 §4.5.3.1.10 asks for 452; RFC 3463 X.5.3).
@@ -367,6 +405,51 @@ pub fn bad_recipient_syntax(detail: &str) -> Reply {
 pub fn address_too_long(sender: bool, what: &str) -> Reply {
     let status = if sender { st(5, 1, 7) } else { st(5, 1, 3) };
     Reply::new(553, status, format!("Error: {what} too long"))
+}
+
+/// `530 5.7.0 Authentication required` (RFC 4954 §6): MAIL before AUTH on a submission port.
+pub fn auth_required() -> Reply {
+    Reply::new(530, st(5, 7, 0), "Authentication required")
+}
+
+/// `538 5.7.11 Encryption required for requested authentication mechanism` (RFC 4954 §6):
+/// AUTH before STARTTLS.
+pub fn encryption_required() -> Reply {
+    Reply::new(
+        538,
+        st(5, 7, 11),
+        "Encryption required for requested authentication mechanism",
+    )
+}
+
+/// `535 5.7.8 Authentication credentials invalid` (RFC 4954 §6).
+pub fn auth_failed() -> Reply {
+    Reply::new(535, st(5, 7, 8), "Authentication credentials invalid")
+}
+
+/// `501 5.0.0 Authentication aborted`: the client sent `*` (RFC 4954 §4).
+pub fn auth_aborted() -> Reply {
+    Reply::new(501, st(5, 0, 0), "Authentication aborted")
+}
+
+/// `501 5.5.2 Cannot decode response`: a SASL response that is not base64 (RFC 4954 §4).
+pub fn auth_bad_response() -> Reply {
+    Reply::new(501, st(5, 5, 2), "Cannot decode response")
+}
+
+/// `504 5.5.4 Unrecognized authentication type` (RFC 4954 §6).
+pub fn auth_unknown_mechanism() -> Reply {
+    Reply::new(504, st(5, 5, 4), "Unrecognized authentication type")
+}
+
+/// `553 5.7.1 <addr>: Sender address not owned by user <user>`: an authenticated user used
+/// a sender address that is not theirs.
+pub fn sender_not_owned(address: &str, user: &str) -> Reply {
+    Reply::new(
+        553,
+        st(5, 7, 1),
+        format!("<{address}>: Sender address rejected: not owned by user {user}"),
+    )
 }
 
 /// `553 5.6.7 …`: a non-ASCII address without SMTPUTF8 (RFC 6531 §3.5).

@@ -39,6 +39,21 @@ pub enum VrfyMode {
     Off,
 }
 
+/// When AUTH is offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Never (the port-25 MTA without users, or no users file).
+    Never,
+    /// Only once the session is encrypted (RFC 8314 §3, DESIGN.md decision 6): before TLS,
+    /// AUTH is not advertised and gets `538 5.7.11`.
+    AfterTls,
+}
+
+/// RFC 4954 / draft-murchison-sasl-login: the LOGIN challenges, base64 of "Username:" and
+/// "Password:".
+const LOGIN_USERNAME_CHALLENGE: &str = "VXNlcm5hbWU6";
+const LOGIN_PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6";
+
 /// The per-listener settings a session needs. Built once by the driver, shared by sessions.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -56,6 +71,17 @@ pub struct SessionConfig {
     pub max_received_headers: usize,
     /// How VRFY is answered.
     pub vrfy: VrfyMode,
+    /// Offer STARTTLS (a certificate is available and the session is not encrypted yet).
+    pub starttls: bool,
+    /// When AUTH is offered.
+    pub auth: AuthMode,
+    /// MAIL needs a successful AUTH first (submission, RFC 6409 §4.3): `530 5.7.0`.
+    pub require_auth: bool,
+    /// Failed AUTH attempts before `421 4.7.0` and close.
+    pub max_auth_failures: u32,
+    /// Ask the driver whether an authenticated user may use the MAIL FROM address
+    /// ([`Action::CheckMail`]).
+    pub check_sender: bool,
 }
 
 /// What the session asks the driver to do.
@@ -63,8 +89,30 @@ pub struct SessionConfig {
 pub enum Action {
     /// Send this reply (batch it with the following ones; flush when `poll` returns `None`).
     Send(Reply),
+    /// Decide whether the authenticated user may send as this reverse path and answer with
+    /// [`Session::mail_checked`] (only when `check_sender` is on and the session is
+    /// authenticated).
+    CheckMail {
+        /// The user who authenticated.
+        user: String,
+        /// The reverse path of MAIL FROM.
+        from: ReversePath,
+    },
     /// Decide on this recipient and answer with [`Session::rcpt_checked`].
     CheckRcpt(Recipient),
+    /// Flush the replies, then run the TLS handshake on the connection and answer with
+    /// [`Session::tls_started`] (or close the connection if the handshake fails). Buffered
+    /// plaintext has been discarded (RFC 3207 §6; the CVE-2011-0411 class).
+    StartTls,
+    /// Check these SASL credentials and answer with [`Session::auth_checked`]. The responses
+    /// are the client's base64 strings as sent: PLAIN has one (`authzid\0authcid\0passwd`),
+    /// LOGIN two (user name, password).
+    Authenticate {
+        /// `PLAIN` or `LOGIN`.
+        mechanism: String,
+        /// The client's responses, still base64.
+        responses: Vec<String>,
+    },
     /// Store this message durably and answer with [`Session::enqueued`].
     Enqueue(Box<Envelope>, Vec<u8>),
     /// Flush what was sent and close the connection.
@@ -85,6 +133,11 @@ pub enum Timeout {
 enum Input {
     /// Command lines.
     Command,
+    /// SASL responses to `334` challenges (RFC 4954 §4).
+    Sasl {
+        mechanism: String,
+        responses: Vec<String>,
+    },
     /// The content of DATA.
     Data(DataReceiver),
     /// The bytes of a BDAT chunk: how many are still to come, whether it is the last chunk,
@@ -115,8 +168,11 @@ struct Transaction {
 #[derive(Debug)]
 enum Waiting {
     Nothing,
+    Mail(ReversePath, MailParams),
     Rcpt(Recipient),
     Enqueue,
+    Tls,
+    Auth,
 }
 
 /// One SMTP server session.
@@ -127,6 +183,8 @@ pub struct Session {
     helo: Option<String>,
     esmtp: bool,
     tls: Option<String>,
+    auth_user: Option<String>,
+    auth_failures: u32,
     txn: Option<Box<Transaction>>,
     input: Input,
     buf: Vec<u8>,
@@ -142,11 +200,19 @@ pub struct Session {
 impl Session {
     /// A new session for a client at `peer`; the first action is the greeting.
     pub fn new(cfg: Arc<SessionConfig>, peer: SocketAddr) -> Self {
+        Self::with_tls(cfg, peer, None)
+    }
+
+    /// A new session on a connection that is already encrypted (implicit TLS, RFC 8314 §3.3):
+    /// `tls` describes it (version and cipher) for the Received header.
+    pub fn with_tls(cfg: Arc<SessionConfig>, peer: SocketAddr, tls: Option<String>) -> Self {
         let mut s = Session {
             peer,
             helo: None,
             esmtp: false,
-            tls: None,
+            tls,
+            auth_user: None,
+            auth_failures: 0,
             txn: None,
             input: Input::Command,
             buf: Vec::new(),
@@ -173,6 +239,16 @@ impl Session {
         self.helo.as_deref()
     }
 
+    /// The user who authenticated, if any.
+    pub fn auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
+    }
+
+    /// True when the session is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// True once the session has decided to close (after QUIT, a fatal error or a timeout).
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -181,7 +257,7 @@ impl Session {
     /// Which timeout applies while waiting for input now.
     pub fn timeout_kind(&self) -> Timeout {
         match self.input {
-            Input::Command => Timeout::Command,
+            Input::Command | Input::Sasl { .. } => Timeout::Command,
             Input::Data(_) | Input::Bdat { .. } => Timeout::Data,
         }
     }
@@ -226,6 +302,66 @@ impl Session {
                     }
                 }
                 return None;
+            }
+        }
+    }
+
+    /// The answer to [`Action::CheckMail`]: `Ok` starts the transaction, `Err` refuses MAIL.
+    pub fn mail_checked(&mut self, verdict: Result<(), Reply>) {
+        let Waiting::Mail(from, params) = std::mem::replace(&mut self.waiting, Waiting::Nothing)
+        else {
+            debug_assert!(false, "mail_checked without a pending MAIL");
+            return;
+        };
+        match verdict {
+            Ok(()) => self.start_transaction(from, params),
+            Err(r) => self.error(r),
+        }
+    }
+
+    /// The answer to [`Action::StartTls`]: the handshake succeeded; `description` (version
+    /// and cipher) goes into the Received header. The session starts over (RFC 3207 §4.2):
+    /// the client must say EHLO again.
+    pub fn tls_started(&mut self, description: String) {
+        if !matches!(self.waiting, Waiting::Tls) {
+            debug_assert!(false, "tls_started without STARTTLS");
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        self.tls = Some(description);
+        self.helo = None;
+        self.esmtp = false;
+        self.txn = None;
+        self.auth_user = None;
+        self.buf.clear();
+        self.pos = 0;
+    }
+
+    /// The answer to [`Action::Authenticate`]: the user name that authenticated, or the reply
+    /// to give (`535 5.7.8` for bad credentials, `454 4.7.0` for a temporary problem,
+    /// `501 5.5.2` for an undecodable response).
+    pub fn auth_checked(&mut self, result: Result<String, Reply>) {
+        if !matches!(self.waiting, Waiting::Auth) {
+            debug_assert!(false, "auth_checked without AUTH");
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        match result {
+            Ok(user) => {
+                self.auth_user = Some(user);
+                self.send(reply::auth_ok());
+            }
+            Err(r) => {
+                let failed = r.code == 535;
+                self.send(r);
+                if failed {
+                    self.auth_failures += 1;
+                    if self.auth_failures >= self.cfg.max_auth_failures {
+                        let r = reply::too_many_auth_failures(&self.cfg.hostname);
+                        self.send(r);
+                        self.close();
+                    }
+                }
             }
         }
     }
@@ -302,7 +438,7 @@ impl Session {
     /// Processes some input. Returns false when more input is needed.
     fn step(&mut self) -> bool {
         match &mut self.input {
-            Input::Command => self.step_command(),
+            Input::Command | Input::Sasl { .. } => self.step_command(),
             Input::Data(receiver) => {
                 let txn = self.txn.as_mut().expect("DATA without a transaction");
                 match receiver.feed(&self.buf[self.pos..], &mut txn.body) {
@@ -373,7 +509,8 @@ impl Session {
         if line.last() == Some(&b'\r') {
             line = &line[..line.len() - 1];
         }
-        let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
+        let sasl = matches!(self.input, Input::Sasl { .. });
+        let is_auth = sasl || (line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH "));
         let limit = if is_auth {
             AUTH_LINE_LIMIT
         } else {
@@ -383,11 +520,50 @@ impl Session {
             self.error(reply::line_too_long());
             return true;
         }
+        if sasl {
+            let line = String::from_utf8_lossy(line).into_owned();
+            self.sasl_response(line);
+            return true;
+        }
         match parse_command(line) {
             Err(e) => self.error(e.reply),
             Ok(cmd) => self.command(cmd),
         }
         true
+    }
+
+    /// One line of a SASL exchange.
+    fn sasl_response(&mut self, line: String) {
+        let Input::Sasl {
+            mechanism,
+            mut responses,
+        } = std::mem::replace(&mut self.input, Input::Command)
+        else {
+            return;
+        };
+        if line == "*" {
+            // RFC 4954 §4: the client cancels.
+            self.send(reply::auth_aborted());
+            return;
+        }
+        responses.push(line);
+        if mechanism == "LOGIN" && responses.len() < 2 {
+            self.send(reply::auth_continue(LOGIN_PASSWORD_CHALLENGE));
+            self.input = Input::Sasl {
+                mechanism,
+                responses,
+            };
+            return;
+        }
+        self.authenticate(mechanism, responses);
+    }
+
+    fn authenticate(&mut self, mechanism: String, responses: Vec<String>) {
+        self.out.push_back(Action::Authenticate {
+            mechanism,
+            responses,
+        });
+        self.waiting = Waiting::Auth;
     }
 
     fn command(&mut self, cmd: Command) {
@@ -409,17 +585,16 @@ impl Session {
             }
             Command::Mail(from, params) => match self.check_mail(&from, &params) {
                 Err(r) => self.error(r),
-                Ok(()) => {
-                    self.txn = Some(Box::new(Transaction {
-                        from,
-                        params,
-                        rcpts: Vec::new(),
-                        rcpt_attempts: 0,
-                        body: Vec::new(),
-                        chunking: false,
-                    }));
-                    self.send(reply::mail_ok());
-                }
+                Ok(()) => match (&self.auth_user, self.cfg.check_sender) {
+                    (Some(user), true) => {
+                        self.out.push_back(Action::CheckMail {
+                            user: user.clone(),
+                            from: from.clone(),
+                        });
+                        self.waiting = Waiting::Mail(from, params);
+                    }
+                    _ => self.start_transaction(from, params),
+                },
             },
             Command::Rcpt(path, params) => match self.check_rcpt(&path, &params) {
                 Err(r) => {
@@ -474,9 +649,49 @@ impl Session {
             },
             Command::Expn(_) => self.error(reply::expn_disabled()),
             Command::Help => self.send(reply::help()),
-            Command::StartTls | Command::Auth { .. } | Command::Etrn(_) => {
-                self.error(reply::not_implemented())
-            }
+            Command::StartTls => match self.check_starttls() {
+                Err(r) => self.error(r),
+                Ok(()) => {
+                    self.send(reply::ready_to_start_tls());
+                    // RFC 3207 §6: whatever the client pipelined after STARTTLS in plaintext
+                    // is thrown away, never executed.
+                    self.pos = self.buf.len();
+                    self.out.push_back(Action::StartTls);
+                    self.waiting = Waiting::Tls;
+                }
+            },
+            Command::Auth { mechanism, initial } => match self.check_auth(&mechanism) {
+                Err(r) => self.error(r),
+                Ok(()) => match (mechanism.as_str(), initial) {
+                    // RFC 4954 §4: "=" is an empty initial response.
+                    ("PLAIN", Some(i)) => {
+                        let i = if i == "=" { String::new() } else { i };
+                        self.authenticate(mechanism, vec![i]);
+                    }
+                    ("PLAIN", None) => {
+                        self.send(reply::auth_continue(""));
+                        self.input = Input::Sasl {
+                            mechanism,
+                            responses: Vec::new(),
+                        };
+                    }
+                    (_, Some(user)) => {
+                        self.send(reply::auth_continue(LOGIN_PASSWORD_CHALLENGE));
+                        self.input = Input::Sasl {
+                            mechanism,
+                            responses: vec![user],
+                        };
+                    }
+                    (_, None) => {
+                        self.send(reply::auth_continue(LOGIN_USERNAME_CHALLENGE));
+                        self.input = Input::Sasl {
+                            mechanism,
+                            responses: Vec::new(),
+                        };
+                    }
+                },
+            },
+            Command::Etrn(_) => self.error(reply::not_implemented()),
             Command::Http => {
                 self.send(reply::forbidden_command());
                 self.close();
@@ -486,15 +701,80 @@ impl Session {
 
     /// The EHLO keywords, in the order they are advertised.
     fn extensions(&self) -> Vec<String> {
-        vec![
+        let mut ext = vec![
             "PIPELINING".to_string(),
             format!("SIZE {}", self.cfg.max_message_size),
+        ];
+        if self.cfg.starttls && self.tls.is_none() {
+            ext.push("STARTTLS".to_string());
+        }
+        if self.auth_offered() && self.auth_user.is_none() {
+            ext.push("AUTH PLAIN LOGIN".to_string());
+        }
+        ext.extend([
             "ENHANCEDSTATUSCODES".to_string(),
             "8BITMIME".to_string(),
             "DSN".to_string(),
             "SMTPUTF8".to_string(),
             "CHUNKING".to_string(),
-        ]
+        ]);
+        ext
+    }
+
+    /// True when AUTH may be used now.
+    fn auth_offered(&self) -> bool {
+        match self.cfg.auth {
+            AuthMode::Never => false,
+            AuthMode::AfterTls => self.tls.is_some(),
+        }
+    }
+
+    fn check_starttls(&self) -> Result<(), Reply> {
+        if self.tls.is_some() {
+            return Err(reply::bad_sequence("TLS already active"));
+        }
+        if !self.cfg.starttls {
+            return Err(reply::not_implemented());
+        }
+        if self.txn.is_some() {
+            return Err(reply::bad_sequence("MAIL transaction in progress"));
+        }
+        Ok(())
+    }
+
+    fn check_auth(&self, mechanism: &str) -> Result<(), Reply> {
+        if self.cfg.auth == AuthMode::Never {
+            return Err(reply::not_implemented());
+        }
+        if self.helo.is_none() || !self.esmtp {
+            return Err(reply::bad_sequence("send EHLO first"));
+        }
+        if self.auth_user.is_some() {
+            // RFC 4954 §4: once authenticated, AUTH is refused.
+            return Err(reply::bad_sequence("already authenticated"));
+        }
+        if self.txn.is_some() {
+            return Err(reply::bad_sequence("MAIL transaction in progress"));
+        }
+        if !self.auth_offered() {
+            return Err(reply::encryption_required());
+        }
+        if mechanism != "PLAIN" && mechanism != "LOGIN" {
+            return Err(reply::auth_unknown_mechanism());
+        }
+        Ok(())
+    }
+
+    fn start_transaction(&mut self, from: ReversePath, params: MailParams) {
+        self.txn = Some(Box::new(Transaction {
+            from,
+            params,
+            rcpts: Vec::new(),
+            rcpt_attempts: 0,
+            body: Vec::new(),
+            chunking: false,
+        }));
+        self.send(reply::mail_ok());
     }
 
     fn check_mail(&self, from: &ReversePath, params: &MailParams) -> Result<(), Reply> {
@@ -503,6 +783,13 @@ impl Session {
         }
         if self.txn.is_some() {
             return Err(reply::bad_sequence("nested MAIL command"));
+        }
+        if self.cfg.require_auth && self.auth_user.is_none() {
+            return Err(reply::auth_required());
+        }
+        // RFC 4954 §5: AUTH= is a parameter of the AUTH extension.
+        if params.auth.is_some() && !self.auth_offered() {
+            return Err(reply::unsupported_parameter("AUTH"));
         }
         // RFC 5321 §4.1.1.11: parameters need the extension, and extensions need EHLO.
         if !self.esmtp && *params != MailParams::default() {
@@ -588,8 +875,13 @@ impl Session {
             (false, false) => "SMTP",
         };
         let mut p = base.to_string();
-        if self.tls.is_some() && (self.esmtp || smtputf8) {
-            p.push('S');
+        if self.esmtp || smtputf8 {
+            if self.tls.is_some() {
+                p.push('S');
+            }
+            if self.auth_user.is_some() {
+                p.push('A');
+            }
         }
         p
     }

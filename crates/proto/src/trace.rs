@@ -82,7 +82,7 @@ pub fn received_header(hostname: &str, env: &Envelope, id: &str, now: u64) -> St
         id
     );
     if let Some(tls) = &env.client.tls {
-        let _ = write!(h, "\r\n\t({})", clean(tls));
+        let _ = write!(h, "\r\n\t(using {})", clean(tls));
     }
     if let [only] = env.rcpts.as_slice() {
         let _ = write!(h, "\r\n\tfor <{}>", only.path);

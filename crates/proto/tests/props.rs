@@ -36,6 +36,11 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
         max_errors: 1000,
         max_received_headers: 50,
         vrfy: VrfyMode::Ambiguous,
+        starttls: false,
+        auth: estafeta_proto::AuthMode::Never,
+        require_auth: false,
+        max_auth_failures: 3,
+        check_sender: false,
     };
     let mut s = Session::new(Arc::new(cfg), "127.0.0.1:1".parse().unwrap());
     let mut out = Vec::new();
@@ -45,6 +50,9 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
             match a {
                 Action::Send(r) => r.write_to(out),
                 Action::CheckRcpt(_) => s.rcpt_checked(Ok(())),
+                Action::CheckMail { .. } => s.mail_checked(Ok(())),
+                Action::StartTls => s.tls_started("TLS".into()),
+                Action::Authenticate { .. } => s.auth_checked(Ok("u".into())),
                 Action::Enqueue(_, body) => {
                     msgs.push(body);
                     s.enqueued(Ok("X".into()));

@@ -11,6 +11,8 @@ struct Harness {
     /// Messages "stored" by the driver.
     queued: Vec<(Envelope, Vec<u8>)>,
     closed: bool,
+    tls_handshakes: usize,
+    auth_attempts: Vec<(String, Vec<String>)>,
 }
 
 fn config() -> SessionConfig {
@@ -22,6 +24,11 @@ fn config() -> SessionConfig {
         max_errors: 5,
         max_received_headers: 3,
         vrfy: VrfyMode::Ambiguous,
+        starttls: false,
+        auth: estafeta_proto::AuthMode::Never,
+        require_auth: false,
+        max_auth_failures: 3,
+        check_sender: false,
     }
 }
 
@@ -44,6 +51,8 @@ impl Harness {
             session: Session::new(Arc::new(cfg), "192.0.2.9:40000".parse().unwrap()),
             queued: Vec::new(),
             closed: false,
+            tls_handshakes: 0,
+            auth_attempts: Vec::new(),
         };
         let greeting = h.drive();
         (h, greeting)
@@ -63,6 +72,34 @@ impl Harness {
                     let id = format!("{:012X}", self.queued.len() + 1);
                     self.queued.push((*env, body));
                     self.session.enqueued(Ok(id));
+                }
+                Action::CheckMail { user, from } => {
+                    let v = if from.to_string() == user {
+                        Ok(())
+                    } else {
+                        Err(reply::sender_not_owned(&from.to_string(), &user))
+                    };
+                    self.session.mail_checked(v);
+                }
+                Action::StartTls => {
+                    self.tls_handshakes += 1;
+                    self.session
+                        .tls_started("TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384".into());
+                }
+                Action::Authenticate {
+                    mechanism,
+                    responses,
+                } => {
+                    self.auth_attempts.push((mechanism, responses.clone()));
+                    // base64("\0alice@example.test\0secret") and LOGIN's two steps.
+                    let good_plain = ["AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ="];
+                    let good_login = ["YWxpY2VAZXhhbXBsZS50ZXN0", "c2VjcmV0"];
+                    let ok = responses == good_plain || responses == good_login;
+                    self.session.auth_checked(if ok {
+                        Ok("alice@example.test".into())
+                    } else {
+                        Err(reply::auth_failed())
+                    });
                 }
                 Action::Close => self.closed = true,
             }
@@ -474,4 +511,169 @@ fn received_header_shape() {
         "Received: from client.example (unknown [192.0.2.9])\r\n\tby mx.example.test (estafeta) \
          with ESMTP id ABCDEF012345\r\n\tfor <b@example.test>; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
     );
+}
+
+fn submission() -> SessionConfig {
+    SessionConfig {
+        starttls: true,
+        auth: estafeta_proto::AuthMode::AfterTls,
+        require_auth: true,
+        check_sender: true,
+        max_errors: 20,
+        ..config()
+    }
+}
+
+const EHLO_PLAIN: &str = "250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n\
+     250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n";
+const EHLO_TLS: &str = "250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-AUTH PLAIN LOGIN\r\n\
+     250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n";
+
+#[test]
+fn submission_before_tls_offers_starttls_not_auth() {
+    let (mut h, _) = Harness::new(submission());
+    assert_eq!(h.c("EHLO client.example\r\n"), EHLO_PLAIN);
+    assert_eq!(
+        h.c("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n"),
+        "538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+    );
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test>\r\n"),
+        "530 5.7.0 Authentication required\r\n"
+    );
+    assert!(h.auth_attempts.is_empty());
+}
+
+#[test]
+fn starttls_discards_pipelined_plaintext_and_resets() {
+    let (mut h, _) = Harness::new(submission());
+    h.c("EHLO client.example\r\n");
+    // CVE-2011-0411: the RSET and MAIL written with STARTTLS must not be executed.
+    assert_eq!(
+        h.c("STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.test>\r\n"),
+        "220 2.0.0 Ready to start TLS\r\n"
+    );
+    assert_eq!(h.tls_handshakes, 1);
+    // The session starts over: EHLO again, and now AUTH is offered, STARTTLS not.
+    assert_eq!(
+        h.c("MAIL FROM:<a@example.test>\r\n"),
+        "503 5.5.1 Error: send HELO/EHLO first\r\n"
+    );
+    assert_eq!(h.c("EHLO client.example\r\n"), EHLO_TLS);
+    assert_eq!(
+        h.c("STARTTLS\r\n"),
+        "503 5.5.1 Error: TLS already active\r\n"
+    );
+}
+
+fn tls_session() -> Harness {
+    let (mut h, _) = Harness::new(submission());
+    h.c("EHLO client.example\r\nSTARTTLS\r\n");
+    h.c("EHLO client.example\r\n");
+    h
+}
+
+#[test]
+fn auth_plain_initial_response() {
+    let mut h = tls_session();
+    assert_eq!(
+        h.c("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n"),
+        "235 2.7.0 Authentication successful\r\n"
+    );
+    assert_eq!(
+        h.c("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n"),
+        "503 5.5.1 Error: already authenticated\r\n"
+    );
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test>\r\n"),
+        "250 2.1.0 Ok\r\n"
+    );
+    h.c("RCPT TO:<bob@example.test>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(h.queued[0].0.client.protocol, "ESMTPSA");
+    assert_eq!(
+        h.queued[0].0.client.tls.as_deref(),
+        Some("TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384")
+    );
+}
+
+#[test]
+fn auth_plain_continuation_and_login() {
+    let mut h = tls_session();
+    assert_eq!(h.c("AUTH PLAIN\r\n"), "334 \r\n");
+    assert_eq!(
+        h.c("AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n"),
+        "235 2.7.0 Authentication successful\r\n"
+    );
+    let mut h = tls_session();
+    assert_eq!(h.c("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+    assert_eq!(h.c("YWxpY2VAZXhhbXBsZS50ZXN0\r\n"), "334 UGFzc3dvcmQ6\r\n");
+    assert_eq!(
+        h.c("c2VjcmV0\r\n"),
+        "235 2.7.0 Authentication successful\r\n"
+    );
+    let mut h = tls_session();
+    assert_eq!(
+        h.c("AUTH LOGIN YWxpY2VAZXhhbXBsZS50ZXN0\r\n"),
+        "334 UGFzc3dvcmQ6\r\n"
+    );
+    assert_eq!(
+        h.c("c2VjcmV0\r\n"),
+        "235 2.7.0 Authentication successful\r\n"
+    );
+}
+
+#[test]
+fn auth_cancel_unknown_mechanism_and_failures() {
+    let mut h = tls_session();
+    assert_eq!(h.c("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+    assert_eq!(h.c("*\r\n"), "501 5.0.0 Authentication aborted\r\n");
+    assert_eq!(
+        h.c("AUTH CRAM-MD5\r\n"),
+        "504 5.5.4 Unrecognized authentication type\r\n"
+    );
+    assert_eq!(
+        h.c("AUTH PLAIN Ym9ndXM=\r\n"),
+        "535 5.7.8 Authentication credentials invalid\r\n"
+    );
+    assert_eq!(
+        h.c("AUTH PLAIN Ym9ndXM=\r\n"),
+        "535 5.7.8 Authentication credentials invalid\r\n"
+    );
+    assert_eq!(
+        h.c("AUTH PLAIN Ym9ndXM=\r\n"),
+        "535 5.7.8 Authentication credentials invalid\r\n\
+         421 4.7.0 mx.example.test Error: too many failed authentication attempts\r\n"
+    );
+    assert!(h.closed);
+}
+
+#[test]
+fn sender_must_be_owned() {
+    let mut h = tls_session();
+    h.c("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n");
+    assert_eq!(
+        h.c("MAIL FROM:<bob@example.test>\r\n"),
+        "553 5.7.1 <bob@example.test>: Sender address rejected: not owned by user alice@example.test\r\n"
+    );
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test> AUTH=<>\r\n"),
+        "250 2.1.0 Ok\r\n"
+    );
+}
+
+#[test]
+fn implicit_tls_session() {
+    let mut h = Harness {
+        session: Session::with_tls(
+            Arc::new(submission()),
+            "192.0.2.9:40000".parse().unwrap(),
+            Some("TLSv1.3 with cipher X".into()),
+        ),
+        queued: Vec::new(),
+        closed: false,
+        tls_handshakes: 0,
+        auth_attempts: Vec::new(),
+    };
+    h.drive();
+    assert_eq!(h.c("EHLO client.example\r\n"), EHLO_TLS);
 }
