@@ -39,6 +39,7 @@ pub(crate) fn production_listeners() -> Vec<Listener> {
             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 25),
             SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 25),
         ],
+        sender_check: false,
     }]
 }
 
@@ -70,6 +71,7 @@ impl Config {
             listeners: vec![Listener {
                 kind: ListenerKind::Smtp,
                 addresses: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 2525)],
+                sender_check: false,
             }],
             // TODO(submission issue): add submission on 127.0.0.1:2587 and submissions on
             // 127.0.0.1:2465 (self-signed certificate), as CONFIG.md describes.
@@ -77,6 +79,7 @@ impl Config {
             auth: AuthConfig {
                 users_file: data_dir.join("users"),
                 max_failures: 3,
+                authenticated_header: false,
             },
             relay: RelayConfig {
                 mynetworks: loopback_networks(),

@@ -76,6 +76,9 @@ pub(crate) struct RawListener {
     pub kind: Spanned<String>,
     /// A socket address or a list of them.
     pub address: Spanned<OneOrMany>,
+    /// Authenticated users may send only as addresses they own; default: on for submission
+    /// and submissions, off for smtp.
+    pub sender_check: Option<bool>,
 }
 
 /// `[tls]`.
@@ -96,6 +99,8 @@ pub(crate) struct RawAuth {
     pub users_file: Option<Spanned<String>>,
     /// Failed AUTH attempts per session.
     pub max_failures: Option<u32>,
+    /// Write the authenticated user name into the Received header; default false.
+    pub authenticated_header: Option<bool>,
 }
 
 /// `[relay]`.

@@ -113,6 +113,9 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// The sockets; never empty, and no socket appears in two listeners.
     pub addresses: Vec<SocketAddr>,
+    /// Authenticated users may use as MAIL FROM only addresses they own (`553 5.7.1`
+    /// otherwise); default on for submission and submissions, off for smtp.
+    pub sender_check: bool,
 }
 
 /// The kind of a listener, `listener.kind`.
@@ -153,6 +156,9 @@ pub struct AuthConfig {
     pub users_file: PathBuf,
     /// Failed AUTH attempts per session before `421` and close; default 3.
     pub max_failures: u32,
+    /// Write the authenticated user name into the Received header (Postfix's
+    /// `smtpd_sasl_authenticated_header`); default false: it tells the world who sent what.
+    pub authenticated_header: bool,
 }
 
 /// `[relay]`.

@@ -77,6 +77,7 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
             )
             .unwrap_or_else(|| data_dir.join("users")),
         max_failures: raw.auth.max_failures.unwrap_or(3),
+        authenticated_header: raw.auth.authenticated_header.unwrap_or(false),
     };
 
     let relay = v.relay(&raw);
@@ -321,7 +322,14 @@ impl Validator<'_, '_> {
                 }
                 addresses.push(addr);
             }
-            listeners.push(Listener { kind, addresses });
+            let sender_check = raw
+                .sender_check
+                .unwrap_or(kind != ListenerKind::Smtp);
+            listeners.push(Listener {
+                kind,
+                addresses,
+                sender_check,
+            });
         }
         listeners
     }
