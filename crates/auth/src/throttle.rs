@@ -6,9 +6,10 @@ use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Failures within the window that cost nothing.
+/// Failures within the window before attempts are slowed: the same number that closes a
+/// session (`[auth] max_failures`, 3), so that the attempts after a closed session wait.
 const FREE_FAILURES: u32 = 3;
-/// The delay after the first failure beyond the free ones; it doubles with each further one.
+/// The delay once the free failures are used up; it doubles with each further failure.
 const FIRST_DELAY: Duration = Duration::from_secs(1);
 /// The longest delay.
 const MAX_DELAY: Duration = Duration::from_secs(30);
@@ -150,10 +151,10 @@ impl Throttle {
 
 /// The delay after `failures` failures within the window.
 fn delay_for(failures: u32) -> Duration {
-    if failures <= FREE_FAILURES {
+    if failures < FREE_FAILURES {
         return Duration::ZERO;
     }
-    let doublings = (failures - FREE_FAILURES - 1).min(16);
+    let doublings = (failures - FREE_FAILURES).min(16);
     (FIRST_DELAY * (1u32 << doublings)).min(MAX_DELAY)
 }
 
@@ -188,7 +189,7 @@ mod tests {
         let t = Throttle::new();
         let now = Instant::now();
         assert_eq!(t.delay_at(A, now), Duration::ZERO);
-        let expected = [0, 0, 0, 1, 2, 4, 8, 16, 30, 30, 30];
+        let expected = [0, 0, 1, 2, 4, 8, 16, 30, 30, 30, 30];
         for (i, want) in expected.iter().enumerate() {
             let n = t.record_failure_at(A, now + secs(i as u64));
             assert_eq!(n as usize, i + 1);
@@ -211,7 +212,7 @@ mod tests {
     fn success_clears() {
         let t = Throttle::new();
         let now = Instant::now();
-        for _ in 0..5 {
+        for _ in 0..4 {
             t.record_failure_at(A, now);
         }
         assert_eq!(t.delay_at(A, now), secs(2));
@@ -224,7 +225,7 @@ mod tests {
     fn failures_expire_a_window_after_the_last_one() {
         let t = Throttle::new();
         let now = Instant::now();
-        for i in 0..4 {
+        for i in 1..4 {
             t.record_failure_at(A, now + secs(i * 60));
         }
         // The last failure was at +3 min: still remembered at +12 min, not at +13 min.
@@ -240,7 +241,7 @@ mod tests {
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
         let t = Throttle::new();
         let now = Instant::now();
-        for host in 1..=4u16 {
+        for host in 1..=3u16 {
             let ip: IpAddr = format!("2001:db8:1:2::{host:x}").parse().unwrap();
             t.record_failure_at(ip, now);
         }
@@ -250,7 +251,7 @@ mod tests {
         assert_eq!(t.delay_at(other_net, now), Duration::ZERO);
 
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        for _ in 0..4 {
+        for _ in 0..3 {
             t.record_failure_at(mapped, now);
         }
         assert_eq!(t.delay_at(A, now), secs(1));

@@ -45,7 +45,7 @@ pub(crate) fn production_listeners() -> Vec<Listener> {
 
 impl Config {
     /// The embedded development default, used by `estafeta serve` without `--config`: smtp on
-    /// `127.0.0.1:2525`, local domains `localhost` and `example.test` accepting every local part,
+    /// `127.0.0.1:2525`, submission on 2587 and submissions on 2465, local domains `localhost` and `example.test` accepting every local part,
     /// data under `./estafeta-data`, relaying only for loopback clients.
     pub fn embedded_default() -> Config {
         Config::embedded_default_in(&data_dir())
@@ -68,13 +68,24 @@ impl Config {
                 level: LogLevel::Info,
                 format: LogFormat::Text,
             },
-            listeners: vec![Listener {
-                kind: ListenerKind::Smtp,
-                addresses: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 2525)],
-                sender_check: false,
-            }],
-            // TODO(submission issue): add submission on 127.0.0.1:2587 and submissions on
-            // 127.0.0.1:2465 (self-signed certificate), as CONFIG.md describes.
+            listeners: vec![
+                Listener {
+                    kind: ListenerKind::Smtp,
+                    addresses: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 2525)],
+                    sender_check: false,
+                },
+                Listener {
+                    kind: ListenerKind::Submission,
+                    addresses: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 2587)],
+                    sender_check: true,
+                },
+                Listener {
+                    kind: ListenerKind::Submissions,
+                    addresses: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 2465)],
+                    sender_check: true,
+                },
+            ],
+            // No [tls] files: a self-signed certificate is generated into data_dir.
             tls: TlsConfig::default(),
             auth: AuthConfig {
                 users_file: data_dir.join("users"),

@@ -322,9 +322,7 @@ impl Validator<'_, '_> {
                 }
                 addresses.push(addr);
             }
-            let sender_check = raw
-                .sender_check
-                .unwrap_or(kind != ListenerKind::Smtp);
+            let sender_check = raw.sender_check.unwrap_or(kind != ListenerKind::Smtp);
             listeners.push(Listener {
                 kind,
                 addresses,

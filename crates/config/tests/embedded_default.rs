@@ -15,6 +15,14 @@ data_dir = "{data_dir}"
 kind = "smtp"
 address = "127.0.0.1:2525"
 
+[[listener]]
+kind = "submission"
+address = "127.0.0.1:2587"
+
+[[listener]]
+kind = "submissions"
+address = "127.0.0.1:2465"
+
 [[domain]]
 name = "localhost"
 mailboxes = "*"
@@ -62,7 +70,15 @@ fn embedded_default_values() {
     let config = Config::embedded_default();
     assert_eq!(config.source, None);
     assert_eq!(config.data_dir, Path::new("./estafeta-data"));
-    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.listeners.len(), 3);
+    assert_eq!(
+        config.listeners[1].kind,
+        estafeta_config::ListenerKind::Submission
+    );
+    assert_eq!(
+        config.listeners[2].addresses,
+        ["127.0.0.1:2465".parse().unwrap()]
+    );
     assert_eq!(
         config.listeners[0].addresses,
         ["127.0.0.1:2525".parse().unwrap()]

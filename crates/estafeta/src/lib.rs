@@ -10,9 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use estafeta_config::{Config, ListenerKind, VrfyMode};
-use estafeta_listener::ListenerContext;
+use anyhow::Context;
+use estafeta_config::{Config, Listener, ListenerKind, VrfyMode};
+use estafeta_listener::tls::{Tls, TlsSettings};
+use estafeta_listener::{AuthContext, ListenerContext, ListenerSpec};
 use estafeta_maildir::Maildir;
 use estafeta_policy::Policy;
 use estafeta_proto::SessionConfig;
@@ -27,12 +28,14 @@ use crate::router::Router;
 pub struct Server {
     /// Every bound address with its listener kind (useful when the config asked for port 0).
     pub local_addrs: Vec<(ListenerKind, SocketAddr)>,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
-/// The session settings of the configuration.
-pub fn session_config(cfg: &Config) -> SessionConfig {
+/// The session settings for one listener of the configuration.
+pub fn session_config(cfg: &Config, listener: &Listener, tls: bool) -> SessionConfig {
+    let submission = listener.kind != ListenerKind::Smtp;
     SessionConfig {
         hostname: cfg.hostname.clone(),
         banner: cfg.smtp.banner.clone(),
@@ -46,34 +49,19 @@ pub fn session_config(cfg: &Config) -> SessionConfig {
             VrfyMode::Ambiguous | VrfyMode::Trusted => estafeta_proto::VrfyMode::Ambiguous,
             VrfyMode::Off => estafeta_proto::VrfyMode::Off,
         },
-        starttls: false,
-        auth: estafeta_proto::AuthMode::Never,
-        require_auth: false,
+        // STARTTLS wherever there is a certificate (there always is one: a self-signed one is
+        // generated when none is configured); AUTH only once encrypted (RFC 8314).
+        starttls: tls,
+        auth: if tls {
+            estafeta_proto::AuthMode::AfterTls
+        } else {
+            estafeta_proto::AuthMode::Never
+        },
+        require_auth: submission,
         max_auth_failures: cfg.auth.max_failures,
-        check_sender: false,
+        check_sender: listener.sender_check,
+        authenticated_header: cfg.auth.authenticated_header,
     }
-}
-
-/// What this version cannot do of a valid configuration: `check-config` reports it and `serve`
-/// refuses to start, so that the two always agree.
-pub fn unsupported(cfg: &Config) -> Vec<String> {
-    cfg.listeners
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.kind != ListenerKind::Smtp)
-        .map(|(i, l)| {
-            format!(
-                "listener[{i}].kind: \"{}\" ({}) needs STARTTLS and AUTH, which this version does \
-                 not provide yet; use kind = \"smtp\" for now",
-                l.kind.as_str(),
-                l.addresses
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-        .collect()
 }
 
 /// Creates a directory (and parents) readable only by the service user.
@@ -89,9 +77,6 @@ fn private_dir(path: &Path) -> anyhow::Result<()> {
 impl Server {
     /// Starts everything. Must run inside a tokio runtime.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
-        if let Some(problem) = unsupported(&cfg).into_iter().next() {
-            bail!("{problem}");
-        }
         private_dir(&cfg.data_dir)?;
         let syncer = Syncer::start().context("cannot start the sync thread")?;
         let spool = Arc::new(
@@ -106,16 +91,47 @@ impl Server {
         ));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // TLS: the operator's certificate, or a self-signed one generated into data_dir.
+        let tls = Arc::new(
+            Tls::load(&TlsSettings {
+                certificate: cfg.tls.certificate.clone(),
+                private_key: cfg.tls.private_key.clone(),
+                data_dir: cfg.data_dir.clone(),
+                hostname: cfg.hostname.clone(),
+            })
+            .context("TLS")?,
+        );
+        tracing::info!(certificate = %tls.describe_source(), "TLS ready");
+        tls.spawn_watcher(Duration::from_secs(60), shutdown.clone(), &tracker);
+        // Users: the file is re-read by itself when it changes.
+        let users = Arc::new(
+            estafeta_auth::Users::open(&cfg.auth.users_file)
+                .with_context(|| format!("users file {}", cfg.auth.users_file.display()))?,
+        );
+        for w in users.warnings() {
+            tracing::warn!("{w}");
+        }
+        let auth = Arc::new(AuthContext {
+            verifier: estafeta_auth::Verifier::new(users),
+            throttle: estafeta_auth::Throttle::new(),
+            failure_delay: Duration::from_secs(1),
+        });
         // Bind before anything is delivered, so a port conflict stops the start cleanly.
-        let mut listeners = Vec::new();
+        let mut specs = Vec::new();
         let mut local_addrs = Vec::new();
         for l in &cfg.listeners {
+            let session = Arc::new(session_config(&cfg, l, true));
             for addr in &l.addresses {
                 let std_listener = estafeta_listener::bind(*addr)
                     .with_context(|| format!("cannot listen on {addr} ({})", l.kind.as_str()))?;
                 let listener = tokio::net::TcpListener::from_std(std_listener)?;
                 local_addrs.push((l.kind, listener.local_addr()?));
-                listeners.push(listener);
+                specs.push(ListenerSpec {
+                    listener,
+                    session: session.clone(),
+                    implicit_tls: l.kind == ListenerKind::Submissions,
+                    kind: l.kind.as_str(),
+                });
             }
         }
         let queue = estafeta_queue::start(
@@ -130,20 +146,22 @@ impl Server {
         )
         .context("cannot recover the spool")?;
         let ctx = Arc::new(ListenerContext {
-            session: Arc::new(session_config(&cfg)),
             policy,
             queue,
+            tls: Some(tls.clone()),
+            auth: Some(auth),
             command_timeout: cfg.limits.command_timeout,
             data_timeout: cfg.limits.data_timeout,
             max_connections: cfg.limits.max_connections,
             max_connections_per_ip: cfg.limits.max_connections_per_ip,
         });
-        estafeta_listener::spawn_accept_loops(listeners, ctx, shutdown.clone(), &tracker);
+        estafeta_listener::spawn_accept_loops(specs, ctx, shutdown.clone(), &tracker);
         for (kind, addr) in &local_addrs {
             tracing::info!(kind = kind.as_str(), address = %addr, "listening");
         }
         Ok(Server {
             local_addrs,
+            tls: Some(tls),
             shutdown,
             tracker,
         })
@@ -155,6 +173,27 @@ impl Server {
             .iter()
             .find(|(k, _)| *k == kind)
             .map(|(_, a)| *a)
+    }
+
+    /// Re-reads the TLS certificate and key if they changed (SIGHUP; a watcher also checks
+    /// every minute). A broken new pair is reported and the old one stays in service.
+    pub async fn reload_tls(&self) {
+        if let Some(tls) = self.tls.clone() {
+            let tls2 = tls.clone();
+            // File reads: off the async workers.
+            let result = tokio::task::spawn_blocking(move || tls2.reload())
+                .await
+                .unwrap_or(Ok(false));
+            match result {
+                Ok(true) => {
+                    tracing::info!(certificate = %tls.describe_source(), "TLS certificate reloaded")
+                }
+                Ok(false) => tracing::info!("TLS certificate unchanged"),
+                Err(e) => tracing::warn!(
+                    "TLS certificate not reloaded, the old one stays in service: {e}"
+                ),
+            }
+        }
     }
 
     /// Asks everything to stop: listeners close, sessions get `421`, deliveries in flight

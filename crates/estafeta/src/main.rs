@@ -79,12 +79,6 @@ fn main() -> ExitCode {
 
 fn check_config(file: &Path) -> ExitCode {
     match Config::from_file(file) {
-        Ok(cfg) if !estafeta::unsupported(&cfg).is_empty() => {
-            for problem in estafeta::unsupported(&cfg) {
-                eprintln!("{}: error: {problem}", file.display());
-            }
-            ExitCode::FAILURE
-        }
         Ok(cfg) => {
             println!(
                 "{}: ok ({} listener(s), {} local domain(s), hostname {})",
@@ -145,20 +139,6 @@ fn serve(
         },
     };
     init_logging(&cfg, log_level.as_deref());
-    let unsupported = estafeta::unsupported(&cfg);
-    if !unsupported.is_empty() {
-        for problem in &unsupported {
-            eprintln!(
-                "{}: error: {problem}",
-                cfg.source
-                    .as_deref()
-                    .unwrap_or(Path::new("(embedded)"))
-                    .display()
-            );
-        }
-        eprintln!("estafeta: not started: fix the configuration");
-        return ExitCode::from(EX_CONFIG);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -175,6 +155,7 @@ fn serve(
                 data_dir = %cfg.data_dir.display(),
                 "running the embedded development default (no --config)"
             );
+            create_demo_user(&cfg);
         }
         tracing::debug!(config = ?cfg, "effective configuration");
         let server = match Server::start(cfg).await {
@@ -185,7 +166,7 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        wait_for_signal(&server).await;
         tracing::info!("stopping");
         server.shutdown();
         if !server.wait(Duration::from_secs(30)).await {
@@ -196,9 +177,41 @@ fn serve(
     })
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP (which would otherwise end the process) is caught and
-/// logged: configuration reload comes with a later issue.
-async fn wait_for_signal() {
+/// The embedded default's first start: when its users file does not exist yet, create the
+/// user `demo@example.test` with a random password and print the password this once (only its
+/// argon2id hash is stored). Later starts find the file and say nothing.
+fn create_demo_user(cfg: &Config) {
+    const DEMO: &str = "demo@example.test";
+    let path = &cfg.auth.users_file;
+    if path.exists() {
+        return;
+    }
+    let mut random = [0u8; 12];
+    let read = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random));
+    if let Err(e) = read {
+        tracing::warn!("no demo user: cannot read /dev/urandom: {e}");
+        return;
+    }
+    let password: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let created = estafeta_auth::hash_password(&password)
+        .map_err(|e| e.to_string())
+        .and_then(|hash| estafeta_auth::add_user(path, DEMO, &hash).map_err(|e| e.to_string()));
+    match created {
+        Ok(()) => eprintln!(
+            "estafeta: created the demo user {DEMO} with password {password}\n\
+             estafeta: (shown this once; {} holds only its argon2id hash.\n\
+             estafeta:  Submit on 127.0.0.1:2587 with STARTTLS or 127.0.0.1:2465 with TLS;\n\
+             estafeta:  add users with `estafeta user add ADDRESS`.)",
+            path.display()
+        ),
+        Err(e) => tracing::warn!("no demo user: {e}"),
+    }
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP re-reads the TLS certificate (after an ACME renewal);
+/// reloading the rest of the configuration comes with a later issue.
+async fn wait_for_signal(server: &Server) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -208,7 +221,8 @@ async fn wait_for_signal() {
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP received: reloading is not supported yet; restart to apply a new configuration");
+                tracing::info!("SIGHUP: reloading the TLS certificate (restart to apply other configuration changes)");
+                server.reload_tls().await;
             }
         }
     }

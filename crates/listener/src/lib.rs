@@ -4,6 +4,8 @@
 //! connection driving a sans-IO [`Session`]: bytes in, actions out, answered with the policy
 //! and the queue. Inactivity timeouts per RFC 5321 §4.5.3.2, and a graceful stop.
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -14,22 +16,24 @@ use estafeta_policy::{Policy, Route, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Action, Session, SessionConfig, Timeout};
 use estafeta_queue::QueueHandle;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// What every session of a listener shares. Deliberately narrow: the session config, the
-/// recipient policy and the queue handle, nothing else.
+/// What every session shares. Deliberately narrow: the recipient policy, the queue handle,
+/// TLS and authentication, limits; nothing else.
 #[derive(Debug)]
 pub struct ListenerContext {
-    /// Settings for the SMTP sessions.
-    pub session: Arc<SessionConfig>,
     /// The recipient policy.
     pub policy: Arc<Policy>,
     /// Where accepted messages go.
     pub queue: QueueHandle,
+    /// The certificate for STARTTLS and implicit TLS, when there is one.
+    pub tls: Option<Arc<tls::Tls>>,
+    /// Password checks and the brute-force throttle, when AUTH is offered.
+    pub auth: Option<Arc<AuthContext>>,
     /// Waiting for a command.
     pub command_timeout: Duration,
     /// Waiting for message content.
@@ -38,6 +42,30 @@ pub struct ListenerContext {
     pub max_connections: usize,
     /// Connections at once from one client address.
     pub max_connections_per_ip: usize,
+}
+
+/// What AUTH needs: the verifier (argon2 on the blocking pool) and the per-address throttle.
+#[derive(Debug)]
+pub struct AuthContext {
+    /// Checks passwords against the users file.
+    pub verifier: estafeta_auth::Verifier,
+    /// Slows down addresses that keep failing.
+    pub throttle: estafeta_auth::Throttle,
+    /// The fixed delay before a `535` (so that failures all take the same time).
+    pub failure_delay: Duration,
+}
+
+/// One listening socket with the way its sessions run.
+#[derive(Debug)]
+pub struct ListenerSpec {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// The settings of its sessions.
+    pub session: Arc<SessionConfig>,
+    /// TLS from the first byte (port 465, RFC 8314 §3.3).
+    pub implicit_tls: bool,
+    /// Its kind, for logs.
+    pub kind: &'static str,
 }
 
 /// Binds a listening socket. IPv6 sockets are IPv6-only, so that `0.0.0.0:25` and `[::]:25`
@@ -102,14 +130,20 @@ impl PerIp {
 /// Runs the accept loops of `listeners` until `shutdown`; connection tasks are spawned on
 /// `tracker` so that the caller can wait for them.
 pub fn spawn_accept_loops(
-    listeners: Vec<TcpListener>,
+    specs: Vec<ListenerSpec>,
     ctx: Arc<ListenerContext>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
     let global = Arc::new(Semaphore::new(ctx.max_connections));
     let per_ip = Arc::new(PerIp::default());
-    for listener in listeners {
+    for spec in specs {
+        let ListenerSpec {
+            listener,
+            session: session_cfg,
+            implicit_tls,
+            kind,
+        } = spec;
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let tracker2 = tracker.clone();
@@ -137,19 +171,21 @@ pub fn spawn_accept_loops(
                 let shutdown = shutdown.clone();
                 let global = global.clone();
                 let per_ip = per_ip.clone();
+                let session_cfg = session_cfg.clone();
                 tracker2.spawn(async move {
                     let Ok(_permit) = global.try_acquire_owned() else {
-                        refuse(stream, reply::too_many_connections(&ctx.session.hostname)).await;
+                        refuse(stream, reply::too_many_connections(&session_cfg.hostname)).await;
                         tracing::warn!(client = %peer.ip(), "refused: too many connections");
                         return;
                     };
                     let Some(_slot) = per_ip.acquire(peer.ip(), ctx.max_connections_per_ip) else {
-                        let r = reply::too_many_connections_from(&ctx.session.hostname, &peer.ip().to_string());
+                        let r = reply::too_many_connections_from(&session_cfg.hostname, &peer.ip().to_string());
                         refuse(stream, r).await;
                         tracing::warn!(client = %peer.ip(), "refused: too many connections from this address");
                         return;
                     };
-                    handle_connection(stream, peer, &ctx, &shutdown).await;
+                    handle_connection(stream, peer, &ctx, session_cfg, implicit_tls, kind, &shutdown)
+                        .await;
                 });
             }
             tracing::debug!(address = ?local, "accept loop stopped");
@@ -163,7 +199,7 @@ async fn refuse(mut stream: TcpStream, r: Reply) {
 }
 
 /// Reads what the socket has into the session. The buffer lives on this (synchronous) stack
-/// frame, not in the connection's future, so an idle connection costs no read buffer.
+/// frame, not in the connection's future, so an idle plaintext connection costs no read buffer.
 fn read_into(stream: &TcpStream, session: &mut Session) -> io::Result<usize> {
     let mut buf = [0u8; 16 * 1024];
     let n = stream.try_read(&mut buf)?;
@@ -171,20 +207,163 @@ fn read_into(stream: &TcpStream, session: &mut Session) -> io::Result<usize> {
     Ok(n)
 }
 
+/// The connection: plaintext until STARTTLS (or TLS from the start on 465).
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Only during the STARTTLS handshake, while the TCP stream is being upgraded.
+    Gone,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection in TLS handshake")
+}
+
+/// What a wait for input produced.
+enum Ready {
+    /// The plaintext socket is readable (read it with `read_into`).
+    Plain,
+    /// This many bytes were read from TLS into the buffer (0: the client closed).
+    Tls(usize),
+}
+
+impl Conn {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(bytes).await,
+            Conn::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+            Conn::Gone => Err(gone()),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+            Conn::Gone => Ok(()),
+        };
+    }
+
+    /// Waits until there is input. For TLS the bytes are read into `buf` (allocated on first
+    /// use: only encrypted connections pay for it; rustls holds buffers of its own anyway).
+    async fn wait_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Ready> {
+        match self {
+            Conn::Plain(s) => s.readable().await.map(|()| Ready::Plain),
+            Conn::Tls(s) => {
+                if buf.is_empty() {
+                    buf.resize(8 * 1024, 0);
+                }
+                s.read(buf).await.map(Ready::Tls)
+            }
+            Conn::Gone => Err(gone()),
+        }
+    }
+}
+
+/// The TLS handshake with a time limit; the description of the session on success.
+async fn handshake(
+    tls: &tls::Tls,
+    tcp: TcpStream,
+    limit: Duration,
+) -> io::Result<(tokio_rustls::server::TlsStream<TcpStream>, String)> {
+    let accepted = tokio::time::timeout(limit, tls.acceptor().accept(tcp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let description = tls::session_description(accepted.get_ref().1);
+    Ok((accepted, description))
+}
+
+/// Answers [`Action::Authenticate`]: decodes the SASL responses, waits out the throttle for
+/// this address, checks the password on the blocking pool, and on failure waits a fixed delay
+/// so that every failure takes the same time.
+async fn authenticate(
+    auth: &AuthContext,
+    peer: IpAddr,
+    mechanism: &str,
+    responses: &[String],
+) -> Result<String, Reply> {
+    use estafeta_auth::sasl;
+    let decoded = match (mechanism, responses) {
+        ("PLAIN", [r]) => sasl::decode_plain(r).map(|p| (p.authcid, p.password)),
+        ("LOGIN", [u, p]) => {
+            sasl::decode_login_step(u).and_then(|u| sasl::decode_login_step(p).map(|p| (u, p)))
+        }
+        _ => return Err(reply::auth_bad_response()),
+    };
+    // First the back-off this address has earned, then the check, whose failures all take
+    // the same fixed time on top.
+    let throttle = auth.throttle.delay(peer);
+    if !throttle.is_zero() {
+        tokio::time::sleep(throttle).await;
+    }
+    let started = Instant::now();
+    let (user, ok) = match decoded {
+        Ok((user, password)) => {
+            let ok = auth.verifier.verify(&user, &password).await;
+            (user, ok)
+        }
+        Err(_) => (String::new(), false),
+    };
+    if ok {
+        auth.throttle.record_success(peer);
+        let user = user.to_lowercase();
+        tracing::info!(target: "estafeta::maillog", client = %peer, user = %user, mechanism, "authenticated");
+        return Ok(user);
+    }
+    let failures = auth.throttle.record_failure(peer);
+    // fail2ban: "authentication failed … client=IP".
+    tracing::warn!(target: "estafeta::maillog", client = %peer, user = %user, mechanism, failures, "authentication failed");
+    let spent = started.elapsed();
+    if spent < auth.failure_delay {
+        tokio::time::sleep(auth.failure_delay - spent).await;
+    }
+    Err(reply::auth_failed())
+}
+
 /// Drives one SMTP session over one TCP connection.
 pub async fn handle_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     ctx: &ListenerContext,
+    session_cfg: Arc<SessionConfig>,
+    implicit_tls: bool,
+    kind: &'static str,
     shutdown: &CancellationToken,
 ) {
     let started = Instant::now();
-    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), "connect");
-    let mut session = Session::new(ctx.session.clone(), peer);
+    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, "connect");
+    let (mut conn, mut session) = if implicit_tls {
+        let Some(tls) = &ctx.tls else {
+            tracing::error!("implicit TLS listener without a certificate");
+            return;
+        };
+        match handshake(
+            tls,
+            stream,
+            ctx.command_timeout.min(Duration::from_secs(60)),
+        )
+        .await
+        {
+            Ok((s, description)) => (
+                Conn::Tls(Box::new(s)),
+                Session::with_tls(session_cfg, peer, Some(description)),
+            ),
+            Err(e) => {
+                tracing::info!(target: "estafeta::maillog", client = %peer.ip(), error = %e, "TLS handshake failed");
+                return;
+            }
+        }
+    } else {
+        (Conn::Plain(stream), Session::new(session_cfg, peer))
+    };
     let mut out: Vec<u8> = Vec::new();
+    let mut tls_buf: Vec<u8> = Vec::new();
     let mut messages = 0u32;
     let mut stopping = false;
-    let reason = loop {
+    let reason = 'conn: loop {
         let mut close = false;
         while let Some(action) = session.poll() {
             match action {
@@ -199,6 +378,50 @@ pub async fn handle_connection(
                     };
                     session.rcpt_checked(verdict);
                 }
+                Action::CheckMail { user, from } => {
+                    let verdict = if ctx.policy.sender_owned(&user, &from) {
+                        Ok(())
+                    } else {
+                        let r = reply::sender_not_owned(&from.to_string(), &user);
+                        tracing::info!(target: "estafeta::maillog", client = %peer.ip(), user = %user, from = %from, "reject MAIL: sender not owned");
+                        Err(r)
+                    };
+                    session.mail_checked(verdict);
+                }
+                Action::Authenticate {
+                    mechanism,
+                    responses,
+                } => {
+                    let result = match &ctx.auth {
+                        Some(auth) => authenticate(auth, peer.ip(), &mechanism, &responses).await,
+                        None => Err(reply::auth_temporary_failure()),
+                    };
+                    session.auth_checked(result);
+                }
+                Action::StartTls => {
+                    // The 220 goes out in plaintext first.
+                    if !out.is_empty() {
+                        if let Err(e) = conn.write_all(&out).await {
+                            break 'conn format!("write error: {e}");
+                        }
+                        out.clear();
+                    }
+                    let (Some(tls), Conn::Plain(_)) = (&ctx.tls, &conn) else {
+                        break 'conn "STARTTLS without a certificate".to_string();
+                    };
+                    let Conn::Plain(tcp) = std::mem::replace(&mut conn, Conn::Gone) else {
+                        break 'conn "STARTTLS on an encrypted connection".to_string();
+                    };
+                    match handshake(tls, tcp, ctx.command_timeout.min(Duration::from_secs(60)))
+                        .await
+                    {
+                        Ok((s, description)) => {
+                            conn = Conn::Tls(Box::new(s));
+                            session.tls_started(description);
+                        }
+                        Err(e) => break 'conn format!("TLS handshake failed: {e}"),
+                    }
+                }
                 Action::Enqueue(envelope, body) => {
                     let from = envelope.from.to_string();
                     let nrcpt = envelope.rcpts.len();
@@ -207,7 +430,7 @@ pub async fn handle_connection(
                     let answer = match result {
                         Ok(id) => {
                             messages += 1;
-                            tracing::info!(target: "estafeta::maillog", id = %id, client = %peer.ip(), from = %from, size, nrcpt, "queued");
+                            tracing::info!(target: "estafeta::maillog", id = %id, client = %peer.ip(), from = %from, size, nrcpt, user = session.auth_user().unwrap_or(""), "queued");
                             Ok(id.to_string())
                         }
                         Err(e) => {
@@ -217,20 +440,11 @@ pub async fn handle_connection(
                     };
                     session.enqueued(answer);
                 }
-                // Not offered yet by this listener (STARTTLS and AUTH are wired with the
-                // submission issue); the session only asks when its config offers them.
-                Action::CheckMail { .. } => session.mail_checked(Ok(())),
-                Action::StartTls => {
-                    session.shutting_down();
-                }
-                Action::Authenticate { .. } => {
-                    session.auth_checked(Err(reply::auth_temporary_failure()));
-                }
                 Action::Close => close = true,
             }
         }
         if !out.is_empty() {
-            if let Err(e) = stream.write_all(&out).await {
+            if let Err(e) = conn.write_all(&out).await {
                 break format!("write error: {e}");
             }
             out.clear();
@@ -239,37 +453,46 @@ pub async fn handle_connection(
             }
         }
         if close || session.is_closed() {
-            let _ = stream.shutdown().await;
+            conn.shutdown().await;
             break "closed".to_string();
         }
         let limit = match session.timeout_kind() {
             Timeout::Command => ctx.command_timeout,
             Timeout::Data => ctx.data_timeout,
         };
-        tokio::select! {
+        let ready = tokio::select! {
             _ = shutdown.cancelled(), if !stopping => {
                 stopping = true;
                 session.shutting_down();
+                continue;
             }
-            r = tokio::time::timeout(limit, stream.readable()) => match r {
-                Err(_) => {
-                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), "timeout");
-                    session.timed_out();
-                }
-                Ok(Err(e)) => break format!("read error: {e}"),
-                Ok(Ok(())) => match read_into(&stream, &mut session) {
+            r = tokio::time::timeout(limit, conn.wait_read(&mut tls_buf)) => r,
+        };
+        match ready {
+            Err(_) => {
+                tracing::info!(target: "estafeta::maillog", client = %peer.ip(), "timeout");
+                session.timed_out();
+            }
+            Ok(Err(e)) => break format!("read error: {e}"),
+            Ok(Ok(Ready::Tls(0))) => break "client closed".to_string(),
+            Ok(Ok(Ready::Tls(n))) => session.feed(&tls_buf[..n]),
+            Ok(Ok(Ready::Plain)) => {
+                let Conn::Plain(tcp) = &conn else { continue };
+                match read_into(tcp, &mut session) {
                     Ok(0) => break "client closed".to_string(),
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => break format!("read error: {e}"),
-                },
-            },
+                }
+            }
         }
     };
     tracing::info!(
         target: "estafeta::maillog",
         client = %peer.ip(),
         messages,
+        tls = session.is_tls(),
+        user = session.auth_user().unwrap_or(""),
         duration_ms = started.elapsed().as_millis() as u64,
         reason = %reason,
         "disconnect"

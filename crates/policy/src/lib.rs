@@ -130,6 +130,30 @@ impl Policy {
         exists.then_some(LocalMailbox { domain, user })
     }
 
+    /// True when the authenticated `user` may use `from` as MAIL FROM: the null sender
+    /// (notifications), the user's own address, or the user's address with a sub-address
+    /// (`alice+lists@…` for `alice@…`). Aliases that lead to the user join with the policy
+    /// issue.
+    pub fn sender_owned(&self, user: &str, from: &estafeta_proto::ReversePath) -> bool {
+        let estafeta_proto::ReversePath::Mailbox(m) = from else {
+            return true;
+        };
+        let domain = m.domain.key();
+        let mut local = m.local.to_lowercase();
+        let user = user.to_lowercase();
+        if format!("{local}@{domain}") == user {
+            return true;
+        }
+        if let Some(sep) = &self.subaddress_separator
+            && let Some(i) = local.find(sep.as_str())
+            && i > 0
+        {
+            local.truncate(i);
+            return format!("{local}@{domain}") == user;
+        }
+        false
+    }
+
     /// The verdict on one RCPT: a local recipient that exists is accepted; an unknown local
     /// one gets `550 5.1.1`; anything else `554 5.7.1 Relay access denied` (remote delivery
     /// and the relay rules come with their own issues).
@@ -176,6 +200,21 @@ mailboxes = "*"
             Verdict::Accept(Route::Local(mb)) => format!("local {}", mb.address()),
             Verdict::Reject(r) => r.to_string(),
         }
+    }
+
+    #[test]
+    fn sender_ownership() {
+        use estafeta_proto::address::parse_reverse_path;
+        let p = policy();
+        let owned =
+            |user: &str, from: &str| p.sender_owned(user, &parse_reverse_path(from).unwrap().0);
+        assert!(owned("alice@example.org", "<alice@example.org>"));
+        assert!(owned("alice@example.org", "<ALICE@Example.ORG>"));
+        assert!(owned("alice@example.org", "<alice+lists@example.org>"));
+        assert!(owned("alice@example.org", "<>"));
+        assert!(!owned("alice@example.org", "<bob@example.org>"));
+        assert!(!owned("alice@example.org", "<alice@example.net>"));
+        assert!(!owned("alice@example.org", "<alicex@example.org>"));
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct ClientInfo {
     pub protocol: String,
     /// TLS version and cipher, when the session is encrypted.
     pub tls: Option<String>,
+    /// The authenticated user, recorded only when the configuration asks for it
+    /// (`[auth] authenticated_header`): it is written into the Received header.
+    pub auth: Option<String>,
 }
 
 /// One accepted recipient with its RCPT parameters.

@@ -82,6 +82,8 @@ pub struct SessionConfig {
     /// Ask the driver whether an authenticated user may use the MAIL FROM address
     /// ([`Action::CheckMail`]).
     pub check_sender: bool,
+    /// Record the authenticated user in the envelope, and so in the Received header.
+    pub authenticated_header: bool,
 }
 
 /// What the session asks the driver to do.
@@ -914,6 +916,11 @@ impl Session {
                 helo: self.helo.clone().unwrap_or_default(),
                 protocol,
                 tls: self.tls.clone(),
+                auth: if self.cfg.authenticated_header {
+                    self.auth_user.clone()
+                } else {
+                    None
+                },
             },
             from,
             params,

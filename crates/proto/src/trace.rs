@@ -84,6 +84,9 @@ pub fn received_header(hostname: &str, env: &Envelope, id: &str, now: u64) -> St
     if let Some(tls) = &env.client.tls {
         let _ = write!(h, "\r\n\t(using {})", clean(tls));
     }
+    if let Some(user) = &env.client.auth {
+        let _ = write!(h, "\r\n\t(Authenticated sender: {})", clean(user));
+    }
     if let [only] = env.rcpts.as_slice() {
         let _ = write!(h, "\r\n\tfor <{}>", only.path);
     }

@@ -41,6 +41,7 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
         require_auth: false,
         max_auth_failures: 3,
         check_sender: false,
+        authenticated_header: false,
     };
     let mut s = Session::new(Arc::new(cfg), "127.0.0.1:1".parse().unwrap());
     let mut out = Vec::new();

@@ -29,6 +29,7 @@ fn config() -> SessionConfig {
         require_auth: false,
         max_auth_failures: 3,
         check_sender: false,
+        authenticated_header: false,
     }
 }
 

@@ -413,6 +413,9 @@ fn serialize_envelope(env: &Envelope, id: QueueId, arrival: u64) -> String {
     if let Some(tls) = &env.client.tls {
         line("tls", tls);
     }
+    if let Some(user) = &env.client.auth {
+        line("auth", user);
+    }
     line("from", &format!("<{}>", env.from));
     if let Some(size) = env.params.size {
         line("size", &size.to_string());
@@ -457,6 +460,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
         helo: String::new(),
         protocol: String::new(),
         tls: None,
+        auth: None,
     };
     let mut from = None;
     let mut params = MailParams::default();
@@ -488,6 +492,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             "helo" => client.helo = v.to_string(),
             "protocol" => client.protocol = v.to_string(),
             "tls" => client.tls = Some(v.to_string()),
+            "auth" => client.auth = Some(v.to_string()),
             "from" => from = Some(parse_reverse_path(v).map_err(|_| bad("from"))?.0),
             "size" => params.size = v.parse().ok(),
             "body" => {

@@ -21,6 +21,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
             helo: "client.example".into(),
             protocol: "ESMTP".into(),
             tls: None,
+            auth: None,
         },
         from: parse_reverse_path("<alice@example.test>").unwrap().0,
         params: MailParams {

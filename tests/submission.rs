@@ -1,0 +1,295 @@
+//! Submission end to end: the real binary, users added with `estafeta user add`, real TLS
+//! with Python's smtplib/ssl and openssl s_client, on all three listener kinds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use estafeta_e2e::{Process, estafeta_bin, free_port, maildir_new};
+
+struct Submission {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    smtp: u16,
+    submission: u16,
+    submissions: u16,
+    process: Process,
+}
+
+const USER: &str = "alice@example.test";
+const PASSWORD: &str = "correct horse battery staple";
+
+fn start() -> Submission {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (smtp, submission, submissions) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("estafeta.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"hostname = "mx.test.example"
+data_dir = "{data}"
+
+[[listener]]
+kind = "smtp"
+address = "127.0.0.1:{smtp}"
+
+[[listener]]
+kind = "submission"
+address = "127.0.0.1:{submission}"
+
+[[listener]]
+kind = "submissions"
+address = "127.0.0.1:{submissions}"
+
+[[domain]]
+name = "example.test"
+mailboxes = "*"
+"#,
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    let mut add = Command::new(estafeta_bin())
+        .args(["user", "add", USER, "--password-stdin", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    assert!(add.wait().unwrap().success(), "estafeta user add failed");
+    let process = Process::serve(
+        &config,
+        format!("127.0.0.1:{smtp}").parse().unwrap(),
+        &dir.path().join("server.log"),
+    );
+    // The other two listeners are bound in the same start; wait for them too.
+    for port in [submission, submissions] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {port} not listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Submission {
+        _dir: dir,
+        data,
+        smtp,
+        submission,
+        submissions,
+        process,
+    }
+}
+
+fn python() -> Option<&'static str> {
+    Command::new("python3")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| "python3")
+}
+
+/// Runs a scenario of tests/py/submission.py; returns its JSON output as text.
+fn scenario(s: &Submission, name: &str, port: u16) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/submission.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([name, "127.0.0.1", &port.to_string(), USER, PASSWORD])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.process.log_text()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn delivered(s: &Submission, subject: &str) -> String {
+    let msgs = maildir_new(&s.data, "example.test", "bob", 1, Duration::from_secs(10));
+    msgs.iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .find(|m| m.contains(&format!("Subject: {subject}")))
+        .unwrap_or_else(|| panic!("no message {subject:?}; log:\n{}", s.process.log_text()))
+}
+
+#[test]
+fn submission_587_starttls_auth_plain_and_the_rules_before_it() {
+    if python().is_none() {
+        eprintln!("python3 not found: skipped");
+        return;
+    }
+    let s = start();
+    let out = scenario(&s, "starttls-plain", s.submission);
+    // No AUTH advertised before TLS; STARTTLS is.
+    assert!(
+        out.contains(
+            r#""ehlo_before_tls": "mx.test.example\nPIPELINING\nSIZE 26214400\nSTARTTLS\n"#
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.split("ehlo_after_tls")
+            .next()
+            .unwrap()
+            .contains("AUTH PLAIN"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#""mail_before_auth": [530, "5.7.0 Authentication required"]"#),
+        "{out}"
+    );
+    assert!(out.contains(r#""auth_before_tls": [538, "5.7.11 Encryption required for requested authentication mechanism"]"#), "{out}");
+    assert!(out.contains("AUTH PLAIN LOGIN"), "{out}");
+    assert!(
+        !out.contains(r#""ehlo_after_tls": "mx.test.example\nPIPELINING\nSIZE 26214400\nSTARTTLS"#),
+        "{out}"
+    );
+    assert!(out.contains(r#""tls_version": "TLSv1.3""#), "{out}");
+    assert!(
+        out.contains(r#""login": [235, "2.7.0 Authentication successful"]"#),
+        "{out}"
+    );
+    assert!(out.contains(r#""refused": {}"#), "{out}");
+    assert!(out.contains(r#""not_owned": [553, "5.7.1 <mallory@example.test>: Sender address rejected: not owned by user alice@example.test"]"#), "{out}");
+    let m = delivered(&s, "via 587 plain");
+    assert!(m.contains("with ESMTPSA id"), "{m}");
+    assert!(m.contains("(using TLSv1.3 with cipher TLS13_"), "{m}");
+    // The user name is not in the headers unless the configuration asks for it.
+    assert!(!m.contains("Authenticated sender"), "{m}");
+}
+
+#[test]
+fn submission_587_auth_login_and_465_implicit_tls() {
+    if python().is_none() {
+        eprintln!("python3 not found: skipped");
+        return;
+    }
+    let s = start();
+    let out = scenario(&s, "starttls-login", s.submission);
+    assert!(
+        out.contains(r#""login": [235, "2.7.0 Authentication successful"]"#),
+        "{out}"
+    );
+    let out = scenario(&s, "implicit-tls", s.submissions);
+    assert!(out.contains(r#""tls_version": "TLSv1.3""#), "{out}");
+    assert!(out.contains("AUTH PLAIN LOGIN"), "{out}");
+    assert!(!out.contains("STARTTLS"), "{out}");
+    assert!(
+        out.contains(r#""login": [235, "2.7.0 Authentication successful"]"#),
+        "{out}"
+    );
+    let m = delivered(&s, "via 587 login");
+    assert!(m.contains("with ESMTPSA"), "{m}");
+    let m = delivered(&s, "via 465");
+    assert!(
+        m.contains("with ESMTPSA") && m.contains("(using TLSv1.3"),
+        "{m}"
+    );
+}
+
+#[test]
+fn wrong_password_three_times_then_421_and_the_address_is_slowed() {
+    if python().is_none() {
+        eprintln!("python3 not found: skipped");
+        return;
+    }
+    let s = start();
+    let out = scenario(&s, "wrong-password", s.submission);
+    // Three 535 (each after the constant delay), the third followed by 421.
+    let first_session = out.split("next_session").next().unwrap();
+    assert_eq!(
+        first_session
+            .matches("535, \"5.7.8 Authentication credentials invalid\"")
+            .count(),
+        3,
+        "{out}"
+    );
+    assert!(out.contains("421"), "{out}");
+    // The next session's failure waits out the throttle on top of the constant delay.
+    let next: Vec<&str> = out
+        .split(r#""next_session": [535, "5.7.8 Authentication credentials invalid", "#)
+        .collect();
+    assert_eq!(next.len(), 2, "{out}");
+    let seconds: f64 = next[1].trim_end_matches(['}', ']', '\n']).parse().unwrap();
+    assert!(
+        seconds >= 1.9,
+        "the fourth failure from this address took only {seconds}s: {out}"
+    );
+    let log = s.process.log_text();
+    assert!(
+        log.contains("authentication failed client=127.0.0.1"),
+        "{log}"
+    );
+}
+
+#[test]
+fn plaintext_pipelined_after_starttls_is_not_executed() {
+    if python().is_none() {
+        eprintln!("python3 not found: skipped");
+        return;
+    }
+    let s = start();
+    for port in [s.smtp, s.submission] {
+        let out = scenario(&s, "injection", port);
+        assert!(
+            out.contains(r#""starttls": ["220 2.0.0 Ready to start TLS"]"#),
+            "{out}"
+        );
+        // Inside TLS, the first reply is the one to our NOOP, not to the injected RSET/MAIL.
+        assert!(
+            out.contains(r#""first_reply_inside_tls": "250 2.0.0 Ok""#),
+            "{out}"
+        );
+        let log = s.process.log_text();
+        assert!(!log.contains("evil@example.test"), "{log}");
+    }
+}
+
+#[test]
+fn openssl_negotiates_tls13_and_tls11_is_refused() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("openssl not found: skipped");
+        return;
+    }
+    let s = start();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let smtp = format!("127.0.0.1:{}", s.smtp);
+    let out = run(&["s_client", "-starttls", "smtp", "-connect", &smtp, "-brief"]);
+    assert!(out.contains("Protocol version: TLSv1.3"), "{out}");
+    let implicit = format!("127.0.0.1:{}", s.submissions);
+    let out = run(&["s_client", "-connect", &implicit, "-brief"]);
+    assert!(out.contains("Protocol version: TLSv1.3"), "{out}");
+    // OpenSSL 3 refuses TLS 1.1 itself at its default security level: lower it so that the
+    // server is what refuses.
+    let out = run(&[
+        "s_client",
+        "-connect",
+        &implicit,
+        "-tls1_1",
+        "-cipher",
+        "DEFAULT@SECLEVEL=0",
+        "-brief",
+    ]);
+    assert!(!out.contains("CONNECTION ESTABLISHED"), "{out}");
+    assert!(out.contains("alert") || out.contains("error"), "{out}");
+}
