@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use estafeta_e2e::{Process, estafeta_bin, free_port, maildir_new};
+use estafeta_e2e::{Client, Process, estafeta_bin, free_port, maildir_new};
 
 struct Submission {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     data: PathBuf,
     smtp: u16,
     submission: u16,
@@ -45,21 +45,16 @@ address = "127.0.0.1:{submissions}"
 [[domain]]
 name = "example.test"
 mailboxes = "*"
+
+# No mailboxes: the users of this domain in the users file.
+[[domain]]
+name = "users.test"
 "#,
             data = data.display()
         ),
     )
     .unwrap();
-    let mut add = Command::new(estafeta_bin())
-        .args(["user", "add", USER, "--password-stdin", "--config"])
-        .arg(&config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    assert!(add.wait().unwrap().success(), "estafeta user add failed");
+    add_user(&config, USER);
     let process = Process::serve(
         &config,
         format!("127.0.0.1:{smtp}").parse().unwrap(),
@@ -77,13 +72,27 @@ mailboxes = "*"
         }
     }
     Submission {
-        _dir: dir,
+        dir,
         data,
         smtp,
         submission,
         submissions,
         process,
     }
+}
+
+/// `estafeta user add ADDRESS --password-stdin --config FILE`.
+fn add_user(config: &Path, address: &str) {
+    let mut add = Command::new(estafeta_bin())
+        .args(["user", "add", address, "--password-stdin", "--config"])
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    assert!(add.wait().unwrap().success(), "estafeta user add failed");
 }
 
 fn python() -> Option<&'static str> {
@@ -292,4 +301,35 @@ fn openssl_negotiates_tls13_and_tls11_is_refused() {
     ]);
     assert!(!out.contains("CONNECTION ESTABLISHED"), "{out}");
     assert!(out.contains("alert") || out.contains("error"), "{out}");
+}
+
+#[test]
+fn users_file_lists_the_mailboxes_and_is_picked_up_without_restart() {
+    let s = start();
+    let rcpt = |to: &str| {
+        let mut c = Client::connect(format!("127.0.0.1:{}", s.smtp).parse().unwrap());
+        c.reply();
+        c.line("HELO client.example");
+        c.reply();
+        c.line("MAIL FROM:<x@example.test>");
+        c.reply();
+        c.cmd(&format!("RCPT TO:<{to}>"))
+    };
+    assert!(rcpt("carol@users.test").starts_with("550 5.1.1"));
+    assert!(rcpt("postmaster@users.test").starts_with("250 2.1.5"));
+    // Add carol while the server runs: within a couple of seconds she exists.
+    add_user(&s.dir.path().join("estafeta.toml"), "carol@users.test");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = rcpt("carol@users.test");
+        if r.starts_with("250 2.1.5") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "carol not picked up: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(rcpt("dave@users.test").starts_with("550 5.1.1"));
 }

@@ -83,7 +83,20 @@ impl Server {
             Spool::open(&cfg.data_dir.join("queue"), &cfg.hostname, syncer.clone())
                 .with_context(|| format!("cannot open the spool in {}", cfg.data_dir.display()))?,
         );
-        let policy = Arc::new(Policy::new(&cfg));
+        // Users: the file is re-read by itself when it changes. It also lists the mailboxes
+        // of domains that do not list theirs.
+        let users = Arc::new(
+            estafeta_auth::Users::open(&cfg.auth.users_file)
+                .with_context(|| format!("users file {}", cfg.auth.users_file.display()))?,
+        );
+        for w in users.warnings() {
+            tracing::warn!("{w}");
+        }
+        let directory = users.clone();
+        let policy = Arc::new(
+            Policy::new(&cfg)
+                .with_users(Arc::new(move |address: &str| directory.contains(address))),
+        );
         let router = Arc::new(Router::new(
             policy.clone(),
             Maildir::new(syncer, &cfg.hostname),
@@ -103,14 +116,6 @@ impl Server {
         );
         tracing::info!(certificate = %tls.describe_source(), "TLS ready");
         tls.spawn_watcher(Duration::from_secs(60), shutdown.clone(), &tracker);
-        // Users: the file is re-read by itself when it changes.
-        let users = Arc::new(
-            estafeta_auth::Users::open(&cfg.auth.users_file)
-                .with_context(|| format!("users file {}", cfg.auth.users_file.display()))?,
-        );
-        for w in users.warnings() {
-            tracing::warn!("{w}");
-        }
         let auth = Arc::new(AuthContext {
             verifier: estafeta_auth::Verifier::new(users),
             throttle: estafeta_auth::Throttle::new(),

@@ -47,10 +47,14 @@ struct LocalDomain {
     mailboxes: Mailboxes,
 }
 
+/// Answers "is `user@domain` in the users file?" for domains whose mailboxes are its users.
+pub type UserDirectory = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// The recipient policy built from the configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Policy {
     domains: HashMap<String, LocalDomain>,
+    users: Option<UserDirectory>,
     /// The domain that bare `<Postmaster>` belongs to.
     postmaster_domain: Option<String>,
     subaddress_separator: Option<String>,
@@ -61,7 +65,23 @@ fn usable_local_part(s: &str) -> bool {
     !s.is_empty() && !s.starts_with('.') && !s.contains(['/', '\0']) && s.len() <= 64
 }
 
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("domains", &self.domains)
+            .field("postmaster_domain", &self.postmaster_domain)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Policy {
+    /// The same policy, with the users file as the mailboxes of domains that do not list
+    /// theirs (`mailboxes` absent).
+    pub fn with_users(mut self, users: UserDirectory) -> Policy {
+        self.users = Some(users);
+        self
+    }
+
     /// Builds the policy from a validated configuration.
     pub fn new(cfg: &Config) -> Policy {
         let domains: HashMap<String, LocalDomain> = cfg
@@ -84,6 +104,7 @@ impl Policy {
         };
         Policy {
             domains,
+            users: None,
             postmaster_domain,
             subaddress_separator: cfg
                 .delivery
@@ -124,8 +145,14 @@ impl Policy {
         let exists = match &local.mailboxes {
             Mailboxes::Any => true,
             Mailboxes::List(list) => list.contains(&user) || user == "postmaster",
-            // The users file arrives with the submission issue; until then, only postmaster.
-            Mailboxes::Users => user == "postmaster",
+            // The users of this domain in the users file (and postmaster).
+            Mailboxes::Users => {
+                user == "postmaster"
+                    || self
+                        .users
+                        .as_ref()
+                        .is_some_and(|known| known(&format!("{user}@{domain}")))
+            }
         };
         exists.then_some(LocalMailbox { domain, user })
     }
@@ -200,6 +227,26 @@ mailboxes = "*"
             Verdict::Accept(Route::Local(mb)) => format!("local {}", mb.address()),
             Verdict::Reject(r) => r.to_string(),
         }
+    }
+
+    #[test]
+    fn mailboxes_from_the_users_file() {
+        let cfg = Config::parse(
+            "[[domain]]\nname = \"example.net\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let p =
+            Policy::new(&cfg).with_users(std::sync::Arc::new(|a: &str| a == "carol@example.net"));
+        assert_eq!(
+            verdict(&p, "<Carol+x@example.net>"),
+            "local carol@example.net"
+        );
+        assert_eq!(
+            verdict(&p, "<postmaster@example.net>"),
+            "local postmaster@example.net"
+        );
+        assert!(verdict(&p, "<dave@example.net>").starts_with("550 5.1.1"));
     }
 
     #[test]
