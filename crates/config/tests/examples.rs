@@ -33,9 +33,10 @@ fn the_annotated_example_means_what_it_says() {
     let config = Config::from_file(&file).expect("valid");
     assert_eq!(config.source.as_deref(), Some(file.as_path()));
     assert_eq!(config.hostname, "mail.example.org");
-    // The submission listeners are commented out until this version serves them.
-    assert_eq!(config.listeners.len(), 1);
-    assert_eq!(config.listeners[0].kind, ListenerKind::Smtp);
+    assert_eq!(config.listeners.len(), 3);
+    assert_eq!(config.listeners[1].kind, ListenerKind::Submission);
+    assert!(config.listeners[1].sender_check);
+    assert!(!config.listeners[0].sender_check);
     assert_eq!(config.limits.max_message_size, 26_214_400);
     assert_eq!(config.domains[0].name, "example.org");
     assert_eq!(
