@@ -333,3 +333,42 @@ fn users_file_lists_the_mailboxes_and_is_picked_up_without_restart() {
     }
     assert!(rcpt("dave@users.test").starts_with("550 5.1.1"));
 }
+
+#[test]
+fn swaks_submits_with_starttls_plain_login_and_implicit_tls() {
+    if Command::new("swaks").arg("--version").output().is_err() {
+        eprintln!("swaks not found: skipped (.ci/run installs it)");
+        return;
+    }
+    let s = start();
+    let swaks = |port: u16, extra: &[&str], subject: &str| {
+        let out = Command::new("swaks")
+            .args(["--server", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .args(["--from", USER, "--to", "bob@example.test"])
+            .args(["--header", &format!("Subject: {subject}")])
+            .args(["--auth-user", USER, "--auth-password", PASSWORD])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && text.contains("235 2.7.0") && text.contains("queued as"),
+            "{subject}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    swaks(s.submission, &["--tls", "--auth", "PLAIN"], "swaks plain");
+    swaks(s.submission, &["--tls", "--auth", "LOGIN"], "swaks login");
+    swaks(
+        s.submissions,
+        &["--tlsc", "--auth", "PLAIN"],
+        "swaks implicit",
+    );
+    for subject in ["swaks plain", "swaks login", "swaks implicit"] {
+        let m = delivered(&s, subject);
+        assert!(
+            m.contains("with ESMTPSA") && m.contains("(using TLSv1."),
+            "{m}"
+        );
+    }
+}
