@@ -45,6 +45,8 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 struct LocalDomain {
     mailboxes: Mailboxes,
+    /// `[domain.aliases]`: local part → targets (local parts of this domain or addresses).
+    aliases: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Answers "is `user@domain` in the users file?" for domains whose mailboxes are its users.
@@ -92,6 +94,7 @@ impl Policy {
                     d.name.to_lowercase(),
                     LocalDomain {
                         mailboxes: d.mailboxes.clone(),
+                        aliases: d.aliases.clone(),
                     },
                 )
             })
@@ -158,9 +161,9 @@ impl Policy {
     }
 
     /// True when the authenticated `user` may use `from` as MAIL FROM: the null sender
-    /// (notifications), the user's own address, or the user's address with a sub-address
-    /// (`alice+lists@…` for `alice@…`). Aliases that lead to the user join with the policy
-    /// issue.
+    /// (notifications), the user's own address, the user's address with a sub-address
+    /// (`alice+lists@…` for `alice@…`), or an alias of a local domain whose targets name the
+    /// user (`[domain.aliases] postmaster = "alice"` lets alice@ send as postmaster@).
     pub fn sender_owned(&self, user: &str, from: &estafeta_proto::ReversePath) -> bool {
         let estafeta_proto::ReversePath::Mailbox(m) = from else {
             return true;
@@ -176,9 +179,23 @@ impl Policy {
             && i > 0
         {
             local.truncate(i);
-            return format!("{local}@{domain}") == user;
+            if format!("{local}@{domain}") == user {
+                return true;
+            }
         }
-        false
+        let Some(d) = self.domains.get(&domain) else {
+            return false;
+        };
+        d.aliases.get(&local).is_some_and(|targets| {
+            targets.iter().any(|t| {
+                let t = t.to_lowercase();
+                if t.contains('@') {
+                    t == user
+                } else {
+                    format!("{t}@{domain}") == user
+                }
+            })
+        })
     }
 
     /// The verdict on one RCPT: a local recipient that exists is accepted; an unknown local
@@ -211,6 +228,9 @@ hostname = "mx.example.org"
 [[domain]]
 name = "example.org"
 mailboxes = ["alice", "bob"]
+[domain.aliases]
+postmaster = "alice"
+team = ["alice", "bob", "carol@elsewhere.example"]
 [[domain]]
 name = "Example.Test"
 mailboxes = "*"
@@ -262,6 +282,11 @@ mailboxes = "*"
         assert!(!owned("alice@example.org", "<bob@example.org>"));
         assert!(!owned("alice@example.org", "<alice@example.net>"));
         assert!(!owned("alice@example.org", "<alicex@example.org>"));
+        // postmaster = "alice", team = ["alice", "bob", "carol@elsewhere.example"]
+        assert!(owned("alice@example.org", "<postmaster@example.org>"));
+        assert!(owned("bob@example.org", "<team@example.org>"));
+        assert!(owned("carol@elsewhere.example", "<team@example.org>"));
+        assert!(!owned("bob@example.org", "<postmaster@example.org>"));
     }
 
     #[test]
