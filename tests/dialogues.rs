@@ -1,6 +1,6 @@
 //! Dialogue tests: each `tests/dialogues/*.smtp` file is an SMTP session played against a real
 //! server (in-process, real TCP on a random port, real spool and Maildir in a temporary
-//! directory).
+//! directory), as an untrusted client (`mynetworks = []`).
 //!
 //! Script syntax, one directive a line:
 //! - `c -> TEXT`: the client sends TEXT and CRLF.
@@ -48,7 +48,8 @@ fn unescape(s: &str) -> Vec<u8> {
 }
 
 fn run_script(name: &str, script: &str) -> Result<(), String> {
-    let server = InProcess::start("");
+    // The client is an untrusted host on the internet: nothing may be relayed for it.
+    let server = InProcess::start("[relay]\nmynetworks = []\n");
     let stream = TcpStream::connect(server.addr).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -2,6 +2,7 @@
 //! delivery agents and the listeners from a validated [`Config`]; the binary's `main` and the
 //! end-to-end tests both use it.
 
+pub mod explain;
 pub mod router;
 pub mod user_cmd;
 
@@ -150,6 +151,15 @@ impl Server {
             &tracker,
         )
         .context("cannot recover the spool")?;
+        let open_ranges = cfg.relay.open_relay_ranges();
+        let open_relay_text = (!open_ranges.is_empty()).then(|| {
+            open_ranges
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        let open_relay = open_relay_text.clone();
         let ctx = Arc::new(ListenerContext {
             policy,
             queue,
@@ -159,8 +169,14 @@ impl Server {
             data_timeout: cfg.limits.data_timeout,
             max_connections: cfg.limits.max_connections,
             max_connections_per_ip: cfg.limits.max_connections_per_ip,
+            open_relay,
         });
         estafeta_listener::spawn_accept_loops(specs, ctx, shutdown.clone(), &tracker);
+        if let Some(ranges) = &open_relay_text {
+            tracing::warn!(
+                "open relay: mynetworks {ranges} lets any host on the internet relay mail through this server (allow_open_relay = true)"
+            );
+        }
         for (kind, addr) in &local_addrs {
             tracing::info!(kind = kind.as_str(), address = %addr, "listening");
         }

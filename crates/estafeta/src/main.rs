@@ -41,6 +41,26 @@ enum Command {
         #[arg(long, short = 'c', value_name = "FILE", global = true)]
         config: Option<PathBuf>,
     },
+    /// Show how the server would decide on a transaction, step by step, without any network
+    /// I/O: which mynetworks entry matched, authentication, alias expansion, the verdict and
+    /// the exact SMTP reply.
+    Explain {
+        /// The client's IP address.
+        #[arg(long, value_name = "IP")]
+        client: std::net::IpAddr,
+        /// The user the client authenticated as.
+        #[arg(long, value_name = "USER")]
+        auth: Option<String>,
+        /// The MAIL FROM address (`<>` for the null sender).
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+        /// A RCPT TO address (repeatable).
+        #[arg(long, value_name = "ADDR", required = true)]
+        rcpt: Vec<String>,
+        /// The configuration file (default: the embedded development default).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Check a configuration file and print every error with file:line:column.
     CheckConfig {
         /// The configuration file.
@@ -56,6 +76,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Explain {
+            client,
+            auth,
+            from,
+            rcpt,
+            config,
+        } => {
+            let cfg = match &config {
+                Some(path) => match Config::from_file(path) {
+                    Ok(c) => c,
+                    Err(errors) => {
+                        eprintln!("{errors}");
+                        return ExitCode::from(EX_CONFIG);
+                    }
+                },
+                None => Config::embedded_default(),
+            };
+            estafeta::explain::run(&cfg, client, auth, &from, &rcpt)
+        }
         Command::User { command, config } => {
             let cfg = match &config {
                 Some(path) => match Config::from_file(path) {

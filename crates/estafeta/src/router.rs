@@ -33,10 +33,18 @@ impl Transport for Router {
         let mut local: Vec<(usize, Target)> = Vec::new();
         for &i in &job.rcpts {
             let rcpt = &job.envelope.rcpts[i];
-            let Some(mb) = self.policy.resolve_local(&rcpt.path) else {
-                // Accepted earlier, unknown now (the configuration changed).
-                let r = reply::user_unknown(&rcpt.path.to_string());
-                outcomes.push((i, Outcome::PermFail(Failure::local(r))));
+            // Recipients were expanded (aliases, catch-all) before queueing: a local one is a
+            // mailbox.
+            let Some(mb) = self.policy.mailbox_of(&rcpt.path) else {
+                if self.policy.is_local_domain(&rcpt.path.mailbox.domain.key()) {
+                    let r = reply::user_unknown(&rcpt.path.to_string());
+                    outcomes.push((i, Outcome::PermFail(Failure::local(r))));
+                } else {
+                    // Accepted for relay from a trusted client; remote delivery comes with
+                    // the relay issue. The message waits in the queue, never lost.
+                    let r = reply::remote_delivery_unavailable();
+                    outcomes.push((i, Outcome::TempFail(Failure::local(r))));
+                }
                 continue;
             };
             match mailbox_path(&self.template, &mb.domain, &mb.user) {

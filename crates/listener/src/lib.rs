@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use estafeta_policy::{Policy, Route, Verdict};
+use estafeta_policy::{Client, Policy, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Action, Session, SessionConfig, Timeout};
 use estafeta_queue::QueueHandle;
@@ -42,6 +42,9 @@ pub struct ListenerContext {
     pub max_connections: usize,
     /// Connections at once from one client address.
     pub max_connections_per_ip: usize,
+    /// Set when the configuration allows an open relay (`allow_open_relay = true` with public
+    /// ranges in `mynetworks`): logged at the start of every session.
+    pub open_relay: Option<String>,
 }
 
 /// What AUTH needs: the verifier (argon2 on the blocking pool) and the per-address throttle.
@@ -335,6 +338,9 @@ pub async fn handle_connection(
 ) {
     let started = Instant::now();
     tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, "connect");
+    if let Some(ranges) = &ctx.open_relay {
+        tracing::warn!(client = %peer.ip(), "open relay: mynetworks {ranges} lets any host on the internet relay through this server (allow_open_relay = true)");
+    }
     let (mut conn, mut session) = if implicit_tls {
         let Some(tls) = &ctx.tls else {
             tracing::error!("implicit TLS listener without a certificate");
@@ -369,8 +375,12 @@ pub async fn handle_connection(
             match action {
                 Action::Send(r) => r.write_to(&mut out),
                 Action::CheckRcpt(rcpt) => {
-                    let verdict = match ctx.policy.rcpt_verdict(&rcpt.path) {
-                        Verdict::Accept(Route::Local(_)) => Ok(()),
+                    let client = Client {
+                        ip: peer.ip(),
+                        user: session.auth_user().map(str::to_string),
+                    };
+                    let verdict = match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
+                        Verdict::Accept(_) => Ok(()),
                         Verdict::Reject(r) => {
                             tracing::info!(target: "estafeta::maillog", client = %peer.ip(), to = %rcpt.path, reply = %r, "reject RCPT");
                             Err(r)
@@ -422,7 +432,12 @@ pub async fn handle_connection(
                         Err(e) => break 'conn format!("TLS handshake failed: {e}"),
                     }
                 }
-                Action::Enqueue(envelope, body) => {
+                Action::Enqueue(mut envelope, body) => {
+                    // Aliases and catch-all are applied once, here: each stored recipient is
+                    // then delivered exactly once.
+                    envelope.rcpts = ctx
+                        .policy
+                        .expand_recipients(std::mem::take(&mut envelope.rcpts));
                     let from = envelope.from.to_string();
                     let nrcpt = envelope.rcpts.len();
                     let size = body.len();

@@ -1,17 +1,30 @@
-//! estafeta-policy: pure decisions about recipients.
+//! estafeta-policy: pure decisions about who may send what where.
 //!
-//! Which domains are local, which local parts exist, where a local recipient's mail goes, and
-//! the verdict on each RCPT. No I/O: the same functions serve the listener and (later)
-//! `estafeta explain`.
+//! Which domains are local, which local parts exist, where a local recipient's mail goes
+//! (sub-addresses, aliases expanded recursively with loop protection, catch-all), which clients
+//! are trusted (`mynetworks`, longest-prefix match, IPv4-mapped IPv6 canonicalised; or
+//! authenticated), and the verdict on each RCPT. No I/O: the same functions serve the listener
+//! and `estafeta explain`, which prints the steps a decision took.
+//!
+//! The rules of the verdict (DESIGN.md decision 5: no open relay by accident):
+//! 1. A recipient in a local domain is resolved; it exists → accepted, else `550 5.1.1`.
+//! 2. A recipient elsewhere is accepted only from an authenticated session or a client inside
+//!    `mynetworks`; else `554 5.7.1 Relay access denied`.
+//! 3. Routing tricks are never honoured for untrusted clients: a local part holding `%`
+//!    (the percent hack), `!` (a bang path) or `@` (a quoted address) in a local domain gets
+//!    `554 5.7.1`; a source route is ignored (RFC 5321 §4.1.1.3) so the mailbox after it is what
+//!    is judged; an address literal is never a local domain.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 
 use estafeta_config::{Config, Mailboxes};
 use estafeta_proto::reply::{self, Reply};
-use estafeta_proto::{Domain, ForwardPath};
+use estafeta_proto::{Domain, ForwardPath, ReversePath};
+use ipnet::IpNet;
 
 /// A local mailbox: the domain and the user whose Maildir receives the mail.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LocalMailbox {
     /// The local domain, lower-case.
     pub domain: String,
@@ -26,40 +39,107 @@ impl LocalMailbox {
     }
 }
 
-/// Where a recipient's mail goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+/// Where (part of) a recipient's mail goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
     /// Into this local mailbox.
     Local(LocalMailbox),
+    /// To this address elsewhere (relayed).
+    Remote(String),
+}
+
+impl Target {
+    /// The target as a forward path, for the spool.
+    pub fn forward_path(&self) -> ForwardPath {
+        let (local, domain) = match self {
+            Target::Local(mb) => (mb.user.clone(), mb.domain.clone()),
+            Target::Remote(a) => match a.rsplit_once('@') {
+                Some((l, d)) => (l.to_string(), d.to_string()),
+                None => (a.clone(), String::new()),
+            },
+        };
+        ForwardPath {
+            mailbox: estafeta_proto::Mailbox {
+                local,
+                domain: Domain::Name(domain),
+            },
+            bare_postmaster: false,
+            source_route: Vec::new(),
+        }
+    }
+
+    /// The address mail for this target is addressed to.
+    pub fn address(&self) -> String {
+        match self {
+            Target::Local(mb) => mb.address(),
+            Target::Remote(a) => a.clone(),
+        }
+    }
 }
 
 /// The decision on one RCPT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Accept; the mail goes there.
-    Accept(Route),
+    /// Accept; the mail goes to these targets.
+    Accept(Vec<Target>),
     /// Refuse with this reply.
     Reject(Reply),
+}
+
+/// What the policy knows about the client of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// The client's address.
+    pub ip: IpAddr,
+    /// The user who authenticated, if any.
+    pub user: Option<String>,
+}
+
+/// Why a client may relay, if it may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The session authenticated as this user.
+    Authenticated(String),
+    /// The address is inside this `mynetworks` entry (the longest that matches).
+    Mynetworks(IpNet),
+    /// Neither.
+    None,
 }
 
 #[derive(Debug, Clone)]
 struct LocalDomain {
     mailboxes: Mailboxes,
+    catch_all: Option<String>,
     /// `[domain.aliases]`: local part → targets (local parts of this domain or addresses).
-    aliases: std::collections::BTreeMap<String, Vec<String>>,
+    aliases: BTreeMap<String, Vec<String>>,
 }
 
 /// Answers "is `user@domain` in the users file?" for domains whose mailboxes are its users.
 pub type UserDirectory = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// The recipient policy built from the configuration.
+/// How deep aliases may nest before the expansion stops (a loop that the visited set did not
+/// catch, or a configuration mistake).
+const MAX_ALIAS_DEPTH: usize = 10;
+
+/// The policy built from the configuration.
 #[derive(Clone)]
 pub struct Policy {
     domains: HashMap<String, LocalDomain>,
     users: Option<UserDirectory>,
+    mynetworks: Vec<IpNet>,
     /// The domain that bare `<Postmaster>` belongs to.
     postmaster_domain: Option<String>,
     subaddress_separator: Option<String>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("domains", &self.domains)
+            .field("mynetworks", &self.mynetworks)
+            .field("postmaster_domain", &self.postmaster_domain)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A local part usable as a mailbox name: what the Maildir path may hold.
@@ -67,23 +147,18 @@ fn usable_local_part(s: &str) -> bool {
     !s.is_empty() && !s.starts_with('.') && !s.contains(['/', '\0']) && s.len() <= 64
 }
 
-impl std::fmt::Debug for Policy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policy")
-            .field("domains", &self.domains)
-            .field("postmaster_domain", &self.postmaster_domain)
-            .finish_non_exhaustive()
+/// Steps of a decision, recorded only when somebody wants to read them (`explain`).
+struct Steps<'a>(Option<&'a mut Vec<String>>);
+
+impl Steps<'_> {
+    fn add(&mut self, step: impl FnOnce() -> String) {
+        if let Some(v) = self.0.as_mut() {
+            v.push(step());
+        }
     }
 }
 
 impl Policy {
-    /// The same policy, with the users file as the mailboxes of domains that do not list
-    /// theirs (`mailboxes` absent).
-    pub fn with_users(mut self, users: UserDirectory) -> Policy {
-        self.users = Some(users);
-        self
-    }
-
     /// Builds the policy from a validated configuration.
     pub fn new(cfg: &Config) -> Policy {
         let domains: HashMap<String, LocalDomain> = cfg
@@ -94,7 +169,12 @@ impl Policy {
                     d.name.to_lowercase(),
                     LocalDomain {
                         mailboxes: d.mailboxes.clone(),
-                        aliases: d.aliases.clone(),
+                        catch_all: d.catch_all.clone(),
+                        aliases: d
+                            .aliases
+                            .iter()
+                            .map(|(k, v)| (k.to_lowercase(), v.clone()))
+                            .collect(),
                     },
                 )
             })
@@ -108,6 +188,7 @@ impl Policy {
         Policy {
             domains,
             users: None,
+            mynetworks: cfg.relay.mynetworks.clone(),
             postmaster_domain,
             subaddress_separator: cfg
                 .delivery
@@ -117,71 +198,289 @@ impl Policy {
         }
     }
 
-    /// True when `domain` (any case) is one this server receives mail for.
-    pub fn is_local_domain(&self, domain: &str) -> bool {
-        self.domains
-            .contains_key(domain.trim_end_matches('.').to_lowercase().as_str())
+    /// The same policy, with the users file as the mailboxes of domains that do not list
+    /// theirs (`mailboxes` absent).
+    pub fn with_users(mut self, users: UserDirectory) -> Policy {
+        self.users = Some(users);
+        self
     }
 
-    /// Resolves a recipient in a local domain to its mailbox, or None when it is not local or
-    /// does not exist.
-    pub fn resolve_local(&self, rcpt: &ForwardPath) -> Option<LocalMailbox> {
-        let domain = if rcpt.bare_postmaster {
-            self.postmaster_domain.clone()?
-        } else {
-            match &rcpt.mailbox.domain {
-                Domain::Name(n) => n.to_lowercase(),
-                Domain::Literal(_) => return None,
-            }
-        };
-        let local = self.domains.get(&domain)?;
-        let mut user = rcpt.mailbox.local.to_lowercase();
+    /// True when `domain` (any case) is one this server receives mail for.
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.domains.contains_key(domain.to_lowercase().as_str())
+    }
+
+    /// The longest `mynetworks` entry holding `ip` (IPv4-mapped IPv6 taken as IPv4).
+    pub fn mynetworks_match(&self, ip: IpAddr) -> Option<IpNet> {
+        let ip = ip.to_canonical();
+        self.mynetworks
+            .iter()
+            .filter(|n| n.contains(&ip))
+            .max_by_key(|n| n.prefix_len())
+            .copied()
+    }
+
+    /// Why `client` may relay, if it may.
+    pub fn trust(&self, client: &Client) -> Trust {
+        if let Some(user) = &client.user {
+            return Trust::Authenticated(user.clone());
+        }
+        match self.mynetworks_match(client.ip) {
+            Some(net) => Trust::Mynetworks(net),
+            None => Trust::None,
+        }
+    }
+
+    /// The local part without its sub-address (`bob+lists` → `bob`), lower-cased.
+    fn base(&self, local: &str) -> String {
+        let mut l = local.to_lowercase();
         if let Some(sep) = &self.subaddress_separator
-            && let Some(i) = user.find(sep.as_str())
+            && let Some(i) = l.find(sep.as_str())
             && i > 0
         {
-            user.truncate(i);
+            l.truncate(i);
         }
-        if !usable_local_part(&user) {
+        l
+    }
+
+    fn mailbox_exists(&self, d: &LocalDomain, user: &str, domain: &str) -> bool {
+        user == "postmaster"
+            || match &d.mailboxes {
+                Mailboxes::Any => true,
+                Mailboxes::List(list) => list.iter().any(|m| m == user),
+                Mailboxes::Users => self
+                    .users
+                    .as_ref()
+                    .is_some_and(|known| known(&format!("{user}@{domain}"))),
+            }
+    }
+
+    /// Resolves `local@domain`: the targets its mail goes to, or None when it does not exist.
+    fn resolve(
+        &self,
+        local: &str,
+        domain: &str,
+        seen: &mut HashSet<String>,
+        depth: usize,
+        steps: &mut Steps,
+    ) -> Option<Vec<Target>> {
+        let domain = domain.to_lowercase();
+        let Some(d) = self.domains.get(&domain) else {
+            steps.add(|| format!("{local}@{domain}: not a local domain: relayed"));
+            return Some(vec![Target::Remote(format!("{local}@{domain}"))]);
+        };
+        let full = local.to_lowercase();
+        let base = self.base(local);
+        let key = format!("{base}@{domain}");
+        if depth > MAX_ALIAS_DEPTH || !seen.insert(key.clone()) {
+            steps.add(|| format!("{key}: alias loop, this branch is dropped"));
+            return Some(Vec::new());
+        }
+        if base != full {
+            steps.add(|| format!("{full}@{domain}: sub-address removed: {base}"));
+        }
+        let alias = d.aliases.get(&full).or_else(|| d.aliases.get(&base));
+        if let Some(targets) = alias {
+            steps.add(|| format!("{key}: alias → {}", targets.join(", ")));
+            let mut out = Vec::new();
+            for t in targets {
+                let (tl, td) = match t.rsplit_once('@') {
+                    Some((l, dom)) => (l.to_string(), dom.to_string()),
+                    None => (t.clone(), domain.clone()),
+                };
+                match self.resolve(&tl, &td, seen, depth + 1, steps) {
+                    Some(v) => out.extend(v),
+                    None => steps.add(|| format!("{tl}@{td}: unknown, dropped from the alias")),
+                }
+            }
+            return (!out.is_empty()).then_some(out);
+        }
+        if !usable_local_part(&base) {
+            steps.add(|| format!("{key}: not usable as a mailbox name"));
             return None;
         }
-        let exists = match &local.mailboxes {
-            Mailboxes::Any => true,
-            Mailboxes::List(list) => list.contains(&user) || user == "postmaster",
-            // The users of this domain in the users file (and postmaster).
-            Mailboxes::Users => {
-                user == "postmaster"
-                    || self
-                        .users
-                        .as_ref()
-                        .is_some_and(|known| known(&format!("{user}@{domain}")))
+        if self.mailbox_exists(d, &base, &domain) {
+            steps.add(|| format!("{key}: mailbox exists"));
+            return Some(vec![Target::Local(LocalMailbox { domain, user: base })]);
+        }
+        if let Some(c) = &d.catch_all
+            && depth == 0
+        {
+            steps.add(|| format!("{key}: no such mailbox; catch_all → {c}"));
+            let (cl, cd) = match c.rsplit_once('@') {
+                Some((l, dom)) => (l.to_string(), dom.to_string()),
+                None => (c.clone(), domain.clone()),
+            };
+            return self.resolve(&cl, &cd, seen, depth + 1, steps);
+        }
+        steps.add(|| format!("{key}: no such mailbox"));
+        None
+    }
+
+    /// Where mail for a local recipient goes (aliases and catch-all applied), or None when it
+    /// is not in a local domain or does not exist.
+    pub fn resolve_recipient(&self, rcpt: &ForwardPath) -> Option<Vec<Target>> {
+        let (local, domain) = self.local_address(rcpt)?;
+        self.resolve(&local, &domain, &mut HashSet::new(), 0, &mut Steps(None))
+    }
+
+    /// The (local part, domain) of a recipient in a local domain, `<Postmaster>` included.
+    fn local_address(&self, rcpt: &ForwardPath) -> Option<(String, String)> {
+        if rcpt.bare_postmaster {
+            return Some(("postmaster".into(), self.postmaster_domain.clone()?));
+        }
+        match &rcpt.mailbox.domain {
+            Domain::Name(n) if self.is_local_domain(n) => {
+                Some((rcpt.mailbox.local.clone(), n.to_lowercase()))
             }
-        };
-        exists.then_some(LocalMailbox { domain, user })
+            _ => None,
+        }
+    }
+
+    /// The mailbox a stored (already expanded) recipient is delivered to, or None when it is
+    /// not local or not usable as a mailbox name.
+    pub fn mailbox_of(&self, rcpt: &ForwardPath) -> Option<LocalMailbox> {
+        let (local, domain) = self.local_address(rcpt)?;
+        let user = self.base(&local);
+        usable_local_part(&user).then_some(LocalMailbox { domain, user })
+    }
+
+    /// The verdict on one RCPT from `client`.
+    pub fn rcpt_verdict(&self, client: &Client, rcpt: &ForwardPath) -> Verdict {
+        self.decide(client, rcpt, &mut Steps(None))
+    }
+
+    /// The verdict with every step that led to it, for `estafeta explain`.
+    pub fn explain_rcpt(&self, client: &Client, rcpt: &ForwardPath) -> (Verdict, Vec<String>) {
+        let mut steps = Vec::new();
+        let v = self.decide(client, rcpt, &mut Steps(Some(&mut steps)));
+        (v, steps)
+    }
+
+    fn decide(&self, client: &Client, rcpt: &ForwardPath, steps: &mut Steps) -> Verdict {
+        let addr = rcpt.to_string();
+        let trust = self.trust(client);
+        steps.add(|| match &trust {
+            Trust::Authenticated(u) => format!("client {}: authenticated as {u}", client.ip),
+            Trust::Mynetworks(n) => {
+                format!(
+                    "client {}: inside mynetworks entry {n}",
+                    client.ip.to_canonical()
+                )
+            }
+            Trust::None => format!(
+                "client {}: not authenticated, and no mynetworks entry holds it",
+                client.ip.to_canonical()
+            ),
+        });
+        if !rcpt.source_route.is_empty() {
+            steps.add(|| {
+                format!(
+                    "source route @{} ignored (RFC 5321 §4.1.1.3); judging {}",
+                    rcpt.source_route.join(",@"),
+                    rcpt.mailbox
+                )
+            });
+        }
+        match self.local_address(rcpt) {
+            Some((local, domain)) => {
+                steps.add(|| format!("{domain}: a local domain"));
+                if local.contains(['%', '!', '@']) && trust == Trust::None {
+                    steps.add(|| {
+                        format!(
+                            "local part {local:?} holds routing (%, ! or @): never honoured for an untrusted client"
+                        )
+                    });
+                    return Verdict::Reject(reply::relay_denied(&addr));
+                }
+                match self.resolve(&local, &domain, &mut HashSet::new(), 0, steps) {
+                    Some(targets) => {
+                        let remote = targets.iter().any(|t| matches!(t, Target::Remote(_)));
+                        if remote {
+                            steps.add(|| {
+                                "an alias leads elsewhere: relayed as the domain's own choice"
+                                    .into()
+                            });
+                        }
+                        Verdict::Accept(targets)
+                    }
+                    None => Verdict::Reject(reply::user_unknown(&addr)),
+                }
+            }
+            None => {
+                match &rcpt.mailbox.domain {
+                    Domain::Literal(_) => steps.add(|| {
+                        format!(
+                            "{}: an address literal, never a local domain",
+                            rcpt.mailbox.domain
+                        )
+                    }),
+                    Domain::Name(n) => steps.add(|| format!("{n}: not a local domain")),
+                }
+                if trust == Trust::None {
+                    steps.add(|| "relay refused: the client is not trusted".into());
+                    Verdict::Reject(reply::relay_denied(&addr))
+                } else {
+                    steps.add(|| "relay allowed: the client is trusted".into());
+                    Verdict::Accept(vec![Target::Remote(rcpt.mailbox.to_string())])
+                }
+            }
+        }
+    }
+
+    /// Replaces each accepted recipient by the targets its mail goes to (aliases and catch-all
+    /// applied once, here, before the message is queued, as Postfix's virtual aliases are):
+    /// every stored recipient is then delivered exactly once. A target reached twice is kept
+    /// once. The original address is kept as ORCPT (RFC 3461) unless the client gave one.
+    pub fn expand_recipients(
+        &self,
+        rcpts: Vec<estafeta_proto::Recipient>,
+    ) -> Vec<estafeta_proto::Recipient> {
+        let mut out: Vec<estafeta_proto::Recipient> = Vec::with_capacity(rcpts.len());
+        let mut seen: HashSet<String> = HashSet::new();
+        for r in rcpts {
+            let Some(targets) = self.resolve_recipient(&r.path) else {
+                // Not local: relayed as given.
+                if seen.insert(r.path.to_string().to_lowercase()) {
+                    out.push(r);
+                }
+                continue;
+            };
+            let original = r.path.to_string();
+            for t in targets {
+                if !seen.insert(t.address().to_lowercase()) {
+                    continue;
+                }
+                let mut params = r.params.clone();
+                if params.orcpt.is_none() && t.address() != original {
+                    params.orcpt = Some(estafeta_proto::Orcpt {
+                        addr_type: "rfc822".into(),
+                        xtext: estafeta_proto::command::xtext_encode(&original),
+                    });
+                }
+                out.push(estafeta_proto::Recipient {
+                    path: t.forward_path(),
+                    params,
+                });
+            }
+        }
+        out
     }
 
     /// True when the authenticated `user` may use `from` as MAIL FROM: the null sender
     /// (notifications), the user's own address, the user's address with a sub-address
     /// (`alice+lists@…` for `alice@…`), or an alias of a local domain whose targets name the
     /// user (`[domain.aliases] postmaster = "alice"` lets alice@ send as postmaster@).
-    pub fn sender_owned(&self, user: &str, from: &estafeta_proto::ReversePath) -> bool {
-        let estafeta_proto::ReversePath::Mailbox(m) = from else {
+    pub fn sender_owned(&self, user: &str, from: &ReversePath) -> bool {
+        let ReversePath::Mailbox(m) = from else {
             return true;
         };
         let domain = m.domain.key();
-        let mut local = m.local.to_lowercase();
+        let local = m.local.to_lowercase();
         let user = user.to_lowercase();
-        if format!("{local}@{domain}") == user {
-            return true;
-        }
-        if let Some(sep) = &self.subaddress_separator
-            && let Some(i) = local.find(sep.as_str())
-            && i > 0
+        if format!("{local}@{domain}") == user || format!("{}@{domain}", self.base(&local)) == user
         {
-            local.truncate(i);
-            if format!("{local}@{domain}") == user {
-                return true;
-            }
+            return true;
         }
         let Some(d) = self.domains.get(&domain) else {
             return false;
@@ -197,132 +496,7 @@ impl Policy {
             })
         })
     }
-
-    /// The verdict on one RCPT: a local recipient that exists is accepted; an unknown local
-    /// one gets `550 5.1.1`; anything else `554 5.7.1 Relay access denied` (remote delivery
-    /// and the relay rules come with their own issues).
-    pub fn rcpt_verdict(&self, rcpt: &ForwardPath) -> Verdict {
-        let addr = rcpt.to_string();
-        let local_domain = rcpt.bare_postmaster
-            || matches!(&rcpt.mailbox.domain, Domain::Name(n) if self.is_local_domain(n));
-        if local_domain {
-            match self.resolve_local(rcpt) {
-                Some(mb) => Verdict::Accept(Route::Local(mb)),
-                None => Verdict::Reject(reply::user_unknown(&addr)),
-            }
-        } else {
-            Verdict::Reject(reply::relay_denied(&addr))
-        }
-    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use estafeta_proto::address::parse_forward_path;
-
-    fn policy() -> Policy {
-        let cfg = Config::parse(
-            r#"
-hostname = "mx.example.org"
-[[domain]]
-name = "example.org"
-mailboxes = ["alice", "bob"]
-[domain.aliases]
-postmaster = "alice"
-team = ["alice", "bob", "carol@elsewhere.example"]
-[[domain]]
-name = "Example.Test"
-mailboxes = "*"
-"#,
-            std::path::Path::new("t.toml"),
-        )
-        .unwrap();
-        Policy::new(&cfg)
-    }
-
-    fn verdict(p: &Policy, addr: &str) -> String {
-        let (fp, _) = parse_forward_path(addr).unwrap();
-        match p.rcpt_verdict(&fp) {
-            Verdict::Accept(Route::Local(mb)) => format!("local {}", mb.address()),
-            Verdict::Reject(r) => r.to_string(),
-        }
-    }
-
-    #[test]
-    fn mailboxes_from_the_users_file() {
-        let cfg = Config::parse(
-            "[[domain]]\nname = \"example.net\"\n",
-            std::path::Path::new("t.toml"),
-        )
-        .unwrap();
-        let p =
-            Policy::new(&cfg).with_users(std::sync::Arc::new(|a: &str| a == "carol@example.net"));
-        assert_eq!(
-            verdict(&p, "<Carol+x@example.net>"),
-            "local carol@example.net"
-        );
-        assert_eq!(
-            verdict(&p, "<postmaster@example.net>"),
-            "local postmaster@example.net"
-        );
-        assert!(verdict(&p, "<dave@example.net>").starts_with("550 5.1.1"));
-    }
-
-    #[test]
-    fn sender_ownership() {
-        use estafeta_proto::address::parse_reverse_path;
-        let p = policy();
-        let owned =
-            |user: &str, from: &str| p.sender_owned(user, &parse_reverse_path(from).unwrap().0);
-        assert!(owned("alice@example.org", "<alice@example.org>"));
-        assert!(owned("alice@example.org", "<ALICE@Example.ORG>"));
-        assert!(owned("alice@example.org", "<alice+lists@example.org>"));
-        assert!(owned("alice@example.org", "<>"));
-        assert!(!owned("alice@example.org", "<bob@example.org>"));
-        assert!(!owned("alice@example.org", "<alice@example.net>"));
-        assert!(!owned("alice@example.org", "<alicex@example.org>"));
-        // postmaster = "alice", team = ["alice", "bob", "carol@elsewhere.example"]
-        assert!(owned("alice@example.org", "<postmaster@example.org>"));
-        assert!(owned("bob@example.org", "<team@example.org>"));
-        assert!(owned("carol@elsewhere.example", "<team@example.org>"));
-        assert!(!owned("bob@example.org", "<postmaster@example.org>"));
-    }
-
-    #[test]
-    fn table() {
-        let p = policy();
-        let cases = [
-            ("<alice@example.org>", "local alice@example.org"),
-            ("<ALICE@EXAMPLE.ORG>", "local alice@example.org"),
-            ("<bob+lists@example.org>", "local bob@example.org"),
-            (
-                "<carol@example.org>",
-                "550 5.1.1 <carol@example.org>: Recipient address rejected: User unknown",
-            ),
-            ("<postmaster@example.org>", "local postmaster@example.org"),
-            ("<Postmaster>", "local postmaster@example.org"),
-            ("<anyone@example.test>", "local anyone@example.test"),
-            (
-                "<\"../etc\"@example.test>",
-                "550 5.1.1 <\"../etc\"@example.test>: Recipient address rejected: User unknown",
-            ),
-            (
-                "<\"a/b\"@example.test>",
-                "550 5.1.1 <a/b@example.test>: Recipient address rejected: User unknown",
-            ),
-            (
-                "<x@elsewhere.example>",
-                "554 5.7.1 <x@elsewhere.example>: Relay access denied",
-            ),
-            (
-                "<x@[192.0.2.1]>",
-                "554 5.7.1 <x@[192.0.2.1]>: Relay access denied",
-            ),
-            ("<+x@example.test>", "local +x@example.test"),
-        ];
-        for (addr, want) in cases {
-            assert_eq!(verdict(&p, addr), want, "{addr}");
-        }
-    }
-}
+mod tests;

@@ -331,6 +331,16 @@ pub fn local_delivery_failed(detail: &str) -> Reply {
     Reply::new(451, st(4, 3, 0), format!("Local delivery failed: {detail}"))
 }
 
+/// `451 4.4.0 …`: a recipient elsewhere, accepted for relay, while this server cannot yet
+/// deliver remotely: it stays queued.
+pub fn remote_delivery_unavailable() -> Reply {
+    Reply::new(
+        451,
+        st(4, 4, 0),
+        "Remote delivery is not available in this version; the message stays queued",
+    )
+}
+
 // ---- 5yz -------------------------------------------------------------------------------------
 
 /// `500 5.5.2 Error: line too long` (RFC 5321 §4.5.3.1.4, §4.5.3.1.9).
