@@ -245,3 +245,54 @@ fn explain_prints_the_deciding_rule() {
         "{out}"
     );
 }
+
+#[test]
+fn recipient_probing_is_slowed_then_cut_off_and_vrfy_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "mynetworks = [\"127.0.0.1/32\"]");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[smtp]\nvrfy = \"trusted\"\nexpn = \"trusted\"\nmax_unknown_recipients = 2\n";
+    std::fs::write(&config, text).unwrap();
+    let p = Process::serve(
+        &config,
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &dir.path().join("log"),
+    );
+    // 127.0.0.1 is trusted: VRFY and EXPN tell the truth.
+    let mut c = Client::connect(p.addr);
+    c.reply();
+    assert_eq!(
+        c.cmd("VRFY alice@example.test"),
+        "250 2.1.5 <alice@example.test>"
+    );
+    assert!(c.cmd("VRFY carol@example.test").starts_with("550 5.1.1"));
+    assert_eq!(
+        c.cmd("EXPN postmaster@example.test"),
+        "250 2.1.5 <alice@example.test>"
+    );
+    // Probing: two unknown recipients answered at once, the third slowed, the fourth ends it.
+    c.line("HELO x");
+    c.reply();
+    c.line("MAIL FROM:<a@outside.example>");
+    c.reply();
+    for i in 0..2 {
+        let t = std::time::Instant::now();
+        assert!(
+            c.cmd(&format!("RCPT TO:<u{i}@example.test>"))
+                .starts_with("550 5.1.1")
+        );
+        assert!(t.elapsed() < Duration::from_millis(900));
+    }
+    let t = std::time::Instant::now();
+    assert!(c.cmd("RCPT TO:<u3@example.test>").starts_with("550 5.1.1"));
+    assert!(
+        t.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        t.elapsed()
+    );
+    c.line("RCPT TO:<u4@example.test>");
+    assert!(c.last().starts_with("550 5.1.1"));
+    assert!(c.last().starts_with("421 4.7.0"));
+    assert!(c.is_closed());
+}

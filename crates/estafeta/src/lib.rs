@@ -45,11 +45,12 @@ pub fn session_config(cfg: &Config, listener: &Listener, tls: bool) -> SessionCo
         max_errors: cfg.limits.max_errors,
         max_received_headers: cfg.smtp.max_received_headers as usize,
         vrfy: match cfg.smtp.vrfy {
-            // `trusted` answers truthfully to trusted clients once the relay policy lands;
-            // until then everybody gets the ambiguous answer, which reveals nothing.
-            VrfyMode::Ambiguous | VrfyMode::Trusted => estafeta_proto::VrfyMode::Ambiguous,
+            VrfyMode::Ambiguous => estafeta_proto::VrfyMode::Ambiguous,
+            VrfyMode::Trusted => estafeta_proto::VrfyMode::Trusted,
             VrfyMode::Off => estafeta_proto::VrfyMode::Off,
         },
+        expn_trusted: cfg.smtp.expn == estafeta_config::ExpnMode::Trusted,
+        max_unknown_recipients: cfg.smtp.max_unknown_recipients,
         // STARTTLS wherever there is a certificate (there always is one: a self-signed one is
         // generated when none is configured); AUTH only once encrypted (RFC 8314).
         starttls: tls,

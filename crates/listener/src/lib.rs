@@ -326,6 +326,32 @@ async fn authenticate(
     Err(reply::auth_failed())
 }
 
+/// VRFY/EXPN for a `trusted` configuration: the truth for trusted clients (authenticated, or
+/// inside mynetworks), nothing for the others (`252` for VRFY, `502` for EXPN).
+fn verify(policy: &Policy, client: &Client, argument: &str, expn: bool) -> Reply {
+    if policy.trust(client) == estafeta_policy::Trust::None {
+        return if expn {
+            reply::expn_disabled()
+        } else {
+            reply::vrfy_ambiguous()
+        };
+    }
+    let arg = argument
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>');
+    let Ok((path, _)) = estafeta_proto::address::parse_forward_path(&format!("<{arg}>")) else {
+        return reply::syntax("VRFY/EXPN user@domain");
+    };
+    match policy.resolve_recipient(&path) {
+        None => reply::user_unknown(&path.to_string()),
+        Some(targets) if expn => {
+            reply::expn_list(&targets.iter().map(|t| t.address()).collect::<Vec<_>>())
+        }
+        Some(_) => reply::vrfy_ok(&path.to_string()),
+    }
+}
+
 /// Drives one SMTP session over one TCP connection.
 pub async fn handle_connection(
     stream: TcpStream,
@@ -454,6 +480,25 @@ pub async fn handle_connection(
                         }
                     };
                     session.enqueued(answer);
+                }
+                Action::Verify { argument, expn } => {
+                    let client = Client {
+                        ip: peer.ip(),
+                        user: session.auth_user().map(str::to_string),
+                    };
+                    let r = verify(&ctx.policy, &client, &argument, expn);
+                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), argument = %argument, expn, reply = %r, "verify");
+                    session.verified(r);
+                }
+                Action::Pause(d) => {
+                    if !out.is_empty() {
+                        if let Err(e) = conn.write_all(&out).await {
+                            break 'conn format!("write error: {e}");
+                        }
+                        out.clear();
+                    }
+                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), delay_ms = d.as_millis() as u64, "slowing down recipient probing");
+                    tokio::time::sleep(d).await;
                 }
                 Action::Close => close = true,
             }

@@ -297,6 +297,29 @@ pub fn too_many_auth_failures(hostname: &str) -> Reply {
     )
 }
 
+/// `421 4.7.0 <host> Error: too many unknown recipients`: recipient probing; closing.
+pub fn too_many_unknown_recipients(hostname: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 7, 0),
+        format!("{hostname} Error: too many unknown recipients"),
+    )
+}
+
+/// `250 2.1.5 <addr>`: VRFY for a trusted client, the address exists (RFC 5321 §3.5.3).
+pub fn vrfy_ok(address: &str) -> Reply {
+    Reply::new(250, st(2, 1, 5), format!("<{address}>"))
+}
+
+/// `250 2.1.5 …` with one address a line: EXPN for a trusted client (RFC 5321 §3.5.2).
+pub fn expn_list(addresses: &[String]) -> Reply {
+    Reply {
+        code: 250,
+        status: Some(st(2, 1, 5)),
+        lines: addresses.iter().map(|a| format!("<{a}>")).collect(),
+    }
+}
+
 /// `454 4.7.0 TLS not available due to temporary reason` (RFC 3207 §4).
 pub fn tls_unavailable() -> Reply {
     Reply::new(

@@ -37,6 +37,9 @@ pub enum VrfyMode {
     Ambiguous,
     /// `502 5.5.1`: the command is turned off.
     Off,
+    /// The truth (250/550) for trusted clients, `252` for the others: the driver decides
+    /// ([`Action::Verify`]).
+    Trusted,
 }
 
 /// When AUTH is offered.
@@ -84,6 +87,11 @@ pub struct SessionConfig {
     pub check_sender: bool,
     /// Record the authenticated user in the envelope, and so in the Received header.
     pub authenticated_header: bool,
+    /// EXPN answered for trusted clients (the driver decides); `502 5.5.1` otherwise.
+    pub expn_trusted: bool,
+    /// Unknown recipients (`5.1.1`) in one session before each further RCPT reply is slowed;
+    /// twice as many end the session with `421 4.7.0`. 0 turns this off.
+    pub max_unknown_recipients: u32,
 }
 
 /// What the session asks the driver to do.
@@ -117,6 +125,17 @@ pub enum Action {
     },
     /// Store this message durably and answer with [`Session::enqueued`].
     Enqueue(Box<Envelope>, Vec<u8>),
+    /// Answer VRFY (`expn` false) or EXPN (`expn` true) for this argument and give the reply
+    /// with [`Session::verified`]: the truth for a trusted client, `252`/`502` for others.
+    Verify {
+        /// The argument as the client wrote it.
+        argument: String,
+        /// EXPN rather than VRFY.
+        expn: bool,
+    },
+    /// Wait this long before going on (the replies so far are flushed first): slows down
+    /// recipient probing.
+    Pause(std::time::Duration),
     /// Flush what was sent and close the connection.
     Close,
 }
@@ -170,6 +189,7 @@ struct Transaction {
 #[derive(Debug)]
 enum Waiting {
     Nothing,
+    Verify,
     Mail(ReversePath, MailParams),
     Rcpt(Recipient),
     Enqueue,
@@ -187,6 +207,7 @@ pub struct Session {
     tls: Option<String>,
     auth_user: Option<String>,
     auth_failures: u32,
+    unknown_rcpts: u32,
     txn: Option<Box<Transaction>>,
     input: Input,
     buf: Vec<u8>,
@@ -215,6 +236,7 @@ impl Session {
             tls,
             auth_user: None,
             auth_failures: 0,
+            unknown_rcpts: 0,
             txn: None,
             input: Input::Command,
             buf: Vec::new(),
@@ -382,7 +404,45 @@ impl Session {
                 }
                 self.send(reply::rcpt_ok());
             }
-            Err(r) => self.error(r),
+            Err(r) => {
+                let unknown = r.status == Some(crate::reply::Status::new(5, 1, 1));
+                let limit = self.cfg.max_unknown_recipients;
+                if unknown && limit > 0 {
+                    self.unknown_rcpts += 1;
+                    if self.unknown_rcpts > limit {
+                        // Probing for user names: each further answer takes longer.
+                        let excess = (self.unknown_rcpts - limit).min(5);
+                        self.out
+                            .push_back(Action::Pause(std::time::Duration::from_secs(u64::from(
+                                excess,
+                            ))));
+                    }
+                    if self.unknown_rcpts >= limit.saturating_mul(2) {
+                        self.send(r);
+                        let r = reply::too_many_unknown_recipients(&self.cfg.hostname);
+                        self.send(r);
+                        self.close();
+                        return;
+                    }
+                }
+                // A refused recipient is a policy answer, not a protocol error: it does not
+                // count towards max_errors (probing for users has its own limit above).
+                self.send(r)
+            }
+        }
+    }
+
+    /// The answer to [`Action::Verify`]: the reply to give.
+    pub fn verified(&mut self, reply: Reply) {
+        if !matches!(self.waiting, Waiting::Verify) {
+            debug_assert!(false, "verified without VRFY/EXPN");
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        if reply.is_error() {
+            self.error(reply);
+        } else {
+            self.send(reply);
         }
     }
 
@@ -645,11 +705,28 @@ impl Session {
                 self.send(reply::bye());
                 self.close();
             }
-            Command::Vrfy(_) => match self.cfg.vrfy {
+            Command::Vrfy(argument) => match self.cfg.vrfy {
                 VrfyMode::Ambiguous => self.send(reply::vrfy_ambiguous()),
                 VrfyMode::Off => self.error(reply::vrfy_disabled()),
+                VrfyMode::Trusted => {
+                    self.out.push_back(Action::Verify {
+                        argument,
+                        expn: false,
+                    });
+                    self.waiting = Waiting::Verify;
+                }
             },
-            Command::Expn(_) => self.error(reply::expn_disabled()),
+            Command::Expn(argument) => {
+                if self.cfg.expn_trusted {
+                    self.out.push_back(Action::Verify {
+                        argument,
+                        expn: true,
+                    });
+                    self.waiting = Waiting::Verify;
+                } else {
+                    self.error(reply::expn_disabled())
+                }
+            }
             Command::Help => self.send(reply::help()),
             Command::StartTls => match self.check_starttls() {
                 Err(r) => self.error(r),

@@ -42,6 +42,8 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
         max_auth_failures: 3,
         check_sender: false,
         authenticated_header: false,
+        expn_trusted: false,
+        max_unknown_recipients: 0,
     };
     let mut s = Session::new(Arc::new(cfg), "127.0.0.1:1".parse().unwrap());
     let mut out = Vec::new();
@@ -54,6 +56,8 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
                 Action::CheckMail { .. } => s.mail_checked(Ok(())),
                 Action::StartTls => s.tls_started("TLS".into()),
                 Action::Authenticate { .. } => s.auth_checked(Ok("u".into())),
+                Action::Verify { .. } => s.verified(estafeta_proto::reply::vrfy_ambiguous()),
+                Action::Pause(_) => {}
                 Action::Enqueue(_, body) => {
                     msgs.push(body);
                     s.enqueued(Ok("X".into()));

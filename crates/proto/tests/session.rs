@@ -13,6 +13,8 @@ struct Harness {
     closed: bool,
     tls_handshakes: usize,
     auth_attempts: Vec<(String, Vec<String>)>,
+    verifies: Vec<(String, bool)>,
+    pauses: Vec<std::time::Duration>,
 }
 
 fn config() -> SessionConfig {
@@ -30,6 +32,8 @@ fn config() -> SessionConfig {
         max_auth_failures: 3,
         check_sender: false,
         authenticated_header: false,
+        expn_trusted: false,
+        max_unknown_recipients: 0,
     }
 }
 
@@ -54,6 +58,8 @@ impl Harness {
             closed: false,
             tls_handshakes: 0,
             auth_attempts: Vec::new(),
+            verifies: Vec::new(),
+            pauses: Vec::new(),
         };
         let greeting = h.drive();
         (h, greeting)
@@ -102,6 +108,16 @@ impl Harness {
                         Err(reply::auth_failed())
                     });
                 }
+                Action::Verify { argument, expn } => {
+                    self.verifies.push((argument.clone(), expn));
+                    let r = if argument.contains("bob") {
+                        reply::vrfy_ok("bob@example.test")
+                    } else {
+                        reply::user_unknown(&argument)
+                    };
+                    self.session.verified(r);
+                }
+                Action::Pause(d) => self.pauses.push(d),
                 Action::Close => self.closed = true,
             }
         }
@@ -674,7 +690,63 @@ fn implicit_tls_session() {
         closed: false,
         tls_handshakes: 0,
         auth_attempts: Vec::new(),
+        verifies: Vec::new(),
+        pauses: Vec::new(),
     };
     h.drive();
     assert_eq!(h.c("EHLO client.example\r\n"), EHLO_TLS);
+}
+
+#[test]
+fn vrfy_and_expn_for_trusted_clients_go_to_the_driver() {
+    let (mut h, _) = Harness::new(SessionConfig {
+        vrfy: VrfyMode::Trusted,
+        expn_trusted: true,
+        ..config()
+    });
+    assert_eq!(h.c("VRFY bob\r\n"), "250 2.1.5 <bob@example.test>\r\n");
+    assert!(h.c("VRFY nobody\r\n").starts_with("550 5.1.1"));
+    assert!(h.c("EXPN team\r\n").starts_with("550 5.1.1"));
+    assert_eq!(
+        h.verifies,
+        [
+            ("bob".to_string(), false),
+            ("nobody".to_string(), false),
+            ("team".to_string(), true)
+        ]
+    );
+}
+
+#[test]
+fn recipient_probing_is_slowed_then_cut_off() {
+    let (mut h, _) = Harness::new(SessionConfig {
+        max_unknown_recipients: 2,
+        max_errors: 100,
+        max_recipients: 100,
+        ..config()
+    });
+    h.c("EHLO x\r\nMAIL FROM:<a@example.test>\r\n");
+    assert!(
+        h.c("RCPT TO:<nobody@example.test>\r\n")
+            .starts_with("550 5.1.1")
+    );
+    assert!(
+        h.c("RCPT TO:<nobody@example.test>\r\n")
+            .starts_with("550 5.1.1")
+    );
+    assert!(h.pauses.is_empty());
+    assert!(
+        h.c("RCPT TO:<nobody@example.test>\r\n")
+            .starts_with("550 5.1.1")
+    );
+    assert_eq!(h.pauses, [std::time::Duration::from_secs(1)]);
+    // Known recipients are not slowed.
+    assert_eq!(h.c("RCPT TO:<bob@example.test>\r\n"), "250 2.1.5 Ok\r\n");
+    assert_eq!(h.pauses.len(), 1);
+    let last = h.c("RCPT TO:<nobody@example.test>\r\n");
+    assert!(
+        last.ends_with("421 4.7.0 mx.example.test Error: too many unknown recipients\r\n"),
+        "{last}"
+    );
+    assert!(h.closed);
 }
