@@ -375,7 +375,7 @@ impl Validator<'_, '_> {
                             if !allow_open_relay && is_open_relay_range(&net) {
                                 self.r.at(
                                     entry.span(),
-                                    format!("{:?} lets any host on the internet relay mail through this server (an open relay)", entry.get_ref()),
+                                    format!("{:?} is an open relay: any host on the internet may relay mail through this server", entry.get_ref()),
                                     Some("list only your own networks, or set allow_open_relay = true if you really mean it".to_owned()),
                                 );
                             }

@@ -175,7 +175,7 @@ impl Server {
         estafeta_listener::spawn_accept_loops(specs, ctx, shutdown.clone(), &tracker);
         if let Some(ranges) = &open_relay_text {
             tracing::warn!(
-                "open relay: mynetworks {ranges} lets any host on the internet relay mail through this server (allow_open_relay = true)"
+                "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)"
             );
         }
         for (kind, addr) in &local_addrs {

@@ -365,7 +365,7 @@ pub async fn handle_connection(
     let started = Instant::now();
     tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, "connect");
     if let Some(ranges) = &ctx.open_relay {
-        tracing::warn!(client = %peer.ip(), "open relay: mynetworks {ranges} lets any host on the internet relay through this server (allow_open_relay = true)");
+        tracing::warn!(client = %peer.ip(), "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)");
     }
     let (mut conn, mut session) = if implicit_tls {
         let Some(tls) = &ctx.tls else {
