@@ -1,1 +1,2 @@
-//! estafeta-relay
+//! estafeta-relay: remote delivery. Where to connect (MX resolution, `resolve`) is a step of
+//! its own, separate from the SMTP client (`client`).
