@@ -4,12 +4,14 @@
 //! directory entry are on stable storage (group-committed by the [`Syncer`]). The
 //! [`scheduler`] hands due messages to a transport and records each recipient's outcome.
 
+pub mod dsn;
 pub mod id;
 pub mod scheduler;
 pub mod spool;
 pub mod sync;
 pub mod transport;
 
+pub use dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn, may_bounce, wants_dsn};
 pub use id::{IdGenerator, QueueId};
 pub use scheduler::{QueueHandle, SchedulerConfig, start};
 pub use spool::{Content, QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
