@@ -1,2 +1,4 @@
 //! estafeta-relay: remote delivery. Where to connect (MX resolution, `resolve`) is a step of
 //! its own, separate from the SMTP client (`client`).
+
+pub mod client;

@@ -1,0 +1,1478 @@
+//! The outbound SMTP client: one session to one remote host, and the one classification of
+//! its replies into per-recipient outcomes (DESIGN.md decision 4).
+//!
+//! Where to connect is decided elsewhere (MX resolution); this module is given an address and
+//! the host name that led to it. A session runs: greeting, EHLO (HELO when EHLO is refused),
+//! STARTTLS as the [`TlsPolicy`] asks (then EHLO again), AUTH when credentials are configured,
+//! and then one transaction per message: MAIL, RCPT for each recipient, DATA, the content
+//! dot-stuffed by [`estafeta_proto::data::stuff`], the final reply. With PIPELINING (RFC 2920)
+//! MAIL, every RCPT and DATA go out in one write and the replies are read in order.
+//!
+//! Errors are sorted in two places only:
+//!
+//! - [`SessionError`]: the session could not be set up (no connection, timeout, greeting or
+//!   EHLO refused, TLS required but not achieved, AUTH failed). No recipient was decided; the
+//!   caller tries the next MX host or retries later.
+//! - [`classify`]: every reply to MAIL, RCPT, DATA and the end of the content becomes an
+//!   [`Outcome`] per recipient by one exhaustive `match` on the reply code (the shape of
+//!   Stalwart's `Status::from_smtp_error`; the failure carries the reply, the remote host and
+//!   the command, like mox's `smtpclient.Error`).
+//!
+//! Problems found locally (the connection dropped, a reply that does not parse, a message that
+//! needs SMTPUTF8 or is too big for the peer) get a reply built here with the enhanced status
+//! code Postfix uses for the same situation; their text names the host, and their
+//! [`Failure::remote`] is `None` because no remote server said it.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use estafeta_proto::data::stuff;
+use estafeta_proto::{MailParams, RcptParams, Reply, Status};
+use estafeta_queue::{Failure, Outcome};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::timeout;
+
+/// The longest reply line accepted, in octets (RFC 5321 §4.5.3.1.5 allows 512; some servers
+/// write longer ones). A longer line ends the session with a temporary failure.
+pub const MAX_REPLY_LINE: usize = 2048;
+
+/// The most lines accepted in one reply. More end the session with a temporary failure.
+pub const MAX_REPLY_LINES: usize = 100;
+
+/// The system's trusted roots for [`TlsPolicy::Verify`] (Debian's bundle).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The size of one block of content written under the data-block timeout.
+const DATA_BLOCK: usize = 64 * 1024;
+
+/// What to do about TLS on the connection (per route; Postfix's `smtp_tls_security_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsPolicy {
+    /// Never send STARTTLS.
+    None,
+    /// STARTTLS when the peer offers it, without verifying the certificate (Postfix `may`).
+    /// A peer that refuses STARTTLS gets the message in plaintext; a failed TLS handshake is
+    /// followed by one new connection in plaintext.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed, but the certificate is not verified (Postfix `encrypt`).
+    Required,
+    /// STARTTLS must succeed and the certificate must chain to a trusted root and match the
+    /// host name (Postfix `secure`, with the host name as given to [`deliver`]).
+    Verify,
+}
+
+/// How long to wait for each step (RFC 5321 §4.5.3.2). Each wait is bounded; when one runs
+/// out, the session ends with a temporary failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect (Postfix `smtp_connect_timeout`, 30 s).
+    pub connect: Duration,
+    /// The 220 greeting (5 min).
+    pub greeting: Duration,
+    /// EHLO/HELO, STARTTLS with its handshake, AUTH and RSET (5 min).
+    pub ehlo: Duration,
+    /// MAIL (5 min).
+    pub mail: Duration,
+    /// Each RCPT (5 min).
+    pub rcpt: Duration,
+    /// The reply to DATA (2 min).
+    pub data_init: Duration,
+    /// Writing each block of the content (3 min).
+    pub data_block: Duration,
+    /// The reply after the end of the content (10 min).
+    pub data_final: Duration,
+    /// QUIT: the outcomes are known by then, so this is short (30 s).
+    pub quit: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        const MIN: u64 = 60;
+        Timeouts {
+            connect: Duration::from_secs(30),
+            greeting: Duration::from_secs(5 * MIN),
+            ehlo: Duration::from_secs(5 * MIN),
+            mail: Duration::from_secs(5 * MIN),
+            rcpt: Duration::from_secs(5 * MIN),
+            data_init: Duration::from_secs(2 * MIN),
+            data_block: Duration::from_secs(3 * MIN),
+            data_final: Duration::from_secs(10 * MIN),
+            quit: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Every timeout set to `d` (for tests).
+    pub fn all(d: Duration) -> Self {
+        Timeouts {
+            connect: d,
+            greeting: d,
+            ehlo: d,
+            mail: d,
+            rcpt: d,
+            data_init: d,
+            data_block: d,
+            data_final: d,
+            quit: d,
+        }
+    }
+}
+
+/// How the client presents itself and secures the session.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// The name sent with EHLO/HELO (this server's host name).
+    pub helo: String,
+    /// The TLS policy.
+    pub tls: TlsPolicy,
+    /// The local address to connect from. Ignored for a destination of the other address
+    /// family.
+    pub source: Option<IpAddr>,
+    /// Timeouts per step.
+    pub timeouts: Timeouts,
+    /// User name and password for AUTH (PLAIN when offered, else LOGIN), for a smarthost.
+    /// They are sent only inside TLS: a session that did not reach TLS ends with a temporary
+    /// failure instead of sending them in clear (DESIGN.md decision 6).
+    pub credentials: Option<(String, String)>,
+    /// The trusted roots for [`TlsPolicy::Verify`]; `None` reads [`SYSTEM_ROOTS`] (once per
+    /// process).
+    pub roots: Option<Arc<RootCertStore>>,
+}
+
+impl ClientConfig {
+    /// A configuration with the default timeouts, opportunistic TLS and no credentials.
+    pub fn new(helo: impl Into<String>) -> Self {
+        ClientConfig {
+            helo: helo.into(),
+            tls: TlsPolicy::Opportunistic,
+            source: None,
+            timeouts: Timeouts::default(),
+            credentials: None,
+            roots: None,
+        }
+    }
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("helo", &self.helo)
+            .field("tls", &self.tls)
+            .field("source", &self.source)
+            .field("timeouts", &self.timeouts)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(u, _)| (u, "<secret>")),
+            )
+            .field("roots", &self.roots.as_ref().map(|r| r.len()))
+            .finish()
+    }
+}
+
+/// One message to send: the envelope as the queue holds it and the content.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboundMessage<'a> {
+    /// The reverse path without `<>`; empty for the null sender.
+    pub from: &'a str,
+    /// The MAIL parameters of the original transaction (RET and ENVID are passed on).
+    pub params: &'a MailParams,
+    /// The recipients (without `<>`) with their RCPT parameters (NOTIFY and ORCPT are passed
+    /// on).
+    pub rcpts: &'a [(String, RcptParams)],
+    /// The message with CRLF line breaks, not dot-stuffed.
+    pub content: &'a [u8],
+    /// The envelope or the headers need SMTPUTF8 (RFC 6531).
+    pub needs_smtputf8: bool,
+    /// The content has 8-bit octets (RFC 6152). `BODY=8BITMIME` is sent when the peer offers
+    /// 8BITMIME; to a peer that does not, the content is sent as it is (no conversion).
+    pub needs_8bit: bool,
+}
+
+/// What the RCPT reply said about one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    /// 2yz: the recipient is accepted; its outcome comes from the end of the content.
+    Accepted,
+    /// Refused (temporarily or permanently, as [`classify`] said).
+    Rejected(Outcome),
+}
+
+/// The session could not be set up, so no recipient was decided: connection refused or
+/// timed out, greeting or EHLO refused, TLS required but not achieved, AUTH failed. The
+/// caller tries the next MX host (or, when `permanent`, may give up on this one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{failure}")]
+pub struct SessionError {
+    /// True when the host refused permanently (a 5yz greeting, or 5yz to both EHLO and HELO).
+    pub permanent: bool,
+    /// The reply (remote, or built here for a local problem), the host and the command.
+    pub failure: Failure,
+}
+
+impl SessionError {
+    fn temporary(failure: Failure) -> Self {
+        SessionError {
+            permanent: false,
+            failure,
+        }
+    }
+
+    fn from_outcome(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::PermFail(failure) => SessionError {
+                permanent: true,
+                failure,
+            },
+            Outcome::TempFail(failure) => SessionError::temporary(failure),
+            Outcome::Delivered(text) => SessionError::temporary(Failure::local(local_reply(
+                451,
+                Status::new(4, 5, 0),
+                format!("unexpected success: {text}"),
+            ))),
+        }
+    }
+}
+
+/// THE classification of a reply to a command that concerns recipients, as one exhaustive
+/// match on the reply code:
+///
+/// - 2yz: delivered (or, for RCPT, accepted); the text is `remote said: <reply>`;
+/// - 421 on any command: temporary (and the session is over: the caller marks every
+///   recipient still open with it);
+/// - 552 on RCPT: temporary — RFC 5321 §4.5.3.1.10 asks for 452 "too many recipients", but
+///   old servers say 552 (RFC 5321 §4.5.3.1.10, last paragraph);
+/// - any other 4yz: temporary;
+/// - 5yz: permanent;
+/// - 3yz where a final reply was expected, and codes outside 200–599: temporary (the peer
+///   does not speak the protocol; another attempt may reach a better one). A reply that does
+///   not parse at all never becomes a [`Reply`]; the client turns it into a temporary
+///   failure before classification.
+///
+/// The enhanced status code is carried along but does not decide: the basic code is what
+/// RFC 5321 defines the client's behaviour by.
+pub fn classify(reply: &Reply, command: &str, remote: &str) -> Outcome {
+    let failure = || Failure {
+        reply: reply.clone(),
+        remote: Some(remote.to_string()),
+        command: Some(command.to_string()),
+    };
+    let is_rcpt = command
+        .get(..4)
+        .is_some_and(|c| c.eq_ignore_ascii_case("RCPT"));
+    match (reply.code / 100, reply.code) {
+        (2, _) => Outcome::Delivered(format!("{remote} said: {reply}")),
+        (4, 421) => Outcome::TempFail(failure()),
+        (5, 552) if is_rcpt => Outcome::TempFail(failure()),
+        (4, _) => Outcome::TempFail(failure()),
+        (5, _) => Outcome::PermFail(failure()),
+        (3, _) => Outcome::TempFail(failure()),
+        (0 | 1 | 6.., _) => Outcome::TempFail(failure()),
+    }
+}
+
+/// The [`RcptResult`] of a reply to RCPT, from [`classify`].
+pub fn rcpt_result(reply: &Reply, command: &str, remote: &str) -> RcptResult {
+    match classify(reply, command, remote) {
+        Outcome::Delivered(_) => RcptResult::Accepted,
+        other => RcptResult::Rejected(other),
+    }
+}
+
+/// Delivers one message in one session to `addr` (an address of `host`) and returns one
+/// [`Outcome`] per entry of `msg.rcpts`, in the same order. Opens the session, sends the
+/// message and says QUIT; see [`Connection`] to send several messages in one session.
+pub async fn deliver(
+    addr: SocketAddr,
+    host: &str,
+    cfg: &ClientConfig,
+    msg: &OutboundMessage<'_>,
+) -> Result<Vec<Outcome>, SessionError> {
+    if msg.rcpts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = Connection::open(addr, host, cfg).await?;
+    let outcomes = conn.send(msg).await;
+    conn.quit().await;
+    Ok(outcomes)
+}
+
+/// What the peer offered in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// PIPELINING (RFC 2920).
+    pub pipelining: bool,
+    /// SIZE (RFC 1870): `Some(limit)`, where 0 means no fixed limit.
+    pub size: Option<u64>,
+    /// 8BITMIME (RFC 6152).
+    pub eight_bit_mime: bool,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// DSN (RFC 3461).
+    pub dsn: bool,
+    /// STARTTLS (RFC 3207).
+    pub starttls: bool,
+    /// The AUTH mechanisms (RFC 4954), upper case.
+    pub auth: Vec<String>,
+}
+
+impl Extensions {
+    /// Reads the keywords of an EHLO reply (every line but the first).
+    pub fn parse(reply: &Reply) -> Extensions {
+        let mut ext = Extensions::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            let keyword = keyword.to_ascii_uppercase();
+            // Old servers write `AUTH=PLAIN LOGIN`.
+            if let Some(first) = keyword.strip_prefix("AUTH=") {
+                ext.auth.push(first.to_string());
+                ext.auth.extend(words.map(|w| w.to_ascii_uppercase()));
+                continue;
+            }
+            match keyword.as_str() {
+                "PIPELINING" => ext.pipelining = true,
+                "SIZE" => {
+                    ext.size = Some(words.next().and_then(|w| w.parse().ok()).unwrap_or(0));
+                }
+                "8BITMIME" => ext.eight_bit_mime = true,
+                "SMTPUTF8" => ext.smtputf8 = true,
+                "DSN" => ext.dsn = true,
+                "STARTTLS" => ext.starttls = true,
+                "AUTH" => ext.auth.extend(words.map(|w| w.to_ascii_uppercase())),
+                _ => {}
+            }
+        }
+        ext.auth.sort();
+        ext.auth.dedup();
+        ext
+    }
+}
+
+// ---- the connection ----------------------------------------------------------------------
+
+/// Anything the session can run over: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The byte stream, buffered for reading (writes pass through).
+struct Stream(BufReader<Box<dyn Io>>);
+
+/// Why the conversation stopped without a reply to classify.
+#[derive(Debug)]
+enum Broken {
+    /// The wait ran out.
+    Timeout,
+    /// The peer closed the connection.
+    Closed,
+    /// A read or write failed.
+    Io(io::Error),
+    /// The reply does not follow RFC 5321 §4.2 (or is too long).
+    Malformed(String),
+}
+
+/// An open SMTP session with one host, ready for a transaction.
+pub struct Connection {
+    stream: Option<Stream>,
+    /// The host name, for [`Failure::remote`] and the texts.
+    host: String,
+    /// `host[ip]:port`, for texts and logs.
+    peer: String,
+    /// What the peer offered (after TLS, if TLS was started).
+    ext: Extensions,
+    /// True once TLS is running.
+    tls: bool,
+    timeouts: Timeouts,
+    /// A transaction ended early (refused MAIL, no recipient); RSET before the next.
+    needs_rset: bool,
+    /// Why the session is unusable, once it is.
+    dead: Option<Failure>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .field("ext", &self.ext)
+            .field("tls", &self.tls)
+            .field("dead", &self.dead)
+            .finish()
+    }
+}
+
+/// How an attempt to open a session ended.
+enum Opened {
+    Ready(Box<Connection>),
+    Failed(SessionError),
+    /// The TLS handshake failed under [`TlsPolicy::Opportunistic`]: try again in plaintext.
+    HandshakeFailed(SessionError),
+}
+
+impl Connection {
+    /// Connects to `addr` (an address of `host`) and sets the session up: greeting, EHLO or
+    /// HELO, STARTTLS per the policy, AUTH when credentials are configured.
+    pub async fn open(
+        addr: SocketAddr,
+        host: &str,
+        cfg: &ClientConfig,
+    ) -> Result<Connection, SessionError> {
+        match Self::attempt(addr, host, cfg, cfg.tls).await {
+            Opened::Ready(conn) => Ok(*conn),
+            Opened::Failed(err) => Err(err),
+            Opened::HandshakeFailed(err) => {
+                tracing::info!(error = %err.failure, "TLS handshake failed; retrying in plaintext");
+                match Self::attempt(addr, host, cfg, TlsPolicy::None).await {
+                    Opened::Ready(conn) => Ok(*conn),
+                    Opened::Failed(err) | Opened::HandshakeFailed(err) => Err(err),
+                }
+            }
+        }
+    }
+
+    /// What the peer offered in EHLO (empty after a HELO fallback).
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    /// True when the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// True while the session can carry another message.
+    pub fn is_usable(&self) -> bool {
+        self.dead.is_none()
+    }
+
+    async fn attempt(addr: SocketAddr, host: &str, cfg: &ClientConfig, tls: TlsPolicy) -> Opened {
+        let peer = format!("{host}[{}]:{}", addr.ip(), addr.port());
+        let t = cfg.timeouts;
+        let tcp = match timeout(t.connect, connect(addr, cfg.source)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return Opened::Failed(SessionError::temporary(Failure::local(local_reply(
+                    451,
+                    Status::new(4, 4, 1),
+                    format!("connect to {peer}: {e}"),
+                ))));
+            }
+            Err(_) => {
+                return Opened::Failed(SessionError::temporary(Failure::local(local_reply(
+                    451,
+                    Status::new(4, 4, 1),
+                    format!("connect to {peer}: timed out"),
+                ))));
+            }
+        };
+        let mut conn = Connection {
+            stream: Some(Stream(BufReader::new(Box::new(tcp)))),
+            host: host.to_string(),
+            peer,
+            ext: Extensions::default(),
+            tls: false,
+            timeouts: t,
+            needs_rset: false,
+            dead: None,
+        };
+        match conn.setup(addr, cfg, tls).await {
+            Ok(()) => Opened::Ready(Box::new(conn)),
+            Err(Setup::Failed(e)) => {
+                conn.close().await;
+                Opened::Failed(e)
+            }
+            Err(Setup::Handshake(e)) => {
+                if tls == TlsPolicy::Opportunistic {
+                    Opened::HandshakeFailed(e)
+                } else {
+                    Opened::Failed(e)
+                }
+            }
+        }
+    }
+
+    async fn setup(
+        &mut self,
+        addr: SocketAddr,
+        cfg: &ClientConfig,
+        tls: TlsPolicy,
+    ) -> Result<(), Setup> {
+        let t = self.timeouts;
+        let greeting = self
+            .read_reply(t.greeting)
+            .await
+            .map_err(|b| self.setup_broken(b, "receiving the initial server greeting"))?;
+        if greeting.code != 220 {
+            return Err(self.refused(&greeting, "the initial server greeting"));
+        }
+        self.hello(&cfg.helo).await?;
+
+        let wants_tls = match tls {
+            TlsPolicy::None => false,
+            TlsPolicy::Opportunistic => self.ext.starttls,
+            TlsPolicy::Required | TlsPolicy::Verify => {
+                if !self.ext.starttls {
+                    return Err(Setup::Failed(SessionError::temporary(Failure::local(
+                        local_reply(
+                            451,
+                            Status::new(4, 7, 4),
+                            format!("TLS is required, but was not offered by host {}", self.peer),
+                        ),
+                    ))));
+                }
+                true
+            }
+        };
+        if wants_tls {
+            self.write(b"STARTTLS\r\n", t.ehlo)
+                .await
+                .map_err(|b| self.setup_broken(b, "sending STARTTLS"))?;
+            let reply = self
+                .read_reply(t.ehlo)
+                .await
+                .map_err(|b| self.setup_broken(b, "receiving the STARTTLS reply"))?;
+            if reply.code == 220 {
+                self.start_tls(addr, cfg, tls).await?;
+                self.hello(&cfg.helo).await?;
+            } else if tls == TlsPolicy::Opportunistic && reply.code != 421 {
+                tracing::info!(peer = %self.peer, %reply, "STARTTLS refused; going on in plaintext");
+            } else {
+                return Err(Setup::Failed(SessionError::temporary(Failure {
+                    reply,
+                    remote: Some(self.host.clone()),
+                    command: Some("STARTTLS".to_string()),
+                })));
+            }
+        }
+        if let Some((user, pass)) = &cfg.credentials {
+            self.auth(user, pass).await?;
+        }
+        Ok(())
+    }
+
+    /// EHLO, or HELO when EHLO gets a 5yz reply.
+    async fn hello(&mut self, name: &str) -> Result<(), Setup> {
+        let t = self.timeouts.ehlo;
+        self.write(format!("EHLO {name}\r\n").as_bytes(), t)
+            .await
+            .map_err(|b| self.setup_broken(b, "sending EHLO"))?;
+        let reply = self
+            .read_reply(t)
+            .await
+            .map_err(|b| self.setup_broken(b, "receiving the EHLO reply"))?;
+        if reply.code / 100 == 2 {
+            self.ext = Extensions::parse(&reply);
+            return Ok(());
+        }
+        if reply.code / 100 != 5 {
+            return Err(self.refused(&reply, "EHLO"));
+        }
+        self.write(format!("HELO {name}\r\n").as_bytes(), t)
+            .await
+            .map_err(|b| self.setup_broken(b, "sending HELO"))?;
+        let reply = self
+            .read_reply(t)
+            .await
+            .map_err(|b| self.setup_broken(b, "receiving the HELO reply"))?;
+        if reply.code / 100 == 2 {
+            self.ext = Extensions::default();
+            return Ok(());
+        }
+        Err(self.refused(&reply, "HELO"))
+    }
+
+    async fn start_tls(
+        &mut self,
+        addr: SocketAddr,
+        cfg: &ClientConfig,
+        tls: TlsPolicy,
+    ) -> Result<(), Setup> {
+        let handshake_failed = |peer: &str, detail: String| {
+            Setup::Handshake(SessionError::temporary(Failure::local(local_reply(
+                451,
+                Status::new(4, 7, 5),
+                format!("Cannot start TLS with {peer}: {detail}"),
+            ))))
+        };
+        let config = match tls_config(cfg, tls) {
+            Ok(config) => config,
+            Err(e) => {
+                return Err(Setup::Failed(SessionError::temporary(Failure::local(
+                    local_reply(451, Status::new(4, 7, 5), e),
+                ))));
+            }
+        };
+        let name = match ServerName::try_from(self.host.clone()) {
+            Ok(name) => name,
+            Err(_) => ServerName::IpAddress(addr.ip().into()),
+        };
+        let Some(Stream(reader)) = self.stream.take() else {
+            return Err(handshake_failed(&self.peer, "connection closed".into()));
+        };
+        if !reader.buffer().is_empty() {
+            // Plaintext sent after the 220 could be an injection (CVE-2011-0411 class):
+            // it is dropped with the buffer.
+            tracing::warn!(peer = %self.peer, octets = reader.buffer().len(), "discarding plaintext received after STARTTLS");
+        }
+        let inner = reader.into_inner();
+        let connector = tokio_rustls::TlsConnector::from(config);
+        match timeout(self.timeouts.ehlo, connector.connect(name, inner)).await {
+            Ok(Ok(stream)) => {
+                self.stream = Some(Stream(BufReader::new(Box::new(stream))));
+                self.tls = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(handshake_failed(&self.peer, e.to_string())),
+            Err(_) => Err(handshake_failed(&self.peer, "handshake timed out".into())),
+        }
+    }
+
+    async fn auth(&mut self, user: &str, pass: &str) -> Result<(), Setup> {
+        let t = self.timeouts.ehlo;
+        let fail = |peer: &str, status: Status, text: &str| {
+            Setup::Failed(SessionError::temporary(Failure::local(local_reply(
+                451,
+                status,
+                format!("{text} ({peer})"),
+            ))))
+        };
+        if !self.tls {
+            return Err(fail(
+                &self.peer,
+                Status::new(4, 7, 10),
+                "AUTH credentials are configured, but the session is not encrypted; they are not sent in clear",
+            ));
+        }
+        let plain = self.ext.auth.iter().any(|m| m == "PLAIN");
+        let login = self.ext.auth.iter().any(|m| m == "LOGIN");
+        let mut reply = if plain {
+            let mut token = Vec::with_capacity(user.len() + pass.len() + 2);
+            token.push(0);
+            token.extend_from_slice(user.as_bytes());
+            token.push(0);
+            token.extend_from_slice(pass.as_bytes());
+            self.write(format!("AUTH PLAIN {}\r\n", base64(&token)).as_bytes(), t)
+                .await
+                .map_err(|b| self.setup_broken(b, "sending AUTH"))?;
+            self.read_reply(t)
+                .await
+                .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?
+        } else if login {
+            self.write(b"AUTH LOGIN\r\n", t)
+                .await
+                .map_err(|b| self.setup_broken(b, "sending AUTH"))?;
+            let mut reply = self
+                .read_reply(t)
+                .await
+                .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?;
+            for secret in [user, pass] {
+                if reply.code != 334 {
+                    break;
+                }
+                self.write(format!("{}\r\n", base64(secret.as_bytes())).as_bytes(), t)
+                    .await
+                    .map_err(|b| self.setup_broken(b, "sending AUTH"))?;
+                reply = self
+                    .read_reply(t)
+                    .await
+                    .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?;
+            }
+            reply
+        } else {
+            return Err(fail(
+                &self.peer,
+                Status::new(4, 7, 0),
+                "AUTH credentials are configured, but the server offers neither PLAIN nor LOGIN",
+            ));
+        };
+        if reply.code == 334 {
+            // The server wants more than the mechanism gives: cancel (RFC 4954 §4).
+            let _ = self.write(b"*\r\n", t).await;
+            reply = self
+                .read_reply(t)
+                .await
+                .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?;
+        }
+        if reply.code / 100 == 2 {
+            return Ok(());
+        }
+        // A refused login is a configuration problem here, not the message's: temporary.
+        Err(Setup::Failed(SessionError::temporary(Failure {
+            reply,
+            remote: Some(self.host.clone()),
+            command: Some("AUTH".to_string()),
+        })))
+    }
+
+    /// A refusal during setup, classified.
+    fn refused(&self, reply: &Reply, command: &str) -> Setup {
+        Setup::Failed(SessionError::from_outcome(classify(
+            reply, command, &self.host,
+        )))
+    }
+
+    fn setup_broken(&self, broken: Broken, doing: &str) -> Setup {
+        Setup::Failed(SessionError::temporary(
+            self.broken_failure(broken, doing, None),
+        ))
+    }
+
+    fn broken_failure(&self, broken: Broken, doing: &str, command: Option<&str>) -> Failure {
+        let reply = match broken {
+            Broken::Timeout => local_reply(
+                451,
+                Status::new(4, 4, 2),
+                format!("conversation with {} timed out while {doing}", self.peer),
+            ),
+            Broken::Closed => local_reply(
+                451,
+                Status::new(4, 4, 2),
+                format!("lost connection with {} while {doing}", self.peer),
+            ),
+            Broken::Io(e) => local_reply(
+                451,
+                Status::new(4, 4, 2),
+                format!("lost connection with {} while {doing}: {e}", self.peer),
+            ),
+            Broken::Malformed(what) => local_reply(
+                451,
+                Status::new(4, 5, 0),
+                format!("protocol error from {} while {doing}: {what}", self.peer),
+            ),
+        };
+        Failure {
+            reply,
+            remote: None,
+            command: command.map(str::to_string),
+        }
+    }
+
+    // ---- the transaction ---------------------------------------------------------------
+
+    /// Sends one message and returns one [`Outcome`] per entry of `msg.rcpts`, in order.
+    /// After a refused MAIL or when no recipient was accepted, RSET comes before the next
+    /// message; after a 421 or a broken connection, the session is unusable and this and
+    /// every later message get temporary failures.
+    pub async fn send(&mut self, msg: &OutboundMessage<'_>) -> Vec<Outcome> {
+        let mut out: Vec<Option<Outcome>> = vec![None; msg.rcpts.len()];
+        if let Err(failure) = self.transaction(msg, &mut out).await {
+            self.kill(failure, &mut out);
+        }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    // Cannot happen: every path decides every recipient. Safe default.
+                    Outcome::TempFail(Failure::local(local_reply(
+                        451,
+                        Status::new(4, 3, 0),
+                        "recipient left undecided by the SMTP client".to_string(),
+                    )))
+                })
+            })
+            .collect()
+    }
+
+    /// Marks the session dead and every undecided recipient with `failure`.
+    fn kill(&mut self, failure: Failure, out: &mut [Option<Outcome>]) {
+        for o in out.iter_mut().filter(|o| o.is_none()) {
+            *o = Some(Outcome::TempFail(failure.clone()));
+        }
+        self.stream = None;
+        self.dead = Some(failure);
+    }
+
+    /// Sets every undecided recipient to `outcome`.
+    fn decide_all(out: &mut [Option<Outcome>], outcome: &Outcome) {
+        for o in out.iter_mut().filter(|o| o.is_none()) {
+            *o = Some(outcome.clone());
+        }
+    }
+
+    /// Runs MAIL … end of content. `Err` means the session is over (421 or broken), with
+    /// the failure for the recipients still undecided.
+    async fn transaction(
+        &mut self,
+        msg: &OutboundMessage<'_>,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), Failure> {
+        if let Some(failure) = &self.dead {
+            return Err(failure.clone());
+        }
+        let t = self.timeouts;
+        if msg.needs_smtputf8 && !self.ext.smtputf8 {
+            let outcome = Outcome::PermFail(Failure::local(local_reply(
+                553,
+                Status::new(5, 6, 7),
+                format!(
+                    "SMTPUTF8 is required, but was not offered by host {}",
+                    self.peer
+                ),
+            )));
+            Self::decide_all(out, &outcome);
+            return Ok(());
+        }
+        let size = msg.content.len() as u64;
+        if let Some(limit) = self.ext.size
+            && limit > 0
+            && size > limit
+        {
+            let outcome = Outcome::PermFail(Failure::local(local_reply(
+                552,
+                Status::new(5, 3, 4),
+                format!(
+                    "message size {size} exceeds size limit {limit} of server {}",
+                    self.peer
+                ),
+            )));
+            Self::decide_all(out, &outcome);
+            return Ok(());
+        }
+        if self.needs_rset {
+            self.write(b"RSET\r\n", t.ehlo)
+                .await
+                .map_err(|b| self.broken_failure(b, "sending RSET", Some("RSET")))?;
+            let reply = self
+                .read_reply(t.ehlo)
+                .await
+                .map_err(|b| self.broken_failure(b, "receiving the RSET reply", Some("RSET")))?;
+            if reply.code / 100 != 2 {
+                return Err(Failure {
+                    reply,
+                    remote: Some(self.host.clone()),
+                    command: Some("RSET".to_string()),
+                });
+            }
+            self.needs_rset = false;
+        }
+
+        let mail = self.mail_command(msg);
+        let rcpts: Vec<String> = msg
+            .rcpts
+            .iter()
+            .map(|(addr, params)| self.rcpt_command(addr, params))
+            .collect();
+        let mail_name = format!("MAIL FROM:<{}>", msg.from);
+        let rcpt_name = |i: usize| format!("RCPT TO:<{}>", msg.rcpts[i].0);
+        let mut accepted: Vec<usize> = Vec::new();
+
+        if self.ext.pipelining {
+            // RFC 2920 §3.1: MAIL, every RCPT and DATA in one group, DATA last.
+            let mut batch = mail.clone();
+            for r in &rcpts {
+                batch.push_str(r);
+            }
+            batch.push_str("DATA\r\n");
+            self.write(batch.as_bytes(), t.mail)
+                .await
+                .map_err(|b| self.broken_failure(b, "sending MAIL FROM", Some(&mail_name)))?;
+            let reply = self.read_reply(t.mail).await.map_err(|b| {
+                self.broken_failure(b, "receiving the MAIL FROM reply", Some(&mail_name))
+            })?;
+            let mail_ok = self.after_mail(&reply, &mail_name, out)?;
+            for i in 0..msg.rcpts.len() {
+                let name = rcpt_name(i);
+                let reply = self.read_reply(t.rcpt).await.map_err(|b| {
+                    self.broken_failure(b, "receiving the RCPT TO reply", Some(&name))
+                })?;
+                if mail_ok {
+                    self.after_rcpt(i, &reply, &name, out, &mut accepted)?;
+                } else if reply.code == 421 {
+                    return Err(self.remote_failure(reply, &name));
+                }
+            }
+            let reply = self
+                .read_reply(t.data_init)
+                .await
+                .map_err(|b| self.broken_failure(b, "receiving the DATA reply", Some("DATA")))?;
+            if reply.code == 354 {
+                if accepted.is_empty() {
+                    // The group went out before the refusals came back; end the empty
+                    // content and forget the reply (RFC 2920 §3.1).
+                    self.write(b".\r\n", t.data_block)
+                        .await
+                        .map_err(|b| self.broken_failure(b, "sending end of DATA", Some("DATA")))?;
+                    let reply = self.read_reply(t.data_final).await.map_err(|b| {
+                        self.broken_failure(b, "receiving the end of DATA reply", Some("DATA"))
+                    })?;
+                    if reply.code == 421 {
+                        return Err(self.remote_failure(reply, "end of DATA"));
+                    }
+                    self.needs_rset = true;
+                    return Ok(());
+                }
+            } else {
+                if reply.code == 421 {
+                    return Err(self.remote_failure(reply, "DATA"));
+                }
+                self.needs_rset = true;
+                if !accepted.is_empty() {
+                    Self::decide_all(out, &classify(&reply, "DATA", &self.host));
+                }
+                return Ok(());
+            }
+        } else {
+            self.write(mail.as_bytes(), t.mail)
+                .await
+                .map_err(|b| self.broken_failure(b, "sending MAIL FROM", Some(&mail_name)))?;
+            let reply = self.read_reply(t.mail).await.map_err(|b| {
+                self.broken_failure(b, "receiving the MAIL FROM reply", Some(&mail_name))
+            })?;
+            if !self.after_mail(&reply, &mail_name, out)? {
+                return Ok(());
+            }
+            for (i, cmd) in rcpts.iter().enumerate() {
+                let name = rcpt_name(i);
+                self.write(cmd.as_bytes(), t.rcpt)
+                    .await
+                    .map_err(|b| self.broken_failure(b, "sending RCPT TO", Some(&name)))?;
+                let reply = self.read_reply(t.rcpt).await.map_err(|b| {
+                    self.broken_failure(b, "receiving the RCPT TO reply", Some(&name))
+                })?;
+                self.after_rcpt(i, &reply, &name, out, &mut accepted)?;
+            }
+            if accepted.is_empty() {
+                self.needs_rset = true;
+                return Ok(());
+            }
+            self.write(b"DATA\r\n", t.data_init)
+                .await
+                .map_err(|b| self.broken_failure(b, "sending DATA", Some("DATA")))?;
+            let reply = self
+                .read_reply(t.data_init)
+                .await
+                .map_err(|b| self.broken_failure(b, "receiving the DATA reply", Some("DATA")))?;
+            if reply.code != 354 {
+                if reply.code == 421 {
+                    return Err(self.remote_failure(reply, "DATA"));
+                }
+                self.needs_rset = true;
+                Self::decide_all(out, &classify(&reply, "DATA", &self.host));
+                return Ok(());
+            }
+        }
+
+        // The content.
+        let mut wire = Vec::new();
+        stuff(msg.content, &mut wire);
+        for block in wire.chunks(DATA_BLOCK) {
+            self.write(block, t.data_block)
+                .await
+                .map_err(|b| self.broken_failure(b, "sending message body", Some("DATA")))?;
+        }
+        let reply = self.read_reply(t.data_final).await.map_err(|b| {
+            self.broken_failure(b, "receiving the end of DATA reply", Some("end of DATA"))
+        })?;
+        if reply.code == 421 {
+            return Err(self.remote_failure(reply, "end of DATA"));
+        }
+        let outcome = classify(&reply, "end of DATA", &self.host);
+        let outcome = match outcome {
+            Outcome::Delivered(_) => Outcome::Delivered(format!("{} said: {reply}", self.peer)),
+            other => other,
+        };
+        Self::decide_all(out, &outcome);
+        Ok(())
+    }
+
+    /// Handles the MAIL reply: `Ok(true)` when accepted; otherwise every recipient is
+    /// decided by it.
+    fn after_mail(
+        &mut self,
+        reply: &Reply,
+        name: &str,
+        out: &mut [Option<Outcome>],
+    ) -> Result<bool, Failure> {
+        if reply.code == 421 {
+            return Err(self.remote_failure(reply.clone(), name));
+        }
+        match classify(reply, name, &self.host) {
+            Outcome::Delivered(_) => Ok(true),
+            refused => {
+                self.needs_rset = true;
+                Self::decide_all(out, &refused);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Handles one RCPT reply.
+    fn after_rcpt(
+        &mut self,
+        i: usize,
+        reply: &Reply,
+        name: &str,
+        out: &mut [Option<Outcome>],
+        accepted: &mut Vec<usize>,
+    ) -> Result<(), Failure> {
+        if reply.code == 421 {
+            return Err(self.remote_failure(reply.clone(), name));
+        }
+        match rcpt_result(reply, name, &self.host) {
+            RcptResult::Accepted => accepted.push(i),
+            RcptResult::Rejected(outcome) => out[i] = Some(outcome),
+        }
+        Ok(())
+    }
+
+    fn remote_failure(&self, reply: Reply, command: &str) -> Failure {
+        Failure {
+            reply,
+            remote: Some(self.host.clone()),
+            command: Some(command.to_string()),
+        }
+    }
+
+    /// `MAIL FROM:<…> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET= ENVID=]\r\n`.
+    fn mail_command(&self, msg: &OutboundMessage<'_>) -> String {
+        let mut cmd = format!("MAIL FROM:<{}>", msg.from);
+        if self.ext.size.is_some() {
+            cmd.push_str(&format!(" SIZE={}", msg.content.len()));
+        }
+        if msg.needs_8bit && self.ext.eight_bit_mime {
+            cmd.push_str(" BODY=8BITMIME");
+        }
+        if msg.needs_smtputf8 {
+            cmd.push_str(" SMTPUTF8");
+        }
+        if self.ext.dsn {
+            if let Some(ret) = msg.params.ret {
+                cmd.push_str(" RET=");
+                cmd.push_str(ret.as_str());
+            }
+            if let Some(envid) = &msg.params.envid {
+                cmd.push_str(" ENVID=");
+                cmd.push_str(envid);
+            }
+        }
+        cmd.push_str("\r\n");
+        cmd
+    }
+
+    /// `RCPT TO:<…> [NOTIFY= ORCPT=]\r\n`.
+    fn rcpt_command(&self, addr: &str, params: &RcptParams) -> String {
+        let mut cmd = format!("RCPT TO:<{addr}>");
+        if self.ext.dsn {
+            if let Some(notify) = params.notify {
+                cmd.push_str(" NOTIFY=");
+                cmd.push_str(&notify.to_wire());
+            }
+            if let Some(orcpt) = &params.orcpt {
+                cmd.push_str(&format!(" ORCPT={};{}", orcpt.addr_type, orcpt.xtext));
+            }
+        }
+        cmd.push_str("\r\n");
+        cmd
+    }
+
+    /// Says QUIT (when the session is still usable), waits briefly for the reply and closes.
+    pub async fn quit(mut self) {
+        if self.dead.is_none() {
+            let t = self.timeouts.quit;
+            if self.write(b"QUIT\r\n", t).await.is_ok() {
+                let _ = self.read_reply(t).await;
+            }
+        }
+        self.close().await;
+    }
+
+    async fn close(&mut self) {
+        if let Some(mut stream) = self.stream.take() {
+            let _ = timeout(Duration::from_secs(1), stream.0.shutdown()).await;
+        }
+    }
+
+    // ---- bytes -------------------------------------------------------------------------
+
+    async fn write(&mut self, bytes: &[u8], limit: Duration) -> Result<(), Broken> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Broken::Closed);
+        };
+        if tracing::enabled!(tracing::Level::TRACE) && !bytes.starts_with(b"AUTH") {
+            tracing::trace!(peer = %self.peer, out = %String::from_utf8_lossy(&bytes[..bytes.len().min(512)]));
+        }
+        let io = async {
+            stream.0.write_all(bytes).await?;
+            stream.0.flush().await
+        };
+        match timeout(limit, io).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Broken::Io(e)),
+            Err(_) => Err(Broken::Timeout),
+        }
+    }
+
+    async fn read_reply(&mut self, limit: Duration) -> Result<Reply, Broken> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Broken::Closed);
+        };
+        let reply = match timeout(limit, read_reply(&mut stream.0)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(Broken::Timeout),
+        };
+        tracing::debug!(peer = %self.peer, %reply, "reply");
+        Ok(reply)
+    }
+}
+
+/// How setting the session up failed.
+enum Setup {
+    Failed(SessionError),
+    /// The TLS handshake itself failed (the connection is lost).
+    Handshake(SessionError),
+}
+
+/// A reply built here for a problem found locally.
+fn local_reply(code: u16, status: Status, text: String) -> Reply {
+    Reply::new(code, status, text)
+}
+
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source
+        && ip.is_ipv4() == addr.is_ipv4()
+    {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Reads one line, without its CRLF (or bare LF), refusing lines over [`MAX_REPLY_LINE`].
+async fn read_line<R: AsyncBufReadExt + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+) -> Result<(), Broken> {
+    line.clear();
+    loop {
+        let buf = r.fill_buf().await.map_err(Broken::Io)?;
+        if buf.is_empty() {
+            return Err(Broken::Closed);
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(p) => (p + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > MAX_REPLY_LINE + 2 {
+            return Err(Broken::Malformed(format!(
+                "reply line longer than {MAX_REPLY_LINE} octets"
+            )));
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if done {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one (possibly multi-line) reply: `ddd-text` lines, then `ddd text` (RFC 5321 §4.2.1).
+/// The enhanced status code (RFC 2034) is taken from the first word of the first line when
+/// it is one of the same class, and removed from every line that starts with it.
+async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Broken> {
+    let mut code: Option<u16> = None;
+    let mut lines: Vec<String> = Vec::new();
+    let mut raw = Vec::with_capacity(128);
+    loop {
+        if lines.len() >= MAX_REPLY_LINES {
+            return Err(Broken::Malformed(format!(
+                "reply longer than {MAX_REPLY_LINES} lines"
+            )));
+        }
+        read_line(r, &mut raw).await?;
+        let (this, last, text) = parse_reply_line(&raw)?;
+        if code.is_some_and(|c| c != this) {
+            return Err(Broken::Malformed(format!(
+                "reply code changed within a reply: {}",
+                String::from_utf8_lossy(&raw)
+            )));
+        }
+        code = Some(this);
+        lines.push(text);
+        if last {
+            break;
+        }
+    }
+    let code = code.unwrap_or_default();
+    let status = lines[0]
+        .split(' ')
+        .next()
+        .and_then(Status::parse)
+        .filter(|s| u16::from(s.class) == code / 100);
+    if let Some(status) = status {
+        let prefix = status.to_string();
+        for line in &mut lines {
+            if let Some(rest) = line.strip_prefix(&prefix)
+                && (rest.is_empty() || rest.starts_with(' '))
+            {
+                *line = rest.trim_start_matches(' ').to_string();
+            }
+        }
+    }
+    Ok(Reply {
+        code,
+        status,
+        lines,
+    })
+}
+
+/// One reply line: (code, is the last line, text).
+fn parse_reply_line(raw: &[u8]) -> Result<(u16, bool, String), Broken> {
+    let bad = || {
+        Broken::Malformed(format!(
+            "malformed reply line: {}",
+            String::from_utf8_lossy(&raw[..raw.len().min(80)])
+        ))
+    };
+    if raw.len() < 3 || !raw[..3].iter().all(u8::is_ascii_digit) {
+        return Err(bad());
+    }
+    let code = raw[..3]
+        .iter()
+        .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
+    let (last, text) = match raw.get(3) {
+        None => (true, &raw[3..]),
+        Some(b' ') => (true, &raw[4..]),
+        Some(b'-') => (false, &raw[4..]),
+        Some(_) => return Err(bad()),
+    };
+    Ok((code, last, String::from_utf8_lossy(text).into_owned()))
+}
+
+// ---- TLS -----------------------------------------------------------------------------------
+
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// The client configuration for `policy`: verifying against the configured or the system
+/// roots for [`TlsPolicy::Verify`], accepting any certificate otherwise.
+fn tls_config(cfg: &ClientConfig, policy: TlsPolicy) -> Result<Arc<rustls::ClientConfig>, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS configuration: {e}"))?;
+    let config = if policy == TlsPolicy::Verify {
+        let roots = match &cfg.roots {
+            Some(roots) => roots.clone(),
+            None => system_roots()?,
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        static UNVERIFIED: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+        return Ok(UNVERIFIED
+            .get_or_init(|| {
+                Arc::new(
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+                        .with_no_client_auth(),
+                )
+            })
+            .clone());
+    };
+    Ok(Arc::new(config))
+}
+
+/// The system's roots, read once.
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let certs = CertificateDer::pem_file_iter(SYSTEM_ROOTS)
+                .map_err(|e| format!("cannot read {SYSTEM_ROOTS}: {e}"))?;
+            let mut store = RootCertStore::empty();
+            for cert in certs.flatten() {
+                let _ = store.add(cert);
+            }
+            if store.is_empty() {
+                return Err(format!("no usable certificate in {SYSTEM_ROOTS}"));
+            }
+            Ok(Arc::new(store))
+        })
+        .clone()
+}
+
+/// Accepts any server certificate (opportunistic TLS, like Postfix `may` and `encrypt`) but
+/// still checks the handshake signatures, so the session is encrypted to whoever holds the
+/// key of the certificate it showed.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Standard base64 with padding (RFC 4648 §4), for AUTH.
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> shift) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parse(wire: &str) -> Result<Reply, Broken> {
+        let mut r = BufReader::new(wire.as_bytes());
+        read_reply(&mut r).await
+    }
+
+    #[tokio::test]
+    async fn multi_line_reply_with_enhanced_code() {
+        let r = parse("550-5.1.1 first\r\n550 5.1.1 second\r\n")
+            .await
+            .unwrap();
+        assert_eq!(r.code, 550);
+        assert_eq!(r.status, Some(Status::new(5, 1, 1)));
+        assert_eq!(r.lines, vec!["first", "second"]);
+    }
+
+    #[tokio::test]
+    async fn reply_without_enhanced_code_or_text() {
+        let r = parse("250-mx.example\r\n250-PIPELINING\r\n250 SIZE 10\r\n")
+            .await
+            .unwrap();
+        assert_eq!(r.status, None);
+        assert_eq!(r.lines.len(), 3);
+        let r = parse("250\r\n").await.unwrap();
+        assert_eq!((r.code, r.lines.clone()), (250, vec![String::new()]));
+        // A status of another class is text.
+        let r = parse("250 5.1.1 odd\n").await.unwrap();
+        assert_eq!((r.status, r.text()), (None, "5.1.1 odd".to_string()));
+    }
+
+    #[tokio::test]
+    async fn malformed_replies() {
+        assert!(matches!(
+            parse("25O ok\r\n").await,
+            Err(Broken::Malformed(_))
+        ));
+        assert!(matches!(parse("250x\r\n").await, Err(Broken::Malformed(_))));
+        assert!(matches!(
+            parse("250-a\r\n251 b\r\n").await,
+            Err(Broken::Malformed(_))
+        ));
+        assert!(matches!(parse("250-a\r\n").await, Err(Broken::Closed)));
+        let long = format!("250 {}\r\n", "x".repeat(MAX_REPLY_LINE));
+        assert!(matches!(parse(&long).await, Err(Broken::Malformed(_))));
+        let exact = format!("250 {}\r\n", "x".repeat(MAX_REPLY_LINE - 4));
+        assert!(parse(&exact).await.is_ok());
+        let many = "250-x\r\n".repeat(MAX_REPLY_LINES) + "250 x\r\n";
+        assert!(matches!(parse(&many).await, Err(Broken::Malformed(_))));
+        let enough = "250-x\r\n".repeat(MAX_REPLY_LINES - 1) + "250 x\r\n";
+        assert!(parse(&enough).await.is_ok());
+    }
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn extensions() {
+        let r = Reply::plain(
+            250,
+            vec![
+                "mx".into(),
+                "pipelining".into(),
+                "SIZE 1000".into(),
+                "AUTH=LOGIN".into(),
+                "AUTH PLAIN LOGIN".into(),
+                "STARTTLS".into(),
+            ],
+        );
+        let e = Extensions::parse(&r);
+        assert!(e.pipelining && e.starttls && !e.dsn);
+        assert_eq!(e.size, Some(1000));
+        assert_eq!(e.auth, vec!["LOGIN", "PLAIN"]);
+    }
+}
