@@ -147,6 +147,11 @@ impl Server {
             SchedulerConfig {
                 max_deliveries: cfg.queue.max_deliveries,
                 retry: cfg.queue.retry.clone(),
+                hostname: cfg.hostname.clone(),
+                max_lifetime: cfg.queue.max_lifetime,
+                delay_warning: cfg.queue.delay_warning,
+                // Postfix's bounce_size_limit is 50,000 bytes; a little more room here.
+                max_returned: 100 * 1024,
             },
             shutdown.clone(),
             &tracker,

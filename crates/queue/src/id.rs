@@ -17,6 +17,11 @@ pub struct QueueId(u64);
 const MASK: u64 = (1 << 48) - 1;
 
 impl QueueId {
+    /// The numeric value (for seeds and hashing).
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
     /// Parses the 12-digit upper- or lower-case hex form.
     pub fn parse(s: &str) -> Option<QueueId> {
         if s.len() != 12 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -25,6 +25,14 @@ pub struct SchedulerConfig {
     pub max_deliveries: usize,
     /// Waits between attempts; the last one repeats.
     pub retry: Vec<Duration>,
+    /// This server's name: the Reporting-MTA of notifications.
+    pub hostname: String,
+    /// How long a message may stay queued; then its pending recipients fail (5.4.7).
+    pub max_lifetime: Duration,
+    /// After this long, a "delayed" notification (once); None: never.
+    pub delay_warning: Option<Duration>,
+    /// The most of an original message a failure report returns with `RET=FULL`.
+    pub max_returned: usize,
 }
 
 enum Event {
@@ -193,11 +201,11 @@ impl<T: Transport> Scheduler<T> {
             self.in_flight += 1;
             let spool = self.spool.clone();
             let transport = self.transport.clone();
-            let retry = self.cfg.retry.clone();
+            let cfg = self.cfg.clone();
             let tx = self.tx.clone();
             self.tracker.spawn(async move {
                 let id = m.id;
-                let after = attempt(&spool, &*transport, &retry, m).await;
+                let after = attempt(&spool, &*transport, &cfg, &tx, m).await;
                 let _ = tx.send(Event::Done(id, after));
             });
         }
@@ -232,9 +240,11 @@ pub fn retry_delay(retry: &[Duration], attempts: u32) -> Duration {
 async fn attempt<T: Transport>(
     spool: &Spool,
     transport: &T,
-    retry: &[Duration],
+    cfg: &SchedulerConfig,
+    tx: &mpsc::UnboundedSender<Event>,
     mut m: QueuedMessage,
 ) -> Option<QueuedMessage> {
+    let retry = &cfg.retry[..];
     let pending = m.pending();
     if pending.is_empty() {
         let _ = spool.remove(&m);
@@ -259,7 +269,9 @@ async fn attempt<T: Transport>(
     };
     let outcomes = transport.deliver(&job).await;
     let mut answered = vec![false; m.status.len()];
-    let delay = unix_now().saturating_sub(m.arrival);
+    let now = unix_now();
+    let delay = now.saturating_sub(m.arrival);
+    let mut notices = Notices::default();
     for (i, outcome) in outcomes {
         let Some(status) = m.status.get_mut(i) else {
             continue;
@@ -275,6 +287,7 @@ async fn attempt<T: Transport>(
                 status.state = RcptState::Delivered;
                 status.last_error = None;
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
+                notices.delivered.push((i, "2.0.0".into(), None, detail));
             }
             Outcome::TempFail(f) => {
                 status.last_error = Some(f.to_string());
@@ -284,6 +297,14 @@ async fn attempt<T: Transport>(
                 status.state = RcptState::Failed;
                 status.last_error = Some(f.to_string());
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "bounced", delay_s = delay, reason = %f, "failed");
+                let code = f
+                    .reply
+                    .status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "5.0.0".into());
+                notices
+                    .failed
+                    .push((i, code, f.remote.clone(), format!("{}", f.reply)));
             }
         }
     }
@@ -294,6 +315,34 @@ async fn attempt<T: Transport>(
             s.last_error = Some(Failure::local(reply::local_error()).to_string());
         }
     }
+    // The lifetime is over: what is still pending fails for good (RFC 3463 X.4.7).
+    if delay >= cfg.max_lifetime.as_secs() {
+        for i in m.pending() {
+            let last = m.status[i].last_error.clone().unwrap_or_default();
+            m.status[i].state = RcptState::Failed;
+            let why = format!(
+                "delivery time expired after {}; last error: {last}",
+                human(delay)
+            );
+            tracing::info!(target: "estafeta::maillog", id = %m.id, to = %m.envelope.rcpts[i].path, status = "expired", delay_s = delay, reason = %why, "failed");
+            m.status[i].last_error = Some(why.clone());
+            notices.failed.push((i, "5.4.7".into(), None, why));
+        }
+    } else if let Some(warn) = cfg.delay_warning
+        && !m.delay_warned
+        && delay >= warn.as_secs()
+    {
+        let until = m.arrival + cfg.max_lifetime.as_secs();
+        for i in m.pending() {
+            let last = m.status[i].last_error.clone().unwrap_or_default();
+            notices.delayed.push((i, "4.0.0".into(), None, last));
+        }
+        notices.retry_until = Some(until);
+        m.delay_warned = true;
+    }
+    // Notifications first, then the state that caused them: a crash in between repeats a
+    // notification at worst, never loses one.
+    send_notices(spool, cfg, tx, &m, &job.content, notices, now).await;
     let remaining = m.pending();
     if remaining.is_empty() {
         if let Err(e) = spool.remove(&m) {
@@ -313,6 +362,130 @@ async fn attempt<T: Transport>(
         tracing::error!(id = %m.id, error = %e, "cannot record delivery state");
     }
     Some(m)
+}
+
+/// The notifications an attempt produced: (recipient index, status code, remote host,
+/// diagnostic) for each kind.
+#[derive(Default)]
+struct Notices {
+    failed: Vec<(usize, String, Option<String>, String)>,
+    delayed: Vec<(usize, String, Option<String>, String)>,
+    delivered: Vec<(usize, String, Option<String>, String)>,
+    retry_until: Option<u64>,
+}
+
+fn human(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3_600 => format!("{}h", s / 3_600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Builds and queues the delivery status notifications (RFC 3464) an attempt calls for,
+/// honouring NOTIFY, RET, ENVID and ORCPT (RFC 3461). A message from `<>` is never answered
+/// (no bounce of a bounce): that is logged instead.
+async fn send_notices(
+    spool: &Spool,
+    cfg: &SchedulerConfig,
+    tx: &mpsc::UnboundedSender<Event>,
+    m: &QueuedMessage,
+    content: &crate::spool::Content,
+    notices: Notices,
+    now: u64,
+) {
+    use crate::dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn, may_bounce, wants_dsn};
+    let groups = [
+        (DsnAction::Failed, notices.failed),
+        (DsnAction::Delayed, notices.delayed),
+        (DsnAction::Delivered, notices.delivered),
+    ];
+    for (action, list) in groups {
+        let recipients: Vec<DsnRecipient> = list
+            .into_iter()
+            .filter(|(i, ..)| wants_dsn(m.envelope.rcpts[*i].params.notify, action))
+            .map(|(i, status, remote, diagnostic)| {
+                let r = &m.envelope.rcpts[i];
+                DsnRecipient {
+                    final_recipient: r.path.to_string(),
+                    original_recipient: r.params.orcpt.as_ref().map(|o| o.address()),
+                    action,
+                    status,
+                    remote_mta: remote.map(|h| format!("dns; {h}")),
+                    diagnostic: Some(format!("smtp; {diagnostic}")),
+                    last_attempt: Some(now),
+                    will_retry_until: if action == DsnAction::Delayed {
+                        notices.retry_until
+                    } else {
+                        None
+                    },
+                }
+            })
+            .collect();
+        if recipients.is_empty() {
+            continue;
+        }
+        if !may_bounce(&m.envelope.from) {
+            tracing::info!(target: "estafeta::maillog", id = %m.id, "no notification: the message is itself a notification (null sender)");
+            continue;
+        }
+        let envid = m
+            .envelope
+            .params
+            .envid
+            .as_deref()
+            .map(|e| estafeta_proto::command::xtext_decode(e).unwrap_or_else(|| e.to_string()));
+        let sender = m.envelope.from.to_string();
+        let id = m.id.to_string();
+        let bytes = build_dsn(&DsnInput {
+            reporting_mta: &cfg.hostname,
+            queue_id: &id,
+            envid: envid.as_deref(),
+            arrival: m.arrival,
+            now,
+            sender: &sender,
+            recipients: &recipients,
+            original: content.as_bytes(),
+            // RFC 3461 §4.3: only failure reports return the whole message.
+            return_full: action == DsnAction::Failed
+                && m.envelope.params.ret == Some(estafeta_proto::Ret::Full),
+            max_returned: cfg.max_returned,
+            boundary_seed: now ^ m.id.as_u64(),
+        });
+        let envelope = estafeta_proto::Envelope {
+            client: estafeta_proto::ClientInfo {
+                ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                port: 0,
+                helo: cfg.hostname.clone(),
+                protocol: "local".into(),
+                tls: None,
+                auth: None,
+            },
+            from: estafeta_proto::ReversePath::Null,
+            params: estafeta_proto::MailParams::default(),
+            rcpts: vec![estafeta_proto::Recipient {
+                path: match &m.envelope.from {
+                    estafeta_proto::ReversePath::Mailbox(mb) => estafeta_proto::ForwardPath {
+                        mailbox: mb.clone(),
+                        bare_postmaster: false,
+                        source_route: Vec::new(),
+                    },
+                    estafeta_proto::ReversePath::Null => continue,
+                },
+                params: estafeta_proto::RcptParams::default(),
+            }],
+        };
+        match spool.put(envelope, bytes).await {
+            Ok(notice) => {
+                tracing::info!(target: "estafeta::maillog", id = %m.id, notification = %notice.id, to = %sender, kind = ?action, "notification queued");
+                let _ = tx.send(Event::New(notice));
+            }
+            Err(e) => {
+                tracing::error!(id = %m.id, error = %e, "cannot queue the delivery status notification");
+            }
+        }
+    }
 }
 
 async fn defer_all(

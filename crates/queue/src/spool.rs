@@ -82,6 +82,8 @@ pub struct QueuedMessage {
     pub next_attempt: u64,
     /// True when an `ID.st` state file exists for this message.
     pub has_status_file: bool,
+    /// True once a "delayed" notification was sent for this message.
+    pub delay_warned: bool,
     /// The content, kept in memory from acceptance to the first attempt so that it is not
     /// read back from disk (None after that, or for large messages).
     pub content: Option<Content>,
@@ -208,6 +210,7 @@ impl Spool {
             size,
             next_attempt: 0,
             has_status_file: false,
+            delay_warned: false,
             content,
         })
     }
@@ -292,6 +295,9 @@ impl Spool {
         text.push_str(STATUS_MAGIC);
         text.push('\n');
         text.push_str(&format!("next {}\n", msg.next_attempt));
+        if msg.delay_warned {
+            text.push_str("warned\n");
+        }
         for (i, s) in msg.status.iter().enumerate() {
             let state = match s.state {
                 RcptState::Pending => "pending",
@@ -548,6 +554,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             size: 0,
             next_attempt: 0,
             has_status_file: false,
+            delay_warned: false,
             content: None,
         },
         consumed,
@@ -565,6 +572,7 @@ fn apply_status(msg: &mut QueuedMessage, text: &str) -> io::Result<()> {
             Some("next") => {
                 msg.next_attempt = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
             }
+            Some("warned") => msg.delay_warned = true,
             Some("rcpt") => {
                 let i: usize = parts
                     .next()

@@ -148,6 +148,10 @@ async fn scheduler_retries_then_removes() {
         SchedulerConfig {
             max_deliveries: 4,
             retry: vec![Duration::from_secs(1)],
+            hostname: "mx.example.test".into(),
+            max_lifetime: Duration::from_secs(3600),
+            delay_warning: None,
+            max_returned: 10_000,
         },
         shutdown.clone(),
         &tracker,
@@ -166,10 +170,188 @@ async fn scheduler_retries_then_removes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // bob got the message, and alice (NOTIFY=SUCCESS) a success report.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.delivered.lock().unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no success report");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         *t.delivered.lock().unwrap(),
-        vec!["bob@localhost".to_string()]
+        vec![
+            "bob@localhost".to_string(),
+            "alice@example.test".to_string()
+        ]
     );
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// A transport that fails `bad@…` for good, keeps failing `slow@…` for now, delivers the rest,
+/// and keeps what it delivered.
+struct Judge {
+    delivered: Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl Transport for Judge {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        job.rcpts
+            .iter()
+            .map(|&i| {
+                let to = job.envelope.rcpts[i].path.to_string();
+                if to.starts_with("bad@") {
+                    let r = estafeta_proto::Reply::new(
+                        550,
+                        estafeta_proto::Status::new(5, 1, 1),
+                        format!("<{to}>: User unknown"),
+                    );
+                    let f = Failure {
+                        reply: r,
+                        remote: Some("mx.remote.example".into()),
+                        command: Some("RCPT TO".into()),
+                    };
+                    (i, Outcome::PermFail(f))
+                } else if to.starts_with("slow@") {
+                    (i, Outcome::TempFail(Failure::local(reply::local_error())))
+                } else {
+                    self.delivered
+                        .lock()
+                        .unwrap()
+                        .push((to, job.content.as_bytes().to_vec()));
+                    (i, Outcome::Delivered("ok".into()))
+                }
+            })
+            .collect()
+    }
+}
+
+fn judge_queue(
+    dir: &std::path::Path,
+    max_lifetime: Duration,
+) -> (
+    Arc<Judge>,
+    estafeta_queue::QueueHandle,
+    CancellationToken,
+    TaskTracker,
+) {
+    let s = Arc::new(spool(dir));
+    let t = Arc::new(Judge {
+        delivered: Mutex::new(Vec::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(
+        s,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 4,
+            retry: vec![Duration::from_secs(1)],
+            hostname: "mx.example.test".into(),
+            max_lifetime,
+            delay_warning: None,
+            max_returned: 10_000,
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .unwrap();
+    (t, q, shutdown, tracker)
+}
+
+fn wait_for(t: &Judge, to: &str) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some((_, m)) = t.delivered.lock().unwrap().iter().find(|(a, _)| a == to) {
+            return m.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing for {to}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_bounced_to_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, q, shutdown, tracker) = judge_queue(dir.path(), Duration::from_secs(3600));
+    let mut env = envelope(&["bad@remote.example", "good@localhost"]);
+    env.rcpts[0].params.orcpt = Some(estafeta_proto::Orcpt {
+        addr_type: "rfc822".into(),
+        xtext: "Bad@Remote.Example".into(),
+    });
+    q.submit(env, b"Subject: hello\r\n\r\nbody\r\n".to_vec())
+        .await
+        .unwrap();
+    let bounce = tokio::task::spawn_blocking(move || wait_for(&t, "alice@example.test"))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bounce);
+    assert!(text.contains("multipart/report"), "{text}");
+    assert!(text.contains("report-type=delivery-status"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; bad@remote.example"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Original-Recipient: rfc822; Bad@Remote.Example"),
+        "{text}"
+    );
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(
+        text.contains("Remote-MTA: dns; mx.remote.example"),
+        "{text}"
+    );
+    assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1"), "{text}");
+    assert!(
+        text.contains("Original-Envelope-Id: QQ+1")
+            || text.contains("Original-Envelope-Id: QQ+2B1"),
+        "{text}"
+    );
+    assert!(!text.contains("good@localhost\r\nAction"), "{text}");
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_is_never_bounced_and_an_expired_message_bounces() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, q, shutdown, tracker) = judge_queue(dir.path(), Duration::from_secs(1));
+    // From <>: fails, and nothing is sent back.
+    let mut env = envelope(&["bad@remote.example"]);
+    env.from = estafeta_proto::ReversePath::Null;
+    q.submit(env, b"Subject: a bounce\r\n\r\nx\r\n".to_vec())
+        .await
+        .unwrap();
+    // Keeps failing temporarily: after the 1 s lifetime, it fails for good (5.4.7).
+    q.submit(
+        envelope(&["slow@remote.example"]),
+        b"Subject: slow\r\n\r\nx\r\n".to_vec(),
+    )
+    .await
+    .unwrap();
+    let t2 = t.clone();
+    let bounce = tokio::task::spawn_blocking(move || wait_for(&t2, "alice@example.test"))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bounce);
+    assert!(
+        text.contains("Final-Recipient: rfc822; slow@remote.example"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.4.7"), "{text}");
+    assert!(text.contains("delivery time expired"), "{text}");
+    // Exactly one notification: the null-sender message produced none.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n = t
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(a, _)| a == "alice@example.test")
+        .count();
+    assert_eq!(n, 1);
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
