@@ -2,3 +2,4 @@
 //! its own, separate from the SMTP client (`client`).
 
 pub mod client;
+pub mod resolve;
