@@ -122,12 +122,26 @@ fn scenario(s: &Submission, name: &str, port: u16) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Waits (up to 10 s) for the message with this subject in bob's Maildir: earlier
+/// messages being there does not mean this one is.
 fn delivered(s: &Submission, subject: &str) -> String {
-    let msgs = maildir_new(&s.data, "example.test", "bob", 1, Duration::from_secs(10));
-    msgs.iter()
-        .map(|m| String::from_utf8_lossy(m).into_owned())
-        .find(|m| m.contains(&format!("Subject: {subject}")))
-        .unwrap_or_else(|| panic!("no message {subject:?}; log:\n{}", s.process.log_text()))
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let msgs = maildir_new(&s.data, "example.test", "bob", 1, Duration::from_secs(10));
+        if let Some(m) = msgs
+            .iter()
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .find(|m| m.contains(&format!("Subject: {subject}")))
+        {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no message {subject:?}; log:\n{}",
+            s.process.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
