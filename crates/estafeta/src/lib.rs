@@ -66,6 +66,68 @@ pub fn session_config(cfg: &Config, listener: &Listener, tls: bool) -> SessionCo
     }
 }
 
+/// Remote delivery from the configuration: `[dns]`, `[relay.routes]`, the smarthost.
+fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remote> {
+    use estafeta_relay::client::ClientConfig;
+    use estafeta_relay::remote::{NextHop, Remote, tls_policy};
+    use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
+    let resolver = if cfg.dns.nameservers.is_empty() {
+        Resolver::system().map_err(|e| anyhow::anyhow!("DNS: {e}"))?
+    } else {
+        Resolver::with_nameservers(&cfg.dns.nameservers)
+    };
+    let mut routes = std::collections::HashMap::new();
+    for (domain, hop) in &cfg.relay.routes {
+        let hop = NextHop::parse(hop).with_context(|| {
+            format!("relay.routes.\"{domain}\": \"{hop}\" is not host, host:port or [ip]:port")
+        })?;
+        routes.insert(domain.to_lowercase(), hop);
+    }
+    let smarthost = match &cfg.relay.smarthost {
+        Some(h) => Some(
+            NextHop::parse(h)
+                .with_context(|| format!("relay.smarthost: \"{h}\" is not host:port"))?,
+        ),
+        None => None,
+    };
+    let mut smarthost_client = ClientConfig::new(cfg.hostname.clone());
+    smarthost_client.tls = tls_policy(match cfg.relay.smarthost_tls {
+        estafeta_config::SmarthostTls::None => "none",
+        estafeta_config::SmarthostTls::Opportunistic => "opportunistic",
+        estafeta_config::SmarthostTls::Required => "required",
+        estafeta_config::SmarthostTls::Verify => "verify",
+    });
+    if let Some(path) = &cfg.relay.smarthost_credentials {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("relay.smarthost_credentials {}", path.display()))?;
+        let line = text.lines().next().unwrap_or("").trim();
+        let (user, password) = line
+            .split_once(':')
+            .with_context(|| format!("{}: expected one line \"user:password\"", path.display()))?;
+        smarthost_client.credentials = Some((user.to_string(), password.to_string()));
+    }
+    let mut addrs: Vec<std::net::IpAddr> = cfg
+        .listeners
+        .iter()
+        .flat_map(|l| l.addresses.iter().map(|a| a.ip()))
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    addrs.dedup();
+    Ok(Remote {
+        resolver,
+        client: ClientConfig::new(cfg.hostname.clone()),
+        smarthost_client,
+        routes,
+        smarthost,
+        ip_version: IpVersion::Any,
+        local: LocalIdentity {
+            hostnames: vec![cfg.hostname.to_lowercase()],
+            addrs,
+        },
+        mx_port: 25,
+    })
+}
+
 /// Creates a directory (and parents) readable only by the service user.
 fn private_dir(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -99,11 +161,12 @@ impl Server {
             Policy::new(&cfg)
                 .with_users(Arc::new(move |address: &str| directory.contains(address))),
         );
-        let router = Arc::new(Router::new(
+        let router = Router::new(
             policy.clone(),
             Maildir::new(syncer, &cfg.hostname),
             cfg.delivery.maildir.clone(),
-        ));
+        );
+        let router = Arc::new(router.with_remote(Arc::new(remote_delivery(&cfg)?)));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         // TLS: the operator's certificate, or a self-signed one generated into data_dir.

@@ -1,5 +1,5 @@
-//! The transport the scheduler uses: it sends each recipient to its delivery agent. For now
-//! every accepted recipient is local (Maildir); remote delivery joins with the relay issue.
+//! The transport the scheduler uses: it sends each recipient to its delivery agent: a local
+//! mailbox (Maildir), or remote delivery, one session per recipient domain.
 
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ pub struct Router {
     policy: Arc<Policy>,
     maildir: Maildir,
     template: String,
+    remote: Option<Arc<estafeta_relay::remote::Remote>>,
 }
 
 impl Router {
@@ -23,7 +24,42 @@ impl Router {
             policy,
             maildir,
             template,
+            remote: None,
         }
+    }
+
+    /// The same router, delivering recipients elsewhere with `remote`.
+    pub fn with_remote(mut self, remote: Arc<estafeta_relay::remote::Remote>) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// Delivers the remote recipients `idx` (all of `domain`).
+    async fn deliver_remote(
+        &self,
+        remote: &estafeta_relay::remote::Remote,
+        job: &DeliveryJob,
+        domain: &str,
+        idx: &[usize],
+    ) -> Vec<(usize, Outcome)> {
+        let env = &job.envelope;
+        let rcpts: Vec<(String, estafeta_proto::RcptParams)> = idx
+            .iter()
+            .map(|&i| (env.rcpts[i].path.to_string(), env.rcpts[i].params.clone()))
+            .collect();
+        let from = env.from.to_string();
+        let content = job.content.as_bytes();
+        let msg = estafeta_relay::client::OutboundMessage {
+            from: &from,
+            params: &env.params,
+            rcpts: &rcpts,
+            content,
+            needs_smtputf8: env.params.smtputf8,
+            needs_8bit: env.params.body == Some(estafeta_proto::Body::EightBitMime)
+                || !content.is_ascii(),
+        };
+        let outcomes = remote.deliver(domain, &msg).await;
+        idx.iter().copied().zip(outcomes).collect()
     }
 }
 
@@ -31,6 +67,7 @@ impl Transport for Router {
     async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
         let mut outcomes = Vec::with_capacity(job.rcpts.len());
         let mut local: Vec<(usize, Target)> = Vec::new();
+        let mut remote_groups: Vec<(String, Vec<usize>)> = Vec::new();
         for &i in &job.rcpts {
             let rcpt = &job.envelope.rcpts[i];
             // Recipients were expanded (aliases, catch-all) before queueing: a local one is a
@@ -39,6 +76,12 @@ impl Transport for Router {
                 if self.policy.is_local_domain(&rcpt.path.mailbox.domain.key()) {
                     let r = reply::user_unknown(&rcpt.path.to_string());
                     outcomes.push((i, Outcome::PermFail(Failure::local(r))));
+                } else if self.remote.is_some() {
+                    let domain = rcpt.path.mailbox.domain.key();
+                    match remote_groups.iter_mut().find(|(d, _)| *d == domain) {
+                        Some((_, v)) => v.push(i),
+                        None => remote_groups.push((domain, vec![i])),
+                    }
                 } else {
                     // Accepted for relay from a trusted client; remote delivery comes with
                     // the relay issue. The message waits in the queue, never lost.
@@ -78,6 +121,11 @@ impl Transport for Router {
                         ))),
                     },
                 ));
+            }
+        }
+        if let Some(remote) = &self.remote {
+            for (domain, idx) in &remote_groups {
+                outcomes.extend(self.deliver_remote(remote, job, domain, idx).await);
             }
         }
         outcomes

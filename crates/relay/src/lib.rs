@@ -2,4 +2,5 @@
 //! its own, separate from the SMTP client (`client`).
 
 pub mod client;
+pub mod remote;
 pub mod resolve;

@@ -1,0 +1,242 @@
+//! Remote delivery of one message to the recipients of one domain: where to connect (a route,
+//! the smarthost, an address literal, or the domain's MX hosts), then the hosts in order until
+//! one gives per-recipient answers.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use estafeta_proto::reply::{Reply, Status};
+use estafeta_queue::{Failure, Outcome};
+
+use crate::client::{self, ClientConfig, OutboundMessage, TlsPolicy};
+use crate::resolve::{IpVersion, LocalIdentity, ResolveError, Resolver};
+
+/// A fixed next hop: `[relay.routes]` entries and the smarthost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// A host name, or an IP address (written `[192.0.2.7]` in the configuration).
+    pub host: String,
+    /// The port (25 when the configuration names none).
+    pub port: u16,
+}
+
+impl NextHop {
+    /// Parses `host`, `host:port`, `[ip]` or `[ip]:port`.
+    pub fn parse(text: &str) -> Option<NextHop> {
+        let text = text.trim();
+        if let Some(rest) = text.strip_prefix('[') {
+            let (ip, after) = rest.split_once(']')?;
+            let ip: IpAddr = ip.strip_prefix("IPv6:").unwrap_or(ip).parse().ok()?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().ok()?,
+                None if after.is_empty() => 25,
+                None => return None,
+            };
+            return Some(NextHop {
+                host: ip.to_string(),
+                port,
+            });
+        }
+        match text.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => Some(NextHop {
+                host: h.to_string(),
+                port: p.parse().ok()?,
+            }),
+            _ if !text.is_empty() && !text.contains(':') => Some(NextHop {
+                host: text.to_string(),
+                port: 25,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Everything remote delivery needs, built once from the configuration.
+pub struct Remote {
+    /// MX and address lookups.
+    pub resolver: Resolver,
+    /// The client settings for MX delivery (opportunistic TLS by default).
+    pub client: ClientConfig,
+    /// The client settings for the smarthost (its TLS policy and credentials).
+    pub smarthost_client: ClientConfig,
+    /// Per-domain next hops (lower-case domain → hop).
+    pub routes: HashMap<String, NextHop>,
+    /// Send everything remote through this host.
+    pub smarthost: Option<NextHop>,
+    /// IPv4, IPv6 or both.
+    pub ip_version: IpVersion,
+    /// This server's names and addresses (mail loops back to myself).
+    pub local: LocalIdentity,
+    /// The SMTP port of MX hosts (25; tests may use another).
+    pub mx_port: u16,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("routes", &self.routes)
+            .field("smarthost", &self.smarthost)
+            .field("mx_port", &self.mx_port)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failure(code: u16, status: &str, text: String) -> Failure {
+    Failure::local(Reply::new(
+        code,
+        Status::parse(status).unwrap_or(Status::new(if code >= 500 { 5 } else { 4 }, 0, 0)),
+        text,
+    ))
+}
+
+fn all(n: usize, o: Outcome) -> Vec<Outcome> {
+    vec![o; n]
+}
+
+impl Remote {
+    /// The (host name, addresses, port, client settings) to try, in order.
+    async fn hops(
+        &self,
+        domain: &str,
+    ) -> Result<(Vec<(String, Vec<IpAddr>, u16)>, &ClientConfig), Outcome> {
+        let fixed = match &self.smarthost {
+            Some(h) => Some((h, &self.smarthost_client)),
+            None => self
+                .routes
+                .get(&domain.to_lowercase())
+                .map(|h| (h, &self.client)),
+        };
+        if let Some((hop, cfg)) = fixed {
+            let addrs: Vec<IpAddr> = match hop.host.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
+                Err(_) => match tokio::net::lookup_host((hop.host.as_str(), hop.port)).await {
+                    Ok(it) => it.map(|a| a.ip()).collect(),
+                    Err(e) => {
+                        return Err(Outcome::TempFail(failure(
+                            451,
+                            "4.4.3",
+                            format!("cannot resolve the next hop {}: {e}", hop.host),
+                        )));
+                    }
+                },
+            };
+            return Ok((vec![(hop.host.clone(), addrs, hop.port)], cfg));
+        }
+        // An address literal: that address, no MX.
+        if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+            let ip: Option<IpAddr> = lit.strip_prefix("IPv6:").unwrap_or(lit).parse().ok();
+            return match ip {
+                Some(ip) => Ok((vec![(ip.to_string(), vec![ip], self.mx_port)], &self.client)),
+                None => Err(Outcome::PermFail(failure(
+                    550,
+                    "5.1.2",
+                    format!("cannot route to address literal {domain}"),
+                ))),
+            };
+        }
+        match self
+            .resolver
+            .destinations(domain, self.ip_version, &self.local)
+            .await
+        {
+            Ok(dests) => Ok((
+                dests
+                    .into_iter()
+                    .map(|d| (d.host, d.addrs, self.mx_port))
+                    .collect(),
+                &self.client,
+            )),
+            Err(ResolveError::Permanent { status, reason }) => {
+                // RFC 7505: a null MX is "556 5.1.10".
+                let code = if status == "5.1.10" { 556 } else { 550 };
+                Err(Outcome::PermFail(failure(code, status, reason)))
+            }
+            Err(ResolveError::Temporary { reason }) => {
+                Err(Outcome::TempFail(failure(451, "4.4.3", reason)))
+            }
+        }
+    }
+
+    /// Delivers `msg` (whose recipients all belong to `domain`): one outcome per recipient, in
+    /// order. Hosts are tried in order until one answers per recipient; if none does, the
+    /// recipients fail temporarily (or permanently when every host refused for good).
+    pub async fn deliver(&self, domain: &str, msg: &OutboundMessage<'_>) -> Vec<Outcome> {
+        let n = msg.rcpts.len();
+        let (hops, cfg) = match self.hops(domain).await {
+            Ok(h) => h,
+            Err(o) => return all(n, o),
+        };
+        let mut last: Option<client::SessionError> = None;
+        let mut all_permanent = true;
+        for (host, addrs, port) in hops {
+            for ip in addrs {
+                let addr = SocketAddr::new(ip, port);
+                match client::deliver(addr, &host, cfg, msg).await {
+                    Ok(outcomes) => return outcomes,
+                    Err(e) => {
+                        tracing::info!(target: "estafeta::maillog", host = %host, address = %addr, reason = %e, "trying the next host");
+                        all_permanent &= e.permanent;
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        match last {
+            Some(e) if all_permanent => all(n, Outcome::PermFail(e.failure)),
+            Some(e) => all(n, Outcome::TempFail(e.failure)),
+            None => all(
+                n,
+                Outcome::TempFail(failure(
+                    451,
+                    "4.4.4",
+                    format!("no address to connect to for {domain}"),
+                )),
+            ),
+        }
+    }
+}
+
+/// The TLS policy of the configuration's `smarthost_tls` word.
+pub fn tls_policy(word: &str) -> TlsPolicy {
+    match word {
+        "none" => TlsPolicy::None,
+        "required" => TlsPolicy::Required,
+        "verify" => TlsPolicy::Verify,
+        _ => TlsPolicy::Opportunistic,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_hops() {
+        let h = |s: &str| NextHop::parse(s);
+        assert_eq!(
+            h("[192.0.2.7]:25"),
+            Some(NextHop {
+                host: "192.0.2.7".into(),
+                port: 25
+            })
+        );
+        assert_eq!(
+            h("[IPv6:2001:db8::7]:2525"),
+            Some(NextHop {
+                host: "2001:db8::7".into(),
+                port: 2525
+            })
+        );
+        assert_eq!(
+            h("smtp.provider.example:587"),
+            Some(NextHop {
+                host: "smtp.provider.example".into(),
+                port: 587
+            })
+        );
+        assert_eq!(h("mx.example").unwrap().port, 25);
+        assert_eq!(h("[192.0.2.7]").unwrap().port, 25);
+        assert_eq!(h("a:b:c"), None);
+        assert_eq!(h("[nope]:25"), None);
+    }
+}

@@ -1,0 +1,143 @@
+//! Relaying end to end: two real estafeta instances, the second on 127.0.0.2 as the remote
+//! peer, connected by `[relay.routes]` (no DNS needed here).
+
+use std::path::Path;
+use std::time::Duration;
+
+use estafeta_e2e::{Client, Process, free_port, maildir_new};
+
+fn write(dir: &Path, name: &str, text: String) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn relayed_over_starttls_bounced_and_deferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_port, b_port, dead_port) = (free_port(), free_port(), free_port());
+    // B: the remote peer, on another loopback address.
+    let b_cfg = write(
+        dir.path(),
+        "b.toml",
+        format!(
+            r#"hostname = "mx.remote.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.2:{b_port}"
+[relay]
+mynetworks = []
+[[domain]]
+name = "remote.test"
+mailboxes = "*"
+[[domain]]
+name = "strict.test"
+mailboxes = ["only"]
+"#,
+            d = dir.path().join("b").display()
+        ),
+    );
+    // A: the sender's server; routes remote.test and strict.test to B, dead.test nowhere.
+    let a_cfg = write(
+        dir.path(),
+        "a.toml",
+        format!(
+            r#"hostname = "mx.local.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.1:{a_port}"
+[relay]
+mynetworks = ["127.0.0.1/32"]
+[relay.routes]
+"remote.test" = "[127.0.0.2]:{b_port}"
+"strict.test" = "[127.0.0.2]:{b_port}"
+"dead.test" = "[127.0.0.1]:{dead_port}"
+[[domain]]
+name = "local.test"
+mailboxes = "*"
+[queue]
+retry = ["1s"]
+"#,
+            d = dir.path().join("a").display()
+        ),
+    );
+    let b = Process::serve(
+        &b_cfg,
+        format!("127.0.0.2:{b_port}").parse().unwrap(),
+        &dir.path().join("b.log"),
+    );
+    let a = Process::serve(
+        &a_cfg,
+        format!("127.0.0.1:{a_port}").parse().unwrap(),
+        &dir.path().join("a.log"),
+    );
+    let send = |to: &[&str], subject: &str| {
+        let mut c = Client::connect(a.addr);
+        c.reply();
+        c.line("EHLO client.local.test");
+        c.reply();
+        assert!(c.cmd("MAIL FROM:<alice@local.test>").starts_with("250"));
+        for t in to {
+            assert!(c.cmd(&format!("RCPT TO:<{t}>")).starts_with("250"), "{t}");
+        }
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.write(format!("Subject: {subject}\r\n\r\n..leading dot\r\nbody\r\n.\r\n").as_bytes());
+        let r = c.last();
+        assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
+        c.cmd("QUIT");
+    };
+    send(&["bob@remote.test", "nobody@strict.test"], "relay me");
+    // bob@remote.test arrives at B, through STARTTLS (B's self-signed certificate).
+    let msgs = maildir_new(
+        &dir.path().join("b"),
+        "remote.test",
+        "bob",
+        1,
+        Duration::from_secs(15),
+    );
+    assert_eq!(msgs.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
+    let m = String::from_utf8_lossy(&msgs[0]).into_owned();
+    assert!(
+        m.contains("by mx.remote.test (estafeta) with ESMTPS"),
+        "{m}"
+    );
+    assert!(m.contains("by mx.local.test (estafeta) with ESMTP"), "{m}");
+    assert!(m.contains("\r\n.leading dot\r\nbody\r\n"), "{m}");
+    // nobody@strict.test was refused by B (550 5.1.1): alice gets a bounce.
+    let bounces = maildir_new(
+        &dir.path().join("a"),
+        "local.test",
+        "alice",
+        1,
+        Duration::from_secs(15),
+    );
+    assert_eq!(bounces.len(), 1, "A:\n{}", a.log_text());
+    let bounce = String::from_utf8_lossy(&bounces[0]).into_owned();
+    assert!(bounce.contains("Return-Path: <>"), "{bounce}");
+    assert!(bounce.contains("report-type=delivery-status"), "{bounce}");
+    assert!(
+        bounce.contains("Final-Recipient: rfc822; nobody@strict.test"),
+        "{bounce}"
+    );
+    assert!(bounce.contains("Status: 5.1.1"), "{bounce}");
+    assert!(bounce.contains("Remote-MTA: dns; 127.0.0.2"), "{bounce}");
+    // dead.test: nothing listens; the message stays queued and is retried.
+    send(&["carol@dead.test"], "nowhere");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a
+        .log_text()
+        .matches("to=carol@dead.test status=\"deferred\"")
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "A:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = std::fs::read_dir(dir.path().join("a/queue"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().len() == 12)
+        .count();
+    assert_eq!(queued, 1);
+}
