@@ -366,6 +366,16 @@ pub fn remote_delivery_unavailable() -> Reply {
 
 // ---- 5yz -------------------------------------------------------------------------------------
 
+/// `554 5.0.0 …`: the operator returned the message to its sender (`estafeta queue bounce`);
+/// the text goes into the notification's Diagnostic-Code.
+pub fn bounced_by_administrator() -> Reply {
+    Reply::new(
+        554,
+        st(5, 0, 0),
+        "Message returned to the sender by the mail system administrator",
+    )
+}
+
 /// `500 5.5.2 Error: line too long` (RFC 5321 §4.5.3.1.4, §4.5.3.1.9).
 pub fn line_too_long() -> Reply {
     Reply::new(500, st(5, 5, 2), "Error: line too long")

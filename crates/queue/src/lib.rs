@@ -4,6 +4,7 @@
 //! directory entry are on stable storage (group-committed by the [`Syncer`]). The
 //! [`scheduler`] hands due messages to a transport and records each recipient's outcome.
 
+pub mod admin;
 pub mod dsn;
 pub mod id;
 pub mod scheduler;
@@ -11,6 +12,7 @@ pub mod spool;
 pub mod sync;
 pub mod transport;
 
+pub use admin::{AdminAction, AdminReport, Selection, apply_offline};
 pub use dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn, may_bounce, wants_dsn};
 pub use id::{IdGenerator, QueueId};
 pub use scheduler::{QueueHandle, SchedulerConfig, start};

@@ -3,17 +3,18 @@
 //! for its retry is an entry in a heap, and the loop sleeps exactly until the next one is due.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use estafeta_proto::Envelope;
 use estafeta_proto::reply;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{AdminAction, AdminReport, Selection, has_pending_in};
 use crate::id::QueueId;
 use crate::spool::{QueuedMessage, RcptState, Spool, unix_now};
 use crate::transport::{DeliveryJob, Failure, Outcome, Transport};
@@ -35,13 +36,15 @@ pub struct SchedulerConfig {
     pub max_returned: usize,
 }
 
-enum Event {
+pub(crate) enum Event {
     /// A message was just accepted.
     New(QueuedMessage),
     /// An attempt finished; the message comes back with its new state (None: it is done).
     Done(QueueId, Option<QueuedMessage>),
     /// Try every waiting message now.
     Flush,
+    /// The operator's request (`estafeta queue …`), answered on the channel.
+    Admin(AdminAction, oneshot::Sender<AdminReport>),
 }
 
 /// The handle sessions use to queue messages.
@@ -57,6 +60,7 @@ impl std::fmt::Debug for Event {
             Event::New(m) => write!(f, "New({})", m.id),
             Event::Done(id, _) => write!(f, "Done({id})"),
             Event::Flush => f.write_str("Flush"),
+            Event::Admin(a, _) => write!(f, "Admin({a:?})"),
         }
     }
 }
@@ -73,6 +77,27 @@ impl QueueHandle {
     /// Asks the scheduler to try every deferred message now.
     pub fn flush(&self) {
         let _ = self.tx.send(Event::Flush);
+    }
+
+    /// Carries out an administrative action in the scheduler's loop and reports what it did.
+    /// Fails only when the scheduler has stopped.
+    pub async fn admin(&self, action: AdminAction) -> io::Result<AdminReport> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Event::Admin(action, reply))
+            .map_err(|_| io::Error::other("the scheduler has stopped"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("the scheduler has stopped"))
+    }
+
+    /// Attempts now every message with a pending recipient in `domain` (held ones excepted),
+    /// whatever their retry schedule. Returns how many messages that is (for ETRN too).
+    pub async fn flush_domain(&self, domain: &str) -> usize {
+        self.admin(AdminAction::Flush(Selection::Domain(domain.to_string())))
+            .await
+            .map(|r| r.done.len())
+            .unwrap_or(0)
     }
 
     /// The spool.
@@ -111,7 +136,10 @@ pub fn start<T: Transport>(
         ready: VecDeque::new(),
         waiting: BinaryHeap::new(),
         parked: HashMap::new(),
+        held: HashMap::new(),
         in_flight: 0,
+        in_flight_ids: HashSet::new(),
+        on_return: HashMap::new(),
     };
     tracker.spawn(sched.run(rx, recovered, shutdown));
     Ok(handle)
@@ -125,10 +153,26 @@ struct Scheduler<T> {
     tracker: TaskTracker,
     /// Due now, in arrival order.
     ready: VecDeque<QueuedMessage>,
-    /// Waiting for a retry: (due, id), earliest first; the messages are in `parked`.
+    /// Waiting for a retry: (due, id), earliest first; the messages are in `parked` with the
+    /// same due time (an entry whose time differs is stale: the message was taken out).
     waiting: BinaryHeap<Reverse<(Instant, QueueId)>>,
-    parked: HashMap<QueueId, QueuedMessage>,
+    parked: HashMap<QueueId, (Instant, QueuedMessage)>,
+    /// Held by the operator: never attempted until released.
+    held: HashMap<QueueId, QueuedMessage>,
     in_flight: usize,
+    /// The messages being attempted right now.
+    in_flight_ids: HashSet<QueueId>,
+    /// What the operator asked for a message while it was being attempted, done when the
+    /// attempt returns (a message is never removed under the transport's feet).
+    on_return: HashMap<QueueId, AfterAttempt>,
+}
+
+/// An administrative action postponed until the attempt in flight returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterAttempt {
+    Hold,
+    Delete,
+    Bounce,
 }
 
 impl<T: Transport> Scheduler<T> {
@@ -150,18 +194,23 @@ impl<T: Transport> Scheduler<T> {
                 ev = rx.recv() => match ev {
                     None => break,
                     Some(Event::New(m)) => self.ready.push_back(m),
-                    Some(Event::Done(_, m)) => {
+                    Some(Event::Done(id, m)) => {
                         self.in_flight -= 1;
+                        self.in_flight_ids.remove(&id);
+                        let after = self.on_return.remove(&id);
                         if let Some(m) = m {
-                            self.schedule(m);
+                            match after {
+                                Some(after) => self.act_on(after, m).await,
+                                None => self.schedule(m),
+                            }
                         }
                     }
                     Some(Event::Flush) => {
-                        while let Some(Reverse((_, id))) = self.waiting.pop() {
-                            if let Some(m) = self.parked.remove(&id) {
-                                self.ready.push_back(m);
-                            }
-                        }
+                        self.flush(&Selection::All);
+                    }
+                    Some(Event::Admin(action, reply)) => {
+                        let report = self.admin(action).await;
+                        let _ = reply.send(report);
                     }
                 },
                 _ = sleep_until(next_due), if next_due.is_some() => {
@@ -171,7 +220,9 @@ impl<T: Transport> Scheduler<T> {
                             break;
                         }
                         self.waiting.pop();
-                        if let Some(m) = self.parked.remove(&id) {
+                        if self.parked.get(&id).is_some_and(|(due, _)| *due == t)
+                            && let Some((_, m)) = self.parked.remove(&id)
+                        {
                             self.ready.push_back(m);
                         }
                     }
@@ -184,12 +235,171 @@ impl<T: Transport> Scheduler<T> {
     /// Puts a message where it belongs: ready now, or waiting for its next attempt.
     fn schedule(&mut self, m: QueuedMessage) {
         let now = unix_now();
-        if m.next_attempt <= now {
+        if m.held {
+            self.held.insert(m.id, m);
+        } else if m.next_attempt <= now {
             self.ready.push_back(m);
         } else {
             let due = Instant::now() + Duration::from_secs(m.next_attempt - now);
             self.waiting.push(Reverse((due, m.id)));
-            self.parked.insert(m.id, m);
+            self.parked.insert(m.id, (due, m));
+        }
+    }
+
+    /// Takes a message that is not being attempted out of wherever it waits.
+    fn take(&mut self, id: QueueId) -> Option<QueuedMessage> {
+        if let Some(pos) = self.ready.iter().position(|m| m.id == id) {
+            return self.ready.remove(pos);
+        }
+        if let Some((_, m)) = self.parked.remove(&id) {
+            return Some(m);
+        }
+        self.held.remove(&id)
+    }
+
+    /// Moves the selected waiting messages to the ready queue; returns the messages flushed
+    /// (including those already due or in flight) and the held ones left alone.
+    fn flush(&mut self, sel: &Selection) -> (Vec<QueueId>, Vec<QueueId>) {
+        let selected = |m: &QueuedMessage| match sel {
+            Selection::All => true,
+            Selection::Ids(ids) => ids.contains(&m.id),
+            Selection::Domain(d) => has_pending_in(m, d),
+        };
+        let mut done = Vec::new();
+        let due: Vec<QueueId> = self
+            .parked
+            .values()
+            .filter(|(_, m)| selected(m))
+            .map(|(_, m)| m.id)
+            .collect();
+        for id in due {
+            if let Some((_, m)) = self.parked.remove(&id) {
+                done.push(id);
+                self.ready.push_back(m);
+            }
+        }
+        // Already due: they go at once anyway.
+        let ready: Vec<QueueId> = self
+            .ready
+            .iter()
+            .filter(|m| selected(m) && !done.contains(&m.id))
+            .map(|m| m.id)
+            .collect();
+        done.extend(ready);
+        if let Selection::Ids(ids) = sel {
+            done.extend(ids.iter().filter(|id| self.in_flight_ids.contains(id)));
+        }
+        let skipped = self
+            .held
+            .values()
+            .filter(|m| selected(m))
+            .map(|m| m.id)
+            .collect();
+        done.sort();
+        done.dedup();
+        (done, skipped)
+    }
+
+    async fn admin(&mut self, action: AdminAction) -> AdminReport {
+        tracing::info!(?action, "queue administration");
+        let mut report = AdminReport::default();
+        let (ids, after) = match action {
+            AdminAction::Flush(sel) => {
+                let (done, skipped) = self.flush(&sel);
+                if let Selection::Ids(ids) = &sel {
+                    report.unknown = ids
+                        .iter()
+                        .filter(|id| !done.contains(id) && !skipped.contains(id))
+                        .copied()
+                        .collect();
+                }
+                report.done = done;
+                report.skipped = skipped;
+                return report;
+            }
+            AdminAction::Release(ids) => {
+                for id in ids {
+                    if let Some(mut m) = self.held.remove(&id) {
+                        m.held = false;
+                        m.next_attempt = 0;
+                        if let Err(e) = self.spool.write_status(&mut m).await {
+                            tracing::error!(id = %id, error = %e, "cannot record the release");
+                        }
+                        tracing::info!(target: "estafeta::maillog", id = %id, "released by the administrator");
+                        self.ready.push_back(m);
+                        report.done.push(id);
+                    } else if self.on_return.get(&id) == Some(&AfterAttempt::Hold) {
+                        self.on_return.remove(&id);
+                        report.done.push(id);
+                    } else if self.is_known(id) {
+                        report.done.push(id);
+                    } else {
+                        report.unknown.push(id);
+                    }
+                }
+                return report;
+            }
+            AdminAction::Hold(ids) => (ids, AfterAttempt::Hold),
+            AdminAction::Delete(ids) => (ids, AfterAttempt::Delete),
+            AdminAction::Bounce(ids) => (ids, AfterAttempt::Bounce),
+        };
+        for id in ids {
+            if let Some(m) = self.take(id) {
+                self.act_on(after, m).await;
+                report.done.push(id);
+            } else if self.in_flight_ids.contains(&id) {
+                // Done when the attempt returns (a delete wins over a hold).
+                let entry = self.on_return.entry(id).or_insert(after);
+                if after != AfterAttempt::Hold {
+                    *entry = after;
+                }
+                report.done.push(id);
+            } else {
+                report.unknown.push(id);
+            }
+        }
+        report
+    }
+
+    fn is_known(&self, id: QueueId) -> bool {
+        self.in_flight_ids.contains(&id)
+            || self.parked.contains_key(&id)
+            || self.held.contains_key(&id)
+            || self.ready.iter().any(|m| m.id == id)
+    }
+
+    /// Holds, deletes or bounces a message that is not being attempted.
+    async fn act_on(&mut self, after: AfterAttempt, mut m: QueuedMessage) {
+        match after {
+            AfterAttempt::Hold => {
+                if !m.held {
+                    m.held = true;
+                    if let Err(e) = self.spool.write_status(&mut m).await {
+                        tracing::error!(id = %m.id, error = %e, "cannot record the hold");
+                    }
+                    tracing::info!(target: "estafeta::maillog", id = %m.id, "held by the administrator");
+                }
+                self.held.insert(m.id, m);
+            }
+            AfterAttempt::Delete => match self.spool.remove(&m) {
+                Ok(()) => {
+                    tracing::info!(target: "estafeta::maillog", id = %m.id, "deleted by the administrator")
+                }
+                Err(e) => tracing::error!(id = %m.id, error = %e, "cannot remove queue file"),
+            },
+            AfterAttempt::Bounce => {
+                // Like an attempt: counted in flight, so that shutdown waits for it.
+                self.in_flight += 1;
+                self.in_flight_ids.insert(m.id);
+                let spool = self.spool.clone();
+                let cfg = self.cfg.clone();
+                let tx = self.tx.clone();
+                self.tracker.spawn(async move {
+                    let id = m.id;
+                    bounce_now(&spool, &cfg, Some(&tx), m).await;
+                    let _ = tx.send(Event::Done(id, None));
+                });
+            }
         }
     }
 
@@ -199,6 +409,7 @@ impl<T: Transport> Scheduler<T> {
                 break;
             };
             self.in_flight += 1;
+            self.in_flight_ids.insert(m.id);
             let spool = self.spool.clone();
             let transport = self.transport.clone();
             let cfg = self.cfg.clone();
@@ -342,7 +553,7 @@ async fn attempt<T: Transport>(
     }
     // Notifications first, then the state that caused them: a crash in between repeats a
     // notification at worst, never loses one.
-    send_notices(spool, cfg, tx, &m, &job.content, notices, now).await;
+    send_notices(spool, cfg, Some(tx), &m, &job.content, notices, now).await;
     let remaining = m.pending();
     if remaining.is_empty() {
         if let Err(e) = spool.remove(&m) {
@@ -389,7 +600,7 @@ fn human(secs: u64) -> String {
 async fn send_notices(
     spool: &Spool,
     cfg: &SchedulerConfig,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: Option<&mpsc::UnboundedSender<Event>>,
     m: &QueuedMessage,
     content: &crate::spool::Content,
     notices: Notices,
@@ -479,12 +690,49 @@ async fn send_notices(
         match spool.put(envelope, bytes).await {
             Ok(notice) => {
                 tracing::info!(target: "estafeta::maillog", id = %m.id, notification = %notice.id, to = %sender, kind = ?action, "notification queued");
-                let _ = tx.send(Event::New(notice));
+                // Without a scheduler (offline), the next start finds it in the spool.
+                if let Some(tx) = tx {
+                    let _ = tx.send(Event::New(notice));
+                }
             }
             Err(e) => {
                 tracing::error!(id = %m.id, error = %e, "cannot queue the delivery status notification");
             }
         }
+    }
+}
+
+/// Returns a message to its sender on the operator's word: every pending recipient fails
+/// (5.0.0), the usual failure notification goes through the same path as after an attempt
+/// (NOTIFY and RET honoured, none for the null sender), then the message is removed. With
+/// `tx` None (no scheduler running), the notification waits in the spool for the next start.
+pub(crate) async fn bounce_now(
+    spool: &Spool,
+    cfg: &SchedulerConfig,
+    tx: Option<&mpsc::UnboundedSender<Event>>,
+    mut m: QueuedMessage,
+) {
+    let content = match m.content.take() {
+        Some(c) => c,
+        None => spool.read_content(m.id).unwrap_or_else(|e| {
+            tracing::error!(id = %m.id, error = %e, "cannot read the message; bouncing without it");
+            crate::spool::Content::from_vec(Vec::new())
+        }),
+    };
+    let why = Failure::local(reply::bounced_by_administrator());
+    let text = why.to_string();
+    let now = unix_now();
+    let mut notices = Notices::default();
+    for i in m.pending() {
+        m.status[i].state = RcptState::Failed;
+        m.status[i].last_error = Some(text.clone());
+        tracing::info!(target: "estafeta::maillog", id = %m.id, to = %m.envelope.rcpts[i].path, status = "bounced", delay_s = now.saturating_sub(m.arrival), reason = %text, "failed");
+        notices.failed.push((i, "5.0.0".into(), None, text.clone()));
+    }
+    send_notices(spool, cfg, tx, &m, &content, notices, now).await;
+    match spool.remove(&m) {
+        Ok(()) => tracing::info!(target: "estafeta::maillog", id = %m.id, "removed"),
+        Err(e) => tracing::error!(id = %m.id, error = %e, "cannot remove queue file"),
     }
 }
 

@@ -84,6 +84,9 @@ pub struct QueuedMessage {
     pub has_status_file: bool,
     /// True once a "delayed" notification was sent for this message.
     pub delay_warned: bool,
+    /// True while the operator holds the message (`estafeta queue hold`): it is never
+    /// attempted until released. Recorded in the state file, so it survives a restart.
+    pub held: bool,
     /// The content, kept in memory from acceptance to the first attempt so that it is not
     /// read back from disk (None after that, or for large messages).
     pub content: Option<Content>,
@@ -211,6 +214,7 @@ impl Spool {
             next_attempt: 0,
             has_status_file: false,
             delay_warned: false,
+            held: false,
             content,
         })
     }
@@ -261,6 +265,59 @@ impl Spool {
         Ok(msg)
     }
 
+    /// Opens an existing spool directory without creating or changing anything (for
+    /// `estafeta queue …` reading the spool of a server that may be stopped).
+    pub fn open_existing(dir: &Path, hostname: &str, syncer: Syncer) -> io::Result<Spool> {
+        if !fs::metadata(dir)?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            ids: IdGenerator::new(),
+            syncer,
+            hostname: hostname.to_string(),
+        })
+    }
+
+    /// Every message in the spool with its state, sorted by ID, for listing. Unlike
+    /// [`Spool::recover`] it changes nothing: half-written files are skipped, not removed.
+    /// Files that cannot be read are returned beside, with their error.
+    pub fn scan(&self) -> io::Result<(Vec<QueuedMessage>, Vec<(String, io::Error)>)> {
+        let mut out = Vec::new();
+        let mut broken = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(QueueId::parse) else {
+                continue;
+            };
+            match self.load(id) {
+                Ok(m) => out.push(m),
+                // Removed between the listing and the read: delivered meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => broken.push((id.to_string(), e)),
+            }
+        }
+        out.sort_by_key(|m| m.id);
+        Ok((out, broken))
+    }
+
+    /// The header section of the message `id` as stored (our Received header first), up to
+    /// and without the empty line that ends it.
+    pub fn read_headers(&self, id: QueueId) -> io::Result<Vec<u8>> {
+        let content = self.read_content(id)?;
+        let bytes = content.as_bytes();
+        let end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 2)
+            .unwrap_or(bytes.len());
+        Ok(bytes[..end].to_vec())
+    }
+
     /// Scans the spool at start: removes half-written files, returns every acknowledged
     /// message. Files that cannot be read are reported and left in place for the operator.
     pub fn recover(&self) -> io::Result<Vec<QueuedMessage>> {
@@ -297,6 +354,9 @@ impl Spool {
         text.push_str(&format!("next {}\n", msg.next_attempt));
         if msg.delay_warned {
             text.push_str("warned\n");
+        }
+        if msg.held {
+            text.push_str("held\n");
         }
         for (i, s) in msg.status.iter().enumerate() {
             let state = match s.state {
@@ -555,6 +615,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             next_attempt: 0,
             has_status_file: false,
             delay_warned: false,
+            held: false,
             content: None,
         },
         consumed,
@@ -573,6 +634,7 @@ fn apply_status(msg: &mut QueuedMessage, text: &str) -> io::Result<()> {
                 msg.next_attempt = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
             }
             Some("warned") => msg.delay_warned = true,
+            Some("held") => msg.held = true,
             Some("rcpt") => {
                 let i: usize = parts
                     .next()
