@@ -286,8 +286,14 @@ impl<T: Transport> Scheduler<T> {
             .map(|m| m.id)
             .collect();
         done.extend(ready);
-        if let Selection::Ids(ids) = sel {
-            done.extend(ids.iter().filter(|id| self.in_flight_ids.contains(id)));
+        // Being attempted right now: as good as flushed. (The in-flight set does not keep
+        // the recipients, so a domain flush does not count them.)
+        match sel {
+            Selection::All => done.extend(self.in_flight_ids.iter().copied()),
+            Selection::Ids(ids) => {
+                done.extend(ids.iter().filter(|id| self.in_flight_ids.contains(id)))
+            }
+            Selection::Domain(_) => {}
         }
         let skipped = self
             .held

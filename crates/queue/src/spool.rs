@@ -138,6 +138,9 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A spool file that [`Spool::scan`] could not read: its name and the error.
+pub type Unreadable = (String, io::Error);
+
 /// The spool directory and its group-commit syncer.
 #[derive(Debug)]
 pub struct Spool {
@@ -285,7 +288,7 @@ impl Spool {
     /// Every message in the spool with its state, sorted by ID, for listing. Unlike
     /// [`Spool::recover`] it changes nothing: half-written files are skipped, not removed.
     /// Files that cannot be read are returned beside, with their error.
-    pub fn scan(&self) -> io::Result<(Vec<QueuedMessage>, Vec<(String, io::Error)>)> {
+    pub fn scan(&self) -> io::Result<(Vec<QueuedMessage>, Vec<Unreadable>)> {
         let mut out = Vec::new();
         let mut broken = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
