@@ -2,7 +2,9 @@
 //! delivery agents and the listeners from a validated [`Config`]; the binary's `main` and the
 //! end-to-end tests both use it.
 
+pub mod control;
 pub mod explain;
+pub mod queue_cmd;
 pub mod router;
 pub mod user_cmd;
 
@@ -128,6 +130,20 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
     })
 }
 
+/// The scheduler's settings from the configuration (the server's and the offline
+/// `estafeta queue bounce`'s).
+pub fn scheduler_config(cfg: &Config) -> SchedulerConfig {
+    SchedulerConfig {
+        max_deliveries: cfg.queue.max_deliveries,
+        retry: cfg.queue.retry.clone(),
+        hostname: cfg.hostname.clone(),
+        max_lifetime: cfg.queue.max_lifetime,
+        delay_warning: cfg.queue.delay_warning,
+        // Postfix's bounce_size_limit is 50,000 bytes; a little more room here.
+        max_returned: 100 * 1024,
+    }
+}
+
 /// Creates a directory (and parents) readable only by the service user.
 fn private_dir(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -207,19 +223,22 @@ impl Server {
         let queue = estafeta_queue::start(
             spool,
             router,
-            SchedulerConfig {
-                max_deliveries: cfg.queue.max_deliveries,
-                retry: cfg.queue.retry.clone(),
-                hostname: cfg.hostname.clone(),
-                max_lifetime: cfg.queue.max_lifetime,
-                delay_warning: cfg.queue.delay_warning,
-                // Postfix's bounce_size_limit is 50,000 bytes; a little more room here.
-                max_returned: 100 * 1024,
-            },
+            scheduler_config(&cfg),
             shutdown.clone(),
             &tracker,
         )
         .context("cannot recover the spool")?;
+        // `estafeta queue …` reaches the scheduler through it. Not starting without it: the
+        // queue commands would take the server for stopped and edit the spool under it.
+        if let Err(e) = control::spawn(
+            &cfg.control.socket,
+            queue.clone(),
+            shutdown.clone(),
+            &tracker,
+        ) {
+            shutdown.cancel();
+            return Err(e);
+        }
         let open_ranges = cfg.relay.open_relay_ranges();
         let open_relay_text = (!open_ranges.is_empty()).then(|| {
             open_ranges

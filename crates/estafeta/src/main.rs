@@ -1,4 +1,4 @@
-//! The `estafeta` command: `serve`, `check-config`.
+//! The `estafeta` command: `serve`, `check-config`, `user`, `explain`, `queue`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,18 @@ enum Command {
         /// The configuration file (default: the embedded development default).
         #[arg(long, short = 'c', value_name = "FILE", global = true)]
         config: Option<PathBuf>,
+    },
+    /// Look at the queue and act on it (like mailq, postqueue and postsuper). Actions go to the
+    /// running server through its control socket; with no server running they edit the spool.
+    Queue {
+        #[command(subcommand)]
+        command: estafeta::queue_cmd::QueueCommand,
+        /// The configuration file (default: the embedded development default).
+        #[arg(long, short = 'c', value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
     },
     /// Show how the server would decide on a transaction, step by step, without any network
     /// I/O: which mynetworks entry matched, authentication, alias expansion, the verdict and
@@ -107,6 +119,23 @@ fn main() -> ExitCode {
                 None => Config::embedded_default(),
             };
             estafeta::user_cmd::run(command, &cfg)
+        }
+        Command::Queue {
+            command,
+            config,
+            json,
+        } => {
+            let cfg = match &config {
+                Some(path) => match Config::from_file(path) {
+                    Ok(c) => c,
+                    Err(errors) => {
+                        eprintln!("{errors}");
+                        return ExitCode::from(EX_CONFIG);
+                    }
+                },
+                None => Config::embedded_default(),
+            };
+            estafeta::queue_cmd::run(command, &cfg, json)
         }
         Command::Serve {
             config,
