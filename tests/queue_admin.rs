@@ -351,5 +351,20 @@ mailboxes = "*"
     assert_eq!(deferrals(&a2, "frank@remote.test"), 0, "{}", a2.log_text());
     let out = queue(&cfg, &["release", &m5]);
     assert_eq!(out.code, 0, "{out}");
+    assert!(!out.stdout.contains("not running"), "{out}");
     deferred(&a2, "frank@remote.test", 1);
+
+    // After a crash the socket file stays behind: the commands see that nothing answers and
+    // work on the spool; the next start replaces the stale socket.
+    let mut a2 = a2;
+    a2.kill9();
+    assert!(data.join("control.sock").exists());
+    let out = queue(&cfg, &["hold", &m5]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("server not running"), "{out}");
+    let a3 = Process::serve(&cfg, addr, &dir.path().join("a3.log"));
+    let out = queue(&cfg, &["release", &m5]);
+    assert_eq!(out.code, 0, "{out}\n{}", a3.log_text());
+    assert!(!out.stdout.contains("not running"), "{out}");
+    deferred(&a3, "frank@remote.test", 1);
 }

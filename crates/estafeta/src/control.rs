@@ -115,15 +115,18 @@ pub fn parse_report(line: &str) -> Result<AdminReport, String> {
     })
 }
 
-/// Binds the control socket (mode 0600) and serves it until `shutdown`; the socket file is
-/// removed when the server stops. A socket file left by a server that is gone is replaced;
-/// one that a running server answers on is an error (two servers on one spool).
-pub fn spawn(
-    path: &Path,
-    queue: QueueHandle,
-    shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) -> anyhow::Result<()> {
+/// The bound control socket, not served yet.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+}
+
+/// Binds the control socket (mode 0600). Done before the spool is recovered, so that from the
+/// start on `estafeta queue` finds the server (its requests wait until [`serve`]) and never
+/// takes a starting server for a stopped one. A socket file left by a server that is gone is
+/// replaced; one that a running server answers on is an error (two servers on one spool).
+pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
@@ -141,12 +144,28 @@ pub fn spawn(
         std::fs::remove_file(path)
             .with_context(|| format!("control socket: cannot remove stale {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
+    let listener = std::os::unix::net::UnixListener::bind(path)
         .with_context(|| format!("cannot create the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("control socket: cannot set the mode of {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(ControlSocket {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Serves the control socket until `shutdown`, then removes the socket file. Must run inside
+/// a tokio runtime.
+pub fn serve(
+    socket: ControlSocket,
+    queue: QueueHandle,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    let ControlSocket { listener, path } = socket;
+    let listener = UnixListener::from_std(listener).context("control socket")?;
     tracing::info!(socket = %path.display(), "control socket ready");
-    let path: PathBuf = path.to_path_buf();
     let conns = tracker.clone();
     tracker.spawn(async move {
         loop {

@@ -163,6 +163,10 @@ impl Server {
             Spool::open(&cfg.data_dir.join("queue"), &cfg.hostname, syncer.clone())
                 .with_context(|| format!("cannot open the spool in {}", cfg.data_dir.display()))?,
         );
+        // `estafeta queue …` reaches the scheduler through it; bound before the spool is
+        // recovered. Not starting without it: the queue commands would take the server for
+        // stopped and edit the spool under it.
+        let control = control::bind(&cfg.control.socket)?;
         // Users: the file is re-read by itself when it changes. It also lists the mailboxes
         // of domains that do not list theirs.
         let users = Arc::new(
@@ -228,14 +232,7 @@ impl Server {
             &tracker,
         )
         .context("cannot recover the spool")?;
-        // `estafeta queue …` reaches the scheduler through it. Not starting without it: the
-        // queue commands would take the server for stopped and edit the spool under it.
-        if let Err(e) = control::spawn(
-            &cfg.control.socket,
-            queue.clone(),
-            shutdown.clone(),
-            &tracker,
-        ) {
+        if let Err(e) = control::serve(control, queue.clone(), shutdown.clone(), &tracker) {
             shutdown.cancel();
             return Err(e);
         }
