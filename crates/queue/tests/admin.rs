@@ -374,3 +374,79 @@ async fn the_running_scheduler_obeys_the_operator() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// Blocks every attempt until the test lets it go, then defers it.
+struct Blocker {
+    entered: std::sync::atomic::AtomicUsize,
+    go: tokio::sync::Semaphore,
+}
+
+impl Transport for Blocker {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.go.acquire().await.unwrap().forget();
+        job.rcpts
+            .iter()
+            .map(|&i| (i, Outcome::TempFail(Failure::local(reply::local_error()))))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_flight_is_acted_on_when_its_attempt_returns() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(spool(dir.path()));
+    let t = Arc::new(Blocker {
+        entered: 0.into(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(s.clone(), t.clone(), cfg(), shutdown.clone(), &tracker).unwrap();
+
+    // Delete while the transport holds the message: the file stays until the attempt returns.
+    let a = q
+        .submit(envelope(&["bob@remote.example"]), BODY.to_vec())
+        .await
+        .unwrap();
+    until("in flight", || t.entered.load(Ordering::SeqCst) == 1).await;
+    let r = q.admin(AdminAction::Delete(vec![a])).await.unwrap();
+    assert_eq!(r.done, vec![a]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(s.load(a).is_ok(), "not removed under the transport's feet");
+    t.go.add_permits(1);
+    until("removed after the attempt", || s.load(a).is_err()).await;
+
+    // Hold while in flight: held once the attempt is back, and a release undoes it.
+    let b = q
+        .submit(envelope(&["carol@remote.example"]), BODY.to_vec())
+        .await
+        .unwrap();
+    until("in flight", || t.entered.load(Ordering::SeqCst) == 2).await;
+    let r = q.admin(AdminAction::Hold(vec![b])).await.unwrap();
+    assert_eq!(r.done, vec![b]);
+    t.go.add_permits(1);
+    until("held after the attempt", || {
+        s.load(b).map(|m| m.held).unwrap_or(false)
+    })
+    .await;
+    let r = q
+        .admin(AdminAction::Flush(Selection::Ids(vec![b])))
+        .await
+        .unwrap();
+    assert_eq!((r.done, r.skipped), (vec![], vec![b]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(t.entered.load(Ordering::SeqCst), 2, "held: not attempted");
+    let r = q.admin(AdminAction::Release(vec![b])).await.unwrap();
+    assert_eq!(r.done, vec![b]);
+    until("attempted after release", || {
+        t.entered.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    t.go.add_permits(1);
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
