@@ -30,23 +30,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 /// The request line for `action`.
 pub fn encode_request(action: &AdminAction) -> String {
-    let ids = |verb: &str, ids: &[QueueId]| {
-        let mut s = verb.to_string();
-        for id in ids {
-            s.push(' ');
-            s.push_str(&id.to_string());
-        }
-        s
-    };
-    match action {
-        AdminAction::Flush(Selection::All) => "flush".into(),
-        AdminAction::Flush(Selection::Ids(v)) => ids("flush", v),
-        AdminAction::Flush(Selection::Domain(d)) => format!("flush-domain {d}"),
-        AdminAction::Hold(v) => ids("hold", v),
-        AdminAction::Release(v) => ids("release", v),
-        AdminAction::Delete(v) => ids("delete", v),
-        AdminAction::Bounce(v) => ids("bounce", v),
-    }
+    action.to_string()
 }
 
 /// Parses a request line.

@@ -37,6 +37,27 @@ pub enum AdminAction {
     Bounce(Vec<QueueId>),
 }
 
+/// The action as one line: `flush`, `flush ID…`, `flush-domain DOMAIN`, `hold ID…`,
+/// `release ID…`, `delete ID…`, `bounce ID…` (for logs, and the control socket's requests).
+impl std::fmt::Display for AdminAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (verb, ids) = match self {
+            AdminAction::Flush(Selection::All) => return f.write_str("flush"),
+            AdminAction::Flush(Selection::Domain(d)) => return write!(f, "flush-domain {d}"),
+            AdminAction::Flush(Selection::Ids(v)) => ("flush", v),
+            AdminAction::Hold(v) => ("hold", v),
+            AdminAction::Release(v) => ("release", v),
+            AdminAction::Delete(v) => ("delete", v),
+            AdminAction::Bounce(v) => ("bounce", v),
+        };
+        f.write_str(verb)?;
+        for id in ids {
+            write!(f, " {id}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What an [`AdminAction`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AdminReport {

@@ -60,7 +60,7 @@ impl std::fmt::Debug for Event {
             Event::New(m) => write!(f, "New({})", m.id),
             Event::Done(id, _) => write!(f, "Done({id})"),
             Event::Flush => f.write_str("Flush"),
-            Event::Admin(a, _) => write!(f, "Admin({a:?})"),
+            Event::Admin(a, _) => write!(f, "Admin({a})"),
         }
     }
 }
@@ -307,7 +307,7 @@ impl<T: Transport> Scheduler<T> {
     }
 
     async fn admin(&mut self, action: AdminAction) -> AdminReport {
-        tracing::info!(?action, "queue administration");
+        tracing::info!(action = %action, "queue administration");
         let mut report = AdminReport::default();
         let (ids, after) = match action {
             AdminAction::Flush(sel) => {
