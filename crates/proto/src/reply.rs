@@ -396,6 +396,44 @@ pub fn expn_disabled() -> Reply {
     Reply::new(502, st(5, 5, 1), "EXPN command is disabled")
 }
 
+/// ETRN (RFC 1985 §5): the delivery of `n` queued messages for `node` was started
+/// (`253`), or there was nothing to start (`251`).
+pub fn etrn_started(node: &str, n: usize) -> Reply {
+    if n == 0 {
+        Reply::new(
+            251,
+            st(2, 0, 0),
+            format!("OK, no messages waiting for node {node}"),
+        )
+    } else {
+        Reply::new(
+            253,
+            st(2, 0, 0),
+            format!("OK, {n} pending messages for node {node} started"),
+        )
+    }
+}
+
+/// `459 4.7.1`: ETRN from a client that is neither in mynetworks nor authenticated
+/// (RFC 1985 §5: "node not allowed").
+pub fn etrn_not_allowed(node: &str) -> Reply {
+    Reply::new(
+        459,
+        st(4, 7, 1),
+        format!("Node {node} not allowed: ETRN is for trusted clients only"),
+    )
+}
+
+/// `458 4.3.0`: an ETRN form this server does not run (`#queue`), or the queue could not be
+/// asked (RFC 1985 §5: "unable to queue messages for node").
+pub fn etrn_unable(node: &str) -> Reply {
+    Reply::new(
+        458,
+        st(4, 3, 0),
+        format!("Unable to queue messages for node {node}"),
+    )
+}
+
 /// `503 5.5.1 Error: …`: a command out of sequence (RFC 5321 §4.1.4).
 pub fn bad_sequence(text: &str) -> Reply {
     Reply::new(503, st(5, 5, 1), format!("Error: {text}"))

@@ -42,6 +42,9 @@ enum Event {
     Done(QueueId, Option<QueuedMessage>),
     /// Try every waiting message now.
     Flush,
+    /// Try now the waiting messages with a pending recipient in this domain; answers how
+    /// many.
+    FlushDomain(String, tokio::sync::oneshot::Sender<usize>),
 }
 
 /// The handle sessions use to queue messages.
@@ -57,6 +60,7 @@ impl std::fmt::Debug for Event {
             Event::New(m) => write!(f, "New({})", m.id),
             Event::Done(id, _) => write!(f, "Done({id})"),
             Event::Flush => f.write_str("Flush"),
+            Event::FlushDomain(d, _) => write!(f, "FlushDomain({d})"),
         }
     }
 }
@@ -73,6 +77,20 @@ impl QueueHandle {
     /// Asks the scheduler to try every deferred message now.
     pub fn flush(&self) {
         let _ = self.tx.send(Event::Flush);
+    }
+
+    /// Asks the scheduler to try now the deferred messages that have a pending recipient in
+    /// `domain` (ETRN, `queue flush --domain`); returns how many it started.
+    pub async fn flush_domain(&self, domain: &str) -> usize {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .tx
+            .send(Event::FlushDomain(domain.to_string(), tx))
+            .is_err()
+        {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     /// The spool.
@@ -156,6 +174,9 @@ impl<T: Transport> Scheduler<T> {
                             self.schedule(m);
                         }
                     }
+                    Some(Event::FlushDomain(domain, answer)) => {
+                        let _ = answer.send(self.flush_domain(&domain));
+                    }
                     Some(Event::Flush) => {
                         while let Some(Reverse((_, id))) = self.waiting.pop() {
                             if let Some(m) = self.parked.remove(&id) {
@@ -179,6 +200,28 @@ impl<T: Transport> Scheduler<T> {
             }
         }
         tracing::debug!(in_flight = self.in_flight, "scheduler stopped");
+    }
+
+    /// Moves the waiting messages with a pending recipient in `domain` to the ready queue.
+    fn flush_domain(&mut self, domain: &str) -> usize {
+        let ids: Vec<QueueId> = self
+            .parked
+            .values()
+            .filter(|m| {
+                m.pending().iter().any(|&i| {
+                    m.envelope.rcpts[i].path.mailbox.domain.key() == domain.to_lowercase()
+                })
+            })
+            .map(|m| m.id)
+            .collect();
+        for id in &ids {
+            if let Some(m) = self.parked.remove(id) {
+                self.ready.push_back(m);
+            }
+        }
+        // Their old due times go too: parked again later, they get new ones.
+        self.waiting.retain(|Reverse((_, id))| !ids.contains(id));
+        ids.len()
     }
 
     /// Puts a message where it belongs: ready now, or waiting for its next attempt.
