@@ -20,37 +20,6 @@ pub struct NextHop {
     pub port: u16,
 }
 
-impl NextHop {
-    /// Parses `host`, `host:port`, `[ip]` or `[ip]:port`.
-    pub fn parse(text: &str) -> Option<NextHop> {
-        let text = text.trim();
-        if let Some(rest) = text.strip_prefix('[') {
-            let (ip, after) = rest.split_once(']')?;
-            let ip: IpAddr = ip.strip_prefix("IPv6:").unwrap_or(ip).parse().ok()?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().ok()?,
-                None if after.is_empty() => 25,
-                None => return None,
-            };
-            return Some(NextHop {
-                host: ip.to_string(),
-                port,
-            });
-        }
-        match text.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => Some(NextHop {
-                host: h.to_string(),
-                port: p.parse().ok()?,
-            }),
-            _ if !text.is_empty() && !text.contains(':') => Some(NextHop {
-                host: text.to_string(),
-                port: 25,
-            }),
-            _ => None,
-        }
-    }
-}
-
 /// Everything remote delivery needs, built once from the configuration.
 pub struct Remote {
     /// MX and address lookups.
@@ -203,40 +172,5 @@ pub fn tls_policy(word: &str) -> TlsPolicy {
         "required" => TlsPolicy::Required,
         "verify" => TlsPolicy::Verify,
         _ => TlsPolicy::Opportunistic,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn next_hops() {
-        let h = |s: &str| NextHop::parse(s);
-        assert_eq!(
-            h("[192.0.2.7]:25"),
-            Some(NextHop {
-                host: "192.0.2.7".into(),
-                port: 25
-            })
-        );
-        assert_eq!(
-            h("[IPv6:2001:db8::7]:2525"),
-            Some(NextHop {
-                host: "2001:db8::7".into(),
-                port: 2525
-            })
-        );
-        assert_eq!(
-            h("smtp.provider.example:587"),
-            Some(NextHop {
-                host: "smtp.provider.example".into(),
-                port: 587
-            })
-        );
-        assert_eq!(h("mx.example").unwrap().port, 25);
-        assert_eq!(h("[192.0.2.7]").unwrap().port, 25);
-        assert_eq!(h("a:b:c"), None);
-        assert_eq!(h("[nope]:25"), None);
     }
 }
