@@ -222,6 +222,7 @@ impl Server {
             router,
             SchedulerConfig {
                 max_deliveries: cfg.queue.max_deliveries,
+                max_per_destination: cfg.queue.max_per_destination,
                 retry: cfg.queue.retry.clone(),
                 hostname: cfg.hostname.clone(),
                 max_lifetime: cfg.queue.max_lifetime,

@@ -23,6 +23,8 @@ use crate::transport::{DeliveryJob, Failure, Outcome, Transport};
 pub struct SchedulerConfig {
     /// Deliveries in flight at once, in total.
     pub max_deliveries: usize,
+    /// Deliveries in flight at once to one destination (see [`Transport::destinations`]).
+    pub max_per_destination: usize,
     /// Waits between attempts; the last one repeats.
     pub retry: Vec<Duration>,
     /// This server's name: the Reporting-MTA of notifications.
@@ -130,6 +132,8 @@ pub fn start<T: Transport>(
         waiting: BinaryHeap::new(),
         parked: HashMap::new(),
         in_flight: 0,
+        per_destination: HashMap::new(),
+        holding: HashMap::new(),
     };
     tracker.spawn(sched.run(rx, recovered, shutdown));
     Ok(handle)
@@ -147,6 +151,10 @@ struct Scheduler<T> {
     waiting: BinaryHeap<Reverse<(Instant, QueueId)>>,
     parked: HashMap<QueueId, QueuedMessage>,
     in_flight: usize,
+    /// Attempts in flight per destination.
+    per_destination: HashMap<String, usize>,
+    /// The destinations each attempt in flight holds.
+    holding: HashMap<QueueId, Vec<String>>,
 }
 
 impl<T: Transport> Scheduler<T> {
@@ -168,8 +176,16 @@ impl<T: Transport> Scheduler<T> {
                 ev = rx.recv() => match ev {
                     None => break,
                     Some(Event::New(m)) => self.ready.push_back(m),
-                    Some(Event::Done(_, m)) => {
+                    Some(Event::Done(id, m)) => {
                         self.in_flight -= 1;
+                        for d in self.holding.remove(&id).unwrap_or_default() {
+                            if let Some(n) = self.per_destination.get_mut(&d) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    self.per_destination.remove(&d);
+                                }
+                            }
+                        }
                         if let Some(m) = m {
                             self.schedule(m);
                         }
@@ -236,11 +252,36 @@ impl<T: Transport> Scheduler<T> {
         }
     }
 
+    /// Starts ready messages, oldest first, while there is room in total; a message whose
+    /// destination is at its limit waits in place and later ones go first.
     fn dispatch(&mut self) {
-        while self.in_flight < self.cfg.max_deliveries {
-            let Some(m) = self.ready.pop_front() else {
+        let mut i = 0;
+        while self.in_flight < self.cfg.max_deliveries && i < self.ready.len() {
+            let dests = {
+                let m = &self.ready[i];
+                self.transport.destinations(&m.envelope, &m.pending())
+            };
+            let limit = self.cfg.max_per_destination.max(1);
+            if dests
+                .iter()
+                .any(|d| self.per_destination.get(d).copied().unwrap_or(0) >= limit)
+            {
+                i += 1;
+                // Bounded work per event: far behind a busy destination, stop looking.
+                if i >= MAX_SCAN {
+                    break;
+                }
+                continue;
+            }
+            let Some(m) = self.ready.remove(i) else {
                 break;
             };
+            for d in &dests {
+                *self.per_destination.entry(d.clone()).or_insert(0) += 1;
+            }
+            if !dests.is_empty() {
+                self.holding.insert(m.id, dests);
+            }
             self.in_flight += 1;
             let spool = self.spool.clone();
             let transport = self.transport.clone();
@@ -254,6 +295,10 @@ impl<T: Transport> Scheduler<T> {
         }
     }
 }
+
+/// How far down the ready queue one dispatch looks for a message whose destinations are not
+/// at their limit.
+const MAX_SCAN: usize = 10_000;
 
 async fn sleep_until(t: Option<Instant>) {
     if let Some(t) = t {

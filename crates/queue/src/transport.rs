@@ -71,4 +71,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Attempts delivery to `job.rcpts` and returns one outcome for each of them (in any order).
     /// A recipient missing from the answer is treated as a temporary failure.
     fn deliver(&self, job: &DeliveryJob) -> impl Future<Output = Vec<(usize, Outcome)>> + Send;
+
+    /// The destinations an attempt for these recipients will connect to (for example the
+    /// recipient domains that are not local), each counted against the scheduler's
+    /// per-destination limit while the attempt runs. Local deliveries name none (the
+    /// default).
+    fn destinations(&self, envelope: &Envelope, rcpts: &[usize]) -> Vec<String> {
+        let _ = (envelope, rcpts);
+        Vec::new()
+    }
 }

@@ -147,6 +147,7 @@ async fn scheduler_retries_then_removes() {
         t.clone(),
         SchedulerConfig {
             max_deliveries: 4,
+            max_per_destination: 4,
             retry: vec![Duration::from_secs(1)],
             hostname: "mx.example.test".into(),
             max_lifetime: Duration::from_secs(3600),
@@ -246,6 +247,7 @@ fn judge_queue(
         t.clone(),
         SchedulerConfig {
             max_deliveries: 4,
+            max_per_destination: 4,
             retry: vec![Duration::from_secs(1)],
             hostname: "mx.example.test".into(),
             max_lifetime,
