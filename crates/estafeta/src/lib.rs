@@ -138,6 +138,7 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
             addrs,
         },
         mx_port: MX_PORT,
+        idle: Default::default(),
     })
 }
 

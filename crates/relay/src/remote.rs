@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use estafeta_proto::reply::{Reply, Status};
 use estafeta_queue::{Failure, Outcome};
@@ -38,6 +40,71 @@ pub struct Remote {
     pub local: LocalIdentity,
     /// The SMTP port of MX hosts (25; tests may use another).
     pub mx_port: u16,
+    /// Sessions kept open a moment after a message, for the next message to the same host.
+    pub idle: ConnectionCache,
+}
+
+/// Open sessions waiting for the next message to the same host (Postfix's connection cache):
+/// messages queued together for one destination travel in one session. A session is kept
+/// [`ConnectionCache::IDLE_LIMIT`] after its last message, then closed with QUIT.
+#[derive(Clone, Default)]
+pub struct ConnectionCache {
+    inner: Arc<Mutex<Vec<Idle>>>,
+}
+
+struct Idle {
+    /// The address, the host name and whether the smarthost settings opened it.
+    key: (SocketAddr, String, bool),
+    since: Instant,
+    conn: client::Connection,
+}
+
+impl ConnectionCache {
+    /// How long an idle session is kept.
+    pub const IDLE_LIMIT: Duration = Duration::from_secs(2);
+    /// The most idle sessions kept at once.
+    const MAX_IDLE: usize = 32;
+
+    fn take(&self, key: &(SocketAddr, String, bool)) -> Option<client::Connection> {
+        let mut idle = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let i = idle
+            .iter()
+            .position(|e| &e.key == key && now.duration_since(e.since) < Self::IDLE_LIMIT)?;
+        Some(idle.swap_remove(i).conn)
+    }
+
+    fn put(&self, key: (SocketAddr, String, bool), conn: client::Connection) {
+        let extra = {
+            let mut idle = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            idle.push(Idle {
+                key,
+                since: Instant::now(),
+                conn,
+            });
+            let over = idle.len().saturating_sub(Self::MAX_IDLE);
+            idle.drain(..over).map(|e| e.conn).collect::<Vec<_>>()
+        };
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            for conn in extra {
+                conn.quit().await;
+            }
+            tokio::time::sleep(Self::IDLE_LIMIT).await;
+            let expired: Vec<client::Connection> = {
+                let mut idle = inner.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                let (old, keep): (Vec<Idle>, Vec<Idle>) = idle
+                    .drain(..)
+                    .partition(|e| now.duration_since(e.since) >= Self::IDLE_LIMIT);
+                *idle = keep;
+                old.into_iter().map(|e| e.conn).collect()
+            };
+            for conn in expired {
+                conn.quit().await;
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for Remote {
@@ -126,6 +193,41 @@ impl Remote {
         }
     }
 
+    /// Sends `msg` to one address: in an idle session to it when there is one, else in a new
+    /// one; the session is kept for the next message when it is still good.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        smarthost: bool,
+        cfg: &ClientConfig,
+        msg: &OutboundMessage<'_>,
+    ) -> Result<Vec<Outcome>, client::SessionError> {
+        if msg.rcpts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = (addr, host.to_string(), smarthost);
+        if let Some(mut conn) = self.idle.take(&key) {
+            let outcomes = conn.send(msg).await;
+            if conn.is_usable() {
+                tracing::debug!(host = %host, address = %addr, "reused an open session");
+                self.idle.put(key, conn);
+                return Ok(outcomes);
+            }
+            // The peer closed the idle session (its own timeout): a temporary failure of
+            // every recipient says nothing about the message, so it gets a fresh session.
+            if !outcomes.iter().all(|o| matches!(o, Outcome::TempFail(_))) {
+                return Ok(outcomes);
+            }
+        }
+        let mut conn = client::Connection::open(addr, host, cfg).await?;
+        let outcomes = conn.send(msg).await;
+        if conn.is_usable() {
+            self.idle.put(key, conn);
+        }
+        Ok(outcomes)
+    }
+
     /// Delivers `msg` (whose recipients all belong to `domain`): one outcome per recipient, in
     /// order. Hosts are tried in order until one answers per recipient; if none does, the
     /// recipients fail temporarily (or permanently when every host refused for good).
@@ -137,10 +239,11 @@ impl Remote {
         };
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
+        let smarthost = self.smarthost.is_some();
         for (host, addrs, port) in hops {
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
-                match client::deliver(addr, &host, cfg, msg).await {
+                match self.send(addr, &host, smarthost, cfg, msg).await {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
                         tracing::info!(target: "estafeta::maillog", host = %host, address = %addr, reason = %e, "trying the next host");
