@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use estafeta_proto::reply::{Reply, Status};
+use estafeta_proto::Reply;
+use estafeta_proto::reply as replies;
 use estafeta_queue::{Failure, Outcome};
 
 use crate::client::{self, ClientConfig, OutboundMessage, TlsPolicy};
@@ -117,12 +118,8 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-fn failure(code: u16, status: &str, text: String) -> Failure {
-    Failure::local(Reply::new(
-        code,
-        Status::parse(status).unwrap_or(Status::new(if code >= 500 { 5 } else { 4 }, 0, 0)),
-        text,
-    ))
+fn failure(reply: Reply) -> Failure {
+    Failure::local(reply)
 }
 
 fn all(n: usize, o: Outcome) -> Vec<Outcome> {
@@ -148,11 +145,9 @@ impl Remote {
                 Err(_) => match tokio::net::lookup_host((hop.host.as_str(), hop.port)).await {
                     Ok(it) => it.map(|a| a.ip()).collect(),
                     Err(e) => {
-                        return Err(Outcome::TempFail(failure(
-                            451,
-                            "4.4.3",
-                            format!("cannot resolve the next hop {}: {e}", hop.host),
-                        )));
+                        return Err(Outcome::TempFail(failure(replies::next_hop_unresolved(
+                            &format!("cannot resolve the next hop {}: {e}", hop.host),
+                        ))));
                     }
                 },
             };
@@ -163,11 +158,9 @@ impl Remote {
             let ip: Option<IpAddr> = lit.strip_prefix("IPv6:").unwrap_or(lit).parse().ok();
             return match ip {
                 Some(ip) => Ok((vec![(ip.to_string(), vec![ip], self.mx_port)], &self.client)),
-                None => Err(Outcome::PermFail(failure(
-                    550,
-                    "5.1.2",
-                    format!("cannot route to address literal {domain}"),
-                ))),
+                None => Err(Outcome::PermFail(failure(replies::bad_address_literal(
+                    domain,
+                )))),
             };
         }
         match self
@@ -182,14 +175,12 @@ impl Remote {
                     .collect(),
                 &self.client,
             )),
-            Err(ResolveError::Permanent { status, reason }) => {
-                // RFC 7505: a null MX is "556 5.1.10".
-                let code = if status == "5.1.10" { 556 } else { 550 };
-                Err(Outcome::PermFail(failure(code, status, reason)))
-            }
-            Err(ResolveError::Temporary { reason }) => {
-                Err(Outcome::TempFail(failure(451, "4.4.3", reason)))
-            }
+            Err(ResolveError::Permanent { status, reason }) => Err(Outcome::PermFail(failure(
+                replies::undeliverable_domain(status, &reason),
+            ))),
+            Err(ResolveError::Temporary { reason }) => Err(Outcome::TempFail(failure(
+                replies::next_hop_unresolved(&reason),
+            ))),
         }
     }
 
@@ -256,14 +247,7 @@ impl Remote {
         match last {
             Some(e) if all_permanent => all(n, Outcome::PermFail(e.failure)),
             Some(e) => all(n, Outcome::TempFail(e.failure)),
-            None => all(
-                n,
-                Outcome::TempFail(failure(
-                    451,
-                    "4.4.4",
-                    format!("no address to connect to for {domain}"),
-                )),
-            ),
+            None => all(n, Outcome::TempFail(failure(replies::no_route(domain)))),
         }
     }
 }
