@@ -272,3 +272,130 @@ mailboxes = "*"
     );
     assert_eq!(msgs.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
 }
+
+#[test]
+fn smarthost_with_starttls_and_auth_and_a_route_that_goes_around_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_port, b_smtp, b_sub) = (free_port(), free_port(), free_port());
+    // B: the provider's server: submission (STARTTLS + AUTH required) and plain SMTP.
+    let b_cfg = write(
+        dir.path(),
+        "b.toml",
+        format!(
+            r#"hostname = "smtp.provider.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.2:{b_smtp}"
+[[listener]]
+kind = "submission"
+address = "127.0.0.2:{b_sub}"
+sender_check = false
+[relay]
+mynetworks = []
+[[domain]]
+name = "far.test"
+mailboxes = "*"
+[[domain]]
+name = "direct.test"
+mailboxes = "*"
+"#,
+            d = dir.path().join("b").display()
+        ),
+    );
+    let mut add = std::process::Command::new(estafeta_e2e::estafeta_bin())
+        .args([
+            "user",
+            "add",
+            "customer@provider.test",
+            "--password-stdin",
+            "--config",
+        ])
+        .arg(&b_cfg)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(add.stdin.take().unwrap(), "s3cret pass:word").unwrap();
+    }
+    assert!(add.wait().unwrap().success());
+    let secret = dir.path().join("smarthost.secret");
+    std::fs::write(&secret, "customer@provider.test:s3cret pass:word\n").unwrap();
+    let a_cfg = write(
+        dir.path(),
+        "a.toml",
+        format!(
+            r#"hostname = "home.local.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.1:{a_port}"
+[relay]
+mynetworks = ["127.0.0.1/32"]
+smarthost = "127.0.0.2:{b_sub}"
+smarthost_tls = "required"
+smarthost_credentials = "{secret}"
+[relay.routes]
+"direct.test" = "[127.0.0.2]:{b_smtp}"
+[[domain]]
+name = "local.test"
+mailboxes = "*"
+[queue]
+retry = ["1s"]
+"#,
+            d = dir.path().join("a").display(),
+            secret = secret.display()
+        ),
+    );
+    let b = Process::serve(
+        &b_cfg,
+        format!("127.0.0.2:{b_smtp}").parse().unwrap(),
+        &dir.path().join("b.log"),
+    );
+    let a = Process::serve(
+        &a_cfg,
+        format!("127.0.0.1:{a_port}").parse().unwrap(),
+        &dir.path().join("a.log"),
+    );
+    let mut c = Client::connect(a.addr);
+    c.reply();
+    c.line("EHLO client.local.test");
+    c.reply();
+    assert!(c.cmd("MAIL FROM:<alice@local.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<erin@far.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<dan@direct.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(b"Subject: via the provider\r\n\r\nhello\r\n.\r\n");
+    assert!(c.last().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let far = maildir_new(
+        &dir.path().join("b"),
+        "far.test",
+        "erin",
+        1,
+        Duration::from_secs(15),
+    );
+    assert_eq!(far.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
+    let m = String::from_utf8_lossy(&far[0]).into_owned();
+    // Submitted with STARTTLS and AUTH.
+    assert!(m.contains("with ESMTPSA"), "{m}");
+    assert!(
+        b.log_text().contains(
+            "authenticated client=127.0.0.1 user=customer@provider.test mechanism=\"PLAIN\""
+        ),
+        "{}",
+        b.log_text()
+    );
+    // The route wins over the smarthost: plain SMTP to B's port 25 stand-in, no AUTH.
+    let direct = maildir_new(
+        &dir.path().join("b"),
+        "direct.test",
+        "dan",
+        1,
+        Duration::from_secs(15),
+    );
+    let m = String::from_utf8_lossy(&direct[0]).into_owned();
+    assert!(m.contains("with ESMTPS "), "{m}");
+}

@@ -78,8 +78,10 @@ impl Transport for Router {
                 continue;
             }
             let dest = match &remote.smarthost {
-                Some(h) => format!("smarthost {}:{}", h.host, h.port),
-                None => domain,
+                Some(h) if !remote.routes.contains_key(&domain) => {
+                    format!("smarthost {}:{}", h.host, h.port)
+                }
+                _ => domain,
             };
             if !dests.contains(&dest) {
                 dests.push(dest);

@@ -132,12 +132,11 @@ impl Remote {
         &self,
         domain: &str,
     ) -> Result<(Vec<(String, Vec<IpAddr>, u16)>, &ClientConfig), Outcome> {
-        let fixed = match &self.smarthost {
-            Some(h) => Some((h, &self.smarthost_client)),
-            None => self
-                .routes
-                .get(&domain.to_lowercase())
-                .map(|h| (h, &self.client)),
+        // A route for the domain wins over the smarthost (like Postfix's transport_maps over
+        // relayhost): internal domains can go direct while the rest leaves through the ISP.
+        let fixed = match self.routes.get(&domain.to_lowercase()) {
+            Some(h) => Some((h, &self.client)),
+            None => self.smarthost.as_ref().map(|h| (h, &self.smarthost_client)),
         };
         if let Some((hop, cfg)) = fixed {
             let addrs: Vec<IpAddr> = match hop.host.parse::<IpAddr>() {
@@ -230,7 +229,7 @@ impl Remote {
         };
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
-        let smarthost = self.smarthost.is_some();
+        let smarthost = std::ptr::eq(cfg, &self.smarthost_client);
         for (host, addrs, port) in hops {
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
