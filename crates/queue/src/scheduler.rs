@@ -377,6 +377,15 @@ async fn attempt<T: Transport>(
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
                 notices.delivered.push((i, "2.0.0".into(), None, detail));
             }
+            Outcome::Relayed { detail, dsn_passed } => {
+                status.state = RcptState::Delivered;
+                status.last_error = None;
+                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
+                // A server that speaks DSN got NOTIFY and reports success itself.
+                if !dsn_passed {
+                    notices.relayed.push((i, "2.0.0".into(), None, detail));
+                }
+            }
             Outcome::TempFail(f) => {
                 status.last_error = Some(f.to_string());
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "deferred", delay_s = delay, reason = %f, "deferred");
@@ -459,6 +468,7 @@ struct Notices {
     failed: Vec<(usize, String, Option<String>, String)>,
     delayed: Vec<(usize, String, Option<String>, String)>,
     delivered: Vec<(usize, String, Option<String>, String)>,
+    relayed: Vec<(usize, String, Option<String>, String)>,
     retry_until: Option<u64>,
 }
 
@@ -488,6 +498,7 @@ async fn send_notices(
         (DsnAction::Failed, notices.failed),
         (DsnAction::Delayed, notices.delayed),
         (DsnAction::Delivered, notices.delivered),
+        (DsnAction::Relayed, notices.relayed),
     ];
     for (action, list) in groups {
         let recipients: Vec<DsnRecipient> = list

@@ -60,6 +60,16 @@ impl std::fmt::Display for Failure {
 pub enum Outcome {
     /// Delivered; the text says where (a Maildir file, a remote server's reply).
     Delivered(String),
+    /// Handed to another server that accepted responsibility (RFC 3464 "relayed"); the text
+    /// is its reply. `dsn_passed`: that server offered DSN and got the NOTIFY/ORCPT
+    /// parameters, so success notifications are now its business (RFC 3461 §5.2.2); without
+    /// DSN, a sender who asked for NOTIFY=SUCCESS gets a "relayed" report from us.
+    Relayed {
+        /// The remote server's reply, for logs.
+        detail: String,
+        /// The remote server took over DSN duties.
+        dsn_passed: bool,
+    },
     /// Not delivered now; try again later.
     TempFail(Failure),
     /// Not deliverable; do not try again.

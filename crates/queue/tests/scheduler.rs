@@ -128,3 +128,100 @@ async fn one_busy_destination_does_not_hold_up_the_others() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// Relays every recipient: `nodsn@…` to a server without DSN, the others to one with DSN;
+/// keeps what is sent to `alice@…` (the notifications).
+#[derive(Default)]
+struct Relay {
+    to_alice: Mutex<Vec<String>>,
+}
+
+impl Transport for Relay {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        job.rcpts
+            .iter()
+            .map(|&i| {
+                let rcpt = job.envelope.rcpts[i].path.to_string();
+                if rcpt.starts_with("alice@") {
+                    self.to_alice
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(job.content.as_bytes()).into_owned());
+                    return (i, Outcome::Delivered("maildir".into()));
+                }
+                (
+                    i,
+                    Outcome::Relayed {
+                        detail: "mx.remote.test said: 250 ok".into(),
+                        dsn_passed: !rcpt.starts_with("nodsn@"),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn notify_success_gives_relayed_only_where_the_next_server_has_no_dsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(
+        Spool::open(
+            &dir.path().join("queue"),
+            "mx.example.test",
+            Syncer::start().unwrap(),
+        )
+        .unwrap(),
+    );
+    let t = Arc::new(Relay::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(
+        spool,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 4,
+            max_per_destination: 4,
+            retry: vec![Duration::from_secs(60)],
+            hostname: "mx.example.test".into(),
+            max_lifetime: Duration::from_secs(3600),
+            delay_warning: None,
+            max_returned: 10_000,
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .unwrap();
+    let mut env = envelope("nodsn@remote.test");
+    env.from = parse_reverse_path("<alice@example.test>").unwrap().0;
+    env.rcpts
+        .push(envelope("withdsn@remote.test").rcpts.remove(0));
+    for r in &mut env.rcpts {
+        r.params.notify = Some(estafeta_proto::command::Notify {
+            success: true,
+            failure: true,
+            ..Default::default()
+        });
+    }
+    q.submit(env, b"Subject: x\r\n\r\nx\r\n".to_vec())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.to_alice.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no report");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a second (wrong) report the time to appear.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reports = t.to_alice.lock().unwrap().clone();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert!(
+        r.contains("Final-Recipient: rfc822; nodsn@remote.test"),
+        "{r}"
+    );
+    assert!(r.contains("Action: relayed"), "{r}");
+    assert!(!r.contains("withdsn@remote.test"), "{r}");
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}

@@ -236,7 +236,7 @@ impl SessionError {
                 failure,
             },
             Outcome::TempFail(failure) => SessionError::temporary(failure),
-            Outcome::Delivered(text) => {
+            Outcome::Delivered(text) | Outcome::Relayed { detail: text, .. } => {
                 SessionError::temporary(Failure::local(replies::unexpected_success(&text)))
             }
         }
@@ -283,7 +283,7 @@ pub fn classify(reply: &Reply, command: &str, remote: &str) -> Outcome {
 /// The [`RcptResult`] of a reply to RCPT, from [`classify`].
 pub fn rcpt_result(reply: &Reply, command: &str, remote: &str) -> RcptResult {
     match classify(reply, command, remote) {
-        Outcome::Delivered(_) => RcptResult::Accepted,
+        Outcome::Delivered(_) | Outcome::Relayed { .. } => RcptResult::Accepted,
         other => RcptResult::Rejected(other),
     }
 }
@@ -934,7 +934,10 @@ impl Connection {
         }
         let outcome = classify(&reply, "end of DATA", &self.host);
         let outcome = match outcome {
-            Outcome::Delivered(_) => Outcome::Delivered(format!("{} said: {reply}", self.peer)),
+            Outcome::Delivered(_) => Outcome::Relayed {
+                detail: format!("{} said: {reply}", self.peer),
+                dsn_passed: self.ext.dsn,
+            },
             other => other,
         };
         Self::decide_all(out, &outcome);
@@ -953,7 +956,7 @@ impl Connection {
             return Err(self.remote_failure(reply.clone(), name));
         }
         match classify(reply, name, &self.host) {
-            Outcome::Delivered(_) => Ok(true),
+            Outcome::Delivered(_) | Outcome::Relayed { .. } => Ok(true),
             refused => {
                 self.needs_rset = true;
                 Self::decide_all(out, &refused);
