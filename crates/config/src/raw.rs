@@ -173,6 +173,8 @@ pub(crate) struct RawQueue {
     pub max_deliveries: Option<Spanned<usize>>,
     /// Concurrent deliveries per destination.
     pub max_per_destination: Option<Spanned<usize>>,
+    /// Where undeliverable notifications go.
+    pub double_bounce_to: Option<Spanned<String>>,
 }
 
 /// `[limits]`.

@@ -366,6 +366,9 @@ pub struct QueueConfig {
     pub max_deliveries: usize,
     /// Concurrent deliveries per destination (≥ 1); default 4.
     pub max_per_destination: usize,
+    /// Where a notification that cannot be delivered is reported (a "double bounce"); `None`:
+    /// it is only logged.
+    pub double_bounce_to: Option<String>,
 }
 
 /// `[limits]`.

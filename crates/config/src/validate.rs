@@ -731,6 +731,27 @@ impl Validator<'_, '_> {
                 4,
                 "use at least 1 delivery per destination; the default is 4",
             ),
+            double_bounce_to: q.double_bounce_to.as_ref().and_then(|v| {
+                let text = v.get_ref().trim();
+                let ok = match text.rsplit_once('@') {
+                    Some((local, domain)) => {
+                        !local.is_empty()
+                            && !local.contains(char::is_whitespace)
+                            && check_domain(&normalize_domain(domain)).is_ok()
+                    }
+                    None => false,
+                };
+                if ok {
+                    Some(text.to_owned())
+                } else {
+                    self.r.at(
+                        v.span(),
+                        format!("invalid double_bounce_to {text:?}: not an address"),
+                        Some("use a mailbox such as \"postmaster@example.org\", or remove the key to only log undeliverable notifications".to_owned()),
+                    );
+                    None
+                }
+            }),
         }
     }
 

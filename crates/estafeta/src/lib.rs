@@ -230,6 +230,11 @@ impl Server {
                 delay_warning: cfg.queue.delay_warning,
                 // Postfix's bounce_size_limit is 50,000 bytes; a little more room here.
                 max_returned: 100 * 1024,
+                double_bounce_to: cfg.queue.double_bounce_to.as_deref().and_then(|a| {
+                    estafeta_proto::address::parse_forward_path(&format!("<{a}>"))
+                        .ok()
+                        .map(|(p, _)| p.mailbox)
+                }),
             },
             shutdown.clone(),
             &tracker,

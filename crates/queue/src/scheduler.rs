@@ -35,6 +35,9 @@ pub struct SchedulerConfig {
     pub delay_warning: Option<Duration>,
     /// The most of an original message a failure report returns with `RET=FULL`.
     pub max_returned: usize,
+    /// Where a notification that cannot be delivered is reported (a double bounce), as a
+    /// failure report of its own; `None`: only logged.
+    pub double_bounce_to: Option<estafeta_proto::Mailbox>,
 }
 
 enum Event {
@@ -461,6 +464,9 @@ async fn attempt<T: Transport>(
     Some(m)
 }
 
+/// The protocol recorded in the envelope of the notifications this server writes.
+const NOTICE_PROTOCOL: &str = "local";
+
 /// The notifications an attempt produced: (recipient index, status code, remote host,
 /// diagnostic) for each kind.
 #[derive(Default)]
@@ -525,17 +531,37 @@ async fn send_notices(
         if recipients.is_empty() {
             continue;
         }
-        if !may_bounce(&m.envelope.from) {
-            tracing::info!(target: "estafeta::maillog", id = %m.id, "no notification: the message is itself a notification (null sender)");
-            continue;
-        }
+        // A message from <> is never answered to its sender (RFC 5321 §4.5.5). A failed one
+        // may go to the postmaster — unless it is already such a report (ours, from <>, to
+        // the postmaster), which would loop.
+        let to = if may_bounce(&m.envelope.from) {
+            match &m.envelope.from {
+                estafeta_proto::ReversePath::Mailbox(mb) => mb.clone(),
+                estafeta_proto::ReversePath::Null => continue,
+            }
+        } else {
+            let ours = m.envelope.client.protocol == NOTICE_PROTOCOL;
+            match &cfg.double_bounce_to {
+                Some(pm)
+                    if action == DsnAction::Failed
+                        && !(ours && m.envelope.rcpts.iter().any(|r| &r.path.mailbox == pm)) =>
+                {
+                    tracing::info!(target: "estafeta::maillog", id = %m.id, to = %pm, "undeliverable notification: reported to the postmaster");
+                    pm.clone()
+                }
+                _ => {
+                    tracing::info!(target: "estafeta::maillog", id = %m.id, "no notification: the message is itself a notification (null sender)");
+                    continue;
+                }
+            }
+        };
         let envid = m
             .envelope
             .params
             .envid
             .as_deref()
             .map(|e| estafeta_proto::command::xtext_decode(e).unwrap_or_else(|| e.to_string()));
-        let sender = m.envelope.from.to_string();
+        let sender = to.to_string();
         let id = m.id.to_string();
         let bytes = build_dsn(&DsnInput {
             reporting_mta: &cfg.hostname,
@@ -557,20 +583,17 @@ async fn send_notices(
                 ip: std::net::IpAddr::from([127, 0, 0, 1]),
                 port: 0,
                 helo: cfg.hostname.clone(),
-                protocol: "local".into(),
+                protocol: NOTICE_PROTOCOL.into(),
                 tls: None,
                 auth: None,
             },
             from: estafeta_proto::ReversePath::Null,
             params: estafeta_proto::MailParams::default(),
             rcpts: vec![estafeta_proto::Recipient {
-                path: match &m.envelope.from {
-                    estafeta_proto::ReversePath::Mailbox(mb) => estafeta_proto::ForwardPath {
-                        mailbox: mb.clone(),
-                        bare_postmaster: false,
-                        source_route: Vec::new(),
-                    },
-                    estafeta_proto::ReversePath::Null => continue,
+                path: estafeta_proto::ForwardPath {
+                    mailbox: to,
+                    bare_postmaster: false,
+                    source_route: Vec::new(),
                 },
                 params: estafeta_proto::RcptParams::default(),
             }],

@@ -98,6 +98,7 @@ async fn one_busy_destination_does_not_hold_up_the_others() {
             max_lifetime: Duration::from_secs(3600),
             delay_warning: None,
             max_returned: 10_000,
+            double_bounce_to: None,
         },
         shutdown.clone(),
         &tracker,
@@ -186,6 +187,7 @@ async fn notify_success_gives_relayed_only_where_the_next_server_has_no_dsn() {
             max_lifetime: Duration::from_secs(3600),
             delay_warning: None,
             max_returned: 10_000,
+            double_bounce_to: None,
         },
         shutdown.clone(),
         &tracker,
@@ -224,4 +226,105 @@ async fn notify_success_gives_relayed_only_where_the_next_server_has_no_dsn() {
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+/// Fails every recipient for good; keeps the messages offered to the postmaster, and fails
+/// those too when `postmaster_fails`.
+struct Refuser {
+    postmaster_fails: bool,
+    to_postmaster: Mutex<Vec<String>>,
+}
+
+impl Transport for Refuser {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        job.rcpts
+            .iter()
+            .map(|&i| {
+                let rcpt = job.envelope.rcpts[i].path.to_string();
+                if rcpt == "postmaster@example.test" {
+                    self.to_postmaster
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(job.content.as_bytes()).into_owned());
+                    if !self.postmaster_fails {
+                        return (i, Outcome::Delivered("maildir".into()));
+                    }
+                }
+                let r = estafeta_proto::reply::user_unknown(&rcpt);
+                (i, Outcome::PermFail(estafeta_queue::Failure::local(r)))
+            })
+            .collect()
+    }
+}
+
+async fn double_bounce(postmaster_fails: bool) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(
+        Spool::open(
+            &dir.path().join("queue"),
+            "mx.example.test",
+            Syncer::start().unwrap(),
+        )
+        .unwrap(),
+    );
+    let t = Arc::new(Refuser {
+        postmaster_fails,
+        to_postmaster: Mutex::new(Vec::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(
+        spool,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 4,
+            max_per_destination: 4,
+            retry: vec![Duration::from_secs(60)],
+            hostname: "mx.example.test".into(),
+            max_lifetime: Duration::from_secs(3600),
+            delay_warning: None,
+            max_returned: 10_000,
+            double_bounce_to: Some(
+                parse_forward_path("<postmaster@example.test>")
+                    .unwrap()
+                    .0
+                    .mailbox,
+            ),
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .unwrap();
+    // A bounce (from <>) to an address that does not exist.
+    q.submit(
+        envelope("gone@remote.test"),
+        b"Subject: bounce\r\n\r\nx\r\n".to_vec(),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.to_postmaster.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no report");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Time for a (wrong) report about the report.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let got = t.to_postmaster.lock().unwrap().clone();
+    got
+}
+
+#[tokio::test]
+async fn an_undeliverable_bounce_goes_to_the_postmaster_once() {
+    let reports = double_bounce(false).await;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert!(
+        reports[0].contains("Final-Recipient: rfc822; gone@remote.test"),
+        "{}",
+        reports[0]
+    );
+    // Even when the postmaster cannot be reached, there is no report about the report.
+    assert_eq!(double_bounce(true).await.len(), 1);
 }
