@@ -312,8 +312,7 @@ async fn double_bounce(postmaster_fails: bool) -> Vec<String> {
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
-    let got = t.to_postmaster.lock().unwrap().clone();
-    got
+    t.to_postmaster.lock().unwrap().clone()
 }
 
 #[tokio::test]
