@@ -141,3 +141,261 @@ retry = ["1s"]
         .count();
     assert_eq!(queued, 1);
 }
+
+/// ETRN through Python's smtplib, from `source`: the reply code and text.
+fn etrn(port: u16, source: &str, domain: &str) -> String {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import smtplib,sys\n\
+             s=smtplib.SMTP('127.0.0.1',int(sys.argv[1]),source_address=(sys.argv[2],0),timeout=10)\n\
+             s.ehlo('client.test')\n\
+             assert s.has_extn('etrn'), s.esmtp_features\n\
+             c,t=s.docmd('ETRN',sys.argv[3])\n\
+             print(c,t.decode())\n\
+             s.quit()",
+            &port.to_string(),
+            source,
+            domain,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn etrn_from_a_trusted_client_delivers_deferred_mail_at_once() {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("python3 not found: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a_port, b_port) = (free_port(), free_port());
+    let a_cfg = write(
+        dir.path(),
+        "a.toml",
+        format!(
+            r#"hostname = "mx.local.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.1:{a_port}"
+[relay]
+mynetworks = ["127.0.0.1/32"]
+[relay.routes]
+"later.test" = "[127.0.0.2]:{b_port}"
+[[domain]]
+name = "local.test"
+mailboxes = "*"
+[queue]
+retry = ["1h"]
+"#,
+            d = dir.path().join("a").display()
+        ),
+    );
+    let a = Process::serve(
+        &a_cfg,
+        format!("127.0.0.1:{a_port}").parse().unwrap(),
+        &dir.path().join("a.log"),
+    );
+    let mut c = Client::connect(a.addr);
+    c.reply();
+    c.line("EHLO client.local.test");
+    c.reply();
+    assert!(c.cmd("MAIL FROM:<alice@local.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<dave@later.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(b"Subject: come back later\r\n\r\nhello\r\n.\r\n");
+    assert!(c.last().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    // The first attempt fails (nothing listens yet); the next one would be in an hour.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a
+        .log_text()
+        .contains("to=dave@later.test status=\"deferred\"")
+    {
+        assert!(std::time::Instant::now() < deadline, "A:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The remote site comes up.
+    let b_cfg = write(
+        dir.path(),
+        "b.toml",
+        format!(
+            r#"hostname = "mx.later.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.2:{b_port}"
+[relay]
+mynetworks = []
+[[domain]]
+name = "later.test"
+mailboxes = "*"
+"#,
+            d = dir.path().join("b").display()
+        ),
+    );
+    let b = Process::serve(
+        &b_cfg,
+        format!("127.0.0.2:{b_port}").parse().unwrap(),
+        &dir.path().join("b.log"),
+    );
+    // A client outside mynetworks may not start the queue.
+    assert_eq!(
+        etrn(a_port, "127.0.0.2", "later.test"),
+        "459 4.7.1 Node later.test not allowed: ETRN is for trusted clients only"
+    );
+    assert_eq!(
+        etrn(a_port, "127.0.0.1", "nothing.test"),
+        "251 2.0.0 OK, no messages waiting for node nothing.test"
+    );
+    assert_eq!(
+        etrn(a_port, "127.0.0.1", "Later.Test"),
+        "253 2.0.0 OK, 1 pending messages for node later.test started"
+    );
+    let msgs = maildir_new(
+        &dir.path().join("b"),
+        "later.test",
+        "dave",
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(msgs.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
+}
+
+#[test]
+fn smarthost_with_starttls_and_auth_and_a_route_that_goes_around_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_port, b_smtp, b_sub) = (free_port(), free_port(), free_port());
+    // B: the provider's server: submission (STARTTLS + AUTH required) and plain SMTP.
+    let b_cfg = write(
+        dir.path(),
+        "b.toml",
+        format!(
+            r#"hostname = "smtp.provider.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.2:{b_smtp}"
+[[listener]]
+kind = "submission"
+address = "127.0.0.2:{b_sub}"
+sender_check = false
+[relay]
+mynetworks = []
+[[domain]]
+name = "far.test"
+mailboxes = "*"
+[[domain]]
+name = "direct.test"
+mailboxes = "*"
+"#,
+            d = dir.path().join("b").display()
+        ),
+    );
+    let mut add = std::process::Command::new(estafeta_e2e::estafeta_bin())
+        .args([
+            "user",
+            "add",
+            "customer@provider.test",
+            "--password-stdin",
+            "--config",
+        ])
+        .arg(&b_cfg)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(add.stdin.take().unwrap(), "s3cret pass:word").unwrap();
+    }
+    assert!(add.wait().unwrap().success());
+    let secret = dir.path().join("smarthost.secret");
+    std::fs::write(&secret, "customer@provider.test:s3cret pass:word\n").unwrap();
+    let a_cfg = write(
+        dir.path(),
+        "a.toml",
+        format!(
+            r#"hostname = "home.local.test"
+data_dir = "{d}"
+[[listener]]
+kind = "smtp"
+address = "127.0.0.1:{a_port}"
+[relay]
+mynetworks = ["127.0.0.1/32"]
+smarthost = "127.0.0.2:{b_sub}"
+smarthost_tls = "required"
+smarthost_credentials = "{secret}"
+[relay.routes]
+"direct.test" = "[127.0.0.2]:{b_smtp}"
+[[domain]]
+name = "local.test"
+mailboxes = "*"
+[queue]
+retry = ["1s"]
+"#,
+            d = dir.path().join("a").display(),
+            secret = secret.display()
+        ),
+    );
+    let b = Process::serve(
+        &b_cfg,
+        format!("127.0.0.2:{b_smtp}").parse().unwrap(),
+        &dir.path().join("b.log"),
+    );
+    let a = Process::serve(
+        &a_cfg,
+        format!("127.0.0.1:{a_port}").parse().unwrap(),
+        &dir.path().join("a.log"),
+    );
+    let mut c = Client::connect(a.addr);
+    c.reply();
+    c.line("EHLO client.local.test");
+    c.reply();
+    assert!(c.cmd("MAIL FROM:<alice@local.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<erin@far.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<dan@direct.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(b"Subject: via the provider\r\n\r\nhello\r\n.\r\n");
+    assert!(c.last().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let far = maildir_new(
+        &dir.path().join("b"),
+        "far.test",
+        "erin",
+        1,
+        Duration::from_secs(15),
+    );
+    assert_eq!(far.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
+    let m = String::from_utf8_lossy(&far[0]).into_owned();
+    // Submitted with STARTTLS and AUTH.
+    assert!(m.contains("with ESMTPSA"), "{m}");
+    assert!(
+        b.log_text().contains(
+            "authenticated client=127.0.0.1 user=customer@provider.test mechanism=\"PLAIN\""
+        ),
+        "{}",
+        b.log_text()
+    );
+    // The route wins over the smarthost: plain SMTP to B's port 25 stand-in, no AUTH.
+    let direct = maildir_new(
+        &dir.path().join("b"),
+        "direct.test",
+        "dan",
+        1,
+        Duration::from_secs(15),
+    );
+    let m = String::from_utf8_lossy(&direct[0]).into_owned();
+    assert!(m.contains("with ESMTPS "), "{m}");
+}

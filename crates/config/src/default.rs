@@ -99,6 +99,9 @@ impl Config {
                 smarthost_tls: SmarthostTls::Required,
                 smarthost_credentials: None,
                 routes: Default::default(),
+                ip_version: IpVersion::Any,
+                source_address: None,
+                helo_name: None,
             },
             dns: DnsConfig::default(),
             domains: vec![any("localhost"), any("example.test")],
@@ -112,6 +115,7 @@ impl Config {
                 delay_warning: Some(Duration::from_secs(4 * 3600)),
                 max_deliveries: 64,
                 max_per_destination: 4,
+                double_bounce_to: None,
             },
             limits: Limits {
                 max_message_size: MAX_MESSAGE_SIZE,

@@ -119,6 +119,12 @@ pub(crate) struct RawRelay {
     pub smarthost_credentials: Option<Spanned<String>>,
     /// `[relay.routes]`: domain → next hop.
     pub routes: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    /// `any | ipv4 | ipv6`.
+    pub ip_version: Option<Spanned<String>>,
+    /// The local address of outbound connections.
+    pub source_address: Option<Spanned<String>>,
+    /// The EHLO name towards other servers.
+    pub helo_name: Option<Spanned<String>>,
 }
 
 /// `[dns]`.
@@ -167,6 +173,8 @@ pub(crate) struct RawQueue {
     pub max_deliveries: Option<Spanned<usize>>,
     /// Concurrent deliveries per destination.
     pub max_per_destination: Option<Spanned<usize>>,
+    /// Where undeliverable notifications go.
+    pub double_bounce_to: Option<Spanned<String>>,
 }
 
 /// `[limits]`.

@@ -169,14 +169,85 @@ pub struct RelayConfig {
     /// Set to allow `mynetworks` entries that cover large public ranges (see
     /// [`RelayConfig::open_relay_ranges`]).
     pub allow_open_relay: bool,
-    /// `host:port` every remote message is sent through, instead of MX lookup.
-    pub smarthost: Option<String>,
+    /// The host every remote message is sent through, instead of MX lookup.
+    pub smarthost: Option<NextHop>,
     /// TLS towards the smarthost; default `required`.
     pub smarthost_tls: SmarthostTls,
     /// File with `user:password` for the smarthost.
     pub smarthost_credentials: Option<PathBuf>,
     /// Per-domain next hop that overrides MX (`[relay.routes]`), keys lower-cased.
-    pub routes: BTreeMap<String, String>,
+    pub routes: BTreeMap<String, NextHop>,
+    /// Which address families outbound connections use; default `any`.
+    pub ip_version: IpVersion,
+    /// The local address outbound connections come from (for destinations of its family);
+    /// default: the kernel chooses.
+    pub source_address: Option<std::net::IpAddr>,
+    /// The name sent with EHLO/HELO to other servers; default: `hostname`.
+    pub helo_name: Option<String>,
+}
+
+/// `relay.ip_version`: the address families used to reach other servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpVersion {
+    /// IPv6 and IPv4 addresses, in the order DNS gives them (IPv6 first for a host with
+    /// both).
+    Any,
+    /// IPv4 only.
+    Ipv4,
+    /// IPv6 only.
+    Ipv6,
+}
+
+/// A fixed next hop: a `[relay.routes]` value or the smarthost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// A host name, or an IP address (written `[192.0.2.7]` in the configuration).
+    pub host: String,
+    /// The port (25 when the configuration names none).
+    pub port: u16,
+}
+
+impl NextHop {
+    /// Parses `host`, `host:port`, `[ip]` or `[ip]:port` (`[IPv6:2001:db8::7]` too).
+    pub fn parse(text: &str) -> Option<NextHop> {
+        let text = text.trim();
+        if let Some(rest) = text.strip_prefix('[') {
+            let (ip, after) = rest.split_once(']')?;
+            let ip: std::net::IpAddr = ip.strip_prefix("IPv6:").unwrap_or(ip).parse().ok()?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().ok()?,
+                None if after.is_empty() => 25,
+                None => return None,
+            };
+            return Some(NextHop {
+                host: ip.to_string(),
+                port,
+            });
+        }
+        let (host, port) = match text.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, p.parse().ok()?),
+            None => (text, 25),
+            _ => return None,
+        };
+        let valid = !host.is_empty()
+            && host
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        valid.then(|| NextHop {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.parse::<std::net::IpAddr>().is_ok() {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 impl RelayConfig {
@@ -295,6 +366,9 @@ pub struct QueueConfig {
     pub max_deliveries: usize,
     /// Concurrent deliveries per destination (≥ 1); default 4.
     pub max_per_destination: usize,
+    /// Where a notification that cannot be delivered is reported (a "double bounce"); `None`:
+    /// it is only logged.
+    pub double_bounce_to: Option<String>,
 }
 
 /// `[limits]`.
@@ -399,5 +473,41 @@ mod tests {
         ] {
             assert!(!open(net), "{net}");
         }
+    }
+}
+
+#[cfg(test)]
+mod next_hop_tests {
+    use super::NextHop;
+
+    #[test]
+    fn next_hops() {
+        let h = |s: &str| NextHop::parse(s).map(|h| (h.host, h.port));
+        assert_eq!(h("[192.0.2.7]:25"), Some(("192.0.2.7".into(), 25)));
+        assert_eq!(
+            h("[IPv6:2001:db8::7]:2525"),
+            Some(("2001:db8::7".into(), 2525))
+        );
+        assert_eq!(
+            h("smtp.provider.example:587"),
+            Some(("smtp.provider.example".into(), 587))
+        );
+        assert_eq!(h("mx.example"), Some(("mx.example".into(), 25)));
+        assert_eq!(h("[192.0.2.7]"), Some(("192.0.2.7".into(), 25)));
+        for bad in [
+            "a:b:c",
+            "[nope]:25",
+            "",
+            "host:",
+            "host:99999",
+            "two words:25",
+            "[192.0.2.7]x",
+        ] {
+            assert_eq!(h(bad), None, "{bad}");
+        }
+        assert_eq!(
+            NextHop::parse("[2001:db8::7]:26").unwrap().to_string(),
+            "[2001:db8::7]:26"
+        );
     }
 }

@@ -28,6 +28,12 @@ const LISTENER_KINDS: &[(&str, ListenerKind)] = &[
     ("submission", ListenerKind::Submission),
     ("submissions", ListenerKind::Submissions),
 ];
+const IP_VERSION: &[(&str, IpVersion)] = &[
+    ("any", IpVersion::Any),
+    ("ipv4", IpVersion::Ipv4),
+    ("ipv6", IpVersion::Ipv6),
+];
+
 const SMARTHOST_TLS: &[(&str, SmarthostTls)] = &[
     ("none", SmarthostTls::None),
     ("opportunistic", SmarthostTls::Opportunistic),
@@ -389,15 +395,41 @@ impl Validator<'_, '_> {
         };
         let smarthost = raw.relay.smarthost.as_ref().and_then(|s| {
             let text = s.get_ref();
-            if text.trim().is_empty() || text.contains(char::is_whitespace) {
+            let hop = NextHop::parse(text);
+            if hop.is_none() {
                 self.r.at(
                     s.span(),
                     format!("invalid smarthost {text:?}"),
                     Some("use host:port, e.g. \"smtp.provider.example:587\", or remove the key to deliver directly".to_owned()),
                 );
+            }
+            hop
+        });
+        let ip_version = self.enumerated(raw.relay.ip_version.as_ref(), IP_VERSION, IpVersion::Any);
+        let source_address = raw.relay.source_address.as_ref().and_then(|s| {
+            match s.get_ref().trim().parse::<std::net::IpAddr>() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    self.r.at(
+                        s.span(),
+                        format!("invalid source_address {:?}: not an IP address", s.get_ref()),
+                        Some("use one of this host's addresses, e.g. \"192.0.2.25\" or \"2001:db8::25\", or remove the key".to_owned()),
+                    );
+                    None
+                }
+            }
+        });
+        let helo_name = raw.relay.helo_name.as_ref().and_then(|s| {
+            let name = s.get_ref().trim();
+            if let Err(why) = check_domain(&normalize_domain(name)) {
+                self.r.at(
+                    s.span(),
+                    format!("invalid helo_name {name:?}: it {why}"),
+                    Some("use this host's public name, e.g. \"mx.example.org\"".to_owned()),
+                );
                 None
             } else {
-                Some(text.clone())
+                Some(name.to_owned())
             }
         });
         let smarthost_tls = self.enumerated(
@@ -436,15 +468,15 @@ impl Validator<'_, '_> {
                 );
                 continue;
             }
-            if hop.get_ref().trim().is_empty() {
+            let Some(next) = NextHop::parse(hop.get_ref()) else {
                 self.r.at(
                     hop.span(),
-                    "the next hop is empty",
-                    Some("use host:port or [ip]:port, e.g. \"[192.0.2.7]:25\"".to_owned()),
+                    format!("invalid next hop {:?}", hop.get_ref()),
+                    Some("use host, host:port, [ip] or [ip]:port, e.g. \"[192.0.2.7]:25\" or \"mx.example.net:2525\"".to_owned()),
                 );
                 continue;
-            }
-            routes.insert(name, hop.get_ref().trim().to_owned());
+            };
+            routes.insert(name, next);
         }
         RelayConfig {
             mynetworks,
@@ -453,6 +485,9 @@ impl Validator<'_, '_> {
             smarthost_tls,
             smarthost_credentials,
             routes,
+            ip_version,
+            source_address,
+            helo_name,
         }
     }
 
@@ -696,6 +731,27 @@ impl Validator<'_, '_> {
                 4,
                 "use at least 1 delivery per destination; the default is 4",
             ),
+            double_bounce_to: q.double_bounce_to.as_ref().and_then(|v| {
+                let text = v.get_ref().trim();
+                let ok = match text.rsplit_once('@') {
+                    Some((local, domain)) => {
+                        !local.is_empty()
+                            && !local.contains(char::is_whitespace)
+                            && check_domain(&normalize_domain(domain)).is_ok()
+                    }
+                    None => false,
+                };
+                if ok {
+                    Some(text.to_owned())
+                } else {
+                    self.r.at(
+                        v.span(),
+                        format!("invalid double_bounce_to {text:?}: not an address"),
+                        Some("use a mailbox such as \"postmaster@example.org\", or remove the key to only log undeliverable notifications".to_owned()),
+                    );
+                    None
+                }
+            }),
         }
     }
 

@@ -132,7 +132,10 @@ Team = "alice"
         ["0.0.0.0/0".parse::<ipnet::IpNet>().unwrap()]
     );
     assert_eq!(config.relay.mynetworks[1], "192.0.2.1/32".parse().unwrap());
-    assert_eq!(config.relay.routes["example.net"], "[192.0.2.7]:25");
+    assert_eq!(
+        config.relay.routes["example.net"].to_string(),
+        "[192.0.2.7]:25"
+    );
     assert_eq!(config.domains[0].name, "example.org");
     assert!(config.domain("EXAMPLE.org.").is_some());
     assert_eq!(config.domains[0].aliases["team"], ["alice"]);

@@ -68,6 +68,9 @@ pub fn session_config(cfg: &Config, listener: &Listener, tls: bool) -> SessionCo
     }
 }
 
+/// The port of MX hosts (RFC 5321 §4.5.4.2's well-known port; routes may name another).
+const MX_PORT: u16 = 25;
+
 /// Remote delivery from the configuration: `[dns]`, `[relay.routes]`, the smarthost.
 fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remote> {
     use estafeta_relay::client::ClientConfig;
@@ -78,21 +81,25 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
     } else {
         Resolver::with_nameservers(&cfg.dns.nameservers)
     };
-    let mut routes = std::collections::HashMap::new();
-    for (domain, hop) in &cfg.relay.routes {
-        let hop = NextHop::parse(hop).with_context(|| {
-            format!("relay.routes.\"{domain}\": \"{hop}\" is not host, host:port or [ip]:port")
-        })?;
-        routes.insert(domain.to_lowercase(), hop);
-    }
-    let smarthost = match &cfg.relay.smarthost {
-        Some(h) => Some(
-            NextHop::parse(h)
-                .with_context(|| format!("relay.smarthost: \"{h}\" is not host:port"))?,
-        ),
-        None => None,
+    let hop = |h: &estafeta_config::NextHop| NextHop {
+        host: h.host.clone(),
+        port: h.port,
     };
-    let mut smarthost_client = ClientConfig::new(cfg.hostname.clone());
+    let routes = cfg
+        .relay
+        .routes
+        .iter()
+        .map(|(domain, h)| (domain.to_lowercase(), hop(h)))
+        .collect();
+    let smarthost = cfg.relay.smarthost.as_ref().map(hop);
+    let helo = cfg
+        .relay
+        .helo_name
+        .clone()
+        .unwrap_or_else(|| cfg.hostname.clone());
+    let mut client = ClientConfig::new(helo.clone());
+    client.source = cfg.relay.source_address;
+    let mut smarthost_client = client.clone();
     smarthost_client.tls = tls_policy(match cfg.relay.smarthost_tls {
         estafeta_config::SmarthostTls::None => "none",
         estafeta_config::SmarthostTls::Opportunistic => "opportunistic",
@@ -108,25 +115,32 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
             .with_context(|| format!("{}: expected one line \"user:password\"", path.display()))?;
         smarthost_client.credentials = Some((user.to_string(), password.to_string()));
     }
+    // Mail loops back to myself when an MX is an address we receive on at the MX port.
     let mut addrs: Vec<std::net::IpAddr> = cfg
         .listeners
         .iter()
-        .flat_map(|l| l.addresses.iter().map(|a| a.ip()))
-        .filter(|ip| !ip.is_unspecified())
+        .flat_map(|l| l.addresses.iter())
+        .filter(|a| a.port() == MX_PORT && !a.ip().is_unspecified())
+        .map(|a| a.ip())
         .collect();
     addrs.dedup();
     Ok(Remote {
         resolver,
-        client: ClientConfig::new(cfg.hostname.clone()),
+        client,
         smarthost_client,
         routes,
         smarthost,
-        ip_version: IpVersion::Any,
+        ip_version: match cfg.relay.ip_version {
+            estafeta_config::IpVersion::Any => IpVersion::Any,
+            estafeta_config::IpVersion::Ipv4 => IpVersion::Ipv4,
+            estafeta_config::IpVersion::Ipv6 => IpVersion::Ipv6,
+        },
         local: LocalIdentity {
-            hostnames: vec![cfg.hostname.to_lowercase()],
+            hostnames: vec![cfg.hostname.to_lowercase(), helo.to_lowercase()],
             addrs,
         },
-        mx_port: 25,
+        mx_port: MX_PORT,
+        idle: Default::default(),
     })
 }
 
@@ -135,12 +149,18 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
 pub fn scheduler_config(cfg: &Config) -> SchedulerConfig {
     SchedulerConfig {
         max_deliveries: cfg.queue.max_deliveries,
+        max_per_destination: cfg.queue.max_per_destination,
         retry: cfg.queue.retry.clone(),
         hostname: cfg.hostname.clone(),
         max_lifetime: cfg.queue.max_lifetime,
         delay_warning: cfg.queue.delay_warning,
         // Postfix's bounce_size_limit is 50,000 bytes; a little more room here.
         max_returned: 100 * 1024,
+        double_bounce_to: cfg.queue.double_bounce_to.as_deref().and_then(|a| {
+            estafeta_proto::address::parse_forward_path(&format!("<{a}>"))
+                .ok()
+                .map(|(p, _)| p.mailbox)
+        }),
     }
 }
 

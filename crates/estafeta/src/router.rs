@@ -64,6 +64,32 @@ impl Router {
 }
 
 impl Transport for Router {
+    /// The remote destinations of these recipients: their domains (each its own MX hosts), or
+    /// the smarthost when everything goes through it. Local mailboxes are not limited.
+    fn destinations(&self, envelope: &estafeta_proto::Envelope, rcpts: &[usize]) -> Vec<String> {
+        let Some(remote) = &self.remote else {
+            return Vec::new();
+        };
+        let mut dests: Vec<String> = Vec::new();
+        for &i in rcpts {
+            let path = &envelope.rcpts[i].path;
+            let domain = path.mailbox.domain.key();
+            if self.policy.is_local_domain(&domain) {
+                continue;
+            }
+            let dest = match &remote.smarthost {
+                Some(h) if !remote.routes.contains_key(&domain) => {
+                    format!("smarthost {}:{}", h.host, h.port)
+                }
+                _ => domain,
+            };
+            if !dests.contains(&dest) {
+                dests.push(dest);
+            }
+        }
+        dests
+    }
+
     async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
         let mut outcomes = Vec::with_capacity(job.rcpts.len());
         let mut local: Vec<(usize, Target)> = Vec::new();

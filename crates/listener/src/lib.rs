@@ -490,6 +490,19 @@ pub async fn handle_connection(
                     tracing::info!(target: "estafeta::maillog", client = %peer.ip(), argument = %argument, expn, reply = %r, "verify");
                     session.verified(r);
                 }
+                Action::Etrn(domain) => {
+                    let client = Client {
+                        ip: peer.ip(),
+                        user: session.auth_user().map(str::to_string),
+                    };
+                    let r = if ctx.policy.trust(&client) == estafeta_policy::Trust::None {
+                        reply::etrn_not_allowed(&domain)
+                    } else {
+                        reply::etrn_started(&domain, ctx.queue.flush_domain(&domain).await)
+                    };
+                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), domain = %domain, reply = %r, "etrn");
+                    session.etrn_done(r);
+                }
                 Action::Pause(d) => {
                     if !out.is_empty() {
                         if let Err(e) = conn.write_all(&out).await {

@@ -406,6 +406,44 @@ pub fn expn_disabled() -> Reply {
     Reply::new(502, st(5, 5, 1), "EXPN command is disabled")
 }
 
+/// ETRN (RFC 1985 §5): the delivery of `n` queued messages for `node` was started
+/// (`253`), or there was nothing to start (`251`).
+pub fn etrn_started(node: &str, n: usize) -> Reply {
+    if n == 0 {
+        Reply::new(
+            251,
+            st(2, 0, 0),
+            format!("OK, no messages waiting for node {node}"),
+        )
+    } else {
+        Reply::new(
+            253,
+            st(2, 0, 0),
+            format!("OK, {n} pending messages for node {node} started"),
+        )
+    }
+}
+
+/// `459 4.7.1`: ETRN from a client that is neither in mynetworks nor authenticated
+/// (RFC 1985 §5: "node not allowed").
+pub fn etrn_not_allowed(node: &str) -> Reply {
+    Reply::new(
+        459,
+        st(4, 7, 1),
+        format!("Node {node} not allowed: ETRN is for trusted clients only"),
+    )
+}
+
+/// `458 4.3.0`: an ETRN form this server does not run (`#queue`), or the queue could not be
+/// asked (RFC 1985 §5: "unable to queue messages for node").
+pub fn etrn_unable(node: &str) -> Reply {
+    Reply::new(
+        458,
+        st(4, 3, 0),
+        format!("Unable to queue messages for node {node}"),
+    )
+}
+
 /// `503 5.5.1 Error: …`: a command out of sequence (RFC 5321 §4.1.4).
 pub fn bad_sequence(text: &str) -> Reply {
     Reply::new(503, st(5, 5, 1), format!("Error: {text}"))
@@ -553,6 +591,130 @@ pub fn user_unknown(address: &str) -> Reply {
 /// (a browser or proxy abuse, as Postfix answers it).
 pub fn forbidden_command() -> Reply {
     Reply::new(221, st(2, 7, 0), "Error: I can break rules, too. Goodbye.")
+}
+
+// --- Remote delivery: the verdicts this server writes itself about an attempt (they appear in
+// logs, `queue list` and bounces, as "Diagnostic-Code: smtp; …"). `peer` is `host[ip]:port`.
+
+/// `451 4.4.1`: the TCP connection to a peer could not be made.
+pub fn connect_failed(peer: &str, detail: &str) -> Reply {
+    Reply::new(451, st(4, 4, 1), format!("connect to {peer}: {detail}"))
+}
+
+/// `451 4.4.2`: the peer did not answer in time (RFC 5321 §4.5.3.2 timeouts).
+pub fn conversation_timed_out(peer: &str, doing: &str) -> Reply {
+    Reply::new(
+        451,
+        st(4, 4, 2),
+        format!("conversation with {peer} timed out while {doing}"),
+    )
+}
+
+/// `451 4.4.2`: the connection broke (`detail`: the I/O error, when there is one).
+pub fn connection_lost(peer: &str, doing: &str, detail: Option<&str>) -> Reply {
+    let text = match detail {
+        Some(d) => format!("lost connection with {peer} while {doing}: {d}"),
+        None => format!("lost connection with {peer} while {doing}"),
+    };
+    Reply::new(451, st(4, 4, 2), text)
+}
+
+/// `451 4.5.0`: the peer broke the protocol (a malformed reply, a success where none can be).
+pub fn peer_protocol_error(peer: &str, doing: &str, what: &str) -> Reply {
+    Reply::new(
+        451,
+        st(4, 5, 0),
+        format!("protocol error from {peer} while {doing}: {what}"),
+    )
+}
+
+/// `451 4.5.0`: a success reply where the protocol allows none.
+pub fn unexpected_success(text: &str) -> Reply {
+    Reply::new(451, st(4, 5, 0), format!("unexpected success: {text}"))
+}
+
+/// `451 4.7.4`: the policy requires TLS and the peer does not offer STARTTLS.
+pub fn tls_not_offered(peer: &str) -> Reply {
+    Reply::new(
+        451,
+        st(4, 7, 4),
+        format!("TLS is required, but was not offered by host {peer}"),
+    )
+}
+
+/// `451 4.7.5`: STARTTLS was tried and failed (handshake, certificate, local TLS setup).
+pub fn tls_failed(peer: &str, detail: &str) -> Reply {
+    Reply::new(
+        451,
+        st(4, 7, 5),
+        format!("Cannot start TLS with {peer}: {detail}"),
+    )
+}
+
+/// `451 4.7.x`: AUTH towards a smarthost cannot be done as configured (`status` says why:
+/// 4.7.10 no encryption, 4.7.0 no usable mechanism).
+pub fn client_auth_impossible(peer: &str, status: Status, text: &str) -> Reply {
+    Reply::new(451, status, format!("{text} ({peer})"))
+}
+
+/// `451 4.3.0`: a recipient the client left without an outcome (a safe default that should
+/// never be seen).
+pub fn recipient_undecided() -> Reply {
+    Reply::new(
+        451,
+        st(4, 3, 0),
+        "recipient left undecided by the SMTP client",
+    )
+}
+
+/// `553 5.6.7`: the message needs SMTPUTF8 and the peer does not offer it (RFC 6531 §3.4).
+pub fn smtputf8_not_offered(peer: &str) -> Reply {
+    Reply::new(
+        553,
+        st(5, 6, 7),
+        format!("SMTPUTF8 is required, but was not offered by host {peer}"),
+    )
+}
+
+/// `552 5.3.4`: the message is larger than the peer's announced SIZE (RFC 1870).
+pub fn too_big_for_peer(size: u64, limit: u64, peer: &str) -> Reply {
+    Reply::new(
+        552,
+        st(5, 3, 4),
+        format!("message size {size} exceeds size limit {limit} of server {peer}"),
+    )
+}
+
+/// `451 4.4.3`: the next hop's name (a route, the smarthost, MX hosts) could not be
+/// resolved now.
+pub fn next_hop_unresolved(reason: &str) -> Reply {
+    Reply::new(451, st(4, 4, 3), reason.to_string())
+}
+
+/// `451 4.4.4`: no address to connect to for the domain.
+pub fn no_route(domain: &str) -> Reply {
+    Reply::new(
+        451,
+        st(4, 4, 4),
+        format!("no address to connect to for {domain}"),
+    )
+}
+
+/// A permanent DNS verdict on a domain: `556 5.1.10` for a null MX (RFC 7505 §4.2), else
+/// `550` with the resolver's status (5.1.2 no such domain, 5.4.6 mail loops back to myself…).
+pub fn undeliverable_domain(status: &str, reason: &str) -> Reply {
+    let status = Status::parse(status).unwrap_or(st(5, 1, 2));
+    let code = if status == st(5, 1, 10) { 556 } else { 550 };
+    Reply::new(code, status, reason.to_string())
+}
+
+/// `550 5.1.2`: an address literal that is not an IP address.
+pub fn bad_address_literal(domain: &str) -> Reply {
+    Reply::new(
+        550,
+        st(5, 1, 2),
+        format!("cannot route to address literal {domain}"),
+    )
 }
 
 #[cfg(test)]

@@ -133,6 +133,10 @@ pub enum Action {
         /// EXPN rather than VRFY.
         expn: bool,
     },
+    /// Start delivery of the queued mail for this domain (ETRN, RFC 1985) if the client may,
+    /// and answer with [`Session::etrn_done`]. The argument has been checked: a domain name
+    /// (without the optional leading `@`), lower-cased.
+    Etrn(String),
     /// Wait this long before going on (the replies so far are flushed first): slows down
     /// recipient probing.
     Pause(std::time::Duration),
@@ -190,6 +194,7 @@ struct Transaction {
 enum Waiting {
     Nothing,
     Verify,
+    Etrn,
     Mail(ReversePath, MailParams),
     Rcpt(Recipient),
     Enqueue,
@@ -444,6 +449,16 @@ impl Session {
         } else {
             self.send(reply);
         }
+    }
+
+    /// The answer to [`Action::Etrn`]: the reply to give.
+    pub fn etrn_done(&mut self, reply: Reply) {
+        if !matches!(self.waiting, Waiting::Etrn) {
+            debug_assert!(false, "etrn_done without ETRN");
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        self.send(reply);
     }
 
     /// The answer to [`Action::Enqueue`]: the queue ID, or the reply to give instead
@@ -770,7 +785,26 @@ impl Session {
                     }
                 },
             },
-            Command::Etrn(_) => self.error(reply::not_implemented()),
+            Command::Etrn(arg) => {
+                if self.helo.is_none() {
+                    self.error(reply::bad_sequence("send HELO/EHLO first"));
+                } else if self.txn.is_some() {
+                    // RFC 1985 §3: not inside a mail transaction.
+                    self.error(reply::bad_sequence("MAIL transaction in progress"));
+                } else if arg.starts_with('#') {
+                    // A queue name, not a domain: not run here.
+                    self.send(reply::etrn_unable(&arg));
+                } else {
+                    let domain = arg.strip_prefix('@').unwrap_or(&arg);
+                    if crate::address::is_domain_name(domain) {
+                        self.out
+                            .push_back(Action::Etrn(domain.to_ascii_lowercase()));
+                        self.waiting = Waiting::Etrn;
+                    } else {
+                        self.error(reply::syntax("ETRN domain"));
+                    }
+                }
+            }
             Command::Http => {
                 self.send(reply::forbidden_command());
                 self.close();
@@ -791,6 +825,7 @@ impl Session {
             ext.push("AUTH PLAIN LOGIN".to_string());
         }
         ext.extend([
+            "ETRN".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
             "8BITMIME".to_string(),
             "DSN".to_string(),

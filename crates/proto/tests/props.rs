@@ -57,6 +57,7 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
                 Action::StartTls => s.tls_started("TLS".into()),
                 Action::Authenticate { .. } => s.auth_checked(Ok("u".into())),
                 Action::Verify { .. } => s.verified(estafeta_proto::reply::vrfy_ambiguous()),
+                Action::Etrn(d) => s.etrn_done(estafeta_proto::reply::etrn_started(&d, 0)),
                 Action::Pause(_) => {}
                 Action::Enqueue(_, body) => {
                     msgs.push(body);

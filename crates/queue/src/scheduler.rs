@@ -24,6 +24,8 @@ use crate::transport::{DeliveryJob, Failure, Outcome, Transport};
 pub struct SchedulerConfig {
     /// Deliveries in flight at once, in total.
     pub max_deliveries: usize,
+    /// Deliveries in flight at once to one destination (see [`Transport::destinations`]).
+    pub max_per_destination: usize,
     /// Waits between attempts; the last one repeats.
     pub retry: Vec<Duration>,
     /// This server's name: the Reporting-MTA of notifications.
@@ -34,6 +36,9 @@ pub struct SchedulerConfig {
     pub delay_warning: Option<Duration>,
     /// The most of an original message a failure report returns with `RET=FULL`.
     pub max_returned: usize,
+    /// Where a notification that cannot be delivered is reported (a double bounce), as a
+    /// failure report of its own; `None`: only logged.
+    pub double_bounce_to: Option<estafeta_proto::Mailbox>,
 }
 
 pub(crate) enum Event {
@@ -140,6 +145,8 @@ pub fn start<T: Transport>(
         in_flight: 0,
         in_flight_ids: HashSet::new(),
         on_return: HashMap::new(),
+        per_destination: HashMap::new(),
+        holding: HashMap::new(),
     };
     tracker.spawn(sched.run(rx, recovered, shutdown));
     Ok(handle)
@@ -165,6 +172,10 @@ struct Scheduler<T> {
     /// What the operator asked for a message while it was being attempted, done when the
     /// attempt returns (a message is never removed under the transport's feet).
     on_return: HashMap<QueueId, AfterAttempt>,
+    /// Attempts in flight per destination.
+    per_destination: HashMap<String, usize>,
+    /// The destinations each attempt in flight holds.
+    holding: HashMap<QueueId, Vec<String>>,
 }
 
 /// An administrative action postponed until the attempt in flight returns.
@@ -198,6 +209,14 @@ impl<T: Transport> Scheduler<T> {
                         self.in_flight -= 1;
                         self.in_flight_ids.remove(&id);
                         let after = self.on_return.remove(&id);
+                        for d in self.holding.remove(&id).unwrap_or_default() {
+                            if let Some(n) = self.per_destination.get_mut(&d) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    self.per_destination.remove(&d);
+                                }
+                            }
+                        }
                         if let Some(m) = m {
                             match after {
                                 Some(after) => self.act_on(after, m).await,
@@ -409,11 +428,36 @@ impl<T: Transport> Scheduler<T> {
         }
     }
 
+    /// Starts ready messages, oldest first, while there is room in total; a message whose
+    /// destination is at its limit waits in place and later ones go first.
     fn dispatch(&mut self) {
-        while self.in_flight < self.cfg.max_deliveries {
-            let Some(m) = self.ready.pop_front() else {
+        let mut i = 0;
+        while self.in_flight < self.cfg.max_deliveries && i < self.ready.len() {
+            let dests = {
+                let m = &self.ready[i];
+                self.transport.destinations(&m.envelope, &m.pending())
+            };
+            let limit = self.cfg.max_per_destination.max(1);
+            if dests
+                .iter()
+                .any(|d| self.per_destination.get(d).copied().unwrap_or(0) >= limit)
+            {
+                i += 1;
+                // Bounded work per event: far behind a busy destination, stop looking.
+                if i >= MAX_SCAN {
+                    break;
+                }
+                continue;
+            }
+            let Some(m) = self.ready.remove(i) else {
                 break;
             };
+            for d in &dests {
+                *self.per_destination.entry(d.clone()).or_insert(0) += 1;
+            }
+            if !dests.is_empty() {
+                self.holding.insert(m.id, dests);
+            }
             self.in_flight += 1;
             self.in_flight_ids.insert(m.id);
             let spool = self.spool.clone();
@@ -428,6 +472,10 @@ impl<T: Transport> Scheduler<T> {
         }
     }
 }
+
+/// How far down the ready queue one dispatch looks for a message whose destinations are not
+/// at their limit.
+const MAX_SCAN: usize = 10_000;
 
 async fn sleep_until(t: Option<Instant>) {
     if let Some(t) = t {
@@ -506,6 +554,15 @@ async fn attempt<T: Transport>(
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
                 notices.delivered.push((i, "2.0.0".into(), None, detail));
             }
+            Outcome::Relayed { detail, dsn_passed } => {
+                status.state = RcptState::Delivered;
+                status.last_error = None;
+                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
+                // A server that speaks DSN got NOTIFY and reports success itself.
+                if !dsn_passed {
+                    notices.relayed.push((i, "2.0.0".into(), None, detail));
+                }
+            }
             Outcome::TempFail(f) => {
                 status.last_error = Some(f.to_string());
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "deferred", delay_s = delay, reason = %f, "deferred");
@@ -581,6 +638,9 @@ async fn attempt<T: Transport>(
     Some(m)
 }
 
+/// The protocol recorded in the envelope of the notifications this server writes.
+const NOTICE_PROTOCOL: &str = "local";
+
 /// The notifications an attempt produced: (recipient index, status code, remote host,
 /// diagnostic) for each kind.
 #[derive(Default)]
@@ -588,6 +648,7 @@ struct Notices {
     failed: Vec<(usize, String, Option<String>, String)>,
     delayed: Vec<(usize, String, Option<String>, String)>,
     delivered: Vec<(usize, String, Option<String>, String)>,
+    relayed: Vec<(usize, String, Option<String>, String)>,
     retry_until: Option<u64>,
 }
 
@@ -617,6 +678,7 @@ async fn send_notices(
         (DsnAction::Failed, notices.failed),
         (DsnAction::Delayed, notices.delayed),
         (DsnAction::Delivered, notices.delivered),
+        (DsnAction::Relayed, notices.relayed),
     ];
     for (action, list) in groups {
         let recipients: Vec<DsnRecipient> = list
@@ -643,17 +705,37 @@ async fn send_notices(
         if recipients.is_empty() {
             continue;
         }
-        if !may_bounce(&m.envelope.from) {
-            tracing::info!(target: "estafeta::maillog", id = %m.id, "no notification: the message is itself a notification (null sender)");
-            continue;
-        }
+        // A message from <> is never answered to its sender (RFC 5321 §4.5.5). A failed one
+        // may go to the postmaster — unless it is already such a report (ours, from <>, to
+        // the postmaster), which would loop.
+        let to = if may_bounce(&m.envelope.from) {
+            match &m.envelope.from {
+                estafeta_proto::ReversePath::Mailbox(mb) => mb.clone(),
+                estafeta_proto::ReversePath::Null => continue,
+            }
+        } else {
+            let ours = m.envelope.client.protocol == NOTICE_PROTOCOL;
+            match &cfg.double_bounce_to {
+                Some(pm)
+                    if action == DsnAction::Failed
+                        && !(ours && m.envelope.rcpts.iter().any(|r| &r.path.mailbox == pm)) =>
+                {
+                    tracing::info!(target: "estafeta::maillog", id = %m.id, to = %pm, "undeliverable notification: reported to the postmaster");
+                    pm.clone()
+                }
+                _ => {
+                    tracing::info!(target: "estafeta::maillog", id = %m.id, "no notification: the message is itself a notification (null sender)");
+                    continue;
+                }
+            }
+        };
         let envid = m
             .envelope
             .params
             .envid
             .as_deref()
             .map(|e| estafeta_proto::command::xtext_decode(e).unwrap_or_else(|| e.to_string()));
-        let sender = m.envelope.from.to_string();
+        let sender = to.to_string();
         let id = m.id.to_string();
         let bytes = build_dsn(&DsnInput {
             reporting_mta: &cfg.hostname,
@@ -675,20 +757,17 @@ async fn send_notices(
                 ip: std::net::IpAddr::from([127, 0, 0, 1]),
                 port: 0,
                 helo: cfg.hostname.clone(),
-                protocol: "local".into(),
+                protocol: NOTICE_PROTOCOL.into(),
                 tls: None,
                 auth: None,
             },
             from: estafeta_proto::ReversePath::Null,
             params: estafeta_proto::MailParams::default(),
             rcpts: vec![estafeta_proto::Recipient {
-                path: match &m.envelope.from {
-                    estafeta_proto::ReversePath::Mailbox(mb) => estafeta_proto::ForwardPath {
-                        mailbox: mb.clone(),
-                        bare_postmaster: false,
-                        source_route: Vec::new(),
-                    },
-                    estafeta_proto::ReversePath::Null => continue,
+                path: estafeta_proto::ForwardPath {
+                    mailbox: to,
+                    bare_postmaster: false,
+                    source_route: Vec::new(),
                 },
                 params: estafeta_proto::RcptParams::default(),
             }],

@@ -60,6 +60,16 @@ impl std::fmt::Display for Failure {
 pub enum Outcome {
     /// Delivered; the text says where (a Maildir file, a remote server's reply).
     Delivered(String),
+    /// Handed to another server that accepted responsibility (RFC 3464 "relayed"); the text
+    /// is its reply. `dsn_passed`: that server offered DSN and got the NOTIFY/ORCPT
+    /// parameters, so success notifications are now its business (RFC 3461 §5.2.2); without
+    /// DSN, a sender who asked for NOTIFY=SUCCESS gets a "relayed" report from us.
+    Relayed {
+        /// The remote server's reply, for logs.
+        detail: String,
+        /// The remote server took over DSN duties.
+        dsn_passed: bool,
+    },
     /// Not delivered now; try again later.
     TempFail(Failure),
     /// Not deliverable; do not try again.
@@ -71,4 +81,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Attempts delivery to `job.rcpts` and returns one outcome for each of them (in any order).
     /// A recipient missing from the answer is treated as a temporary failure.
     fn deliver(&self, job: &DeliveryJob) -> impl Future<Output = Vec<(usize, Outcome)>> + Send;
+
+    /// The destinations an attempt for these recipients will connect to (for example the
+    /// recipient domains that are not local), each counted against the scheduler's
+    /// per-destination limit while the attempt runs. Local deliveries name none (the
+    /// default).
+    fn destinations(&self, envelope: &Envelope, rcpts: &[usize]) -> Vec<String> {
+        let _ = (envelope, rcpts);
+        Vec::new()
+    }
 }

@@ -48,11 +48,13 @@ fn spool(dir: &std::path::Path) -> Spool {
 fn cfg() -> SchedulerConfig {
     SchedulerConfig {
         max_deliveries: 4,
+        max_per_destination: 4,
         retry: vec![Duration::from_secs(3600)],
         hostname: "mx.example.test".into(),
         max_lifetime: Duration::from_secs(5 * 86_400),
         delay_warning: None,
         max_returned: 10_000,
+        double_bounce_to: None,
     }
 }
 

@@ -30,6 +30,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use estafeta_proto::data::stuff;
+use estafeta_proto::reply::{self as replies};
 use estafeta_proto::{MailParams, RcptParams, Reply, Status};
 use estafeta_queue::{Failure, Outcome};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -235,11 +236,9 @@ impl SessionError {
                 failure,
             },
             Outcome::TempFail(failure) => SessionError::temporary(failure),
-            Outcome::Delivered(text) => SessionError::temporary(Failure::local(local_reply(
-                451,
-                Status::new(4, 5, 0),
-                format!("unexpected success: {text}"),
-            ))),
+            Outcome::Delivered(text) | Outcome::Relayed { detail: text, .. } => {
+                SessionError::temporary(Failure::local(replies::unexpected_success(&text)))
+            }
         }
     }
 }
@@ -284,7 +283,7 @@ pub fn classify(reply: &Reply, command: &str, remote: &str) -> Outcome {
 /// The [`RcptResult`] of a reply to RCPT, from [`classify`].
 pub fn rcpt_result(reply: &Reply, command: &str, remote: &str) -> RcptResult {
     match classify(reply, command, remote) {
-        Outcome::Delivered(_) => RcptResult::Accepted,
+        Outcome::Delivered(_) | Outcome::Relayed { .. } => RcptResult::Accepted,
         other => RcptResult::Rejected(other),
     }
 }
@@ -462,18 +461,14 @@ impl Connection {
         let tcp = match timeout(t.connect, connect(addr, cfg.source)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
-                return Opened::Failed(SessionError::temporary(Failure::local(local_reply(
-                    451,
-                    Status::new(4, 4, 1),
-                    format!("connect to {peer}: {e}"),
-                ))));
+                return Opened::Failed(SessionError::temporary(Failure::local(
+                    replies::connect_failed(&peer, &e.to_string()),
+                )));
             }
             Err(_) => {
-                return Opened::Failed(SessionError::temporary(Failure::local(local_reply(
-                    451,
-                    Status::new(4, 4, 1),
-                    format!("connect to {peer}: timed out"),
-                ))));
+                return Opened::Failed(SessionError::temporary(Failure::local(
+                    replies::connect_failed(&peer, "timed out"),
+                )));
             }
         };
         let mut conn = Connection {
@@ -524,11 +519,7 @@ impl Connection {
             TlsPolicy::Required | TlsPolicy::Verify => {
                 if !self.ext.starttls {
                     return Err(Setup::Failed(SessionError::temporary(Failure::local(
-                        local_reply(
-                            451,
-                            Status::new(4, 7, 4),
-                            format!("TLS is required, but was not offered by host {}", self.peer),
-                        ),
+                        replies::tls_not_offered(&self.peer),
                     ))));
                 }
                 true
@@ -599,17 +590,15 @@ impl Connection {
         tls: TlsPolicy,
     ) -> Result<(), Setup> {
         let handshake_failed = |peer: &str, detail: String| {
-            Setup::Handshake(SessionError::temporary(Failure::local(local_reply(
-                451,
-                Status::new(4, 7, 5),
-                format!("Cannot start TLS with {peer}: {detail}"),
-            ))))
+            Setup::Handshake(SessionError::temporary(Failure::local(
+                replies::tls_failed(peer, &detail),
+            )))
         };
         let config = match tls_config(cfg, tls) {
             Ok(config) => config,
             Err(e) => {
                 return Err(Setup::Failed(SessionError::temporary(Failure::local(
-                    local_reply(451, Status::new(4, 7, 5), e),
+                    replies::tls_failed(&self.peer, &e),
                 ))));
             }
         };
@@ -641,11 +630,9 @@ impl Connection {
     async fn auth(&mut self, user: &str, pass: &str) -> Result<(), Setup> {
         let t = self.timeouts.ehlo;
         let fail = |peer: &str, status: Status, text: &str| {
-            Setup::Failed(SessionError::temporary(Failure::local(local_reply(
-                451,
-                status,
-                format!("{text} ({peer})"),
-            ))))
+            Setup::Failed(SessionError::temporary(Failure::local(
+                replies::client_auth_impossible(peer, status, text),
+            )))
         };
         if !self.tls {
             return Err(fail(
@@ -730,26 +717,10 @@ impl Connection {
 
     fn broken_failure(&self, broken: Broken, doing: &str, command: Option<&str>) -> Failure {
         let reply = match broken {
-            Broken::Timeout => local_reply(
-                451,
-                Status::new(4, 4, 2),
-                format!("conversation with {} timed out while {doing}", self.peer),
-            ),
-            Broken::Closed => local_reply(
-                451,
-                Status::new(4, 4, 2),
-                format!("lost connection with {} while {doing}", self.peer),
-            ),
-            Broken::Io(e) => local_reply(
-                451,
-                Status::new(4, 4, 2),
-                format!("lost connection with {} while {doing}: {e}", self.peer),
-            ),
-            Broken::Malformed(what) => local_reply(
-                451,
-                Status::new(4, 5, 0),
-                format!("protocol error from {} while {doing}: {what}", self.peer),
-            ),
+            Broken::Timeout => replies::conversation_timed_out(&self.peer, doing),
+            Broken::Closed => replies::connection_lost(&self.peer, doing, None),
+            Broken::Io(e) => replies::connection_lost(&self.peer, doing, Some(&e.to_string())),
+            Broken::Malformed(what) => replies::peer_protocol_error(&self.peer, doing, &what),
         };
         Failure {
             reply,
@@ -773,11 +744,7 @@ impl Connection {
             .map(|o| {
                 o.unwrap_or_else(|| {
                     // Cannot happen: every path decides every recipient. Safe default.
-                    Outcome::TempFail(Failure::local(local_reply(
-                        451,
-                        Status::new(4, 3, 0),
-                        "recipient left undecided by the SMTP client".to_string(),
-                    )))
+                    Outcome::TempFail(Failure::local(replies::recipient_undecided()))
                 })
             })
             .collect()
@@ -811,14 +778,8 @@ impl Connection {
         }
         let t = self.timeouts;
         if msg.needs_smtputf8 && !self.ext.smtputf8 {
-            let outcome = Outcome::PermFail(Failure::local(local_reply(
-                553,
-                Status::new(5, 6, 7),
-                format!(
-                    "SMTPUTF8 is required, but was not offered by host {}",
-                    self.peer
-                ),
-            )));
+            let outcome =
+                Outcome::PermFail(Failure::local(replies::smtputf8_not_offered(&self.peer)));
             Self::decide_all(out, &outcome);
             return Ok(());
         }
@@ -827,13 +788,8 @@ impl Connection {
             && limit > 0
             && size > limit
         {
-            let outcome = Outcome::PermFail(Failure::local(local_reply(
-                552,
-                Status::new(5, 3, 4),
-                format!(
-                    "message size {size} exceeds size limit {limit} of server {}",
-                    self.peer
-                ),
+            let outcome = Outcome::PermFail(Failure::local(replies::too_big_for_peer(
+                size, limit, &self.peer,
             )));
             Self::decide_all(out, &outcome);
             return Ok(());
@@ -978,7 +934,10 @@ impl Connection {
         }
         let outcome = classify(&reply, "end of DATA", &self.host);
         let outcome = match outcome {
-            Outcome::Delivered(_) => Outcome::Delivered(format!("{} said: {reply}", self.peer)),
+            Outcome::Delivered(_) => Outcome::Relayed {
+                detail: format!("{} said: {reply}", self.peer),
+                dsn_passed: self.ext.dsn,
+            },
             other => other,
         };
         Self::decide_all(out, &outcome);
@@ -997,7 +956,7 @@ impl Connection {
             return Err(self.remote_failure(reply.clone(), name));
         }
         match classify(reply, name, &self.host) {
-            Outcome::Delivered(_) => Ok(true),
+            Outcome::Delivered(_) | Outcome::Relayed { .. } => Ok(true),
             refused => {
                 self.needs_rset = true;
                 Self::decide_all(out, &refused);
@@ -1130,11 +1089,6 @@ enum Setup {
     Failed(SessionError),
     /// The TLS handshake itself failed (the connection is lost).
     Handshake(SessionError),
-}
-
-/// A reply built here for a problem found locally.
-fn local_reply(code: u16, status: Status, text: String) -> Reply {
-    Reply::new(code, status, text)
 }
 
 async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {

@@ -4,8 +4,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use estafeta_proto::reply::{Reply, Status};
+use estafeta_proto::Reply;
+use estafeta_proto::reply as replies;
 use estafeta_queue::{Failure, Outcome};
 
 use crate::client::{self, ClientConfig, OutboundMessage, TlsPolicy};
@@ -18,37 +21,6 @@ pub struct NextHop {
     pub host: String,
     /// The port (25 when the configuration names none).
     pub port: u16,
-}
-
-impl NextHop {
-    /// Parses `host`, `host:port`, `[ip]` or `[ip]:port`.
-    pub fn parse(text: &str) -> Option<NextHop> {
-        let text = text.trim();
-        if let Some(rest) = text.strip_prefix('[') {
-            let (ip, after) = rest.split_once(']')?;
-            let ip: IpAddr = ip.strip_prefix("IPv6:").unwrap_or(ip).parse().ok()?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().ok()?,
-                None if after.is_empty() => 25,
-                None => return None,
-            };
-            return Some(NextHop {
-                host: ip.to_string(),
-                port,
-            });
-        }
-        match text.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => Some(NextHop {
-                host: h.to_string(),
-                port: p.parse().ok()?,
-            }),
-            _ if !text.is_empty() && !text.contains(':') => Some(NextHop {
-                host: text.to_string(),
-                port: 25,
-            }),
-            _ => None,
-        }
-    }
 }
 
 /// Everything remote delivery needs, built once from the configuration.
@@ -69,6 +41,71 @@ pub struct Remote {
     pub local: LocalIdentity,
     /// The SMTP port of MX hosts (25; tests may use another).
     pub mx_port: u16,
+    /// Sessions kept open a moment after a message, for the next message to the same host.
+    pub idle: ConnectionCache,
+}
+
+/// Open sessions waiting for the next message to the same host (Postfix's connection cache):
+/// messages queued together for one destination travel in one session. A session is kept
+/// [`ConnectionCache::IDLE_LIMIT`] after its last message, then closed with QUIT.
+#[derive(Clone, Default)]
+pub struct ConnectionCache {
+    inner: Arc<Mutex<Vec<Idle>>>,
+}
+
+struct Idle {
+    /// The address, the host name and whether the smarthost settings opened it.
+    key: (SocketAddr, String, bool),
+    since: Instant,
+    conn: client::Connection,
+}
+
+impl ConnectionCache {
+    /// How long an idle session is kept.
+    pub const IDLE_LIMIT: Duration = Duration::from_secs(2);
+    /// The most idle sessions kept at once.
+    const MAX_IDLE: usize = 32;
+
+    fn take(&self, key: &(SocketAddr, String, bool)) -> Option<client::Connection> {
+        let mut idle = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let i = idle
+            .iter()
+            .position(|e| &e.key == key && now.duration_since(e.since) < Self::IDLE_LIMIT)?;
+        Some(idle.swap_remove(i).conn)
+    }
+
+    fn put(&self, key: (SocketAddr, String, bool), conn: client::Connection) {
+        let extra = {
+            let mut idle = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            idle.push(Idle {
+                key,
+                since: Instant::now(),
+                conn,
+            });
+            let over = idle.len().saturating_sub(Self::MAX_IDLE);
+            idle.drain(..over).map(|e| e.conn).collect::<Vec<_>>()
+        };
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            for conn in extra {
+                conn.quit().await;
+            }
+            tokio::time::sleep(Self::IDLE_LIMIT).await;
+            let expired: Vec<client::Connection> = {
+                let mut idle = inner.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                let (old, keep): (Vec<Idle>, Vec<Idle>) = idle
+                    .drain(..)
+                    .partition(|e| now.duration_since(e.since) >= Self::IDLE_LIMIT);
+                *idle = keep;
+                old.into_iter().map(|e| e.conn).collect()
+            };
+            for conn in expired {
+                conn.quit().await;
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for Remote {
@@ -81,12 +118,8 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-fn failure(code: u16, status: &str, text: String) -> Failure {
-    Failure::local(Reply::new(
-        code,
-        Status::parse(status).unwrap_or(Status::new(if code >= 500 { 5 } else { 4 }, 0, 0)),
-        text,
-    ))
+fn failure(reply: Reply) -> Failure {
+    Failure::local(reply)
 }
 
 fn all(n: usize, o: Outcome) -> Vec<Outcome> {
@@ -99,12 +132,11 @@ impl Remote {
         &self,
         domain: &str,
     ) -> Result<(Vec<(String, Vec<IpAddr>, u16)>, &ClientConfig), Outcome> {
-        let fixed = match &self.smarthost {
-            Some(h) => Some((h, &self.smarthost_client)),
-            None => self
-                .routes
-                .get(&domain.to_lowercase())
-                .map(|h| (h, &self.client)),
+        // A route for the domain wins over the smarthost (like Postfix's transport_maps over
+        // relayhost): internal domains can go direct while the rest leaves through the ISP.
+        let fixed = match self.routes.get(&domain.to_lowercase()) {
+            Some(h) => Some((h, &self.client)),
+            None => self.smarthost.as_ref().map(|h| (h, &self.smarthost_client)),
         };
         if let Some((hop, cfg)) = fixed {
             let addrs: Vec<IpAddr> = match hop.host.parse::<IpAddr>() {
@@ -112,11 +144,9 @@ impl Remote {
                 Err(_) => match tokio::net::lookup_host((hop.host.as_str(), hop.port)).await {
                     Ok(it) => it.map(|a| a.ip()).collect(),
                     Err(e) => {
-                        return Err(Outcome::TempFail(failure(
-                            451,
-                            "4.4.3",
-                            format!("cannot resolve the next hop {}: {e}", hop.host),
-                        )));
+                        return Err(Outcome::TempFail(failure(replies::next_hop_unresolved(
+                            &format!("cannot resolve the next hop {}: {e}", hop.host),
+                        ))));
                     }
                 },
             };
@@ -127,11 +157,9 @@ impl Remote {
             let ip: Option<IpAddr> = lit.strip_prefix("IPv6:").unwrap_or(lit).parse().ok();
             return match ip {
                 Some(ip) => Ok((vec![(ip.to_string(), vec![ip], self.mx_port)], &self.client)),
-                None => Err(Outcome::PermFail(failure(
-                    550,
-                    "5.1.2",
-                    format!("cannot route to address literal {domain}"),
-                ))),
+                None => Err(Outcome::PermFail(failure(replies::bad_address_literal(
+                    domain,
+                )))),
             };
         }
         match self
@@ -146,15 +174,48 @@ impl Remote {
                     .collect(),
                 &self.client,
             )),
-            Err(ResolveError::Permanent { status, reason }) => {
-                // RFC 7505: a null MX is "556 5.1.10".
-                let code = if status == "5.1.10" { 556 } else { 550 };
-                Err(Outcome::PermFail(failure(code, status, reason)))
+            Err(ResolveError::Permanent { status, reason }) => Err(Outcome::PermFail(failure(
+                replies::undeliverable_domain(status, &reason),
+            ))),
+            Err(ResolveError::Temporary { reason }) => Err(Outcome::TempFail(failure(
+                replies::next_hop_unresolved(&reason),
+            ))),
+        }
+    }
+
+    /// Sends `msg` to one address: in an idle session to it when there is one, else in a new
+    /// one; the session is kept for the next message when it is still good.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        smarthost: bool,
+        cfg: &ClientConfig,
+        msg: &OutboundMessage<'_>,
+    ) -> Result<Vec<Outcome>, client::SessionError> {
+        if msg.rcpts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = (addr, host.to_string(), smarthost);
+        if let Some(mut conn) = self.idle.take(&key) {
+            let outcomes = conn.send(msg).await;
+            if conn.is_usable() {
+                tracing::debug!(host = %host, address = %addr, "reused an open session");
+                self.idle.put(key, conn);
+                return Ok(outcomes);
             }
-            Err(ResolveError::Temporary { reason }) => {
-                Err(Outcome::TempFail(failure(451, "4.4.3", reason)))
+            // The peer closed the idle session (its own timeout): a temporary failure of
+            // every recipient says nothing about the message, so it gets a fresh session.
+            if !outcomes.iter().all(|o| matches!(o, Outcome::TempFail(_))) {
+                return Ok(outcomes);
             }
         }
+        let mut conn = client::Connection::open(addr, host, cfg).await?;
+        let outcomes = conn.send(msg).await;
+        if conn.is_usable() {
+            self.idle.put(key, conn);
+        }
+        Ok(outcomes)
     }
 
     /// Delivers `msg` (whose recipients all belong to `domain`): one outcome per recipient, in
@@ -168,10 +229,11 @@ impl Remote {
         };
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
+        let smarthost = std::ptr::eq(cfg, &self.smarthost_client);
         for (host, addrs, port) in hops {
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
-                match client::deliver(addr, &host, cfg, msg).await {
+                match self.send(addr, &host, smarthost, cfg, msg).await {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
                         tracing::info!(target: "estafeta::maillog", host = %host, address = %addr, reason = %e, "trying the next host");
@@ -184,14 +246,7 @@ impl Remote {
         match last {
             Some(e) if all_permanent => all(n, Outcome::PermFail(e.failure)),
             Some(e) => all(n, Outcome::TempFail(e.failure)),
-            None => all(
-                n,
-                Outcome::TempFail(failure(
-                    451,
-                    "4.4.4",
-                    format!("no address to connect to for {domain}"),
-                )),
-            ),
+            None => all(n, Outcome::TempFail(failure(replies::no_route(domain)))),
         }
     }
 }
@@ -203,40 +258,5 @@ pub fn tls_policy(word: &str) -> TlsPolicy {
         "required" => TlsPolicy::Required,
         "verify" => TlsPolicy::Verify,
         _ => TlsPolicy::Opportunistic,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn next_hops() {
-        let h = |s: &str| NextHop::parse(s);
-        assert_eq!(
-            h("[192.0.2.7]:25"),
-            Some(NextHop {
-                host: "192.0.2.7".into(),
-                port: 25
-            })
-        );
-        assert_eq!(
-            h("[IPv6:2001:db8::7]:2525"),
-            Some(NextHop {
-                host: "2001:db8::7".into(),
-                port: 2525
-            })
-        );
-        assert_eq!(
-            h("smtp.provider.example:587"),
-            Some(NextHop {
-                host: "smtp.provider.example".into(),
-                port: 587
-            })
-        );
-        assert_eq!(h("mx.example").unwrap().port, 25);
-        assert_eq!(h("[192.0.2.7]").unwrap().port, 25);
-        assert_eq!(h("a:b:c"), None);
-        assert_eq!(h("[nope]:25"), None);
     }
 }

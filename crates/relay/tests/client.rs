@@ -253,7 +253,7 @@ fn message<'a>(
 fn failure(o: &Outcome) -> &Failure {
     match o {
         Outcome::TempFail(f) | Outcome::PermFail(f) => f,
-        Outcome::Delivered(d) => panic!("delivered: {d}"),
+        Outcome::Delivered(d) | Outcome::Relayed { detail: d, .. } => panic!("delivered: {d}"),
     }
 }
 
@@ -315,10 +315,10 @@ async fn per_recipient_results_from_rcpt_replies() {
         .unwrap();
     assert_eq!(out.len(), 3);
     match &out[0] {
-        Outcome::Delivered(text) => {
+        Outcome::Relayed { detail, .. } => {
             assert!(
-                text.contains("mx.test") && text.contains("queued as ABC"),
-                "{text}"
+                detail.contains("mx.test") && detail.contains("queued as ABC"),
+                "{detail}"
             )
         }
         other => panic!("{other:?}"),
@@ -376,7 +376,7 @@ async fn pipelining_sends_mail_rcpts_and_data_in_one_write() {
     let out = deliver(addr, HOST, &config(), &message(&params, &r, CONTENT))
         .await
         .unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     assert!(matches!(out[1], Outcome::PermFail(_)), "{out:?}");
     let rec = one(h).await;
     let expected = format!(
@@ -448,7 +448,7 @@ async fn smtputf8_and_8bitmime_are_announced_when_offered_and_needed() {
     msg.needs_smtputf8 = true;
     msg.needs_8bit = true;
     let out = deliver(addr, HOST, &config(), &msg).await.unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     let rec = one(h).await;
     assert_eq!(
         rec.line("MAIL"),
@@ -494,7 +494,7 @@ async fn dsn_parameters_pass_when_dsn_is_offered() {
     let out = deliver(addr, HOST, &config(), &message(&params, &r, CONTENT))
         .await
         .unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     let rec = one(h).await;
     assert_eq!(
         rec.line("MAIL"),
@@ -546,7 +546,7 @@ async fn content_is_dot_stuffed_and_ends_with_crlf_dot_crlf() {
     );
     msg.from = "";
     let out = deliver(addr, HOST, &config(), &msg).await.unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     let rec = one(h).await;
     assert_eq!(rec.line("MAIL"), "MAIL FROM:<>");
     assert_eq!(
@@ -618,7 +618,7 @@ async fn one_session_carries_two_messages_with_rset_after_a_refusal() {
         Some("MAIL FROM:<sender@origin.test>")
     );
     let out = conn.send(&message(&params, &r2, CONTENT)).await;
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     conn.quit().await;
     let rec = one(h).await;
     assert_eq!(
@@ -710,7 +710,7 @@ async fn ehlo_refused_falls_back_to_helo() {
     let out = deliver(addr, HOST, &config(), &message(&params, &r, CONTENT))
         .await
         .unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     let rec = one(h).await;
     assert_eq!(rec.line("MAIL"), "MAIL FROM:<sender@origin.test>");
 }
@@ -889,7 +889,7 @@ async fn starttls_opportunistic_then_ehlo_again() {
     let out = deliver(addr, HOST, &config(), &message(&params, &r, b".dot\r\n"))
         .await
         .unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     let rec = one(h).await;
     assert!(rec.tls);
     assert_eq!(
@@ -934,7 +934,7 @@ async fn auth_plain_is_sent_inside_tls_only() {
     let out = deliver(addr, HOST, &cfg, &message(&params, &r, CONTENT))
         .await
         .unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     one(h).await;
 
     // Without TLS the credentials stay at home.
@@ -999,7 +999,7 @@ async fn tls_verify_checks_the_chain_and_the_host_name() {
     let r = rcpts(&["a@remote.test"]);
     let msg = message(&params, &r, CONTENT);
     let out = deliver(addr, "mx.test", &cfg, &msg).await.unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     // The same certificate presented for another name: refused, and no plaintext fallback.
     let err = deliver(addr, "other.test", &cfg, &msg).await.unwrap_err();
     assert!(!err.permanent);
@@ -1036,7 +1036,7 @@ async fn opportunistic_tls_falls_back_to_plaintext_after_a_failed_handshake() {
     let out = deliver(addr, HOST, &config(), &message(&params, &r, CONTENT))
         .await
         .unwrap();
-    assert!(matches!(out[0], Outcome::Delivered(_)), "{out:?}");
+    assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     let records = finish(h).await;
     assert_eq!(records.len(), 2);
     assert_eq!(
@@ -1084,6 +1084,7 @@ fn classification_table() {
                 assert!(text.starts_with("mx.test said: "), "{text}");
                 Delivered
             }
+            Outcome::Relayed { detail, .. } => panic!("classify never says relayed: {detail}"),
             Outcome::TempFail(f) => {
                 assert_eq!(f.remote.as_deref(), Some("mx.test"));
                 assert_eq!(f.command.as_deref(), Some(*command));
@@ -1147,6 +1148,6 @@ async fn delivers_to_postfix_smtp_sink() {
     let out = deliver(addr, "sink.test", &config(), &msg).await.unwrap();
     assert_eq!(out.len(), 3);
     for o in &out {
-        assert!(matches!(o, Outcome::Delivered(_)), "{o:?}");
+        assert!(matches!(o, Outcome::Relayed { .. }), "{o:?}");
     }
 }

@@ -1,0 +1,329 @@
+//! The scheduler's limits: in total and per destination, with a transport that takes its
+//! time and counts how many attempts run at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use estafeta_proto::address::{parse_forward_path, parse_reverse_path};
+use estafeta_proto::{ClientInfo, Envelope, MailParams, Recipient};
+use estafeta_queue::{DeliveryJob, Outcome, SchedulerConfig, Spool, Syncer, Transport};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+fn envelope(rcpt: &str) -> Envelope {
+    Envelope {
+        client: ClientInfo {
+            ip: "192.0.2.1".parse().unwrap(),
+            port: 4000,
+            helo: "client.example".into(),
+            protocol: "ESMTP".into(),
+            tls: None,
+            auth: None,
+        },
+        from: parse_reverse_path("<>").unwrap().0,
+        params: MailParams::default(),
+        rcpts: vec![Recipient {
+            path: parse_forward_path(&format!("<{rcpt}>")).unwrap().0,
+            params: Default::default(),
+        }],
+    }
+}
+
+/// Every recipient domain is a destination; an attempt takes 150 ms.
+#[derive(Default)]
+struct Slow {
+    now: Mutex<HashMap<String, usize>>,
+    most: Mutex<HashMap<String, usize>>,
+    total_now: Mutex<usize>,
+    total_most: Mutex<usize>,
+    done: Mutex<usize>,
+}
+
+impl Transport for Slow {
+    fn destinations(&self, envelope: &Envelope, rcpts: &[usize]) -> Vec<String> {
+        rcpts
+            .iter()
+            .map(|&i| envelope.rcpts[i].path.mailbox.domain.key())
+            .collect()
+    }
+
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        let domain = job.envelope.rcpts[0].path.mailbox.domain.key();
+        {
+            let mut now = self.now.lock().unwrap();
+            let n = now.entry(domain.clone()).or_default();
+            *n += 1;
+            let mut most = self.most.lock().unwrap();
+            let m = most.entry(domain.clone()).or_default();
+            *m = (*m).max(*n);
+            let mut t = self.total_now.lock().unwrap();
+            *t += 1;
+            let mut tm = self.total_most.lock().unwrap();
+            *tm = (*tm).max(*t);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *self.now.lock().unwrap().get_mut(&domain).unwrap() -= 1;
+        *self.total_now.lock().unwrap() -= 1;
+        *self.done.lock().unwrap() += 1;
+        job.rcpts
+            .iter()
+            .map(|&i| (i, Outcome::Delivered("ok".into())))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn one_busy_destination_does_not_hold_up_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(
+        Spool::open(
+            &dir.path().join("queue"),
+            "mx.example.test",
+            Syncer::start().unwrap(),
+        )
+        .unwrap(),
+    );
+    let t = Arc::new(Slow::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(
+        spool,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 6,
+            max_per_destination: 2,
+            retry: vec![Duration::from_secs(60)],
+            hostname: "mx.example.test".into(),
+            max_lifetime: Duration::from_secs(3600),
+            delay_warning: None,
+            max_returned: 10_000,
+            double_bounce_to: None,
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .unwrap();
+    // Ten messages for the busy domain first, then three for two others.
+    for i in 0..10 {
+        q.submit(envelope(&format!("u{i}@busy.test")), b"x\r\n".to_vec())
+            .await
+            .unwrap();
+    }
+    for rcpt in ["a@one.test", "b@one.test", "c@two.test"] {
+        q.submit(envelope(rcpt), b"x\r\n".to_vec()).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while *t.done.lock().unwrap() < 13 {
+        assert!(std::time::Instant::now() < deadline, "not all delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let most = t.most.lock().unwrap().clone();
+    assert_eq!(most["busy.test"], 2, "{most:?}");
+    assert_eq!(most["one.test"], 2, "{most:?}");
+    assert_eq!(most["two.test"], 1, "{most:?}");
+    // The others ran beside the busy one: more than its 2 at once in total, never over 6.
+    let total = *t.total_most.lock().unwrap();
+    assert!((3..=6).contains(&total), "{total}");
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Relays every recipient: `nodsn@…` to a server without DSN, the others to one with DSN;
+/// keeps what is sent to `alice@…` (the notifications).
+#[derive(Default)]
+struct Relay {
+    to_alice: Mutex<Vec<String>>,
+}
+
+impl Transport for Relay {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        job.rcpts
+            .iter()
+            .map(|&i| {
+                let rcpt = job.envelope.rcpts[i].path.to_string();
+                if rcpt.starts_with("alice@") {
+                    self.to_alice
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(job.content.as_bytes()).into_owned());
+                    return (i, Outcome::Delivered("maildir".into()));
+                }
+                (
+                    i,
+                    Outcome::Relayed {
+                        detail: "mx.remote.test said: 250 ok".into(),
+                        dsn_passed: !rcpt.starts_with("nodsn@"),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn notify_success_gives_relayed_only_where_the_next_server_has_no_dsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(
+        Spool::open(
+            &dir.path().join("queue"),
+            "mx.example.test",
+            Syncer::start().unwrap(),
+        )
+        .unwrap(),
+    );
+    let t = Arc::new(Relay::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(
+        spool,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 4,
+            max_per_destination: 4,
+            retry: vec![Duration::from_secs(60)],
+            hostname: "mx.example.test".into(),
+            max_lifetime: Duration::from_secs(3600),
+            delay_warning: None,
+            max_returned: 10_000,
+            double_bounce_to: None,
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .unwrap();
+    let mut env = envelope("nodsn@remote.test");
+    env.from = parse_reverse_path("<alice@example.test>").unwrap().0;
+    env.rcpts
+        .push(envelope("withdsn@remote.test").rcpts.remove(0));
+    for r in &mut env.rcpts {
+        r.params.notify = Some(estafeta_proto::command::Notify {
+            success: true,
+            failure: true,
+            ..Default::default()
+        });
+    }
+    q.submit(env, b"Subject: x\r\n\r\nx\r\n".to_vec())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.to_alice.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no report");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a second (wrong) report the time to appear.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reports = t.to_alice.lock().unwrap().clone();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert!(
+        r.contains("Final-Recipient: rfc822; nodsn@remote.test"),
+        "{r}"
+    );
+    assert!(r.contains("Action: relayed"), "{r}");
+    assert!(!r.contains("withdsn@remote.test"), "{r}");
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Fails every recipient for good; keeps the messages offered to the postmaster, and fails
+/// those too when `postmaster_fails`.
+struct Refuser {
+    postmaster_fails: bool,
+    to_postmaster: Mutex<Vec<String>>,
+}
+
+impl Transport for Refuser {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        job.rcpts
+            .iter()
+            .map(|&i| {
+                let rcpt = job.envelope.rcpts[i].path.to_string();
+                if rcpt == "postmaster@example.test" {
+                    self.to_postmaster
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(job.content.as_bytes()).into_owned());
+                    if !self.postmaster_fails {
+                        return (i, Outcome::Delivered("maildir".into()));
+                    }
+                }
+                let r = estafeta_proto::reply::user_unknown(&rcpt);
+                (i, Outcome::PermFail(estafeta_queue::Failure::local(r)))
+            })
+            .collect()
+    }
+}
+
+async fn double_bounce(postmaster_fails: bool) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(
+        Spool::open(
+            &dir.path().join("queue"),
+            "mx.example.test",
+            Syncer::start().unwrap(),
+        )
+        .unwrap(),
+    );
+    let t = Arc::new(Refuser {
+        postmaster_fails,
+        to_postmaster: Mutex::new(Vec::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(
+        spool,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 4,
+            max_per_destination: 4,
+            retry: vec![Duration::from_secs(60)],
+            hostname: "mx.example.test".into(),
+            max_lifetime: Duration::from_secs(3600),
+            delay_warning: None,
+            max_returned: 10_000,
+            double_bounce_to: Some(
+                parse_forward_path("<postmaster@example.test>")
+                    .unwrap()
+                    .0
+                    .mailbox,
+            ),
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .unwrap();
+    // A bounce (from <>) to an address that does not exist.
+    q.submit(
+        envelope("gone@remote.test"),
+        b"Subject: bounce\r\n\r\nx\r\n".to_vec(),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.to_postmaster.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no report");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Time for a (wrong) report about the report.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    t.to_postmaster.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn an_undeliverable_bounce_goes_to_the_postmaster_once() {
+    let reports = double_bounce(false).await;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert!(
+        reports[0].contains("Final-Recipient: rfc822; gone@remote.test"),
+        "{}",
+        reports[0]
+    );
+    // Even when the postmaster cannot be reached, there is no report about the report.
+    assert_eq!(double_bounce(true).await.len(), 1);
+}

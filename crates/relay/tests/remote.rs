@@ -1,0 +1,160 @@
+//! Remote delivery through a route to a small SMTP peer on 127.0.0.1 that counts sessions:
+//! messages sent one after the other to the same host share one session, which is closed with
+//! QUIT once it has been idle for the cache's limit.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use estafeta_proto::{MailParams, RcptParams};
+use estafeta_queue::Outcome;
+use estafeta_relay::client::{ClientConfig, OutboundMessage, TlsPolicy};
+use estafeta_relay::remote::{ConnectionCache, NextHop, Remote};
+use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+#[derive(Default, Debug)]
+struct Seen {
+    sessions: usize,
+    messages: usize,
+    quits: usize,
+}
+
+/// A minimal SMTP server: EHLO, MAIL, RCPT, DATA, RSET, QUIT, one reply per line. With
+/// `hang_up`, it closes each session after its first message (as a server whose idle timeout
+/// is shorter than our cache's would).
+async fn peer(hang_up: bool) -> (SocketAddr, Arc<Mutex<Seen>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            s.lock().unwrap().sessions += 1;
+            let s = s.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = tcp.into_split();
+                let mut lines = BufReader::new(r).lines();
+                w.write_all(b"220 peer.test ESMTP\r\n").await.unwrap();
+                let mut data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let reply: &[u8] = if data {
+                        if line != "." {
+                            continue;
+                        }
+                        data = false;
+                        s.lock().unwrap().messages += 1;
+                        b"250 2.0.0 Ok: queued\r\n"
+                    } else {
+                        match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                            "EHLO" => b"250-peer.test\r\n250 PIPELINING\r\n",
+                            "DATA" => {
+                                data = true;
+                                b"354 go ahead\r\n"
+                            }
+                            "QUIT" => {
+                                s.lock().unwrap().quits += 1;
+                                let _ = w.write_all(b"221 2.0.0 Bye\r\n").await;
+                                return;
+                            }
+                            _ => b"250 2.0.0 Ok\r\n",
+                        }
+                    };
+                    if w.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    if hang_up && reply.starts_with(b"250 2.0.0 Ok: queued") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn remote(peer: SocketAddr) -> Remote {
+    let mut client = ClientConfig::new("mx.local.test");
+    client.tls = TlsPolicy::None;
+    Remote {
+        resolver: Resolver::with_nameservers(&["127.0.0.1:9".parse().unwrap()]),
+        smarthost_client: client.clone(),
+        client,
+        routes: HashMap::from([(
+            "remote.test".to_string(),
+            NextHop {
+                host: peer.ip().to_string(),
+                port: peer.port(),
+            },
+        )]),
+        smarthost: None,
+        ip_version: IpVersion::Any,
+        local: LocalIdentity {
+            hostnames: vec!["mx.local.test".into()],
+            addrs: Vec::new(),
+        },
+        mx_port: 25,
+        idle: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn messages_to_one_host_share_a_session_that_is_closed_when_idle() {
+    let (addr, seen) = peer(false).await;
+    let remote = remote(addr);
+    let params = MailParams::default();
+    let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
+    let msg = OutboundMessage {
+        from: "alice@local.test",
+        params: &params,
+        rcpts: &rcpts,
+        content: b"Subject: hi\r\n\r\nhello\r\n",
+        needs_smtputf8: false,
+        needs_8bit: false,
+    };
+    for _ in 0..3 {
+        let out = remote.deliver("remote.test", &msg).await;
+        assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
+    }
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!((s.sessions, s.messages, s.quits), (1, 3, 0), "{s:?}");
+    }
+    // Idle past the limit: the session is closed politely.
+    let deadline = Instant::now() + ConnectionCache::IDLE_LIMIT * 3;
+    while seen.lock().unwrap().quits < 1 {
+        assert!(Instant::now() < deadline, "{:?}", seen.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next message opens a new session.
+    let out = remote.deliver("remote.test", &msg).await;
+    assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
+    let s = seen.lock().unwrap();
+    assert_eq!((s.sessions, s.messages), (2, 4), "{s:?}");
+}
+
+#[tokio::test]
+async fn a_session_the_peer_closed_while_idle_is_replaced() {
+    let (addr, seen) = peer(true).await;
+    let remote = remote(addr);
+    let params = MailParams::default();
+    let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
+    let msg = OutboundMessage {
+        from: "alice@local.test",
+        params: &params,
+        rcpts: &rcpts,
+        content: b"Subject: hi\r\n\r\nhello\r\n",
+        needs_smtputf8: false,
+        needs_8bit: false,
+    };
+    for _ in 0..3 {
+        let out = remote.deliver("remote.test", &msg).await;
+        assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = seen.lock().unwrap();
+    assert_eq!((s.sessions, s.messages), (3, 3), "{s:?}");
+}
