@@ -206,7 +206,13 @@ impl Server {
             Maildir::new(syncer, &cfg.hostname),
             cfg.delivery.maildir.clone(),
         );
-        let router = Arc::new(router.with_remote(Arc::new(remote_delivery(&cfg)?)));
+        // The embedded development default never sends mail to other servers (CONFIG.md):
+        // what trusted clients send elsewhere waits in the queue, visible in `queue list`.
+        let router = Arc::new(if cfg.source.is_some() {
+            router.with_remote(Arc::new(remote_delivery(&cfg)?))
+        } else {
+            router
+        });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         // TLS: the operator's certificate, or a self-signed one generated into data_dir.

@@ -109,8 +109,8 @@ impl Transport for Router {
                         None => remote_groups.push((domain, vec![i])),
                     }
                 } else {
-                    // Accepted for relay from a trusted client; remote delivery comes with
-                    // the relay issue. The message waits in the queue, never lost.
+                    // Accepted for relay from a trusted client while remote delivery is off
+                    // (the embedded default). The message waits in the queue, never lost.
                     let r = reply::remote_delivery_unavailable();
                     outcomes.push((i, Outcome::TempFail(Failure::local(r))));
                 }

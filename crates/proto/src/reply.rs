@@ -354,13 +354,13 @@ pub fn local_delivery_failed(detail: &str) -> Reply {
     Reply::new(451, st(4, 3, 0), format!("Local delivery failed: {detail}"))
 }
 
-/// `451 4.4.0 …`: a recipient elsewhere, accepted for relay, while this server cannot yet
-/// deliver remotely: it stays queued.
+/// `451 4.4.0 …`: a recipient elsewhere, accepted for relay, while remote delivery is off
+/// (the embedded development default): it stays queued.
 pub fn remote_delivery_unavailable() -> Reply {
     Reply::new(
         451,
         st(4, 4, 0),
-        "Remote delivery is not available in this version; the message stays queued",
+        "Remote delivery is off in the embedded development default (run with --config to relay); the message stays queued",
     )
 }
 
