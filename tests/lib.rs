@@ -2,6 +2,8 @@
 //! server for dialogue tests, a raw SMTP client that speaks over a real socket, and Maildir
 //! inspection.
 
+pub mod dns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
