@@ -8,14 +8,18 @@
 //! | a-only.test | A 127.0.0.3 (implicit MX) | estafeta |
 //! | null-mx.test | MX 0 . (RFC 7505) | — |
 //! | dead-mx.test | MX 10 → 127.0.0.4 | nothing |
+//! | stall.test | MX 10 → 127.0.0.5 | a peer that stalls after DATA |
 //! | anything else | NXDOMAIN | — |
 //!
 //! Bounces go to the local sender alice@example.test and are read from her Maildir with
 //! mail-parser. Tests that bind port 25 use distinct addresses, so they may run in parallel.
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use estafeta_e2e::dns::{DnsServer, Zones};
@@ -33,6 +37,8 @@ fn zones() -> Zones {
         .mx("null-mx.test", 0, ".")
         .mx("dead-mx.test", 10, "mx.dead-mx.test")
         .a("mx.dead-mx.test", "127.0.0.4")
+        .mx("stall.test", 10, "mx.stall.test")
+        .a("mx.stall.test", "127.0.0.5")
 }
 
 /// Polls `done` every 50 ms for at most `secs` seconds; panics with `what()` when time is up.
@@ -138,6 +144,12 @@ retry = ["1s"]
             .as_ref()
             .map(|p| p.log_text())
             .unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(p) = self.process.as_mut() {
+            p.kill9();
+        }
     }
 
     /// Submits one message as a mynetworks client; returns its queue ID.
@@ -628,5 +640,180 @@ fn dead_mx_is_retried_then_expires_into_a_bounce() {
         sender.log()
     );
     sender.wait_line(&["removed", &format!("id={id}")], 5);
+    assert_eq!(queued(&sender.data()), 0);
+}
+
+/// A peer that answers everything up to the end of DATA, then, until told otherwise, never
+/// answers the final dot (a delivery in flight that the test can interrupt).
+struct StallingPeer {
+    /// Each complete message it received (the DATA content).
+    received: Arc<Mutex<Vec<String>>>,
+    /// When set, the final dot is answered 250.
+    answer: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StallingPeer {
+    fn start(ip: &str) -> StallingPeer {
+        assert_port_25_free(ip);
+        let listener = TcpListener::bind((ip, 25))
+            .unwrap_or_else(|e| panic!("cannot bind {ip}:25 for the stalling peer: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let peer = StallingPeer {
+            received: Arc::default(),
+            answer: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (received, answer, stop) = (
+            peer.received.clone(),
+            peer.answer.clone(),
+            peer.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (received, answer) = (received.clone(), answer.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve_stalling(stream, &received, &answer);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        peer
+    }
+
+    fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+impl Drop for StallingPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_stalling(
+    stream: TcpStream,
+    received: &Mutex<Vec<String>>,
+    answer: &AtomicBool,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    // Bounds every wait of this thread, the stall included.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut out = stream.try_clone()?;
+    let mut lines = BufReader::new(stream);
+    out.write_all(b"220 mx.stall.test ESMTP\r\n")?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "EHLO" => b"250-mx.stall.test\r\n250 8BITMIME\r\n",
+            "HELO" | "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 Ok\r\n",
+            "QUIT" => {
+                out.write_all(b"221 2.0.0 Bye\r\n")?;
+                return Ok(());
+            }
+            "DATA" => {
+                out.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")?;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    if lines.read_line(&mut line)? == 0 {
+                        return Ok(());
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                    data.push_str(&line);
+                }
+                received.lock().unwrap().push(data);
+                if !answer.load(Ordering::Relaxed) {
+                    // Stall until the client goes away (killed) or the read times out.
+                    while lines.read_line(&mut line)? != 0 {}
+                    return Ok(());
+                }
+                b"250 2.0.0 Ok: kept\r\n"
+            }
+            _ => b"502 5.5.2 Not implemented\r\n",
+        };
+        out.write_all(reply)?;
+    }
+}
+
+/// `kill -9` while a remote delivery is in flight (the peer has the whole message but has not
+/// answered the final dot), then a restart on the same data: the local recipient, delivered
+/// before the crash, is not delivered again; the remote one reaches the peer (at least once).
+#[test]
+fn kill9_during_a_remote_delivery_loses_nothing_and_repeats_no_local_delivery() {
+    if !may_bind_port_25("kill9_during_a_remote_delivery") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dns = DnsServer::start(zones());
+    let peer = StallingPeer::start("127.0.0.5");
+    let mut sender = Sender::start(dir.path(), &dns, "");
+    let id = sender.send(
+        "alice@example.test",
+        &["bob@example.test", "carol@stall.test"],
+        "crash in flight",
+    );
+    // bob: delivered at once; carol: the peer has the message and stalls.
+    let bob = || {
+        maildir_new(
+            &sender.data(),
+            "example.test",
+            "bob",
+            1,
+            Duration::from_secs(10),
+        )
+    };
+    assert_eq!(bob().len(), 1, "{}", sender.log());
+    wait_until(
+        10,
+        || peer.count() >= 1,
+        || format!("the peer received the message; {}", sender.log()),
+    );
+    sender.kill9();
+
+    peer.answer.store(true, Ordering::Relaxed);
+    sender.restart();
+    sender.wait_log("to=carol@stall.test status=\"sent\"", 1, 15);
+    sender.wait_line(&["removed", &format!("id={id}")], 5);
+    assert!(peer.count() >= 2, "at least once more after the restart");
+    assert!(
+        peer.received
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|m| m.contains("the body of crash in flight"))
+    );
+    let bobs = maildir_new(
+        &sender.data(),
+        "example.test",
+        "bob",
+        2,
+        Duration::from_millis(500),
+    );
+    assert_eq!(
+        bobs.len(),
+        1,
+        "bob's copy was delivered before the crash and must not be delivered again:\n{}",
+        sender.log()
+    );
+    assert!(
+        !sender.log().contains("to=bob@example.test"),
+        "{}",
+        sender.log()
+    );
+    // Nothing failed, so alice got no notification.
+    assert!(sender.alice(1, 0).is_empty());
     assert_eq!(queued(&sender.data()), 0);
 }
