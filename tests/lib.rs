@@ -2,6 +2,8 @@
 //! server for dialogue tests, a raw SMTP client that speaks over a real socket, and Maildir
 //! inspection.
 
+pub mod dns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,25 @@ pub fn estafeta_bin() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "estafeta", "--bin", "estafeta"]);
+        // What `cargo test` sets for the test process describes the test package, not the
+        // build: build scripts that watch these variables (ring's CARGO_MANIFEST_DIR) would
+        // see them change between this build and the outer one and rebuild the binary's
+        // dependencies every time, in both.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || matches!(
+                    &*name,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                )
+            {
+                cmd.env_remove(&*name);
+            }
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

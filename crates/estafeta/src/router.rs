@@ -61,6 +61,13 @@ impl Router {
         let outcomes = remote.deliver(domain, &msg).await;
         idx.iter().copied().zip(outcomes).collect()
     }
+
+    /// True when `rcpt` goes to remote delivery.
+    fn is_remote(&self, rcpt: &estafeta_proto::Recipient) -> bool {
+        self.remote.is_some()
+            && self.policy.mailbox_of(&rcpt.path).is_none()
+            && !self.policy.is_local_domain(&rcpt.path.mailbox.domain.key())
+    }
 }
 
 impl Transport for Router {
@@ -88,6 +95,19 @@ impl Transport for Router {
             }
         }
         dests
+    }
+
+    /// Local recipients first, then the remote ones: the scheduler records the local
+    /// deliveries before a remote delivery, which may take minutes, starts.
+    fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
+        let (remote, local): (Vec<usize>, Vec<usize>) = job
+            .rcpts
+            .iter()
+            .partition(|&&i| self.is_remote(&job.envelope.rcpts[i]));
+        if local.is_empty() || remote.is_empty() {
+            return vec![job.rcpts.clone()];
+        }
+        vec![local, remote]
     }
 
     async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {

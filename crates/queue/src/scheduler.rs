@@ -532,7 +532,7 @@ async fn attempt<T: Transport>(
         content,
         rcpts: pending.clone(),
     };
-    let outcomes = transport.deliver(&job).await;
+    let outcomes = deliver_in_batches(spool, transport, &job, &mut m).await;
     let mut answered = vec![false; m.status.len()];
     let now = unix_now();
     let delay = now.saturating_sub(m.arrival);
@@ -840,4 +840,55 @@ async fn defer_all(
     m.next_attempt = unix_now() + retry_delay(retry, attempts).as_secs().max(1);
     let _ = spool.write_status(&mut m).await;
     Some(m)
+}
+
+/// Delivers `job` batch by batch ([`Transport::batches`]). After each batch but the last, the
+/// recipients it delivered are recorded durably, in a copy of `m`'s state (the caller records
+/// every outcome as usual afterwards): a crash during a later batch then does not deliver them
+/// again. Failures are not recorded early: their notification must be queued first.
+async fn deliver_in_batches<T: Transport>(
+    spool: &Spool,
+    transport: &T,
+    job: &DeliveryJob,
+    m: &mut QueuedMessage,
+) -> Vec<(usize, Outcome)> {
+    let batches = transport.batches(job);
+    if batches.len() <= 1 {
+        return transport.deliver(job).await;
+    }
+    let mut progress = QueuedMessage {
+        content: None,
+        ..m.clone()
+    };
+    let mut outcomes = Vec::new();
+    let last = batches.len() - 1;
+    for (n, rcpts) in batches.into_iter().enumerate() {
+        if rcpts.is_empty() {
+            continue;
+        }
+        let part = DeliveryJob {
+            id: job.id,
+            envelope: job.envelope.clone(),
+            content: job.content.clone(),
+            rcpts,
+        };
+        let got = transport.deliver(&part).await;
+        let mut delivered = false;
+        for (i, outcome) in &got {
+            let done = matches!(outcome, Outcome::Delivered(_) | Outcome::Relayed { .. });
+            if let (true, Some(s)) = (done, progress.status.get_mut(*i)) {
+                s.state = RcptState::Delivered;
+                s.attempts += 1;
+                delivered = true;
+            }
+        }
+        if n < last && delivered {
+            if let Err(e) = spool.write_status(&mut progress).await {
+                tracing::error!(id = %m.id, error = %e, "cannot record delivery state");
+            }
+            m.has_status_file |= progress.has_status_file;
+        }
+        outcomes.extend(got);
+    }
+    outcomes
 }

@@ -90,4 +90,12 @@ pub trait Transport: Send + Sync + 'static {
         let _ = (envelope, rcpts);
         Vec::new()
     }
+
+    /// Splits the recipients of an attempt into batches that the scheduler delivers one after
+    /// the other, recording the recipients each batch delivered in the spool before the next
+    /// batch starts. Quick local deliveries go first, so that a crash during a slow remote one
+    /// does not deliver them again. The default is one batch: `job.rcpts`.
+    fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
+        vec![job.rcpts.clone()]
+    }
 }

@@ -360,3 +360,93 @@ async fn a_bounce_is_never_bounced_and_an_expired_message_bounces() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// A transport whose local recipients (`@localhost`) are delivered at once, in a first batch,
+/// and whose remote ones hang (a delivery in flight when the machine crashes).
+struct LocalThenHang {
+    local_deliveries: Mutex<u32>,
+}
+
+impl Transport for LocalThenHang {
+    fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
+        let (local, remote) = job.rcpts.iter().partition(|&&i| {
+            job.envelope.rcpts[i]
+                .path
+                .to_string()
+                .ends_with("@localhost")
+        });
+        vec![local, remote]
+    }
+
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        let local = job.rcpts.iter().all(|&i| {
+            job.envelope.rcpts[i]
+                .path
+                .to_string()
+                .ends_with("@localhost")
+        });
+        if !local {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        *self.local_deliveries.lock().unwrap() += 1;
+        job.rcpts
+            .iter()
+            .map(|&i| (i, Outcome::Delivered("ok".into())))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_delivered_is_recorded_before_the_next_batch_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(spool(dir.path()));
+    let t = Arc::new(LocalThenHang {
+        local_deliveries: Mutex::new(0),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(
+        s.clone(),
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 4,
+            max_per_destination: 4,
+            retry: vec![Duration::from_secs(1)],
+            hostname: "mx.example.test".into(),
+            max_lifetime: Duration::from_secs(3600),
+            delay_warning: None,
+            max_returned: 10_000,
+            double_bounce_to: None,
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .unwrap();
+    let id = q
+        .submit(
+            envelope(&["bob@localhost", "carol@remote.example"]),
+            b"x\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    // While carol's delivery hangs, what a restart would read says bob is done.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // What is on disk (load, not recover: recover would remove the scheduler's
+        // half-written state file).
+        let m = s.load(id).expect("still queued");
+        if m.status[0].state == RcptState::Delivered {
+            assert_eq!(m.status[1].state, RcptState::Pending);
+            assert_eq!(m.pending(), vec![1]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob's delivery was not recorded while carol's was in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*t.local_deliveries.lock().unwrap(), 1);
+    // The hanging delivery is abandoned, as a crash would.
+    shutdown.cancel();
+}

@@ -1,0 +1,170 @@
+//! A small authoritative DNS server for end-to-end tests: real UDP on 127.0.0.1:<random port>,
+//! answering from test zones built in code (MX, null MX, A, AAAA, SERVFAIL, NXDOMAIN), on
+//! hickory-proto's message types. The server under test is pointed at it with
+//! `[dns] nameservers`; its own resolver (hickory) queries it over the network.
+//!
+//! Runs on a plain thread, so that synchronous tests need no runtime; stopped on drop.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+
+/// Test zones. A name exists when it owns a record; a query for a name that does not exist is
+/// NXDOMAIN, for an existing name without records of the asked type NODATA; everything at or
+/// under a name marked [`Zones::servfail`] gets SERVFAIL.
+#[derive(Default, Clone)]
+pub struct Zones {
+    records: HashMap<(Name, RecordType), Vec<RData>>,
+    servfail: Vec<Name>,
+}
+
+impl Zones {
+    /// No zones: every name is NXDOMAIN.
+    pub fn new() -> Zones {
+        Zones::default()
+    }
+
+    fn add(mut self, name: &str, rdata: RData) -> Self {
+        let key = (name_of(name), rdata.record_type());
+        self.records.entry(key).or_default().push(rdata);
+        self
+    }
+
+    /// `name MX preference exchange`; the exchange `"."` makes a null MX (RFC 7505).
+    pub fn mx(self, name: &str, preference: u16, exchange: &str) -> Self {
+        self.add(name, RData::MX(MX::new(preference, name_of(exchange))))
+    }
+
+    /// `name A ip`.
+    pub fn a(self, name: &str, ip: &str) -> Self {
+        self.add(name, RData::A(A(ip.parse().expect("an IPv4 address"))))
+    }
+
+    /// `name AAAA ip`.
+    pub fn aaaa(self, name: &str, ip: &str) -> Self {
+        self.add(
+            name,
+            RData::AAAA(AAAA(ip.parse().expect("an IPv6 address"))),
+        )
+    }
+
+    /// Every query at or under `name` is answered SERVFAIL.
+    pub fn servfail(mut self, name: &str) -> Self {
+        self.servfail.push(name_of(name));
+        self
+    }
+
+    fn answer(&self, request: &Message) -> Message {
+        let mut response = Message::new(
+            request.metadata.id,
+            MessageType::Response,
+            request.metadata.op_code,
+        );
+        response.metadata.recursion_desired = request.metadata.recursion_desired;
+        response.metadata.recursion_available = true;
+        response.metadata.authoritative = true;
+        response.add_queries(request.queries.iter().cloned());
+        let Some(query) = request.queries.first() else {
+            response.metadata.response_code = ResponseCode::FormErr;
+            return response;
+        };
+        let name = query.name.to_lowercase();
+        if self.servfail.iter().any(|zone| zone.zone_of(&name)) {
+            response.metadata.response_code = ResponseCode::ServFail;
+            return response;
+        }
+        match self.records.get(&(name.clone(), query.query_type)) {
+            Some(rdatas) => {
+                for rdata in rdatas {
+                    response.add_answer(Record::from_rdata(query.name.clone(), 60, rdata.clone()));
+                }
+            }
+            None => {
+                if !self.records.keys().any(|(owner, _)| *owner == name) {
+                    response.metadata.response_code = ResponseCode::NXDomain;
+                }
+                // The SOA makes the negative answer cacheable (RFC 2308), as real servers do.
+                response.add_authority(Record::from_rdata(name_of("test"), 60, RData::SOA(soa())));
+            }
+        }
+        response
+    }
+}
+
+fn name_of(text: &str) -> Name {
+    if text == "." {
+        return Name::root();
+    }
+    let mut name = Name::from_ascii(text).expect("a domain name");
+    name.set_fqdn(true);
+    name.to_lowercase()
+}
+
+fn soa() -> SOA {
+    SOA::new(
+        name_of("ns.test"),
+        name_of("hostmaster.test"),
+        1,
+        3600,
+        600,
+        86400,
+        60,
+    )
+}
+
+/// A running DNS server; stops when dropped.
+pub struct DnsServer {
+    /// Where it listens (UDP).
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DnsServer {
+    /// Serves `zones` on 127.0.0.1 at a free UDP port.
+    pub fn start(zones: Zones) -> DnsServer {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the test DNS server");
+        // Wakes up now and then to see whether it should stop.
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok((len, peer)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(request) = Message::from_vec(&buf[..len]) else {
+                    continue;
+                };
+                if let Ok(bytes) = zones.answer(&request).to_vec() {
+                    let _ = socket.send_to(&bytes, peer);
+                }
+            }
+        });
+        DnsServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
