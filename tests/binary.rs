@@ -217,6 +217,8 @@ fn spool_files(data: &Path) -> Vec<String> {
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                // The spool's lock file is not a message.
+                .filter(|name| name != ".lock")
                 .collect()
         })
         .unwrap_or_default();

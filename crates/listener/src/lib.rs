@@ -498,7 +498,11 @@ pub async fn handle_connection(
                     let r = if ctx.policy.trust(&client) == estafeta_policy::Trust::None {
                         reply::etrn_not_allowed(&domain)
                     } else {
-                        reply::etrn_started(&domain, ctx.queue.flush_domain(&domain).await)
+                        match ctx.queue.flush_domain(&domain).await {
+                            Ok(n) => reply::etrn_started(&domain, n),
+                            // Stopping: nothing can be started now.
+                            Err(_) => reply::etrn_unable(&domain),
+                        }
                     };
                     tracing::info!(target: "estafeta::maillog", client = %peer.ip(), domain = %domain, reply = %r, "etrn");
                     session.etrn_done(r);

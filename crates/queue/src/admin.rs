@@ -92,6 +92,8 @@ pub async fn apply_offline(
     cfg: &SchedulerConfig,
     action: AdminAction,
 ) -> io::Result<AdminReport> {
+    // Only a spool nobody runs is ours to edit (a server still stopping holds the lock).
+    let _lock = spool.lock()?;
     let mut report = AdminReport::default();
     match action {
         AdminAction::Flush(sel) => {

@@ -98,12 +98,12 @@ impl QueueHandle {
 
     /// Attempts now every waiting message with a pending recipient in `domain` (ETRN,
     /// `queue flush --domain`), whatever its retry schedule; held messages stay held. Returns
-    /// how many it started (messages already due or being delivered are not counted).
-    pub async fn flush_domain(&self, domain: &str) -> usize {
+    /// how many it started (messages already due or being delivered are not counted). Fails
+    /// only when the scheduler has stopped.
+    pub async fn flush_domain(&self, domain: &str) -> io::Result<usize> {
         self.admin(AdminAction::Flush(Selection::Domain(domain.to_string())))
             .await
             .map(|r| r.done.len())
-            .unwrap_or(0)
     }
 
     /// The spool.
@@ -121,6 +121,9 @@ pub fn start<T: Transport>(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> io::Result<QueueHandle> {
+    // One writer per spool: held until the loop has stopped and every attempt has returned
+    // (a second server, or `estafeta queue` editing offline, is refused meanwhile).
+    let lock = spool.lock()?;
     let recovered = spool.recover()?;
     if !recovered.is_empty() {
         tracing::info!(
@@ -148,6 +151,8 @@ pub fn start<T: Transport>(
         on_return: HashMap::new(),
         per_destination: HashMap::new(),
         holding: HashMap::new(),
+        blocked: HashMap::new(),
+        _lock: lock,
     };
     tracker.spawn(sched.run(rx, recovered, shutdown));
     Ok(handle)
@@ -175,8 +180,13 @@ struct Scheduler<T> {
     on_return: HashMap<QueueId, AfterAttempt>,
     /// Attempts in flight per destination.
     per_destination: HashMap<String, usize>,
+    /// Due messages waiting for a destination at its limit, oldest first: one comes back to
+    /// the front of `ready` each time an attempt to that destination returns.
+    blocked: HashMap<String, VecDeque<QueuedMessage>>,
     /// The destinations each attempt in flight holds.
     holding: HashMap<QueueId, Vec<String>>,
+    /// The spool's lock ([`Spool::lock`]), released when the scheduler is dropped.
+    _lock: std::fs::File,
 }
 
 /// An administrative action postponed until the attempt in flight returns.
@@ -206,25 +216,7 @@ impl<T: Transport> Scheduler<T> {
                 ev = rx.recv() => match ev {
                     None => break,
                     Some(Event::New(m)) => self.ready.push_back(m),
-                    Some(Event::Done(id, m)) => {
-                        self.in_flight -= 1;
-                        self.in_flight_ids.remove(&id);
-                        let after = self.on_return.remove(&id);
-                        for d in self.holding.remove(&id).unwrap_or_default() {
-                            if let Some(n) = self.per_destination.get_mut(&d) {
-                                *n -= 1;
-                                if *n == 0 {
-                                    self.per_destination.remove(&d);
-                                }
-                            }
-                        }
-                        if let Some(m) = m {
-                            match after {
-                                Some(after) => self.act_on(after, m).await,
-                                None => self.schedule(m),
-                            }
-                        }
-                    }
+                    Some(Event::Done(id, m)) => self.done(id, m, true).await,
                     Some(Event::Flush) => {
                         self.flush(&Selection::All);
                     }
@@ -249,7 +241,43 @@ impl<T: Transport> Scheduler<T> {
                 }
             }
         }
+        // Nothing new starts; the attempts still running are waited for (as long as the
+        // server's grace allows), so that what the operator asked for them (hold, delete,
+        // bounce) is carried out and recorded before the spool is let go.
+        while self.in_flight > 0 {
+            match rx.recv().await {
+                None => break,
+                Some(Event::Done(id, m)) => self.done(id, m, false).await,
+                // Answered "the scheduler has stopped".
+                Some(Event::Admin(_, reply)) => drop(reply),
+                Some(_) => {}
+            }
+        }
         tracing::debug!(in_flight = self.in_flight, "scheduler stopped");
+    }
+
+    /// An attempt returned: the message comes back with its new state (None: it is done).
+    /// `running`: false while stopping (the message is not scheduled again; its state is on
+    /// disk).
+    async fn done(&mut self, id: QueueId, m: Option<QueuedMessage>, running: bool) {
+        self.in_flight -= 1;
+        self.in_flight_ids.remove(&id);
+        let after = self.on_return.remove(&id);
+        for d in self.holding.remove(&id).unwrap_or_default() {
+            if let Some(n) = self.per_destination.get_mut(&d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_destination.remove(&d);
+                }
+            }
+        }
+        let Some(m) = m else { return };
+        match after {
+            // While stopping too: a bounce is one more task, waited for like an attempt.
+            Some(after) => self.act_on(after, m).await,
+            None if running => self.schedule(m),
+            None => {}
+        }
     }
 
     /// Puts a message where it belongs: ready now, or waiting for its next attempt.
@@ -273,6 +301,11 @@ impl<T: Transport> Scheduler<T> {
         }
         if let Some((_, m)) = self.parked.remove(&id) {
             return Some(m);
+        }
+        for q in self.blocked.values_mut() {
+            if let Some(pos) = q.iter().position(|m| m.id == id) {
+                return q.remove(pos);
+            }
         }
         self.held.remove(&id)
     }
@@ -305,6 +338,7 @@ impl<T: Transport> Scheduler<T> {
             let ready: Vec<QueueId> = self
                 .ready
                 .iter()
+                .chain(self.blocked.values().flatten())
                 .filter(|m| selected(m) && !done.contains(&m.id))
                 .map(|m| m.id)
                 .collect();
@@ -391,6 +425,7 @@ impl<T: Transport> Scheduler<T> {
             || self.parked.contains_key(&id)
             || self.held.contains_key(&id)
             || self.ready.iter().any(|m| m.id == id)
+            || self.blocked.values().flatten().any(|m| m.id == id)
     }
 
     /// Holds, deletes or bounces a message that is not being attempted.
@@ -431,27 +466,42 @@ impl<T: Transport> Scheduler<T> {
     /// Starts ready messages, oldest first, while there is room in total; a message whose
     /// destination is at its limit waits in place and later ones go first.
     fn dispatch(&mut self) {
-        let mut i = 0;
-        while self.in_flight < self.cfg.max_deliveries && i < self.ready.len() {
-            let dests = {
-                let m = &self.ready[i];
-                self.transport.destinations(&m.envelope, &m.pending())
-            };
-            let limit = self.cfg.max_per_destination.max(1);
-            if dests
-                .iter()
-                .any(|d| self.per_destination.get(d).copied().unwrap_or(0) >= limit)
-            {
-                i += 1;
-                // Bounded work per event: far behind a busy destination, stop looking.
-                if i >= MAX_SCAN {
-                    break;
+        let limit = self.cfg.max_per_destination.max(1);
+        // Destinations with room again (an attempt returned, a message was taken away by the
+        // operator): their oldest waiting messages go first.
+        let count = |s: &Self, d: &str| s.per_destination.get(d).copied().unwrap_or(0);
+        let free: Vec<String> = self
+            .blocked
+            .keys()
+            .filter(|d| count(self, d) < limit)
+            .cloned()
+            .collect();
+        for d in free {
+            let room = limit - count(self, &d);
+            if let Some(q) = self.blocked.get_mut(&d) {
+                let back: Vec<QueuedMessage> = q.drain(..room.min(q.len())).collect();
+                if q.is_empty() {
+                    self.blocked.remove(&d);
                 }
-                continue;
+                for m in back.into_iter().rev() {
+                    self.ready.push_front(m);
+                }
             }
-            let Some(m) = self.ready.remove(i) else {
+        }
+        while self.in_flight < self.cfg.max_deliveries {
+            let Some(m) = self.ready.pop_front() else {
                 break;
             };
+            let dests = self.transport.destinations(&m.envelope, &m.pending());
+            if let Some(busy) = dests
+                .iter()
+                .find(|d| self.per_destination.get(*d).copied().unwrap_or(0) >= limit)
+            {
+                // Set aside until an attempt to that destination returns: never looked at
+                // again before, so a deep backlog costs nothing per event.
+                self.blocked.entry(busy.clone()).or_default().push_back(m);
+                continue;
+            }
             for d in &dests {
                 *self.per_destination.entry(d.clone()).or_insert(0) += 1;
             }
@@ -472,10 +522,6 @@ impl<T: Transport> Scheduler<T> {
         }
     }
 }
-
-/// How far down the ready queue one dispatch looks for a message whose destinations are not
-/// at their limit.
-const MAX_SCAN: usize = 10_000;
 
 async fn sleep_until(t: Option<Instant>) {
     if let Some(t) = t {
@@ -532,7 +578,8 @@ async fn attempt<T: Transport>(
         content,
         rcpts: pending.clone(),
     };
-    let outcomes = deliver_in_batches(spool, transport, &job, &mut m).await;
+    let (outcomes, notified) =
+        deliver_in_batches(spool, transport, cfg, Some(tx), &job, &mut m).await;
     let mut answered = vec![false; m.status.len()];
     let now = unix_now();
     let delay = now.saturating_sub(m.arrival);
@@ -552,14 +599,16 @@ async fn attempt<T: Transport>(
                 status.state = RcptState::Delivered;
                 status.last_error = None;
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
-                notices.delivered.push((i, "2.0.0".into(), None, detail));
+                if !notified.contains(&i) {
+                    notices.delivered.push((i, "2.0.0".into(), None, detail));
+                }
             }
             Outcome::Relayed { detail, dsn_passed } => {
                 status.state = RcptState::Delivered;
                 status.last_error = None;
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
                 // A server that speaks DSN got NOTIFY and reports success itself.
-                if !dsn_passed {
+                if !dsn_passed && !notified.contains(&i) {
                     notices.relayed.push((i, "2.0.0".into(), None, detail));
                 }
             }
@@ -845,17 +894,22 @@ async fn defer_all(
 /// Delivers `job` batch by batch ([`Transport::batches`]). After each batch but the last, the
 /// recipients it delivered are recorded durably, in a copy of `m`'s state (the caller records
 /// every outcome as usual afterwards): a crash during a later batch then does not deliver them
-/// again. Failures are not recorded early: their notification must be queued first.
+/// again. Their success notifications (NOTIFY=SUCCESS) are queued before that record, and
+/// their indices returned so that they are not queued twice. Failures are not recorded early:
+/// their notification is queued first, with the others, at the end.
 async fn deliver_in_batches<T: Transport>(
     spool: &Spool,
     transport: &T,
+    cfg: &SchedulerConfig,
+    tx: Option<&mpsc::UnboundedSender<Event>>,
     job: &DeliveryJob,
     m: &mut QueuedMessage,
-) -> Vec<(usize, Outcome)> {
+) -> (Vec<(usize, Outcome)>, Vec<usize>) {
     let batches = transport.batches(job);
     if batches.len() <= 1 {
-        return transport.deliver(job).await;
+        return (transport.deliver(job).await, Vec::new());
     }
+    let mut notified = Vec::new();
     let mut progress = QueuedMessage {
         content: None,
         ..m.clone()
@@ -874,15 +928,34 @@ async fn deliver_in_batches<T: Transport>(
         };
         let got = transport.deliver(&part).await;
         let mut delivered = false;
+        let mut notices = Notices::default();
         for (i, outcome) in &got {
             let done = matches!(outcome, Outcome::Delivered(_) | Outcome::Relayed { .. });
             if let (true, Some(s)) = (done, progress.status.get_mut(*i)) {
                 s.state = RcptState::Delivered;
                 s.attempts += 1;
                 delivered = true;
+                match outcome {
+                    Outcome::Delivered(d) => {
+                        notices
+                            .delivered
+                            .push((*i, "2.0.0".into(), None, d.clone()))
+                    }
+                    Outcome::Relayed {
+                        detail,
+                        dsn_passed: false,
+                    } => notices
+                        .relayed
+                        .push((*i, "2.0.0".into(), None, detail.clone())),
+                    _ => {}
+                }
             }
         }
         if n < last && delivered {
+            // Notifications first, then the state that caused them.
+            notified.extend(notices.delivered.iter().map(|n| n.0));
+            notified.extend(notices.relayed.iter().map(|n| n.0));
+            send_notices(spool, cfg, tx, m, &job.content, notices, unix_now()).await;
             if let Err(e) = spool.write_status(&mut progress).await {
                 tracing::error!(id = %m.id, error = %e, "cannot record delivery state");
             }
@@ -890,5 +963,5 @@ async fn deliver_in_batches<T: Transport>(
         }
         outcomes.extend(got);
     }
-    outcomes
+    (outcomes, notified)
 }

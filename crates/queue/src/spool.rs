@@ -166,6 +166,39 @@ impl Spool {
         })
     }
 
+    /// Takes the spool's exclusive lock (`flock` on `.lock` in the spool directory): one
+    /// writer at a time — the running server from before recovery until its last attempt has
+    /// returned, or `estafeta queue` editing a stopped server's spool. Held until the returned
+    /// file is dropped or the process ends (a `kill -9` releases it). `WouldBlock` when
+    /// someone else holds it.
+    pub fn lock(&self) -> io::Result<fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.dir.join(".lock"))?;
+        // SAFETY: flock(2) on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "the spool {} is in use by a running (or stopping) estafeta",
+                        self.dir.display()
+                    ),
+                )
+            } else {
+                e
+            });
+        }
+        Ok(file)
+    }
+
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -282,7 +282,7 @@ async fn the_running_scheduler_obeys_the_operator() {
     .await;
     let r = q.admin(AdminAction::Flush(Selection::All)).await.unwrap();
     assert_eq!(r.skipped, vec![a]);
-    assert_eq!(q.flush_domain("remote.example").await, 0);
+    assert_eq!(q.flush_domain("remote.example").await.unwrap(), 0);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gate.attempts_of(a), 1);
 
@@ -301,7 +301,7 @@ async fn the_running_scheduler_obeys_the_operator() {
     *gate.open.lock().unwrap() = true;
     // Right after the attempt the message may still be on its way back to the scheduler.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while q.flush_domain("Remote.Example").await != 1 {
+    while q.flush_domain("Remote.Example").await.unwrap() != 1 {
         assert!(Instant::now() < deadline, "flush_domain never matched");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -451,4 +451,90 @@ async fn a_message_in_flight_is_acted_on_when_its_attempt_returns() {
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+/// A hold or delete asked for a message being attempted is carried out when the attempt
+/// returns — also when the server is stopping by then (the scheduler waits for its attempts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_actions_are_carried_out_during_shutdown() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(spool(dir.path()));
+    let t = Arc::new(Blocker {
+        entered: 0.into(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(s.clone(), t.clone(), cfg(), shutdown.clone(), &tracker).unwrap();
+    let a = q
+        .submit(envelope(&["bob@remote.example"]), BODY.to_vec())
+        .await
+        .unwrap();
+    let b = q
+        .submit(envelope(&["carol@remote.example"]), BODY.to_vec())
+        .await
+        .unwrap();
+    until("in flight", || t.entered.load(Ordering::SeqCst) == 2).await;
+    assert_eq!(
+        q.admin(AdminAction::Delete(vec![a])).await.unwrap().done,
+        vec![a]
+    );
+    assert_eq!(
+        q.admin(AdminAction::Hold(vec![b])).await.unwrap().done,
+        vec![b]
+    );
+    shutdown.cancel(); // e.g. systemctl stop while a slow remote delivery runs
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.go.add_permits(2); // the attempts return (temporary failures)
+    tracker.close();
+    tracker.wait().await;
+    let deleted_still_there = s.load(a).is_ok();
+    let hold_on_disk = s.load(b).map(|m| m.held).unwrap_or(false);
+    assert!(
+        !deleted_still_there && hold_on_disk,
+        "deleted message still queued: {deleted_still_there}; hold recorded: {hold_on_disk}"
+    );
+}
+
+/// During shutdown the control socket is already gone while attempts still run: an offline
+/// edit then is refused (the scheduler holds the spool's lock until its last attempt has
+/// returned), so it can never be overwritten by a returning attempt; afterwards it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_wait_until_the_last_attempt_has_returned() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(spool(dir.path()));
+    let t = Arc::new(Blocker {
+        entered: 0.into(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let q = estafeta_queue::start(s.clone(), t.clone(), cfg(), shutdown.clone(), &tracker).unwrap();
+    let a = q
+        .submit(envelope(&["bob@remote.example"]), BODY.to_vec())
+        .await
+        .unwrap();
+    until("in flight", || t.entered.load(Ordering::SeqCst) == 1).await;
+    // A second scheduler on the same spool is refused too.
+    let other = estafeta_queue::start(
+        Arc::new(spool(dir.path())),
+        t.clone(),
+        cfg(),
+        CancellationToken::new(),
+        &TaskTracker::new(),
+    );
+    assert_eq!(other.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+    shutdown.cancel();
+    let refused = apply_offline(&s, &cfg(), AdminAction::Hold(vec![a])).await;
+    assert_eq!(refused.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+    t.go.add_permits(1);
+    tracker.close();
+    tracker.wait().await;
+    let r = apply_offline(&s, &cfg(), AdminAction::Hold(vec![a]))
+        .await
+        .unwrap();
+    assert_eq!(r.done, vec![a]);
+    assert!(s.load(a).unwrap().held);
 }

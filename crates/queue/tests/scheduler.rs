@@ -327,3 +327,79 @@ async fn an_undeliverable_bounce_goes_to_the_postmaster_once() {
     // Even when the postmaster cannot be reached, there is no report about the report.
     assert_eq!(double_bounce(true).await.len(), 1);
 }
+
+/// busy.example never answers; everything else is delivered at once.
+#[derive(Default)]
+struct Hang {
+    other_done: std::sync::atomic::AtomicBool,
+}
+
+impl Transport for Hang {
+    fn destinations(&self, envelope: &Envelope, rcpts: &[usize]) -> Vec<String> {
+        rcpts
+            .iter()
+            .map(|&i| envelope.rcpts[i].path.mailbox.domain.key())
+            .collect()
+    }
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        if job.envelope.rcpts[0].path.mailbox.domain.key() == "busy.example" {
+            std::future::pending::<()>().await;
+        }
+        self.other_done
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        job.rcpts
+            .iter()
+            .map(|&i| (i, Outcome::Delivered("ok".into())))
+            .collect()
+    }
+}
+
+/// A deep backlog for one busy destination (10,000 due messages) does not hold up the mail
+/// for another one: blocked messages are set aside per destination, never rescanned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deep_backlog_for_one_domain_does_not_starve_the_others() {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let spool = Arc::new(
+        Spool::open(
+            &dir.path().join("q"),
+            "mx.example.test",
+            Syncer::start().unwrap(),
+        )
+        .unwrap(),
+    );
+    let t = Arc::new(Hang::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let cfg = SchedulerConfig {
+        max_deliveries: 8,
+        max_per_destination: 1,
+        retry: vec![Duration::from_secs(3600)],
+        hostname: "mx.example.test".into(),
+        max_lifetime: Duration::from_secs(86_400),
+        delay_warning: None,
+        max_returned: 10_000,
+        double_bounce_to: None,
+    };
+    // Queued while the server was down (or: an outage at a big provider, then a flush).
+    for _ in 0..10_002 {
+        spool
+            .put(envelope("x@busy.example"), b"x\r\n".to_vec())
+            .await
+            .unwrap();
+    }
+    spool
+        .put(envelope("y@other.example"), b"x\r\n".to_vec())
+        .await
+        .unwrap();
+    let _q =
+        estafeta_queue::start(spool.clone(), t.clone(), cfg, shutdown.clone(), &tracker).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ok = t.other_done.load(std::sync::atomic::Ordering::SeqCst);
+    shutdown.cancel();
+    assert!(
+        ok,
+        "other.example never attempted: 7 of 8 delivery slots idle"
+    );
+}

@@ -450,3 +450,57 @@ async fn a_batch_delivered_is_recorded_before_the_next_batch_ends() {
     // The hanging delivery is abandoned, as a crash would.
     shutdown.cancel();
 }
+
+/// The local batch is recorded "delivered" before the remote one runs; its NOTIFY=SUCCESS
+/// report is queued before that record, so a crash during the remote batch loses no report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_report_is_queued_before_the_early_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(spool(dir.path()));
+    let t = Arc::new(LocalThenHang {
+        local_deliveries: Mutex::new(0),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let cfg = SchedulerConfig {
+        max_deliveries: 4,
+        max_per_destination: 4,
+        retry: vec![Duration::from_secs(1)],
+        hostname: "mx.example.test".into(),
+        max_lifetime: Duration::from_secs(3600),
+        delay_warning: None,
+        max_returned: 10_000,
+        double_bounce_to: None,
+    };
+    let q = estafeta_queue::start(s.clone(), t.clone(), cfg, shutdown.clone(), &tracker).unwrap();
+    let mut env = envelope(&["bob@localhost", "carol@remote.example"]);
+    env.rcpts[0].params = RcptParams {
+        notify: Some(Notify {
+            never: false,
+            success: true,
+            failure: true,
+            delay: false,
+        }),
+        ..Default::default()
+    };
+    let id = q.submit(env, b"x\r\n".to_vec()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.load(id).unwrap().status[0].state != RcptState::Delivered {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // "Crash" now: what is on disk?
+    let queued: Vec<_> = s
+        .scan()
+        .unwrap()
+        .0
+        .into_iter()
+        .filter(|m| m.id != id)
+        .collect();
+    shutdown.cancel();
+    assert!(
+        !queued.is_empty(),
+        "bob recorded delivered, but no success report is in the spool"
+    );
+}
