@@ -94,7 +94,11 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
             .nameservers
             .iter()
             .flatten()
-            .filter_map(|ns| v.socket_addr(ns, 53))
+            // A bare address means port 53, as in resolv.conf.
+            .filter_map(|ns| match ns.get_ref().trim().parse::<std::net::IpAddr>() {
+                Ok(ip) => Some(SocketAddr::new(ip, 53)),
+                Err(_) => v.socket_addr(ns, 53),
+            })
             .collect(),
     };
 

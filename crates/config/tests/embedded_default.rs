@@ -140,3 +140,29 @@ Team = "alice"
     assert!(config.domain("EXAMPLE.org.").is_some());
     assert_eq!(config.domains[0].aliases["team"], ["alice"]);
 }
+
+#[test]
+fn nameservers_take_port_53_when_none_is_given() {
+    let config = Config::parse(
+        "[dns]\nnameservers = [\"127.0.0.1\", \"::1\", \"127.0.0.1:5353\", \"[::1]:5300\"]\n",
+        Path::new("dns.toml"),
+    )
+    .expect("valid");
+    let got: Vec<String> = config
+        .dns
+        .nameservers
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(
+        got,
+        ["127.0.0.1:53", "[::1]:53", "127.0.0.1:5353", "[::1]:5300"]
+    );
+    let err = Config::parse(
+        "[dns]\nnameservers = [\"dns.example\"]\n",
+        Path::new("dns.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("dns.toml:2:16"), "{err}");
+}
