@@ -80,7 +80,7 @@ impl Transport for Router {
         let mut dests: Vec<String> = Vec::new();
         for &i in rcpts {
             let path = &envelope.rcpts[i].path;
-            let domain = path.mailbox.domain.key();
+            let domain = estafeta_policy::domain_key(&path.mailbox.domain.key());
             if self.policy.is_local_domain(&domain) {
                 continue;
             }
@@ -123,7 +123,7 @@ impl Transport for Router {
                     let r = reply::user_unknown(&rcpt.path.to_string());
                     outcomes.push((i, Outcome::PermFail(Failure::local(r))));
                 } else if self.remote.is_some() {
-                    let domain = rcpt.path.mailbox.domain.key();
+                    let domain = estafeta_policy::domain_key(&rcpt.path.mailbox.domain.key());
                     match remote_groups.iter_mut().find(|(d, _)| *d == domain) {
                         Some((_, v)) => v.push(i),
                         None => remote_groups.push((domain, vec![i])),

@@ -158,6 +158,17 @@ impl Steps<'_> {
     }
 }
 
+/// A domain name as this policy compares it: lower case, and in its ASCII (A-label) form, so
+/// that `bücher.example` in an SMTPUTF8 address and `xn--bcher-kva.example` in the
+/// configuration (or the other way round) are the same domain (RFC 5890, UTS #46).
+pub fn domain_key(domain: &str) -> String {
+    let lower = domain.to_lowercase();
+    if lower.is_ascii() && !lower.split('.').any(|l| l.starts_with("xn--")) {
+        return lower;
+    }
+    idna::domain_to_ascii(&lower).unwrap_or(lower)
+}
+
 impl Policy {
     /// Builds the policy from a validated configuration.
     pub fn new(cfg: &Config) -> Policy {
@@ -166,7 +177,7 @@ impl Policy {
             .iter()
             .map(|d| {
                 (
-                    d.name.to_lowercase(),
+                    domain_key(&d.name),
                     LocalDomain {
                         mailboxes: d.mailboxes.clone(),
                         catch_all: d.catch_all.clone(),
@@ -183,7 +194,7 @@ impl Policy {
         let postmaster_domain = if domains.contains_key(&host) {
             Some(host)
         } else {
-            cfg.domains.first().map(|d| d.name.to_lowercase())
+            cfg.domains.first().map(|d| domain_key(&d.name))
         };
         Policy {
             domains,
@@ -207,7 +218,7 @@ impl Policy {
 
     /// True when `domain` (any case) is one this server receives mail for.
     pub fn is_local_domain(&self, domain: &str) -> bool {
-        self.domains.contains_key(domain.to_lowercase().as_str())
+        self.domains.contains_key(domain_key(domain).as_str())
     }
 
     /// The longest `mynetworks` entry holding `ip` (IPv4-mapped IPv6 taken as IPv4).
@@ -264,7 +275,7 @@ impl Policy {
         depth: usize,
         steps: &mut Steps,
     ) -> Option<Vec<Target>> {
-        let domain = domain.to_lowercase();
+        let domain = domain_key(domain);
         let Some(d) = self.domains.get(&domain) else {
             steps.add(|| format!("{local}@{domain}: not a local domain: relayed"));
             return Some(vec![Target::Remote(format!("{local}@{domain}"))]);
@@ -331,7 +342,7 @@ impl Policy {
         }
         match &rcpt.mailbox.domain {
             Domain::Name(n) if self.is_local_domain(n) => {
-                Some((rcpt.mailbox.local.clone(), n.to_lowercase()))
+                Some((rcpt.mailbox.local.clone(), domain_key(n)))
             }
             _ => None,
         }
@@ -475,7 +486,7 @@ impl Policy {
         let ReversePath::Mailbox(m) = from else {
             return true;
         };
-        let domain = m.domain.key();
+        let domain = domain_key(&m.domain.key());
         let local = m.local.to_lowercase();
         let user = user.to_lowercase();
         if format!("{local}@{domain}") == user || format!("{}@{domain}", self.base(&local)) == user

@@ -277,3 +277,38 @@ fn expansion_before_queueing() {
     );
     assert!(out[3].params.orcpt.is_none());
 }
+
+#[test]
+fn internationalized_domains_match_in_either_form() {
+    let cfg = Config::parse(
+        r#"
+hostname = "mail.example.org"
+[[domain]]
+name = "xn--bcher-kva.example"
+mailboxes = "*"
+[[domain]]
+name = "xn--caf-dma.example"
+mailboxes = ["bob"]
+"#,
+        std::path::Path::new("t.toml"),
+    )
+    .unwrap();
+    let p = Policy::new(&cfg);
+    let c = client(UNTRUSTED, None);
+    // The configuration writes A-labels; an SMTPUTF8 recipient may use the U-label.
+    assert_eq!(
+        verdict(&p, &c, "<anna@xn--bcher-kva.example>"),
+        "local anna@xn--bcher-kva.example"
+    );
+    assert_eq!(
+        verdict(&p, &c, "<anna@BÜCHER.example>"),
+        "local anna@xn--bcher-kva.example"
+    );
+    assert_eq!(
+        verdict(&p, &c, "<bob@café.example>"),
+        "local bob@xn--caf-dma.example"
+    );
+    // Still a real check: someone else's domain is not ours.
+    assert!(verdict(&p, &c, "<bob@cafe.example>").starts_with("554 5.7.1"));
+    assert_eq!(domain_key("Example.ORG"), "example.org");
+}
