@@ -132,6 +132,51 @@ impl Reply {
         self.write_to(&mut out);
         out
     }
+
+    /// Client side: a reply received as `lines` (their texts, after `ddd-`/`ddd `) with
+    /// `code`. The enhanced status code (RFC 2034) is taken from the first word of the first
+    /// line when it is one of the code's class, and removed from every line starting with it.
+    pub fn from_received(code: u16, mut lines: Vec<String>) -> Reply {
+        let status = lines
+            .first()
+            .and_then(|l| l.split(' ').next())
+            .and_then(Status::parse)
+            .filter(|s| u16::from(s.class) == code / 100);
+        if let Some(status) = status {
+            let prefix = status.to_string();
+            for line in &mut lines {
+                if let Some(rest) = line.strip_prefix(&prefix)
+                    && (rest.is_empty() || rest.starts_with(' '))
+                {
+                    *line = rest.trim_start_matches(' ').to_string();
+                }
+            }
+        }
+        Reply {
+            code,
+            status,
+            lines,
+        }
+    }
+}
+
+/// Client side: one received reply line without its CRLF (RFC 5321 §4.2.1): its code, whether
+/// it is the last line of the reply (`ddd text` or a bare `ddd`, not `ddd-text`), and its
+/// text. `None` when it is not a reply line.
+pub fn parse_received_line(raw: &[u8]) -> Option<(u16, bool, String)> {
+    if raw.len() < 3 || !raw[..3].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let code = raw[..3]
+        .iter()
+        .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
+    let (last, text) = match raw.get(3) {
+        None => (true, &raw[3..]),
+        Some(b' ') => (true, &raw[4..]),
+        Some(b'-') => (false, &raw[4..]),
+        Some(_) => return None,
+    };
+    Some((code, last, String::from_utf8_lossy(text).into_owned()))
 }
 
 impl fmt::Display for Reply {
@@ -748,5 +793,26 @@ mod tests {
         assert_eq!(Status::parse("4.7.0"), Some(Status::new(4, 7, 0)));
         assert_eq!(Status::parse("3.1.0"), None);
         assert_eq!(Status::parse("5.1"), None);
+    }
+
+    #[test]
+    fn received_replies() {
+        assert_eq!(
+            parse_received_line(b"250-mx.example"),
+            Some((250, false, "mx.example".into()))
+        );
+        assert_eq!(
+            parse_received_line(b"221"),
+            Some((221, true, String::new()))
+        );
+        for bad in [&b"25"[..], b"2x0 ok", b"250_ok"] {
+            assert_eq!(parse_received_line(bad), None);
+        }
+        let r = Reply::from_received(550, vec!["5.1.1 no such user".into(), "5.1.1 sorry".into()]);
+        assert_eq!(r.status, Some(Status::new(5, 1, 1)));
+        assert_eq!(r.lines, ["no such user", "sorry"]);
+        // A status of another class is text.
+        let r = Reply::from_received(250, vec!["5.1.1 odd".into()]);
+        assert_eq!((r.status, r.text()), (None, "5.1.1 odd".to_string()));
     }
 }

@@ -1139,9 +1139,8 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
     }
 }
 
-/// Reads one (possibly multi-line) reply: `ddd-text` lines, then `ddd text` (RFC 5321 §4.2.1).
-/// The enhanced status code (RFC 2034) is taken from the first word of the first line when
-/// it is one of the same class, and removed from every line that starts with it.
+/// Reads one (possibly multi-line) reply: `ddd-text` lines, then `ddd text` (RFC 5321 §4.2.1),
+/// parsed by proto ([`Reply::from_received`]).
 async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Broken> {
     let mut code: Option<u16> = None;
     let mut lines: Vec<String> = Vec::new();
@@ -1153,7 +1152,12 @@ async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Brok
             )));
         }
         read_line(r, &mut raw).await?;
-        let (this, last, text) = parse_reply_line(&raw)?;
+        let (this, last, text) = replies::parse_received_line(&raw).ok_or_else(|| {
+            Broken::Malformed(format!(
+                "malformed reply line: {}",
+                String::from_utf8_lossy(&raw[..raw.len().min(80)])
+            ))
+        })?;
         if code.is_some_and(|c| c != this) {
             return Err(Broken::Malformed(format!(
                 "reply code changed within a reply: {}",
@@ -1166,50 +1170,7 @@ async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Brok
             break;
         }
     }
-    let code = code.unwrap_or_default();
-    let status = lines[0]
-        .split(' ')
-        .next()
-        .and_then(Status::parse)
-        .filter(|s| u16::from(s.class) == code / 100);
-    if let Some(status) = status {
-        let prefix = status.to_string();
-        for line in &mut lines {
-            if let Some(rest) = line.strip_prefix(&prefix)
-                && (rest.is_empty() || rest.starts_with(' '))
-            {
-                *line = rest.trim_start_matches(' ').to_string();
-            }
-        }
-    }
-    Ok(Reply {
-        code,
-        status,
-        lines,
-    })
-}
-
-/// One reply line: (code, is the last line, text).
-fn parse_reply_line(raw: &[u8]) -> Result<(u16, bool, String), Broken> {
-    let bad = || {
-        Broken::Malformed(format!(
-            "malformed reply line: {}",
-            String::from_utf8_lossy(&raw[..raw.len().min(80)])
-        ))
-    };
-    if raw.len() < 3 || !raw[..3].iter().all(u8::is_ascii_digit) {
-        return Err(bad());
-    }
-    let code = raw[..3]
-        .iter()
-        .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
-    let (last, text) = match raw.get(3) {
-        None => (true, &raw[3..]),
-        Some(b' ') => (true, &raw[4..]),
-        Some(b'-') => (false, &raw[4..]),
-        Some(_) => return Err(bad()),
-    };
-    Ok((code, last, String::from_utf8_lossy(text).into_owned()))
+    Ok(Reply::from_received(code.unwrap_or_default(), lines))
 }
 
 // ---- TLS -----------------------------------------------------------------------------------
