@@ -95,28 +95,16 @@ fn main() -> ExitCode {
             rcpt,
             config,
         } => {
-            let cfg = match &config {
-                Some(path) => match Config::from_file(path) {
-                    Ok(c) => c,
-                    Err(errors) => {
-                        eprintln!("{errors}");
-                        return ExitCode::from(EX_CONFIG);
-                    }
-                },
-                None => Config::embedded_default(),
+            let cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             estafeta::explain::run(&cfg, client, auth, &from, &rcpt)
         }
         Command::User { command, config } => {
-            let cfg = match &config {
-                Some(path) => match Config::from_file(path) {
-                    Ok(c) => c,
-                    Err(errors) => {
-                        eprintln!("{errors}");
-                        return ExitCode::from(EX_CONFIG);
-                    }
-                },
-                None => Config::embedded_default(),
+            let cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             estafeta::user_cmd::run(command, &cfg)
         }
@@ -125,15 +113,9 @@ fn main() -> ExitCode {
             config,
             json,
         } => {
-            let cfg = match &config {
-                Some(path) => match Config::from_file(path) {
-                    Ok(c) => c,
-                    Err(errors) => {
-                        eprintln!("{errors}");
-                        return ExitCode::from(EX_CONFIG);
-                    }
-                },
-                None => Config::embedded_default(),
+            let cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             estafeta::queue_cmd::run(command, &cfg, json)
         }
@@ -142,6 +124,18 @@ fn main() -> ExitCode {
             data_dir,
             log_level,
         } => serve(config, data_dir, log_level),
+    }
+}
+
+/// The configuration of `--config FILE`, or the embedded default without it; a broken file
+/// is reported (every error, file:line:column) and gives exit code 78.
+fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
+    match config {
+        Some(path) => Config::from_file(path).map_err(|errors| {
+            eprintln!("{errors}");
+            ExitCode::from(EX_CONFIG)
+        }),
+        None => Ok(Config::embedded_default()),
     }
 }
 

@@ -28,6 +28,18 @@ pub fn rfc5322_date(secs: u64) -> String {
     )
 }
 
+/// Formats `secs` (Unix time, UTC) as `2026-11-23 13:14:24`, for listings (`queue list`).
+pub fn utc_timestamp(secs: u64) -> String {
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 to (year, month 1..=12, day 1..=31), proleptic Gregorian
 /// (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
