@@ -594,22 +594,13 @@ async fn attempt<T: Transport>(
         answered[i] = true;
         status.attempts += 1;
         let to = &m.envelope.rcpts[i].path;
-        match outcome {
-            Outcome::Delivered(detail) => {
+        match &outcome {
+            Outcome::Delivered(detail) | Outcome::Relayed { detail, .. } => {
                 status.state = RcptState::Delivered;
                 status.last_error = None;
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
                 if !notified.contains(&i) {
-                    notices.delivered.push((i, "2.0.0".into(), None, detail));
-                }
-            }
-            Outcome::Relayed { detail, dsn_passed } => {
-                status.state = RcptState::Delivered;
-                status.last_error = None;
-                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
-                // A server that speaks DSN got NOTIFY and reports success itself.
-                if !dsn_passed && !notified.contains(&i) {
-                    notices.relayed.push((i, "2.0.0".into(), None, detail));
+                    notices.success(i, &outcome);
                 }
             }
             Outcome::TempFail(f) => {
@@ -675,12 +666,7 @@ async fn attempt<T: Transport>(
         }
         return None;
     }
-    let attempts = remaining
-        .iter()
-        .map(|&i| m.status[i].attempts)
-        .max()
-        .unwrap_or(1);
-    m.next_attempt = unix_now() + retry_delay(retry, attempts).as_secs().max(1);
+    schedule_retry(&mut m, &remaining, retry);
     if let Err(e) = spool.write_status(&mut m).await {
         tracing::error!(id = %m.id, error = %e, "cannot record delivery state");
     }
@@ -699,6 +685,26 @@ struct Notices {
     delivered: Vec<(usize, String, Option<String>, String)>,
     relayed: Vec<(usize, String, Option<String>, String)>,
     retry_until: Option<u64>,
+}
+
+impl Notices {
+    /// The success report a successful `outcome` for recipient `i` calls for (NOTIFY decides
+    /// later whether it is sent): "delivered" for a final delivery, "relayed" to a server
+    /// without DSN; none when the next server got NOTIFY and reports itself (RFC 3461
+    /// §5.2.2).
+    fn success(&mut self, i: usize, outcome: &Outcome) {
+        match outcome {
+            Outcome::Delivered(detail) => {
+                self.delivered
+                    .push((i, "2.0.0".into(), None, detail.clone()))
+            }
+            Outcome::Relayed {
+                detail,
+                dsn_passed: false,
+            } => self.relayed.push((i, "2.0.0".into(), None, detail.clone())),
+            _ => {}
+        }
+    }
 }
 
 fn human(secs: u64) -> String {
@@ -881,14 +887,20 @@ async fn defer_all(
         m.status[i].attempts += 1;
         m.status[i].last_error = Some(why.to_string());
     }
+    schedule_retry(&mut m, pending, retry);
+    let _ = spool.write_status(&mut m).await;
+    Some(m)
+}
+
+/// Sets the next attempt of `m` from the retry schedule, by the most attempts any of its
+/// `pending` recipients has had.
+fn schedule_retry(m: &mut QueuedMessage, pending: &[usize], retry: &[Duration]) {
     let attempts = pending
         .iter()
         .map(|&i| m.status[i].attempts)
         .max()
         .unwrap_or(1);
     m.next_attempt = unix_now() + retry_delay(retry, attempts).as_secs().max(1);
-    let _ = spool.write_status(&mut m).await;
-    Some(m)
 }
 
 /// Delivers `job` batch by batch ([`Transport::batches`]). After each batch but the last, the
@@ -935,20 +947,7 @@ async fn deliver_in_batches<T: Transport>(
                 s.state = RcptState::Delivered;
                 s.attempts += 1;
                 delivered = true;
-                match outcome {
-                    Outcome::Delivered(d) => {
-                        notices
-                            .delivered
-                            .push((*i, "2.0.0".into(), None, d.clone()))
-                    }
-                    Outcome::Relayed {
-                        detail,
-                        dsn_passed: false,
-                    } => notices
-                        .relayed
-                        .push((*i, "2.0.0".into(), None, detail.clone())),
-                    _ => {}
-                }
+                notices.success(*i, outcome);
             }
         }
         if n < last && delivered {
