@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -53,6 +53,11 @@ impl Zones {
             name,
             RData::AAAA(AAAA(ip.parse().expect("an IPv6 address"))),
         )
+    }
+
+    /// `name SOA …`: the name exists without other records (NODATA for MX and addresses).
+    pub fn soa(self, name: &str) -> Self {
+        self.add(name, RData::SOA(soa()))
     }
 
     /// Every query at or under `name` is answered SERVFAIL.
@@ -119,10 +124,11 @@ fn soa() -> SOA {
     )
 }
 
-/// A running DNS server; stops when dropped.
+/// A running DNS server, and the questions it was asked; stops when dropped.
 pub struct DnsServer {
     /// Where it listens (UDP).
     pub addr: SocketAddr,
+    queries: Arc<Mutex<Vec<(Name, RecordType)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -138,6 +144,8 @@ impl DnsServer {
         let addr = socket.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let log = queries.clone();
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while !stopping.load(Ordering::Relaxed) {
@@ -147,6 +155,11 @@ impl DnsServer {
                 let Ok(request) = Message::from_vec(&buf[..len]) else {
                     continue;
                 };
+                if let Some(q) = request.queries.first() {
+                    log.lock()
+                        .unwrap()
+                        .push((q.name.to_lowercase(), q.query_type));
+                }
                 if let Ok(bytes) = zones.answer(&request).to_vec() {
                     let _ = socket.send_to(&bytes, peer);
                 }
@@ -154,9 +167,20 @@ impl DnsServer {
         });
         DnsServer {
             addr,
+            queries,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Whether it was asked for `record_type` records of `name`.
+    pub fn was_asked(&self, name: &str, record_type: RecordType) -> bool {
+        let name = name_of(name);
+        self.queries
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(n, t)| *n == name && *t == record_type)
     }
 }
 

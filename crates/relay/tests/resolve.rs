@@ -1,213 +1,80 @@
-//! "Where to connect" against a real DNS server: a small authoritative UDP responder, written
-//! here on hickory-proto's message types, serves test zones on 127.0.0.1:<random port>, and the
-//! real hickory resolver inside `estafeta_relay::resolve::Resolver` queries it over the network.
+//! "Where to connect" against a real DNS server: the small authoritative UDP server of the
+//! end-to-end tests (tests/dns.rs, on hickory-proto's message types, one copy for both) serves
+//! test zones on 127.0.0.1:<random port>, and the real hickory resolver inside
+//! `estafeta_relay::resolve::Resolver` queries it over the network.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use estafeta_relay::resolve::{Destination, IpVersion, LocalIdentity, ResolveError, Resolver};
-use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA};
-use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use hickory_resolver::proto::rr::RecordType;
 use tokio::net::UdpSocket;
+
+#[allow(dead_code)] // shared with tests/ (the e2e crate); not every helper is used here
+#[path = "../../../tests/dns.rs"]
+mod dns;
+use dns::{DnsServer, Zones};
 
 /// Per-query timeout of the resolver under test, and the bound on every wait in these tests.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The test zones. A name is "existing" when it owns a record or is listed in `exists`;
-/// everything under a name in `servfail` gets SERVFAIL.
-#[derive(Default)]
-struct Zones {
-    records: HashMap<(Name, RecordType), Vec<RData>>,
-    servfail: Vec<Name>,
-}
-
-impl Zones {
-    fn add(&mut self, name: &str, rdata: RData) -> &mut Self {
-        let key = (name_of(name), rdata.record_type());
-        self.records.entry(key).or_default().push(rdata);
-        self
-    }
-    fn mx(&mut self, name: &str, preference: u16, exchange: &str) -> &mut Self {
-        self.add(name, RData::MX(MX::new(preference, name_of(exchange))))
-    }
-    fn a(&mut self, name: &str, ip: &str) -> &mut Self {
-        self.add(name, RData::A(A(ip.parse().unwrap())))
-    }
-    fn aaaa(&mut self, name: &str, ip: &str) -> &mut Self {
-        self.add(name, RData::AAAA(AAAA(ip.parse().unwrap())))
-    }
-
-    fn standard() -> Zones {
-        let mut z = Zones::default();
-        z.mx("two-mx.test", 10, "mx1.two-mx.test")
-            .mx("two-mx.test", 20, "mx2.two-mx.test")
-            .a("mx1.two-mx.test", "127.0.0.2")
-            .a("mx2.two-mx.test", "127.0.0.3");
-        z.a("a-only.test", "127.0.0.4");
-        z.mx("null-mx.test", 0, ".");
-        z.mx("dup.test", 20, "MX.dup.test")
-            .mx("dup.test", 10, "mx.dup.test")
-            .a("mx.dup.test", "127.0.0.14");
-        z.mx("dead-mx.test", 10, "mx.dead-mx.test")
-            .a("mx.dead-mx.test", "127.0.0.9");
-        z.servfail.push(name_of("servfail.test"));
-        z.mx("self.test", 10, "mx.self.test")
-            .a("mx.self.test", "127.0.0.10");
+/// The zones of these tests.
+fn standard() -> Zones {
+    Zones::new()
+        .mx("two-mx.test", 10, "mx1.two-mx.test")
+        .mx("two-mx.test", 20, "mx2.two-mx.test")
+        .a("mx1.two-mx.test", "127.0.0.2")
+        .a("mx2.two-mx.test", "127.0.0.3")
+        .a("a-only.test", "127.0.0.4")
+        .mx("null-mx.test", 0, ".")
+        .mx("dup.test", 20, "MX.dup.test")
+        .mx("dup.test", 10, "mx.dup.test")
+        .a("mx.dup.test", "127.0.0.14")
+        .mx("dead-mx.test", 10, "mx.dead-mx.test")
+        .a("mx.dead-mx.test", "127.0.0.9")
+        .servfail("servfail.test")
+        .mx("self.test", 10, "mx.self.test")
+        .a("mx.self.test", "127.0.0.10")
         // We are the backup MX (20): the primary stays, the worse one goes.
-        z.mx("backup.test", 10, "primary.backup.test")
-            .mx("backup.test", 20, "mx.self.test")
-            .mx("backup.test", 30, "tertiary.backup.test")
-            .a("primary.backup.test", "127.0.0.11")
-            .a("tertiary.backup.test", "127.0.0.12");
+        .mx("backup.test", 10, "primary.backup.test")
+        .mx("backup.test", 20, "mx.self.test")
+        .mx("backup.test", 30, "tertiary.backup.test")
+        .a("primary.backup.test", "127.0.0.11")
+        .a("tertiary.backup.test", "127.0.0.12")
         // Named by host name rather than address.
-        z.mx("byname.test", 5, "smtp.estafeta.test")
-            .a("smtp.estafeta.test", "127.0.0.13");
-        z.mx("equal.test", 10, "a.equal.test")
-            .mx("equal.test", 10, "b.equal.test")
-            .mx("equal.test", 5, "first.equal.test")
-            .a("a.equal.test", "127.0.0.20")
-            .a("b.equal.test", "127.0.0.21")
-            .a("first.equal.test", "127.0.0.22");
-        z.mx("dual.test", 10, "mx.dual.test")
-            .a("mx.dual.test", "127.0.0.6")
-            .aaaa("mx.dual.test", "2001:db8::6");
-        z.mx("v4only.test", 10, "mx.v4only.test")
-            .a("mx.v4only.test", "127.0.0.7");
+        .mx("byname.test", 5, "smtp.estafeta.test")
+        .a("smtp.estafeta.test", "127.0.0.13")
+        .mx("equal.test", 10, "a.equal.test")
+        .mx("equal.test", 10, "b.equal.test")
+        .mx("equal.test", 5, "first.equal.test")
+        .a("a.equal.test", "127.0.0.20")
+        .a("b.equal.test", "127.0.0.21")
+        .a("first.equal.test", "127.0.0.22")
+        .mx("dual.test", 10, "mx.dual.test")
+        .a("mx.dual.test", "127.0.0.6")
+        .aaaa("mx.dual.test", "2001:db8::6")
+        .mx("v4only.test", 10, "mx.v4only.test")
+        .a("mx.v4only.test", "127.0.0.7")
         // One MX host does not exist, the other resolves.
-        z.mx("partial.test", 10, "gone.partial.test")
-            .mx("partial.test", 20, "mx.partial.test")
-            .a("mx.partial.test", "127.0.0.5");
+        .mx("partial.test", 10, "gone.partial.test")
+        .mx("partial.test", 20, "mx.partial.test")
+        .a("mx.partial.test", "127.0.0.5")
         // The only MX host does not exist / has no address record.
-        z.mx("nohost.test", 10, "gone.nohost.test");
-        z.mx("noaddr.test", 10, "mx.noaddr.test")
-            .mx("mx.noaddr.test", 10, "elsewhere.test");
+        .mx("nohost.test", 10, "gone.nohost.test")
+        .mx("noaddr.test", 10, "mx.noaddr.test")
+        .mx("mx.noaddr.test", 10, "elsewhere.test")
         // The only MX host's zone is broken.
-        z.mx("tempmx.test", 10, "mx.servfail.test");
+        .mx("tempmx.test", 10, "mx.servfail.test")
         // The domain exists (it owns an SOA) but has neither MX nor address records.
-        z.add("empty.test", RData::SOA(soa()));
+        .soa("empty.test")
         // bücher.test, as the resolver must ask for it.
-        z.a("xn--bcher-kva.test", "127.0.0.8");
-        z
-    }
-
-    fn answer(&self, request: &Message) -> Message {
-        let mut response = Message::new(
-            request.metadata.id,
-            MessageType::Response,
-            request.metadata.op_code,
-        );
-        response.metadata.recursion_desired = request.metadata.recursion_desired;
-        response.metadata.recursion_available = true;
-        response.metadata.authoritative = true;
-        response.add_queries(request.queries.iter().cloned());
-        let Some(query) = request.queries.first() else {
-            response.metadata.response_code = ResponseCode::FormErr;
-            return response;
-        };
-        let name = query.name.to_lowercase();
-        if self.servfail.iter().any(|zone| zone.zone_of(&name)) {
-            response.metadata.response_code = ResponseCode::ServFail;
-            return response;
-        }
-        let exists = self.records.keys().any(|(owner, _)| *owner == name);
-        match self.records.get(&(name.clone(), query.query_type)) {
-            Some(rdatas) => {
-                for rdata in rdatas {
-                    response.add_answer(Record::from_rdata(query.name.clone(), 60, rdata.clone()));
-                }
-            }
-            None => {
-                if !exists {
-                    response.metadata.response_code = ResponseCode::NXDomain;
-                }
-                response.add_authority(Record::from_rdata(name_of("test"), 60, RData::SOA(soa())));
-            }
-        }
-        response
-    }
+        .a("xn--bcher-kva.test", "127.0.0.8")
 }
 
-fn name_of(text: &str) -> Name {
-    if text == "." {
-        return Name::root();
-    }
-    let mut name = Name::from_ascii(text).unwrap();
-    name.set_fqdn(true);
-    name.to_lowercase()
-}
-
-fn soa() -> SOA {
-    SOA::new(
-        name_of("ns.test"),
-        name_of("hostmaster.test"),
-        1,
-        3600,
-        600,
-        86400,
-        60,
-    )
-}
-
-/// A running test DNS server and the queries it received.
-struct DnsServer {
-    addr: SocketAddr,
-    queries: Arc<Mutex<Vec<(Name, RecordType)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for DnsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl DnsServer {
-    async fn start(zones: Zones) -> DnsServer {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let queries = Arc::new(Mutex::new(Vec::new()));
-        let log = queries.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let Ok((len, peer)) = socket.recv_from(&mut buf).await else {
-                    continue;
-                };
-                let Ok(request) = Message::from_vec(&buf[..len]) else {
-                    continue;
-                };
-                if let Some(q) = request.queries.first() {
-                    log.lock()
-                        .unwrap()
-                        .push((q.name.to_lowercase(), q.query_type));
-                }
-                let response = zones.answer(&request);
-                let bytes = response.to_vec().expect("encode response");
-                let _ = socket.send_to(&bytes, peer).await;
-            }
-        });
-        DnsServer {
-            addr,
-            queries,
-            task,
-        }
-    }
-
-    fn resolver(&self) -> Resolver {
-        Resolver::with_nameservers_and_timeout(&[self.addr], TIMEOUT, 1)
-    }
-
-    fn was_asked(&self, name: &str, record_type: RecordType) -> bool {
-        let name = name_of(name);
-        self.queries
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(n, t)| *n == name && *t == record_type)
-    }
+/// The resolver under test, asking `dns` only.
+fn resolver_of(dns: &DnsServer) -> Resolver {
+    Resolver::with_nameservers_and_timeout(&[dns.addr], TIMEOUT, 1)
 }
 
 fn nobody() -> LocalIdentity {
@@ -256,9 +123,9 @@ fn temporary_reason(result: Result<Vec<Destination>, ResolveError>) -> String {
 
 #[tokio::test]
 async fn two_mx_in_preference_order() {
-    let dns = DnsServer::start(Zones::standard()).await;
+    let dns = DnsServer::start(standard());
     let dest = destinations(
-        &dns.resolver(),
+        &resolver_of(&dns),
         "two-mx.test",
         IpVersion::Any,
         &LocalIdentity::default(),
@@ -281,16 +148,21 @@ async fn two_mx_in_preference_order() {
         ]
     );
     // Case and a trailing dot do not matter.
-    let dest = destinations(&dns.resolver(), "Two-MX.Test.", IpVersion::Any, &nobody())
-        .await
-        .unwrap();
+    let dest = destinations(
+        &resolver_of(&dns),
+        "Two-MX.Test.",
+        IpVersion::Any,
+        &nobody(),
+    )
+    .await
+    .unwrap();
     assert_eq!(hosts(&dest), ["mx1.two-mx.test", "mx2.two-mx.test"]);
 }
 
 #[tokio::test]
 async fn a_only_domain_gets_the_implicit_mx() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let dest = destinations(&dns.resolver(), "a-only.test", IpVersion::Any, &nobody())
+    let dns = DnsServer::start(standard());
+    let dest = destinations(&resolver_of(&dns), "a-only.test", IpVersion::Any, &nobody())
         .await
         .unwrap();
     assert_eq!(
@@ -306,9 +178,15 @@ async fn a_only_domain_gets_the_implicit_mx() {
 
 #[tokio::test]
 async fn null_mx_is_permanent_5_1_10() {
-    let dns = DnsServer::start(Zones::standard()).await;
+    let dns = DnsServer::start(standard());
     let (status, reason) = permanent_status(
-        destinations(&dns.resolver(), "null-mx.test", IpVersion::Any, &nobody()).await,
+        destinations(
+            &resolver_of(&dns),
+            "null-mx.test",
+            IpVersion::Any,
+            &nobody(),
+        )
+        .await,
     );
     assert_eq!(status, "5.1.10");
     assert!(reason.contains("null-mx.test"), "{reason}");
@@ -319,19 +197,30 @@ async fn null_mx_is_permanent_5_1_10() {
 
 #[tokio::test]
 async fn dead_mx_still_resolves() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let dest = destinations(&dns.resolver(), "dead-mx.test", IpVersion::Any, &nobody())
-        .await
-        .unwrap();
+    let dns = DnsServer::start(standard());
+    let dest = destinations(
+        &resolver_of(&dns),
+        "dead-mx.test",
+        IpVersion::Any,
+        &nobody(),
+    )
+    .await
+    .unwrap();
     assert_eq!(hosts(&dest), ["mx.dead-mx.test"]);
     assert_eq!(dest[0].addrs, [ip("127.0.0.9")]);
 }
 
 #[tokio::test]
 async fn nxdomain_is_permanent_5_1_2() {
-    let dns = DnsServer::start(Zones::standard()).await;
+    let dns = DnsServer::start(standard());
     let (status, reason) = permanent_status(
-        destinations(&dns.resolver(), "nxdomain.test", IpVersion::Any, &nobody()).await,
+        destinations(
+            &resolver_of(&dns),
+            "nxdomain.test",
+            IpVersion::Any,
+            &nobody(),
+        )
+        .await,
     );
     assert_eq!(status, "5.1.2");
     assert!(reason.contains("nxdomain.test"), "{reason}");
@@ -340,9 +229,15 @@ async fn nxdomain_is_permanent_5_1_2() {
 
 #[tokio::test]
 async fn servfail_is_temporary_and_never_falls_back_to_implicit_mx() {
-    let dns = DnsServer::start(Zones::standard()).await;
+    let dns = DnsServer::start(standard());
     let reason = temporary_reason(
-        destinations(&dns.resolver(), "servfail.test", IpVersion::Any, &nobody()).await,
+        destinations(
+            &resolver_of(&dns),
+            "servfail.test",
+            IpVersion::Any,
+            &nobody(),
+        )
+        .await,
     );
     assert!(reason.contains("servfail.test"), "{reason}");
     assert!(
@@ -377,22 +272,22 @@ async fn timeout_is_temporary_and_bounded() {
 
 #[tokio::test]
 async fn mx_pointing_at_myself_is_permanent_5_4_6() {
-    let dns = DnsServer::start(Zones::standard()).await;
+    let dns = DnsServer::start(standard());
     let (status, reason) = permanent_status(
-        destinations(&dns.resolver(), "self.test", IpVersion::Any, &nobody()).await,
+        destinations(&resolver_of(&dns), "self.test", IpVersion::Any, &nobody()).await,
     );
     assert_eq!(status, "5.4.6");
     assert_eq!(reason, "mail for self.test loops back to myself");
 
     // Recognised by host name as well as by address.
     let (status, _) = permanent_status(
-        destinations(&dns.resolver(), "byname.test", IpVersion::Any, &nobody()).await,
+        destinations(&resolver_of(&dns), "byname.test", IpVersion::Any, &nobody()).await,
     );
     assert_eq!(status, "5.4.6");
 
     // Someone else's server: the same zone is fine.
     let dest = destinations(
-        &dns.resolver(),
+        &resolver_of(&dns),
         "self.test",
         IpVersion::Any,
         &LocalIdentity::default(),
@@ -404,13 +299,13 @@ async fn mx_pointing_at_myself_is_permanent_5_4_6() {
 
 #[tokio::test]
 async fn as_backup_mx_only_better_preferences_remain() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let dest = destinations(&dns.resolver(), "backup.test", IpVersion::Any, &nobody())
+    let dns = DnsServer::start(standard());
+    let dest = destinations(&resolver_of(&dns), "backup.test", IpVersion::Any, &nobody())
         .await
         .unwrap();
     assert_eq!(hosts(&dest), ["primary.backup.test"]);
     let dest = destinations(
-        &dns.resolver(),
+        &resolver_of(&dns),
         "backup.test",
         IpVersion::Any,
         &LocalIdentity::default(),
@@ -429,8 +324,8 @@ async fn as_backup_mx_only_better_preferences_remain() {
 
 #[tokio::test]
 async fn equal_preferences_are_shuffled() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let resolver = dns.resolver();
+    let dns = DnsServer::start(standard());
+    let resolver = resolver_of(&dns);
     let mut orders = HashSet::new();
     for _ in 0..50 {
         let dest = destinations(&resolver, "equal.test", IpVersion::Any, &nobody())
@@ -464,8 +359,8 @@ async fn equal_preferences_are_shuffled() {
 
 #[tokio::test]
 async fn ip_version_filters_addresses() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let resolver = dns.resolver();
+    let dns = DnsServer::start(standard());
+    let resolver = resolver_of(&dns);
     let local = nobody();
     let any = destinations(&resolver, "dual.test", IpVersion::Any, &local)
         .await
@@ -490,8 +385,8 @@ async fn ip_version_filters_addresses() {
 
 #[tokio::test]
 async fn unresolvable_mx_hosts_are_skipped() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let resolver = dns.resolver();
+    let dns = DnsServer::start(standard());
+    let resolver = resolver_of(&dns);
     let dest = destinations(&resolver, "partial.test", IpVersion::Any, &nobody())
         .await
         .unwrap();
@@ -515,9 +410,9 @@ async fn unresolvable_mx_hosts_are_skipped() {
 
 #[tokio::test]
 async fn existing_domain_without_mx_or_address_is_permanent_5_4_4() {
-    let dns = DnsServer::start(Zones::standard()).await;
+    let dns = DnsServer::start(standard());
     let (status, reason) = permanent_status(
-        destinations(&dns.resolver(), "empty.test", IpVersion::Any, &nobody()).await,
+        destinations(&resolver_of(&dns), "empty.test", IpVersion::Any, &nobody()).await,
     );
     assert_eq!(status, "5.4.4");
     assert!(reason.contains("empty.test"), "{reason}");
@@ -525,8 +420,8 @@ async fn existing_domain_without_mx_or_address_is_permanent_5_4_4() {
 
 #[tokio::test]
 async fn utf8_domain_is_looked_up_by_its_a_labels() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let dest = destinations(&dns.resolver(), "Bücher.test", IpVersion::Any, &nobody())
+    let dns = DnsServer::start(standard());
+    let dest = destinations(&resolver_of(&dns), "Bücher.test", IpVersion::Any, &nobody())
         .await
         .unwrap();
     assert_eq!(hosts(&dest), ["xn--bcher-kva.test"]);
@@ -535,8 +430,8 @@ async fn utf8_domain_is_looked_up_by_its_a_labels() {
 
 #[tokio::test]
 async fn a_host_listed_twice_is_tried_once_at_its_best_preference() {
-    let dns = DnsServer::start(Zones::standard()).await;
-    let dest = destinations(&dns.resolver(), "dup.test", IpVersion::Any, &nobody())
+    let dns = DnsServer::start(standard());
+    let dest = destinations(&resolver_of(&dns), "dup.test", IpVersion::Any, &nobody())
         .await
         .unwrap();
     assert_eq!(
