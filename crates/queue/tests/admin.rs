@@ -1,6 +1,9 @@
 //! Queue administration on a real spool directory: the durable hold mark, the read-only scan,
 //! the offline actions, and the running scheduler's flush / hold / release / delete / bounce.
 
+mod common;
+use common::{spool, until};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,25 +39,11 @@ fn envelope(rcpts: &[&str]) -> Envelope {
     }
 }
 
-fn spool(dir: &std::path::Path) -> Spool {
-    Spool::open(
-        &dir.join("queue"),
-        "mx.example.test",
-        Syncer::start().unwrap(),
-    )
-    .unwrap()
-}
-
 fn cfg() -> SchedulerConfig {
     SchedulerConfig {
-        max_deliveries: 4,
-        max_per_destination: 4,
         retry: vec![Duration::from_secs(3600)],
-        hostname: "mx.example.test".into(),
         max_lifetime: Duration::from_secs(5 * 86_400),
-        delay_warning: None,
-        max_returned: 10_000,
-        double_bounce_to: None,
+        ..common::config()
     }
 }
 
@@ -241,14 +230,6 @@ impl Gate {
     }
 }
 
-async fn until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_scheduler_obeys_the_operator() {
     let dir = tempfile::tempdir().unwrap();
@@ -258,10 +239,11 @@ async fn the_running_scheduler_obeys_the_operator() {
         attempts: Mutex::new(Vec::new()),
         delivered: Mutex::new(Vec::new()),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q =
-        estafeta_queue::start(s.clone(), gate.clone(), cfg(), shutdown.clone(), &tracker).unwrap();
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(s.clone(), gate.clone(), cfg());
     let a = q
         .submit(envelope(&["bob@remote.example"]), BODY.to_vec())
         .await
@@ -404,9 +386,11 @@ async fn a_message_in_flight_is_acted_on_when_its_attempt_returns() {
         entered: 0.into(),
         go: tokio::sync::Semaphore::new(0),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(s.clone(), t.clone(), cfg(), shutdown.clone(), &tracker).unwrap();
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(s.clone(), t.clone(), cfg());
 
     // Delete while the transport holds the message: the file stays until the attempt returns.
     let a = q
@@ -464,9 +448,11 @@ async fn in_flight_actions_are_carried_out_during_shutdown() {
         entered: 0.into(),
         go: tokio::sync::Semaphore::new(0),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(s.clone(), t.clone(), cfg(), shutdown.clone(), &tracker).unwrap();
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(s.clone(), t.clone(), cfg());
     let a = q
         .submit(envelope(&["bob@remote.example"]), BODY.to_vec())
         .await
@@ -509,9 +495,11 @@ async fn offline_edits_wait_until_the_last_attempt_has_returned() {
         entered: 0.into(),
         go: tokio::sync::Semaphore::new(0),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(s.clone(), t.clone(), cfg(), shutdown.clone(), &tracker).unwrap();
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(s.clone(), t.clone(), cfg());
     let a = q
         .submit(envelope(&["bob@remote.example"]), BODY.to_vec())
         .await

@@ -1,6 +1,8 @@
 //! The scheduler's limits: in total and per destination, with a transport that takes its
 //! time and counts how many attempts run at once.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,8 +10,6 @@ use std::time::Duration;
 use estafeta_proto::address::{parse_forward_path, parse_reverse_path};
 use estafeta_proto::{ClientInfo, Envelope, MailParams, Recipient};
 use estafeta_queue::{DeliveryJob, Outcome, SchedulerConfig, Spool, Syncer, Transport};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 fn envelope(rcpt: &str) -> Envelope {
     Envelope {
@@ -76,34 +76,21 @@ impl Transport for Slow {
 #[tokio::test]
 async fn one_busy_destination_does_not_hold_up_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(
-        Spool::open(
-            &dir.path().join("queue"),
-            "mx.example.test",
-            Syncer::start().unwrap(),
-        )
-        .unwrap(),
-    );
+    let spool = Arc::new(common::spool(dir.path()));
     let t = Arc::new(Slow::default());
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(
         spool,
         t.clone(),
         SchedulerConfig {
             max_deliveries: 6,
             max_per_destination: 2,
-            retry: vec![Duration::from_secs(60)],
-            hostname: "mx.example.test".into(),
-            max_lifetime: Duration::from_secs(3600),
-            delay_warning: None,
-            max_returned: 10_000,
-            double_bounce_to: None,
+            ..common::config()
         },
-        shutdown.clone(),
-        &tracker,
-    )
-    .unwrap();
+    );
     // Ten messages for the busy domain first, then three for two others.
     for i in 0..10 {
         q.submit(envelope(&format!("u{i}@busy.test")), b"x\r\n".to_vec())
@@ -165,34 +152,13 @@ impl Transport for Relay {
 #[tokio::test]
 async fn notify_success_gives_relayed_only_where_the_next_server_has_no_dsn() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(
-        Spool::open(
-            &dir.path().join("queue"),
-            "mx.example.test",
-            Syncer::start().unwrap(),
-        )
-        .unwrap(),
-    );
+    let spool = Arc::new(common::spool(dir.path()));
     let t = Arc::new(Relay::default());
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(
-        spool,
-        t.clone(),
-        SchedulerConfig {
-            max_deliveries: 4,
-            max_per_destination: 4,
-            retry: vec![Duration::from_secs(60)],
-            hostname: "mx.example.test".into(),
-            max_lifetime: Duration::from_secs(3600),
-            delay_warning: None,
-            max_returned: 10_000,
-            double_bounce_to: None,
-        },
-        shutdown.clone(),
-        &tracker,
-    )
-    .unwrap();
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(spool, t.clone(), common::config());
     let mut env = envelope("nodsn@remote.test");
     env.from = parse_reverse_path("<alice@example.test>").unwrap().0;
     env.rcpts
@@ -259,42 +225,28 @@ impl Transport for Refuser {
 
 async fn double_bounce(postmaster_fails: bool) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(
-        Spool::open(
-            &dir.path().join("queue"),
-            "mx.example.test",
-            Syncer::start().unwrap(),
-        )
-        .unwrap(),
-    );
+    let spool = Arc::new(common::spool(dir.path()));
     let t = Arc::new(Refuser {
         postmaster_fails,
         to_postmaster: Mutex::new(Vec::new()),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(
         spool,
         t.clone(),
         SchedulerConfig {
-            max_deliveries: 4,
-            max_per_destination: 4,
-            retry: vec![Duration::from_secs(60)],
-            hostname: "mx.example.test".into(),
-            max_lifetime: Duration::from_secs(3600),
-            delay_warning: None,
-            max_returned: 10_000,
             double_bounce_to: Some(
                 parse_forward_path("<postmaster@example.test>")
                     .unwrap()
                     .0
                     .mailbox,
             ),
+            ..common::config()
         },
-        shutdown.clone(),
-        &tracker,
-    )
-    .unwrap();
+    );
     // A bounce (from <>) to an address that does not exist.
     q.submit(
         envelope("gone@remote.test"),
@@ -370,17 +322,12 @@ async fn a_deep_backlog_for_one_domain_does_not_starve_the_others() {
         .unwrap(),
     );
     let t = Arc::new(Hang::default());
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let cfg = SchedulerConfig {
         max_deliveries: 8,
         max_per_destination: 1,
         retry: vec![Duration::from_secs(3600)],
-        hostname: "mx.example.test".into(),
         max_lifetime: Duration::from_secs(86_400),
-        delay_warning: None,
-        max_returned: 10_000,
-        double_bounce_to: None,
+        ..common::config()
     };
     // Queued while the server was down (or: an outage at a big provider, then a flush).
     for _ in 0..10_002 {
@@ -393,8 +340,11 @@ async fn a_deep_backlog_for_one_domain_does_not_starve_the_others() {
         .put(envelope("y@other.example"), b"x\r\n".to_vec())
         .await
         .unwrap();
-    let _q =
-        estafeta_queue::start(spool.clone(), t.clone(), cfg, shutdown.clone(), &tracker).unwrap();
+    let common::Queue {
+        handle: _q,
+        shutdown,
+        ..
+    } = common::start(spool.clone(), t.clone(), cfg);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ok = t.other_done.load(std::sync::atomic::Ordering::SeqCst);
     shutdown.cancel();

@@ -1,5 +1,8 @@
 //! The spool on a real directory: durability contract, recovery, state records, scheduling.
 
+mod common;
+use common::spool;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -7,9 +10,7 @@ use estafeta_proto::address::{parse_forward_path, parse_reverse_path};
 use estafeta_proto::command::{Notify, RcptParams};
 use estafeta_proto::reply;
 use estafeta_proto::{ClientInfo, Envelope, MailParams, Recipient};
-use estafeta_queue::{
-    DeliveryJob, Failure, Outcome, RcptState, SchedulerConfig, Spool, Syncer, Transport,
-};
+use estafeta_queue::{DeliveryJob, Failure, Outcome, RcptState, SchedulerConfig, Transport};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,15 +44,6 @@ fn envelope(rcpts: &[&str]) -> Envelope {
             })
             .collect(),
     }
-}
-
-fn spool(dir: &std::path::Path) -> Spool {
-    Spool::open(
-        &dir.join("queue"),
-        "mx.example.test",
-        Syncer::start().unwrap(),
-    )
-    .unwrap()
 }
 
 #[tokio::test]
@@ -140,25 +132,18 @@ async fn scheduler_retries_then_removes() {
         failures_left: Mutex::new(1),
         delivered: Mutex::new(Vec::new()),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(
         s.clone(),
         t.clone(),
         SchedulerConfig {
-            max_deliveries: 4,
-            max_per_destination: 4,
             retry: vec![Duration::from_secs(1)],
-            hostname: "mx.example.test".into(),
-            max_lifetime: Duration::from_secs(3600),
-            delay_warning: None,
-            max_returned: 10_000,
-            double_bounce_to: None,
+            ..common::config()
         },
-        shutdown.clone(),
-        &tracker,
-    )
-    .unwrap();
+    );
     let id = q
         .submit(envelope(&["bob@localhost"]), b"x\r\n".to_vec())
         .await
@@ -241,25 +226,19 @@ fn judge_queue(
     let t = Arc::new(Judge {
         delivered: Mutex::new(Vec::new()),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(
         s,
         t.clone(),
         SchedulerConfig {
-            max_deliveries: 4,
-            max_per_destination: 4,
             retry: vec![Duration::from_secs(1)],
-            hostname: "mx.example.test".into(),
             max_lifetime,
-            delay_warning: None,
-            max_returned: 10_000,
-            double_bounce_to: None,
+            ..common::config()
         },
-        shutdown.clone(),
-        &tracker,
-    )
-    .unwrap();
+    );
     (t, q, shutdown, tracker)
 }
 
@@ -403,25 +382,18 @@ async fn a_batch_delivered_is_recorded_before_the_next_batch_ends() {
     let t = Arc::new(LocalThenHang {
         local_deliveries: Mutex::new(0),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let q = estafeta_queue::start(
+    let common::Queue {
+        handle: q,
+        shutdown,
+        ..
+    } = common::start(
         s.clone(),
         t.clone(),
         SchedulerConfig {
-            max_deliveries: 4,
-            max_per_destination: 4,
             retry: vec![Duration::from_secs(1)],
-            hostname: "mx.example.test".into(),
-            max_lifetime: Duration::from_secs(3600),
-            delay_warning: None,
-            max_returned: 10_000,
-            double_bounce_to: None,
+            ..common::config()
         },
-        shutdown.clone(),
-        &tracker,
-    )
-    .unwrap();
+    );
     let id = q
         .submit(
             envelope(&["bob@localhost", "carol@remote.example"]),
@@ -460,19 +432,15 @@ async fn a_success_report_is_queued_before_the_early_record() {
     let t = Arc::new(LocalThenHang {
         local_deliveries: Mutex::new(0),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let cfg = SchedulerConfig {
-        max_deliveries: 4,
-        max_per_destination: 4,
         retry: vec![Duration::from_secs(1)],
-        hostname: "mx.example.test".into(),
-        max_lifetime: Duration::from_secs(3600),
-        delay_warning: None,
-        max_returned: 10_000,
-        double_bounce_to: None,
+        ..common::config()
     };
-    let q = estafeta_queue::start(s.clone(), t.clone(), cfg, shutdown.clone(), &tracker).unwrap();
+    let common::Queue {
+        handle: q,
+        shutdown,
+        ..
+    } = common::start(s.clone(), t.clone(), cfg);
     let mut env = envelope(&["bob@localhost", "carol@remote.example"]);
     env.rcpts[0].params = RcptParams {
         notify: Some(Notify {
