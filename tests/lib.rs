@@ -193,6 +193,34 @@ impl Drop for Process {
     }
 }
 
+/// Submits one message on a fresh connection (EHLO, MAIL, each RCPT, DATA, QUIT), asserting
+/// that every step is accepted; `content` (CRLF lines, dot-stuffed by the caller if needed) is
+/// followed by the end-of-data line. Returns the queue ID of the final `250`.
+pub fn submit(addr: SocketAddr, from: &str, to: &[&str], content: &[u8]) -> String {
+    let mut c = Client::connect(addr);
+    c.reply();
+    c.line("EHLO client.example.test");
+    c.reply();
+    let r = c.cmd(&format!("MAIL FROM:<{from}>"));
+    assert!(r.starts_with("250"), "MAIL FROM:<{from}>: {r}");
+    for t in to {
+        let r = c.cmd(&format!("RCPT TO:<{t}>"));
+        assert!(r.starts_with("250"), "RCPT TO:<{t}>: {r}");
+    }
+    let r = c.cmd("DATA");
+    assert!(r.starts_with("354"), "DATA: {r}");
+    c.write(content);
+    c.write(b".\r\n");
+    let r = c.last();
+    let id = r
+        .strip_prefix("250 2.0.0 Ok: queued as ")
+        .unwrap_or_else(|| panic!("end of data: {r}"))
+        .trim()
+        .to_string();
+    c.cmd("QUIT");
+    id
+}
+
 /// A raw SMTP client over a real socket: writes exactly the bytes given and reads replies.
 pub struct Client {
     reader: BufReader<TcpStream>,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use estafeta_e2e::{Client, Process, estafeta_bin, free_port, maildir_new};
+use estafeta_e2e::{Process, estafeta_bin, free_port, maildir_new};
 
 struct Out {
     code: i32,
@@ -42,22 +42,12 @@ fn queue(cfg: &Path, args: &[&str]) -> Out {
 
 /// Sends one message from alice@example.test and returns its queue ID.
 fn send(p: &Process, to: &str, subject: &str) -> String {
-    let mut c = Client::connect(p.addr);
-    c.reply();
-    c.line("EHLO client.example.test");
-    c.reply();
-    assert!(c.cmd("MAIL FROM:<alice@example.test>").starts_with("250"));
-    assert!(c.cmd(&format!("RCPT TO:<{to}>")).starts_with("250"), "{to}");
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.write(format!("Subject: {subject}\r\nX-Queue-Test: yes\r\n\r\nbody\r\n.\r\n").as_bytes());
-    let r = c.last();
-    let id = r
-        .strip_prefix("250 2.0.0 Ok: queued as ")
-        .unwrap_or_else(|| panic!("{r}"))
-        .trim()
-        .to_string();
-    c.cmd("QUIT");
-    id
+    estafeta_e2e::submit(
+        p.addr,
+        "alice@example.test",
+        &[to],
+        format!("Subject: {subject}\r\nX-Queue-Test: yes\r\n\r\nbody\r\n").as_bytes(),
+    )
 }
 
 /// Waits until the server logged `n` deferrals for `to`.

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use estafeta_e2e::{Client, Process, free_port, maildir_new};
+use estafeta_e2e::{Process, free_port, maildir_new, submit};
 
 fn write(dir: &Path, name: &str, text: String) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -74,19 +74,12 @@ retry = ["1s"]
         &dir.path().join("a.log"),
     );
     let send = |to: &[&str], subject: &str| {
-        let mut c = Client::connect(a.addr);
-        c.reply();
-        c.line("EHLO client.local.test");
-        c.reply();
-        assert!(c.cmd("MAIL FROM:<alice@local.test>").starts_with("250"));
-        for t in to {
-            assert!(c.cmd(&format!("RCPT TO:<{t}>")).starts_with("250"), "{t}");
-        }
-        assert!(c.cmd("DATA").starts_with("354"));
-        c.write(format!("Subject: {subject}\r\n\r\n..leading dot\r\nbody\r\n.\r\n").as_bytes());
-        let r = c.last();
-        assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
-        c.cmd("QUIT");
+        submit(
+            a.addr,
+            "alice@local.test",
+            to,
+            format!("Subject: {subject}\r\n\r\n..leading dot\r\nbody\r\n").as_bytes(),
+        )
     };
     send(&["bob@remote.test", "nobody@strict.test"], "relay me");
     // bob@remote.test arrives at B, through STARTTLS (B's self-signed certificate).
@@ -207,16 +200,12 @@ retry = ["1h"]
         format!("127.0.0.1:{a_port}").parse().unwrap(),
         &dir.path().join("a.log"),
     );
-    let mut c = Client::connect(a.addr);
-    c.reply();
-    c.line("EHLO client.local.test");
-    c.reply();
-    assert!(c.cmd("MAIL FROM:<alice@local.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<dave@later.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.write(b"Subject: come back later\r\n\r\nhello\r\n.\r\n");
-    assert!(c.last().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    submit(
+        a.addr,
+        "alice@local.test",
+        &["dave@later.test"],
+        b"Subject: come back later\r\n\r\nhello\r\n",
+    );
     // The first attempt fails (nothing listens yet); the next one would be in an hour.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !a
@@ -359,17 +348,12 @@ retry = ["1s"]
         format!("127.0.0.1:{a_port}").parse().unwrap(),
         &dir.path().join("a.log"),
     );
-    let mut c = Client::connect(a.addr);
-    c.reply();
-    c.line("EHLO client.local.test");
-    c.reply();
-    assert!(c.cmd("MAIL FROM:<alice@local.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<erin@far.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<dan@direct.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.write(b"Subject: via the provider\r\n\r\nhello\r\n.\r\n");
-    assert!(c.last().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    submit(
+        a.addr,
+        "alice@local.test",
+        &["erin@far.test", "dan@direct.test"],
+        b"Subject: via the provider\r\n\r\nhello\r\n",
+    );
     let far = maildir_new(
         &dir.path().join("b"),
         "far.test",

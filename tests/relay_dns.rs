@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use estafeta_e2e::dns::{DnsServer, Zones};
-use estafeta_e2e::{Client, Process, free_port, maildir_new};
+use estafeta_e2e::{Process, free_port, maildir_new};
 use mail_parser::{MessageParser, MessagePart, MimeHeaders};
 
 /// The zones of the table above.
@@ -154,29 +154,13 @@ retry = ["1s"]
 
     /// Submits one message as a mynetworks client; returns its queue ID.
     fn send(&self, from: &str, to: &[&str], subject: &str) -> String {
-        let mut c = Client::connect(self.addr);
-        c.reply();
-        c.line("EHLO client.sender.test");
-        c.reply();
-        let r = c.cmd(&format!("MAIL FROM:<{from}>"));
-        assert!(r.starts_with("250"), "MAIL FROM:<{from}>: {r}");
-        for t in to {
-            let r = c.cmd(&format!("RCPT TO:<{t}>"));
-            assert!(r.starts_with("250"), "RCPT TO:<{t}>: {r}");
-        }
-        assert!(c.cmd("DATA").starts_with("354"));
-        c.write(
-            format!("From: <{from}>\r\nSubject: {subject}\r\n\r\nthe body of {subject}\r\n.\r\n")
+        estafeta_e2e::submit(
+            self.addr,
+            from,
+            to,
+            format!("From: <{from}>\r\nSubject: {subject}\r\n\r\nthe body of {subject}\r\n")
                 .as_bytes(),
-        );
-        let r = c.last();
-        let id = r
-            .strip_prefix("250 2.0.0 Ok: queued as ")
-            .unwrap_or_else(|| panic!("DATA: {r}"))
-            .trim()
-            .to_string();
-        c.cmd("QUIT");
-        id
+        )
     }
 
     /// Waits until the log has `n` lines containing `what`.

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use estafeta_e2e::{Client, Process, free_port, maildir_new};
+use estafeta_e2e::{Process, free_port, maildir_new, submit};
 
 struct Dnsmasq(Child);
 
@@ -135,16 +135,12 @@ retry = ["1s"]
         &dir.path().join("sender.log"),
     );
     for to in ["user@dm.test", "x@nm.test", "y@nowhere.test"] {
-        let mut c = Client::connect(sender.addr);
-        c.reply();
-        c.line("EHLO client.test");
-        c.reply();
-        assert!(c.cmd("MAIL FROM:<alice@example.test>").starts_with("250"));
-        assert!(c.cmd(&format!("RCPT TO:<{to}>")).starts_with("250"));
-        assert!(c.cmd("DATA").starts_with("354"));
-        c.write(format!("Subject: to {to}\r\n\r\nhello\r\n.\r\n").as_bytes());
-        assert!(c.last().starts_with("250 2.0.0"));
-        c.cmd("QUIT");
+        submit(
+            sender.addr,
+            "alice@example.test",
+            &[to],
+            format!("Subject: to {to}\r\n\r\nhello\r\n").as_bytes(),
+        );
     }
     let got = maildir_new(
         &dir.path().join("peer"),
