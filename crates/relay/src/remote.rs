@@ -7,7 +7,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use estafeta_proto::Reply;
 use estafeta_proto::reply as replies;
 use estafeta_queue::{Failure, Outcome};
 
@@ -118,14 +117,6 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-fn failure(reply: Reply) -> Failure {
-    Failure::local(reply)
-}
-
-fn all(n: usize, o: Outcome) -> Vec<Outcome> {
-    vec![o; n]
-}
-
 impl Remote {
     /// The (host name, addresses, port, client settings) to try, in order.
     async fn hops(
@@ -144,9 +135,12 @@ impl Remote {
                 Err(_) => match tokio::net::lookup_host((hop.host.as_str(), hop.port)).await {
                     Ok(it) => it.map(|a| a.ip()).collect(),
                     Err(e) => {
-                        return Err(Outcome::TempFail(failure(replies::next_hop_unresolved(
-                            &format!("cannot resolve the next hop {}: {e}", hop.host),
-                        ))));
+                        return Err(Outcome::TempFail(Failure::local(
+                            replies::next_hop_unresolved(&format!(
+                                "cannot resolve the next hop {}: {e}",
+                                hop.host
+                            )),
+                        )));
                     }
                 },
             };
@@ -157,9 +151,9 @@ impl Remote {
             let ip: Option<IpAddr> = lit.strip_prefix("IPv6:").unwrap_or(lit).parse().ok();
             return match ip {
                 Some(ip) => Ok((vec![(ip.to_string(), vec![ip], self.mx_port)], &self.client)),
-                None => Err(Outcome::PermFail(failure(replies::bad_address_literal(
-                    domain,
-                )))),
+                None => Err(Outcome::PermFail(Failure::local(
+                    replies::bad_address_literal(domain),
+                ))),
             };
         }
         match self
@@ -174,10 +168,10 @@ impl Remote {
                     .collect(),
                 &self.client,
             )),
-            Err(ResolveError::Permanent { status, reason }) => Err(Outcome::PermFail(failure(
-                replies::undeliverable_domain(status, &reason),
-            ))),
-            Err(ResolveError::Temporary { reason }) => Err(Outcome::TempFail(failure(
+            Err(ResolveError::Permanent { status, reason }) => Err(Outcome::PermFail(
+                Failure::local(replies::undeliverable_domain(status, &reason)),
+            )),
+            Err(ResolveError::Temporary { reason }) => Err(Outcome::TempFail(Failure::local(
                 replies::next_hop_unresolved(&reason),
             ))),
         }
@@ -225,7 +219,7 @@ impl Remote {
         let n = msg.rcpts.len();
         let (hops, cfg) = match self.hops(domain).await {
             Ok(h) => h,
-            Err(o) => return all(n, o),
+            Err(o) => return vec![o; n],
         };
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
@@ -244,9 +238,9 @@ impl Remote {
             }
         }
         match last {
-            Some(e) if all_permanent => all(n, Outcome::PermFail(e.failure)),
-            Some(e) => all(n, Outcome::TempFail(e.failure)),
-            None => all(n, Outcome::TempFail(failure(replies::no_route(domain)))),
+            Some(e) if all_permanent => vec![Outcome::PermFail(e.failure); n],
+            Some(e) => vec![Outcome::TempFail(e.failure); n],
+            None => vec![Outcome::TempFail(Failure::local(replies::no_route(domain))); n],
         }
     }
 }
