@@ -74,7 +74,8 @@ const MX_PORT: u16 = 25;
 /// Remote delivery from the configuration: `[dns]`, `[relay.routes]`, the smarthost.
 fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remote> {
     use estafeta_relay::client::ClientConfig;
-    use estafeta_relay::remote::{NextHop, Remote, tls_policy};
+    use estafeta_relay::client::TlsPolicy;
+    use estafeta_relay::remote::{NextHop, Remote};
     use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
     let resolver = if cfg.dns.nameservers.is_empty() {
         Resolver::system().map_err(|e| anyhow::anyhow!("DNS: {e}"))?
@@ -100,12 +101,12 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
     let mut client = ClientConfig::new(helo.clone());
     client.source = cfg.relay.source_address;
     let mut smarthost_client = client.clone();
-    smarthost_client.tls = tls_policy(match cfg.relay.smarthost_tls {
-        estafeta_config::SmarthostTls::None => "none",
-        estafeta_config::SmarthostTls::Opportunistic => "opportunistic",
-        estafeta_config::SmarthostTls::Required => "required",
-        estafeta_config::SmarthostTls::Verify => "verify",
-    });
+    smarthost_client.tls = match cfg.relay.smarthost_tls {
+        estafeta_config::SmarthostTls::None => TlsPolicy::None,
+        estafeta_config::SmarthostTls::Opportunistic => TlsPolicy::Opportunistic,
+        estafeta_config::SmarthostTls::Required => TlsPolicy::Required,
+        estafeta_config::SmarthostTls::Verify => TlsPolicy::Verify,
+    };
     if let Some(path) = &cfg.relay.smarthost_credentials {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("relay.smarthost_credentials {}", path.display()))?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use estafeta_proto::reply as replies;
 use estafeta_queue::{Failure, Outcome};
 
-use crate::client::{self, ClientConfig, OutboundMessage, TlsPolicy};
+use crate::client::{self, ClientConfig, OutboundMessage};
 use crate::resolve::{IpVersion, LocalIdentity, ResolveError, Resolver};
 
 /// A fixed next hop: `[relay.routes]` entries and the smarthost.
@@ -242,15 +242,5 @@ impl Remote {
             Some(e) => vec![Outcome::TempFail(e.failure); n],
             None => vec![Outcome::TempFail(Failure::local(replies::no_route(domain))); n],
         }
-    }
-}
-
-/// The TLS policy of the configuration's `smarthost_tls` word.
-pub fn tls_policy(word: &str) -> TlsPolicy {
-    match word {
-        "none" => TlsPolicy::None,
-        "required" => TlsPolicy::Required,
-        "verify" => TlsPolicy::Verify,
-        _ => TlsPolicy::Opportunistic,
     }
 }
