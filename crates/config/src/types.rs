@@ -187,10 +187,10 @@ pub struct RelayConfig {
 }
 
 /// `relay.ip_version`: the address families used to reach other servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IpVersion {
-    /// IPv6 and IPv4 addresses, in the order DNS gives them (IPv6 first for a host with
-    /// both).
+    /// IPv6 and IPv4 addresses (IPv6 first for a host with both).
+    #[default]
     Any,
     /// IPv4 only.
     Ipv4,

@@ -75,24 +75,20 @@ const MX_PORT: u16 = 25;
 fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remote> {
     use estafeta_relay::client::ClientConfig;
     use estafeta_relay::client::TlsPolicy;
-    use estafeta_relay::remote::{NextHop, Remote};
-    use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
+    use estafeta_relay::remote::Remote;
+    use estafeta_relay::resolve::{LocalIdentity, Resolver};
     let resolver = if cfg.dns.nameservers.is_empty() {
         Resolver::system().map_err(|e| anyhow::anyhow!("DNS: {e}"))?
     } else {
         Resolver::with_nameservers(&cfg.dns.nameservers)
     };
-    let hop = |h: &estafeta_config::NextHop| NextHop {
-        host: h.host.clone(),
-        port: h.port,
-    };
     let routes = cfg
         .relay
         .routes
         .iter()
-        .map(|(domain, h)| (domain.to_lowercase(), hop(h)))
+        .map(|(domain, h)| (domain.to_lowercase(), h.clone()))
         .collect();
-    let smarthost = cfg.relay.smarthost.as_ref().map(hop);
+    let smarthost = cfg.relay.smarthost.clone();
     let helo = cfg
         .relay
         .helo_name
@@ -131,11 +127,7 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
         smarthost_client,
         routes,
         smarthost,
-        ip_version: match cfg.relay.ip_version {
-            estafeta_config::IpVersion::Any => IpVersion::Any,
-            estafeta_config::IpVersion::Ipv4 => IpVersion::Ipv4,
-            estafeta_config::IpVersion::Ipv6 => IpVersion::Ipv6,
-        },
+        ip_version: cfg.relay.ip_version,
         local: LocalIdentity {
             hostnames: vec![cfg.hostname.to_lowercase(), helo.to_lowercase()],
             addrs,

@@ -13,14 +13,9 @@ use estafeta_queue::{Failure, Outcome};
 use crate::client::{self, ClientConfig, OutboundMessage};
 use crate::resolve::{IpVersion, LocalIdentity, ResolveError, Resolver};
 
-/// A fixed next hop: `[relay.routes]` entries and the smarthost.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NextHop {
-    /// A host name, or an IP address (written `[192.0.2.7]` in the configuration).
-    pub host: String,
-    /// The port (25 when the configuration names none).
-    pub port: u16,
-}
+/// A fixed next hop: `[relay.routes]` entries and the smarthost, as the configuration parsed
+/// them.
+pub use estafeta_config::NextHop;
 
 /// Everything remote delivery needs, built once from the configuration.
 pub struct Remote {

@@ -38,19 +38,11 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData};
 use tracing::debug;
 
-/// Which address families to deliver over (config `ip_version = "any" | "ipv4" | "ipv6"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum IpVersion {
-    /// Both families. For each MX host its IPv6 addresses come first, then its IPv4 addresses
-    /// (the RFC 6724 default preference for global addresses; a host without IPv6 connectivity
-    /// fails those connects at once with "network unreachable" and moves on).
-    #[default]
-    Any,
-    /// IPv4 only: only `A` records are looked up.
-    Ipv4,
-    /// IPv6 only: only `AAAA` records are looked up.
-    Ipv6,
-}
+/// Which address families to deliver over (`[relay] ip_version`). With `Any`, each MX host's
+/// IPv6 addresses come first, then its IPv4 addresses (the RFC 6724 default preference for
+/// global addresses; a host without IPv6 connectivity fails those connects at once with
+/// "network unreachable" and moves on); `Ipv4`/`Ipv6` look up only `A`/`AAAA` records.
+pub use estafeta_config::IpVersion;
 
 /// One MX host to try and its addresses, in the order to try them.
 #[derive(Debug, Clone, PartialEq, Eq)]
