@@ -85,6 +85,7 @@ fn queue_commands_online_and_offline() {
         format!(
             r#"hostname = "mx.example.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.1:{port}"
@@ -223,6 +224,7 @@ retry = ["1h"]
         format!(
             r#"hostname = "mx.remote.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.1:{dead}"

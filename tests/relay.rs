@@ -23,6 +23,7 @@ fn relayed_over_starttls_bounced_and_deferred() {
         format!(
             r#"hostname = "mx.remote.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.2:{b_port}"
@@ -45,6 +46,7 @@ mailboxes = ["only"]
         format!(
             r#"hostname = "mx.local.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.1:{a_port}"
@@ -168,7 +170,7 @@ fn etrn_from_a_trusted_client_delivers_deferred_mail_at_once() {
         .output()
         .is_err()
     {
-        eprintln!("python3 not found: skipped");
+        estafeta_e2e::skip("python3 not found: skipped");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -179,6 +181,7 @@ fn etrn_from_a_trusted_client_delivers_deferred_mail_at_once() {
         format!(
             r#"hostname = "mx.local.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.1:{a_port}"
@@ -222,6 +225,7 @@ retry = ["1h"]
         format!(
             r#"hostname = "mx.later.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.2:{b_port}"
@@ -273,6 +277,7 @@ fn smarthost_with_starttls_and_auth_and_a_route_that_goes_around_it() {
         format!(
             r#"hostname = "smtp.provider.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.2:{b_smtp}"
@@ -318,6 +323,7 @@ mailboxes = "*"
         format!(
             r#"hostname = "home.local.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.1:{a_port}"

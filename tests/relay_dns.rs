@@ -55,7 +55,9 @@ fn wait_until(secs: u64, mut done: impl FnMut() -> bool, what: impl Fn() -> Stri
 fn may_bind_port_25(test: &str) -> bool {
     match TcpListener::bind("127.0.0.254:25") {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            eprintln!("SKIPPED {test}: binding port 25 needs root or CAP_NET_BIND_SERVICE");
+            estafeta_e2e::skip(&format!(
+                "{test}: binding port 25 needs root or CAP_NET_BIND_SERVICE"
+            ));
             false
         }
         _ => true,
@@ -95,6 +97,7 @@ impl Sender {
             format!(
                 r#"hostname = "mx.sender.test"
 data_dir = "{data}"
+run_as_root = true
 [log]
 level = "info"
 [[listener]]
@@ -204,6 +207,7 @@ fn peer(dir: &Path, ip: &str, hostname: &str, domains: &[&str], dns: &DnsServer)
     let mut text = format!(
         r#"hostname = "{hostname}"
 data_dir = "{data}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "{ip}:25"
@@ -472,7 +476,9 @@ fn mx_preference_implicit_mx_starttls_and_a_third_party_peer() {
 
     // A third-party peer on the first MX takes the next message.
     if !Path::new(SMTP_SINK).exists() {
-        eprintln!("SKIPPED the smtp-sink part: {SMTP_SINK} is missing (Debian's postfix package)");
+        estafeta_e2e::skip(&format!(
+            "the smtp-sink part: {SMTP_SINK} is missing (Debian's postfix package)"
+        ));
         return;
     }
     let sink = SmtpSink::start("127.0.0.2", &dir.path().join("sink"));

@@ -69,7 +69,7 @@ fn mx_order_null_mx_and_nxdomain_through_dnsmasq() {
     if let Err(e) = TcpListener::bind("127.0.0.254:25")
         && e.kind() == std::io::ErrorKind::PermissionDenied
     {
-        eprintln!("SKIPPED: binding port 25 needs root or CAP_NET_BIND_SERVICE");
+        estafeta_e2e::skip("binding port 25 needs root or CAP_NET_BIND_SERVICE");
         return;
     }
     let dns_port = {
@@ -77,7 +77,7 @@ fn mx_order_null_mx_and_nxdomain_through_dnsmasq() {
         s.local_addr().unwrap().port()
     };
     let Some(_dns) = dnsmasq(dns_port) else {
-        eprintln!("SKIPPED: dnsmasq not installed");
+        estafeta_e2e::skip("dnsmasq not installed");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -89,6 +89,7 @@ fn mx_order_null_mx_and_nxdomain_through_dnsmasq() {
         format!(
             r#"hostname = "mx2.dm.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.7:25"
@@ -108,6 +109,7 @@ mailboxes = "*"
         format!(
             r#"hostname = "mx.sender.test"
 data_dir = "{d}"
+run_as_root = true
 [[listener]]
 kind = "smtp"
 address = "127.0.0.1:{port}"

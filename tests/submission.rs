@@ -29,6 +29,7 @@ fn start() -> Submission {
         format!(
             r#"hostname = "mx.test.example"
 data_dir = "{data}"
+run_as_root = true
 
 [[listener]]
 kind = "smtp"
@@ -147,7 +148,7 @@ fn delivered(s: &Submission, subject: &str) -> String {
 #[test]
 fn submission_587_starttls_auth_plain_and_the_rules_before_it() {
     if python().is_none() {
-        eprintln!("python3 not found: skipped");
+        estafeta_e2e::skip("python3 not found: skipped");
         return;
     }
     let s = start();
@@ -193,7 +194,7 @@ fn submission_587_starttls_auth_plain_and_the_rules_before_it() {
 #[test]
 fn submission_587_auth_login_and_465_implicit_tls() {
     if python().is_none() {
-        eprintln!("python3 not found: skipped");
+        estafeta_e2e::skip("python3 not found: skipped");
         return;
     }
     let s = start();
@@ -222,7 +223,7 @@ fn submission_587_auth_login_and_465_implicit_tls() {
 #[test]
 fn wrong_password_three_times_then_421_and_the_address_is_slowed() {
     if python().is_none() {
-        eprintln!("python3 not found: skipped");
+        estafeta_e2e::skip("python3 not found: skipped");
         return;
     }
     let s = start();
@@ -257,7 +258,7 @@ fn wrong_password_three_times_then_421_and_the_address_is_slowed() {
 #[test]
 fn plaintext_pipelined_after_starttls_is_not_executed() {
     if python().is_none() {
-        eprintln!("python3 not found: skipped");
+        estafeta_e2e::skip("python3 not found: skipped");
         return;
     }
     let s = start();
@@ -280,7 +281,7 @@ fn plaintext_pipelined_after_starttls_is_not_executed() {
 #[test]
 fn openssl_negotiates_tls13_and_tls11_is_refused() {
     if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("openssl not found: skipped");
+        estafeta_e2e::skip("openssl not found: skipped");
         return;
     }
     let s = start();
@@ -351,7 +352,7 @@ fn users_file_lists_the_mailboxes_and_is_picked_up_without_restart() {
 #[test]
 fn swaks_submits_with_starttls_plain_login_and_implicit_tls() {
     if Command::new("swaks").arg("--version").output().is_err() {
-        eprintln!("swaks not found: skipped (.ci/run installs it)");
+        estafeta_e2e::skip("swaks not found: skipped (.ci/run installs it)");
         return;
     }
     let s = start();

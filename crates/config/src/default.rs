@@ -64,9 +64,12 @@ impl Config {
         Config {
             source: None,
             hostname: crate::system_hostname(),
+            user: None,
+            group: None,
+            run_as_root: false,
             log: LogConfig {
                 level: LogLevel::Info,
-                format: LogFormat::Text,
+                format: None,
             },
             listeners: vec![
                 Listener {
@@ -136,6 +139,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             control: ControlConfig {
                 socket: data_dir.join("control.sock"),
+                submit_socket: data_dir.join("submit.sock"),
             },
             data_dir,
         }

@@ -18,6 +18,12 @@ pub(crate) struct RawConfig {
     pub hostname: Option<Spanned<String>>,
     /// Spool, generated keys and state; default `./estafeta-data`.
     pub data_dir: Option<Spanned<String>>,
+    /// Started as root: drop to this user after binding.
+    pub user: Option<Spanned<String>>,
+    /// Started as root: drop to this group after binding; default the user's primary group.
+    pub group: Option<Spanned<String>>,
+    /// Keep running as root (no `user`): must be said explicitly.
+    pub run_as_root: Option<bool>,
     /// `[log]`.
     #[serde(default)]
     pub log: RawLog,
@@ -64,7 +70,7 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawLog {
     /// `error | warn | info | debug | trace`.
     pub level: Option<Spanned<String>>,
-    /// `text | json`.
+    /// `text | json | journald`.
     pub format: Option<Spanned<String>>,
 }
 
@@ -227,6 +233,8 @@ pub(crate) struct RawMetrics {
 pub(crate) struct RawControl {
     /// Control socket path.
     pub socket: Option<Spanned<String>>,
+    /// Local submission (sendmail) socket path.
+    pub submit_socket: Option<Spanned<String>>,
 }
 
 /// A string, or a list of strings each with its own span.

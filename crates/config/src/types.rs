@@ -20,6 +20,13 @@ pub struct Config {
     /// Where the spool, generated keys and state live; relative paths are relative to the current
     /// directory. Default `./estafeta-data`.
     pub data_dir: PathBuf,
+    /// Started as root, the server binds its sockets, then drops to this user (by name);
+    /// `None`: it keeps the identity it was started with.
+    pub user: Option<String>,
+    /// The group to drop to; `None`: the primary group of [`Config::user`].
+    pub group: Option<String>,
+    /// Allows `serve` to keep running as root when no `user` is set; default false.
+    pub run_as_root: bool,
     /// Logging.
     pub log: LogConfig,
     /// The sockets to listen on. A file without `[[listener]]` gets smtp on `0.0.0.0:25` and
@@ -65,8 +72,9 @@ impl Config {
 pub struct LogConfig {
     /// The most verbose level logged; `RUST_LOG` overrides it. Default `info`.
     pub level: LogLevel,
-    /// How log lines are written. Default `text`.
-    pub format: LogFormat,
+    /// How log lines are written; `None` (the default): `journald` when started by systemd
+    /// with its output connected to the journal (`JOURNAL_STREAM` set), `text` otherwise.
+    pub format: Option<LogFormat>,
 }
 
 /// A log level, `log.level`.
@@ -104,6 +112,8 @@ pub enum LogFormat {
     Text,
     /// `"json"`: one JSON object per line.
     Json,
+    /// `"journald"`: native journal entries with structured fields (`QUEUE_ID`, `CLIENT_IP`…).
+    Journald,
 }
 
 /// One `[[listener]]`: a kind of service on one or more sockets.
@@ -437,6 +447,10 @@ pub struct MetricsConfig {
 pub struct ControlConfig {
     /// The Unix socket of the control interface; default `data_dir/control.sock`.
     pub socket: PathBuf,
+    /// The Unix socket of local submission (`estafeta sendmail`), open to every local user
+    /// (mode 0666; the user is taken from the peer's credentials); default
+    /// `data_dir/submit.sock`.
+    pub submit_socket: PathBuf,
 }
 
 #[cfg(test)]

@@ -22,7 +22,11 @@ const LOG_LEVELS: &[(&str, LogLevel)] = &[
     ("debug", LogLevel::Debug),
     ("trace", LogLevel::Trace),
 ];
-const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
+const LOG_FORMATS: &[(&str, LogFormat)] = &[
+    ("text", LogFormat::Text),
+    ("json", LogFormat::Json),
+    ("journald", LogFormat::Journald),
+];
 const LISTENER_KINDS: &[(&str, ListenerKind)] = &[
     ("smtp", ListenerKind::Smtp),
     ("submission", ListenerKind::Submission),
@@ -64,7 +68,11 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
 
     let log = LogConfig {
         level: v.enumerated(raw.log.level.as_ref(), LOG_LEVELS, LogLevel::Info),
-        format: v.enumerated(raw.log.format.as_ref(), LOG_FORMATS, LogFormat::Text),
+        format: raw
+            .log
+            .format
+            .as_ref()
+            .map(|f| v.enumerated(Some(f), LOG_FORMATS, LogFormat::Text)),
     };
 
     let listeners = match &raw.listener {
@@ -144,12 +152,38 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
                 "\"/run/estafeta/control.sock\"",
             )
             .unwrap_or_else(|| data_dir.join("control.sock")),
+        submit_socket: v
+            .path(
+                raw.control.submit_socket.as_ref(),
+                "submit_socket",
+                "\"/run/estafeta/submit.sock\"",
+            )
+            .unwrap_or_else(|| data_dir.join("submit.sock")),
     };
+    let user = raw.user.as_ref().and_then(|u| v.account_name(u, "user"));
+    let group = raw.group.as_ref().and_then(|g| v.account_name(g, "group"));
+    if let (Some(g), None) = (&raw.group, &raw.user) {
+        v.r.at(
+            g.span(),
+            "group is set without user".to_owned(),
+            Some("set `user` too (the group alone is never switched to), or remove `group`".to_owned()),
+        );
+    }
+    if let (Some(u), Some(true)) = (&raw.user, raw.run_as_root) {
+        v.r.at(
+            u.span(),
+            "user is set together with run_as_root = true".to_owned(),
+            Some("keep one: `user` to drop privileges after binding, or `run_as_root = true` to stay root".to_owned()),
+        );
+    }
 
     Config {
         source: Some(source.to_path_buf()),
         hostname,
         data_dir,
+        user,
+        group,
+        run_as_root: raw.run_as_root.unwrap_or(false),
         log,
         listeners,
         tls,
@@ -188,6 +222,29 @@ impl Validator<'_, '_> {
             );
         }
         name.to_owned()
+    }
+
+    /// A user or group name: what `getpwnam`/`getgrnam` look up (whether it exists is
+    /// checked by `serve` and `check-config`, on the host where it runs).
+    fn account_name(&mut self, value: &Spanned<String>, what: &str) -> Option<String> {
+        let name = value.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 32
+            && !name.starts_with('-')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !valid {
+            self.r.at(
+                value.span(),
+                format!("invalid {what} name {name:?}"),
+                Some(format!(
+                    "write the name of a system {what}, e.g. \"estafeta\" (letters, digits, '_', '-', '.')"
+                )),
+            );
+            return None;
+        }
+        Some(name.clone())
     }
 
     fn path(

@@ -172,8 +172,8 @@ fn init_logging(cfg: &Config, level: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match cfg.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        Some(LogFormat::Json) => builder.json().init(),
+        _ => builder.init(),
     }
 }
 
