@@ -12,6 +12,9 @@
 //! → hold ID… | release ID… | delete ID… | bounce ID…
 //! ← {"ok":true,"done":["ID",…],"skipped":["ID",…],"unknown":["ID",…]}
 //! ← {"ok":false,"error":"…"}
+//! → reload                     re-read the configuration file (`estafeta reload`)
+//! ← {"ok":true,"warnings":["…",…]}
+//! ← {"ok":false,"error":"<every error, file:line:column>"}
 //! ```
 
 use std::io;
@@ -24,6 +27,14 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// What a reload asked for on the control socket came to: the warnings of an applied
+/// reload, or why nothing changed (the configuration's errors, as `check-config` prints them).
+pub type ReloadOutcome = Result<Vec<String>, String>;
+
+/// A reload asked for on the control socket; the server's signal loop carries it out and
+/// answers on the channel.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<ReloadOutcome>;
 
 /// The longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -99,11 +110,20 @@ pub fn parse_report(line: &str) -> Result<AdminReport, String> {
     })
 }
 
-/// The bound control socket, not served yet.
+/// The bound control socket, not served yet. Dropped unserved (the start failed after it was
+/// bound), it removes its file: a failed start leaves nothing behind.
 #[derive(Debug)]
 pub struct ControlSocket {
-    listener: std::os::unix::net::UnixListener,
+    listener: Option<std::os::unix::net::UnixListener>,
     path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if self.listener.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Binds the control socket (mode 0600). Done before the spool is recovered, so that from the
@@ -134,7 +154,7 @@ pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
         .with_context(|| format!("control socket: cannot set the mode of {}", path.display()))?;
     listener.set_nonblocking(true)?;
     Ok(ControlSocket {
-        listener,
+        listener: Some(listener),
         path: path.to_path_buf(),
     })
 }
@@ -142,12 +162,18 @@ pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
 /// Serves the control socket until `shutdown`, then removes the socket file. Must run inside
 /// a tokio runtime.
 pub fn serve(
-    socket: ControlSocket,
+    mut socket: ControlSocket,
     queue: QueueHandle,
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
-    let ControlSocket { listener, path } = socket;
+    let path = socket.path.clone();
+    let listener = socket
+        .listener
+        .take()
+        .context("control socket already served")?;
+    drop(socket);
     let listener = UnixListener::from_std(listener).context("control socket")?;
     tracing::info!(socket = %path.display(), "control socket ready");
     let conns = tracker.clone();
@@ -158,8 +184,9 @@ pub fn serve(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let queue = queue.clone();
+                        let reloads = reloads.clone();
                         conns.spawn(async move {
-                            if let Err(e) = serve_one(stream, &queue).await {
+                            if let Err(e) = serve_one(stream, &queue, &reloads).await {
                                 tracing::debug!(error = %e, "control connection");
                             }
                         });
@@ -177,7 +204,11 @@ pub fn serve(
     Ok(())
 }
 
-async fn serve_one(stream: UnixStream, queue: &QueueHandle) -> io::Result<()> {
+async fn serve_one(
+    stream: UnixStream,
+    queue: &QueueHandle,
+    reloads: &tokio::sync::mpsc::Sender<ReloadRequest>,
+) -> io::Result<()> {
     // The socket's mode already keeps others out; the peer's uid is checked as well.
     // SAFETY: geteuid(2) takes nothing and cannot fail.
     let me = unsafe { libc::geteuid() };
@@ -191,6 +222,7 @@ async fn serve_one(stream: UnixStream, queue: &QueueHandle) -> io::Result<()> {
         match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
             Err(_) => error_json("timed out waiting for the request"),
             Ok(Err(e)) => error_json(&format!("cannot read the request: {e}")),
+            Ok(Ok(_)) if line.trim() == "reload" => reload(reloads).await,
             Ok(Ok(_)) => match parse_request(line.trim_end()) {
                 Err(e) => error_json(&e),
                 Ok(action) => match queue.admin(action).await {
@@ -202,6 +234,58 @@ async fn serve_one(stream: UnixStream, queue: &QueueHandle) -> io::Result<()> {
     };
     write.write_all(format!("{answer}\n").as_bytes()).await?;
     write.shutdown().await
+}
+
+/// Asks the signal loop for a reload and waits for its outcome.
+async fn reload(reloads: &tokio::sync::mpsc::Sender<ReloadRequest>) -> String {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if reloads.send(tx).await.is_err() {
+        return error_json("the server is stopping");
+    }
+    match rx.await {
+        Ok(Ok(warnings)) => serde_json::json!({ "ok": true, "warnings": warnings }).to_string(),
+        Ok(Err(errors)) => error_json(&errors),
+        Err(_) => error_json("the server is stopping"),
+    }
+}
+
+/// Asks the server listening on `path` to re-read its configuration (`estafeta reload`):
+/// `Ok(warnings)` when it did, `Err` with the configuration's errors (nothing changed) or
+/// with why the server could not be asked.
+pub fn send_reload(path: &Path) -> Result<Result<Vec<String>, String>, String> {
+    use std::io::{BufRead, Write};
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach the server on its control socket {}: {e}",
+            path.display()
+        )
+    })?;
+    let talk = || -> io::Result<String> {
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        (&stream).write_all(b"reload\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line)?;
+        Ok(line)
+    };
+    let line = talk().map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim_end())
+        .map_err(|e| format!("bad answer from the server: {e}"))?;
+    if v["ok"] == serde_json::Value::Bool(true) {
+        let warnings = v["warnings"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|w| w.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Ok(warnings))
+    } else {
+        Ok(Err(v["error"]
+            .as_str()
+            .unwrap_or("unknown error")
+            .to_string()))
+    }
 }
 
 fn error_json(text: &str) -> String {

@@ -95,6 +95,11 @@ pub fn run(
                     .iter()
                     .map(|t| match t {
                         Target::Local(mb) => format!("{} (local mailbox)", mb.address()),
+                        // The embedded development default never sends mail to other
+                        // servers (CONFIG.md): it keeps such mail in the queue.
+                        Target::Remote(a) if cfg.source.is_none() => {
+                            format!("{a} (kept in the queue: the embedded default never relays)")
+                        }
                         Target::Remote(a) => format!("{a} (relayed)"),
                     })
                     .collect();

@@ -2,29 +2,33 @@
 //! delivery agents and the listeners from a validated [`Config`]; the binary's `main` and the
 //! end-to-end tests both use it.
 
+pub mod check;
 pub mod control;
 pub mod explain;
+pub mod journald;
+pub mod privileges;
 pub mod queue_cmd;
 pub mod router;
 pub mod user_cmd;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use estafeta_config::{Config, Listener, ListenerKind, VrfyMode};
 use estafeta_listener::tls::{Tls, TlsSettings};
-use estafeta_listener::{AuthContext, ListenerContext, ListenerSpec};
+use estafeta_listener::{AuthContext, ListenerContext, ListenerSpec, Live};
 use estafeta_maildir::Maildir;
 use estafeta_policy::Policy;
 use estafeta_proto::SessionConfig;
-use estafeta_queue::{SchedulerConfig, Spool, Syncer};
+use estafeta_queue::{QueueHandle, SchedulerConfig, Spool, Syncer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::router::Router;
+use crate::router::{LiveRouter, Router};
 
 /// A running server.
 #[derive(Debug)]
@@ -34,6 +38,38 @@ pub struct Server {
     tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    live: Arc<Live>,
+    router: Arc<LiveRouter>,
+    queue: QueueHandle,
+    running: Mutex<Running>,
+    reloads: Option<tokio::sync::mpsc::Receiver<control::ReloadRequest>>,
+}
+
+/// What a reload compares against and may keep.
+#[derive(Debug)]
+struct Running {
+    cfg: Config,
+    users: Arc<estafeta_auth::Users>,
+    auth: Arc<AuthContext>,
+}
+
+/// What is opened before privileges are dropped: the listening sockets (bound here, or
+/// handed over by systemd), the data directory, the operator's certificate (often readable
+/// by root only).
+#[derive(Debug)]
+pub struct Prepared {
+    cfg: Config,
+    listeners: Vec<(ListenerKind, std::net::TcpListener)>,
+    tls: Option<Tls>,
+    /// Directories created here (to hand over to the service user with the data directory).
+    pub created_dirs: Vec<PathBuf>,
+}
+
+impl Prepared {
+    /// The configuration being started.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
 }
 
 /// The session settings for one listener of the configuration.
@@ -120,6 +156,7 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
         .filter(|a| a.port() == MX_PORT && !a.ip().is_unspecified())
         .map(|a| a.ip())
         .collect();
+    addrs.sort();
     addrs.dedup();
     Ok(Remote {
         resolver,
@@ -167,10 +204,204 @@ fn private_dir(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create directory {}", path.display()))
 }
 
+/// Creates `dir` and its missing parents with mode 0700; returns the directories it created.
+fn create_private_dirs(dir: &Path, created: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        if p.as_os_str().is_empty() || p.exists() {
+            break;
+        }
+        missing.push(p.to_path_buf());
+        d = p.parent();
+    }
+    private_dir(dir)?;
+    created.extend(missing.into_iter().rev());
+    Ok(())
+}
+
+/// The policy of a configuration, with the users file as the mailbox list of domains that
+/// name none.
+fn build_policy(cfg: &Config, users: &Arc<estafeta_auth::Users>) -> Arc<Policy> {
+    let directory = users.clone();
+    Arc::new(
+        Policy::new(cfg).with_users(Arc::new(move |address: &str| directory.contains(address))),
+    )
+}
+
+/// The router of a configuration: local Maildirs, and remote delivery unless it is the
+/// embedded development default, which never sends mail to other servers (CONFIG.md): what
+/// trusted clients send elsewhere waits in the queue, visible in `queue list`.
+fn build_router(cfg: &Config, policy: Arc<Policy>, syncer: Syncer) -> anyhow::Result<Router> {
+    let router = Router::new(
+        policy,
+        Maildir::new(syncer, &cfg.hostname),
+        cfg.delivery.maildir.clone(),
+    );
+    Ok(if cfg.source.is_some() {
+        router.with_remote(Arc::new(remote_delivery(cfg)?))
+    } else {
+        router
+    })
+}
+
+/// The context new sessions start with.
+fn listener_context(
+    cfg: &Config,
+    policy: Arc<Policy>,
+    queue: QueueHandle,
+    tls: &Arc<Tls>,
+    auth: Arc<AuthContext>,
+    kinds: &[ListenerKind],
+) -> ListenerContext {
+    let open_ranges = cfg.relay.open_relay_ranges();
+    let open_relay = (!open_ranges.is_empty()).then(|| {
+        open_ranges
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    let mut sessions = HashMap::new();
+    for &kind in kinds {
+        // A kind systemd passed a socket for without a [[listener]] of it: that kind's
+        // defaults.
+        let fallback = Listener {
+            kind,
+            addresses: Vec::new(),
+            sender_check: kind != ListenerKind::Smtp,
+        };
+        let l = cfg
+            .listeners
+            .iter()
+            .find(|l| l.kind == kind)
+            .unwrap_or(&fallback);
+        sessions.insert(kind, Arc::new(session_config(cfg, l, true)));
+    }
+    ListenerContext {
+        policy,
+        queue,
+        tls: Some(tls.clone()),
+        auth: Some(auth),
+        command_timeout: cfg.limits.command_timeout,
+        data_timeout: cfg.limits.data_timeout,
+        max_connections: cfg.limits.max_connections,
+        max_connections_per_ip: cfg.limits.max_connections_per_ip,
+        open_relay,
+        sessions,
+    }
+}
+
+fn tls_settings(cfg: &Config) -> TlsSettings {
+    TlsSettings {
+        certificate: cfg.tls.certificate.clone(),
+        private_key: cfg.tls.private_key.clone(),
+        data_dir: cfg.data_dir.clone(),
+        hostname: cfg.hostname.clone(),
+    }
+}
+
+/// The settings a reload cannot change in a running server, each named with what differs.
+fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    let mut check = |changed: bool, what: &str| {
+        if changed {
+            w.push(format!("{what} changed: restart estafeta to apply it"));
+        }
+    };
+    check(
+        old.listeners != new.listeners,
+        "[[listener]] (kinds or addresses)",
+    );
+    check(old.data_dir != new.data_dir, "data_dir");
+    check(
+        (&old.user, &old.group, old.run_as_root) != (&new.user, &new.group, new.run_as_root),
+        "user/group/run_as_root",
+    );
+    check(old.log != new.log, "[log]");
+    check(
+        old.tls != new.tls,
+        "[tls] certificate/private_key (the files in service are re-read)",
+    );
+    check(old.metrics != new.metrics, "[metrics] address");
+    check(old.control != new.control, "[control] sockets");
+    check(
+        old.limits.max_connections != new.limits.max_connections,
+        "limits.max_connections",
+    );
+    w
+}
+
 impl Server {
-    /// Starts everything. Must run inside a tokio runtime.
+    /// Starts everything from a configuration (binding its listeners). Must run inside a tokio
+    /// runtime.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
-        private_dir(&cfg.data_dir)?;
+        let prepared = Server::prepare(cfg, Vec::new())?;
+        Server::start_prepared(prepared).await
+    }
+
+    /// Opens what may need root, before privileges are dropped and before the runtime starts:
+    /// the data directory, the listening sockets (each kind that systemd passed sockets for
+    /// in `inherited` uses those instead of binding its configured addresses), and the
+    /// operator's certificate. A port conflict stops the start here, cleanly.
+    pub fn prepare(
+        cfg: Config,
+        inherited: Vec<(ListenerKind, std::net::TcpListener)>,
+    ) -> anyhow::Result<Prepared> {
+        let mut created_dirs = Vec::new();
+        create_private_dirs(&cfg.data_dir, &mut created_dirs)?;
+        let mut listeners = Vec::new();
+        for l in &cfg.listeners {
+            if inherited.iter().any(|(k, _)| *k == l.kind) {
+                continue;
+            }
+            for addr in &l.addresses {
+                let socket = estafeta_listener::bind(*addr)
+                    .with_context(|| format!("cannot listen on {addr} ({})", l.kind.as_str()))?;
+                listeners.push((l.kind, socket));
+            }
+        }
+        for (kind, socket) in inherited {
+            socket
+                .set_nonblocking(true)
+                .context("a socket passed by systemd")?;
+            let addr = socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(kind = kind.as_str(), address = %addr, "using the listening socket passed by systemd");
+            if !cfg.listeners.iter().any(|l| l.kind == kind) {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    "systemd passed a socket for a listener kind the configuration has no [[listener]] of: served with that kind's defaults"
+                );
+            }
+            listeners.push((kind, socket));
+        }
+        // The operator's certificate and key are read now (they are often readable by root
+        // only); a self-signed one is generated later, by the service user, into data_dir.
+        let tls = if cfg.tls.certificate.is_some() || cfg.tls.private_key.is_some() {
+            Some(Tls::load(&tls_settings(&cfg)).context("TLS")?)
+        } else {
+            None
+        };
+        Ok(Prepared {
+            cfg,
+            listeners,
+            tls,
+            created_dirs,
+        })
+    }
+
+    /// Starts a prepared server: spool recovery, scheduler, control socket, listeners. Must
+    /// run inside a tokio runtime, as the user the server runs as.
+    pub async fn start_prepared(prepared: Prepared) -> anyhow::Result<Server> {
+        let Prepared {
+            cfg,
+            listeners,
+            tls,
+            created_dirs: _,
+        } = prepared;
         let syncer = Syncer::start().context("cannot start the sync thread")?;
         let spool = Arc::new(
             Spool::open(&cfg.data_dir.join("queue"), &cfg.hostname, syncer.clone())
@@ -178,7 +409,7 @@ impl Server {
         );
         // `estafeta queue …` reaches the scheduler through it; bound before the spool is
         // recovered. Not starting without it: the queue commands would take the server for
-        // stopped and edit the spool under it.
+        // stopped and edit the spool under it. Removed again if the start fails below.
         let control = control::bind(&cfg.control.socket)?;
         // Users: the file is re-read by itself when it changes. It also lists the mailboxes
         // of domains that do not list theirs.
@@ -189,98 +420,61 @@ impl Server {
         for w in users.warnings() {
             tracing::warn!("{w}");
         }
-        let directory = users.clone();
-        let policy = Arc::new(
-            Policy::new(&cfg)
-                .with_users(Arc::new(move |address: &str| directory.contains(address))),
-        );
-        let router = Router::new(
-            policy.clone(),
-            Maildir::new(syncer, &cfg.hostname),
-            cfg.delivery.maildir.clone(),
-        );
-        // The embedded development default never sends mail to other servers (CONFIG.md):
-        // what trusted clients send elsewhere waits in the queue, visible in `queue list`.
-        let router = Arc::new(if cfg.source.is_some() {
-            router.with_remote(Arc::new(remote_delivery(&cfg)?))
-        } else {
-            router
-        });
+        let policy = build_policy(&cfg, &users);
+        let router = Arc::new(LiveRouter::new(build_router(&cfg, policy.clone(), syncer)?));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        // TLS: the operator's certificate, or a self-signed one generated into data_dir.
-        let tls = Arc::new(
-            Tls::load(&TlsSettings {
-                certificate: cfg.tls.certificate.clone(),
-                private_key: cfg.tls.private_key.clone(),
-                data_dir: cfg.data_dir.clone(),
-                hostname: cfg.hostname.clone(),
-            })
-            .context("TLS")?,
-        );
+        // TLS: the operator's certificate (read before privileges were dropped), or a
+        // self-signed one generated into data_dir.
+        let tls = Arc::new(match tls {
+            Some(t) => t,
+            None => Tls::load(&tls_settings(&cfg)).context("TLS")?,
+        });
         tracing::info!(certificate = %tls.describe_source(), "TLS ready");
         tls.spawn_watcher(Duration::from_secs(60), shutdown.clone(), &tracker);
         let auth = Arc::new(AuthContext {
-            verifier: estafeta_auth::Verifier::new(users),
+            verifier: estafeta_auth::Verifier::new(users.clone()),
             throttle: estafeta_auth::Throttle::new(),
             failure_delay: Duration::from_secs(1),
         });
-        // Bind before anything is delivered, so a port conflict stops the start cleanly.
         let mut specs = Vec::new();
         let mut local_addrs = Vec::new();
-        for l in &cfg.listeners {
-            let session = Arc::new(session_config(&cfg, l, true));
-            for addr in &l.addresses {
-                let std_listener = estafeta_listener::bind(*addr)
-                    .with_context(|| format!("cannot listen on {addr} ({})", l.kind.as_str()))?;
-                let listener = tokio::net::TcpListener::from_std(std_listener)?;
-                local_addrs.push((l.kind, listener.local_addr()?));
-                specs.push(ListenerSpec {
-                    listener,
-                    session: session.clone(),
-                    implicit_tls: l.kind == ListenerKind::Submissions,
-                    kind: l.kind.as_str(),
-                });
+        let mut kinds = Vec::new();
+        for (kind, socket) in listeners {
+            let listener = tokio::net::TcpListener::from_std(socket)?;
+            local_addrs.push((kind, listener.local_addr()?));
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
             }
+            specs.push(ListenerSpec { listener, kind });
         }
         let queue = estafeta_queue::start(
             spool,
-            router,
+            router.clone(),
             scheduler_config(&cfg),
             shutdown.clone(),
             &tracker,
         )
         .context("cannot recover the spool")?;
-        if let Err(e) = control::serve(control, queue.clone(), shutdown.clone(), &tracker) {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        if let Err(e) = control::serve(
+            control,
+            queue.clone(),
+            reload_tx,
+            shutdown.clone(),
+            &tracker,
+        ) {
             shutdown.cancel();
             return Err(e);
         }
-        let open_ranges = cfg.relay.open_relay_ranges();
-        let open_relay_text = (!open_ranges.is_empty()).then(|| {
-            open_ranges
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        });
-        let open_relay = open_relay_text.clone();
-        let ctx = Arc::new(ListenerContext {
-            policy,
-            queue,
-            tls: Some(tls.clone()),
-            auth: Some(auth),
-            command_timeout: cfg.limits.command_timeout,
-            data_timeout: cfg.limits.data_timeout,
-            max_connections: cfg.limits.max_connections,
-            max_connections_per_ip: cfg.limits.max_connections_per_ip,
-            open_relay,
-        });
-        estafeta_listener::spawn_accept_loops(specs, ctx, shutdown.clone(), &tracker);
-        if let Some(ranges) = &open_relay_text {
+        let ctx = listener_context(&cfg, policy, queue.clone(), &tls, auth.clone(), &kinds);
+        if let Some(ranges) = &ctx.open_relay {
             tracing::warn!(
                 "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)"
             );
         }
+        let live = Arc::new(Live::new(ctx));
+        estafeta_listener::spawn_accept_loops(specs, live.clone(), shutdown.clone(), &tracker);
         for (kind, addr) in &local_addrs {
             tracing::info!(kind = kind.as_str(), address = %addr, "listening");
         }
@@ -289,6 +483,11 @@ impl Server {
             tls: Some(tls),
             shutdown,
             tracker,
+            live,
+            router,
+            queue,
+            running: Mutex::new(Running { cfg, users, auth }),
+            reloads: Some(reload_rx),
         })
     }
 
@@ -300,23 +499,101 @@ impl Server {
             .map(|(_, a)| *a)
     }
 
+    /// The queue.
+    pub fn queue(&self) -> &QueueHandle {
+        &self.queue
+    }
+
+    /// Connections being served right now.
+    pub fn connections(&self) -> usize {
+        self.live.active_connections()
+    }
+
+    /// The sessions' live context (its connection count is read by the status reporter).
+    pub fn sessions(&self) -> Arc<Live> {
+        self.live.clone()
+    }
+
+    /// The requests for a reload that arrive on the control socket (`estafeta reload`); the
+    /// caller (the binary's signal loop) answers them. `None` after the first call.
+    pub fn take_reload_requests(
+        &mut self,
+    ) -> Option<tokio::sync::mpsc::Receiver<control::ReloadRequest>> {
+        self.reloads.take()
+    }
+
+    /// The configuration in service.
+    pub fn config(&self) -> Config {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cfg
+            .clone()
+    }
+
+    /// Puts a new, already validated configuration in service: domains, mailboxes, aliases,
+    /// mynetworks, limits, session settings, relay routes, smarthost, DNS, queue settings,
+    /// the users file; the TLS certificate files are re-read. Everything is built first and
+    /// then swapped: if anything cannot be built (a users file that cannot be read, a
+    /// smarthost credentials file…), nothing changes and the error is returned. Sessions and
+    /// delivery attempts already running finish with what they started with. Returns
+    /// warnings for what cannot change without a restart (listener addresses, data_dir…).
+    pub async fn reload(&self, new: Config) -> anyhow::Result<Vec<String>> {
+        let (warnings, users, auth) = {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let warnings = needs_restart(&running.cfg, &new);
+            if running.cfg.auth.users_file == new.auth.users_file {
+                (warnings, running.users.clone(), running.auth.clone())
+            } else {
+                let users = Arc::new(
+                    estafeta_auth::Users::open(&new.auth.users_file)
+                        .with_context(|| format!("users file {}", new.auth.users_file.display()))?,
+                );
+                let auth = Arc::new(AuthContext {
+                    verifier: estafeta_auth::Verifier::new(users.clone()),
+                    throttle: estafeta_auth::Throttle::new(),
+                    failure_delay: Duration::from_secs(1),
+                });
+                (warnings, users, auth)
+            }
+        };
+        let policy = build_policy(&new, &users);
+        let syncer = self.queue.spool().syncer().clone();
+        let router = build_router(&new, policy.clone(), syncer)?;
+        let tls = self.tls.clone().context("no TLS")?;
+        let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
+        let ctx = listener_context(&new, policy, self.queue.clone(), &tls, auth.clone(), &kinds);
+        // Everything is built: swap.
+        self.router.replace(router);
+        self.live.store(ctx);
+        // MERGE(ops-metrics): self.queue.reconfigure(scheduler_config(&new));
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            *running = Running {
+                cfg: new,
+                users,
+                auth,
+            };
+        }
+        self.reload_tls().await;
+        Ok(warnings)
+    }
+
     /// Re-reads the TLS certificate and key if they changed (SIGHUP; a watcher also checks
     /// every minute). A broken new pair is reported and the old one stays in service.
     pub async fn reload_tls(&self) {
         if let Some(tls) = self.tls.clone() {
             let tls2 = tls.clone();
             // File reads: off the async workers.
-            let result = tokio::task::spawn_blocking(move || tls2.reload())
-                .await
-                .unwrap_or(Ok(false));
-            match result {
-                Ok(true) => {
+            match tokio::task::spawn_blocking(move || tls2.reload()).await {
+                Ok(Ok(true)) => {
                     tracing::info!(certificate = %tls.describe_source(), "TLS certificate reloaded")
                 }
-                Ok(false) => tracing::info!("TLS certificate unchanged"),
-                Err(e) => tracing::warn!(
+                Ok(Ok(false)) => tracing::info!("TLS certificate unchanged"),
+                Ok(Err(e)) => tracing::warn!(
                     "TLS certificate not reloaded, the old one stays in service: {e}"
                 ),
+                Err(e) => tracing::error!("TLS certificate reload failed: {e}"),
             }
         }
     }

@@ -1,13 +1,14 @@
-//! The `estafeta` command: `serve`, `check-config`, `user`, `explain`, `queue`.
+//! The `estafeta` command: `serve`, `check-config`, `reload`, `user`, `explain`, `queue`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use estafeta::Server;
-use estafeta_config::{Config, LogFormat};
+use estafeta::privileges::{self, Account};
+use estafeta_config::{Config, ListenerKind, LogFormat};
 
 /// estafeta: an SMTP server (MTA, MSA and MDA) configured with one TOML file.
 #[derive(Parser, Debug)]
@@ -19,8 +20,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the server. Without --config: the embedded development default (SMTP on
-    /// 127.0.0.1:2525, local domains localhost and example.test, data in ./estafeta-data).
+    /// Run the server. Without --config: $ESTAFETA_CONFIG, else the embedded development
+    /// default (SMTP on 127.0.0.1:2525, local domains localhost and example.test, data in
+    /// ./estafeta-data).
     Serve {
         /// The configuration file.
         #[arg(long, short = 'c', value_name = "FILE")]
@@ -33,11 +35,19 @@ enum Command {
         #[arg(long, value_name = "LEVEL")]
         log_level: Option<String>,
     },
+    /// Ask the running server to re-read its configuration file (like SIGHUP, but waits for
+    /// the outcome): exit 0 when the new configuration is in service, 1 when the file has
+    /// errors (printed; the running configuration stays in service), 69 when no server answers.
+    Reload {
+        /// The configuration file (it names the control socket).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Manage the users who may authenticate (the users file of the configuration).
     User {
         #[command(subcommand)]
         command: estafeta::user_cmd::UserCommand,
-        /// The configuration file (default: the embedded development default).
+        /// The configuration file.
         #[arg(long, short = 'c', value_name = "FILE", global = true)]
         config: Option<PathBuf>,
     },
@@ -46,7 +56,7 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: estafeta::queue_cmd::QueueCommand,
-        /// The configuration file (default: the embedded development default).
+        /// The configuration file.
         #[arg(long, short = 'c', value_name = "FILE", global = true)]
         config: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -55,7 +65,7 @@ enum Command {
     },
     /// Show how the server would decide on a transaction, step by step, without any network
     /// I/O: which mynetworks entry matched, authentication, alias expansion, the verdict and
-    /// the exact SMTP reply.
+    /// the exact SMTP reply. Exit 0 when every recipient would be accepted, 1 otherwise.
     Explain {
         /// The client's IP address.
         #[arg(long, value_name = "IP")]
@@ -69,66 +79,85 @@ enum Command {
         /// A RCPT TO address (repeatable).
         #[arg(long, value_name = "ADDR", required = true)]
         rcpt: Vec<String>,
-        /// The configuration file (default: the embedded development default).
+        /// The configuration file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Check a configuration file and print every error with file:line:column.
+    /// Check a configuration file: every error with file:line:column, then whether the server
+    /// will be able to run with it on this host (the user exists; the certificate, key and
+    /// users file can be read and the data and Maildir directories written by the user the
+    /// server runs as).
     CheckConfig {
-        /// The configuration file.
-        #[arg(value_name = "FILE", default_value = "/etc/estafeta/estafeta.toml")]
-        file: PathBuf,
+        /// The configuration file (default: $ESTAFETA_CONFIG, else
+        /// /etc/estafeta/estafeta.toml).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
     },
 }
 
 /// sysexits.h EX_CONFIG: systemd units can refuse to restart on it.
 const EX_CONFIG: u8 = 78;
+/// sysexits.h EX_UNAVAILABLE.
+const EX_UNAVAILABLE: u8 = 69;
+
+/// The installed server's configuration file.
+const SYSTEM_CONFIG: &str = "/etc/estafeta/estafeta.toml";
+
+/// The configuration file a command uses: `--config`, else `$ESTAFETA_CONFIG`, else
+/// `/etc/estafeta/estafeta.toml` when it exists, else none (the embedded default). So
+/// `estafeta queue list` (and `mailq`) on a production host looks at the production queue.
+pub fn find_config(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit
+        .or_else(|| std::env::var_os("ESTAFETA_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let system = PathBuf::from(SYSTEM_CONFIG);
+            system.exists().then_some(system)
+        })
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file } => check_config(file),
+        Command::Reload { config } => reload_command(config),
         Command::Explain {
             client,
             auth,
             from,
             rcpt,
             config,
-        } => {
-            let cfg = match load(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            estafeta::explain::run(&cfg, client, auth, &from, &rcpt)
-        }
-        Command::User { command, config } => {
-            let cfg = match load(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            estafeta::user_cmd::run(command, &cfg)
-        }
+        } => match load(find_config(config).as_deref()) {
+            Ok(cfg) => estafeta::explain::run(&cfg, client, auth, &from, &rcpt),
+            Err(code) => code,
+        },
+        Command::User { command, config } => match load(find_config(config).as_deref()) {
+            Ok(cfg) => estafeta::user_cmd::run(command, &cfg),
+            Err(code) => code,
+        },
         Command::Queue {
             command,
             config,
             json,
-        } => {
-            let cfg = match load(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            estafeta::queue_cmd::run(command, &cfg, json)
-        }
+        } => match load(find_config(config).as_deref()) {
+            Ok(cfg) => estafeta::queue_cmd::run(command, &cfg, json),
+            Err(code) => code,
+        },
         Command::Serve {
             config,
             data_dir,
             log_level,
-        } => serve(config, data_dir, log_level),
+        } => {
+            // Not /etc/estafeta/estafeta.toml by itself: `estafeta serve` with no
+            // configuration is the development server (DESIGN 8), also on a host where
+            // estafeta is installed.
+            let config = config.or_else(|| std::env::var_os("ESTAFETA_CONFIG").map(PathBuf::from));
+            serve(config, data_dir, log_level)
+        }
     }
 }
 
-/// The configuration of `--config FILE`, or the embedded default without it; a broken file
-/// is reported (every error, file:line:column) and gives exit code 78.
+/// The configuration of `config`, or the embedded default without it; a broken file is
+/// reported (every error, file:line:column) and gives exit code 78.
 fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
     match config {
         Some(path) => Config::from_file(path).map_err(|errors| {
@@ -139,18 +168,10 @@ fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
     }
 }
 
-fn check_config(file: &Path) -> ExitCode {
-    match Config::from_file(file) {
-        Ok(cfg) => {
-            println!(
-                "{}: ok ({} listener(s), {} local domain(s), hostname {})",
-                file.display(),
-                cfg.listeners.len(),
-                cfg.domains.len(),
-                cfg.hostname
-            );
-            ExitCode::SUCCESS
-        }
+fn check_config(file: Option<PathBuf>) -> ExitCode {
+    let file = find_config(file).unwrap_or_else(|| PathBuf::from(SYSTEM_CONFIG));
+    let cfg = match Config::from_file(&file) {
+        Ok(cfg) => cfg,
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!(
@@ -158,22 +179,164 @@ fn check_config(file: &Path) -> ExitCode {
                 file.display(),
                 errors.len()
             );
+            return ExitCode::FAILURE;
+        }
+    };
+    let problems = estafeta::check::host_problems(&cfg);
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{}: error: {p}", file.display());
+        }
+        eprintln!(
+            "{}: the file is valid, but the server cannot run with it on this host ({} problem(s))",
+            file.display(),
+            problems.len()
+        );
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}: ok ({} listener(s), {} local domain(s), hostname {})",
+        file.display(),
+        cfg.listeners.len(),
+        cfg.domains.len(),
+        cfg.hostname
+    );
+    ExitCode::SUCCESS
+}
+
+fn reload_command(config: Option<PathBuf>) -> ExitCode {
+    // A broken file is not sent to the server: it would refuse it the same way (and the
+    // file's errors are the answer either way).
+    let cfg = match find_config(config) {
+        None => Config::embedded_default(),
+        Some(path) => match Config::from_file(&path) {
+            Ok(c) => c,
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("estafeta: not reloaded: the running configuration stays in service");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match estafeta::control::send_reload(&cfg.control.socket) {
+        Ok(Ok(warnings)) => {
+            for w in &warnings {
+                eprintln!("estafeta: warning: {w}");
+            }
+            println!("estafeta: reloaded: the new configuration is in service");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(errors)) => {
+            eprintln!("{errors}");
+            eprintln!("estafeta: not reloaded: the running configuration stays in service");
             ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("estafeta: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
         }
     }
 }
 
+/// Sets up logging: text or JSON lines on stderr, or the journal (by configuration, or by
+/// default when systemd connected stderr to the journal).
 fn init_logging(cfg: &Config, level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let default = level.unwrap_or(cfg.log.level.as_str());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match cfg.log.format {
-        Some(LogFormat::Json) => builder.json().init(),
-        _ => builder.init(),
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let format = cfg
+        .log
+        .format
+        .unwrap_or(if estafeta::journald::stderr_is_journal() {
+            LogFormat::Journald
+        } else {
+            LogFormat::Text
+        });
+    let fmt = || {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    };
+    let registry = tracing_subscriber::registry();
+    match format {
+        LogFormat::Json => registry.with(fmt().json().with_filter(filter())).init(),
+        LogFormat::Journald => match estafeta::journald::JournaldLayer::new() {
+            Ok(layer) => registry.with(layer.with_filter(filter())).init(),
+            Err(e) => {
+                registry.with(fmt().with_filter(filter())).init();
+                tracing::warn!("no journal to log to ({e}): logging to stderr");
+            }
+        },
+        LogFormat::Text => registry.with(fmt().with_filter(filter())).init(),
+    }
+}
+
+/// Tells systemd (when it started us with `Type=notify`); nothing happens without
+/// `NOTIFY_SOCKET`.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// The listening sockets systemd passed (socket activation): each named `smtp`,
+/// `submission` or `submissions` (`FileDescriptorName=`) serves that listener kind.
+fn inherited_listeners() -> Result<Vec<(ListenerKind, std::net::TcpListener)>, String> {
+    use std::os::fd::FromRawFd;
+    let fds = sd_notify::listen_fds_with_names()
+        .map_err(|e| format!("the sockets passed by systemd (LISTEN_FDS): {e}"))?;
+    let mut out = Vec::new();
+    for (fd, name) in fds {
+        let kind = match name.as_str() {
+            "smtp" => ListenerKind::Smtp,
+            "submission" => ListenerKind::Submission,
+            "submissions" => ListenerKind::Submissions,
+            other => {
+                return Err(format!(
+                    "systemd passed a socket named {other:?}: name each socket of estafeta.socket \
+                     (FileDescriptorName=) smtp, submission or submissions"
+                ));
+            }
+        };
+        // SAFETY: systemd hands these descriptors to this process; each is taken once.
+        let socket = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        out.push((kind, socket));
+    }
+    Ok(out)
+}
+
+/// Who to become after binding, and whether starting at all is right: root must either drop
+/// to `user` or be allowed explicitly (`run_as_root = true`; the embedded development
+/// default, bound to loopback, is allowed with a warning).
+fn account_to_become(cfg: &Config) -> Result<Option<Account>, String> {
+    let euid = privileges::euid();
+    match (&cfg.user, euid) {
+        (Some(user), 0) => privileges::lookup(user, cfg.group.as_deref()).map(Some),
+        (Some(user), uid) => {
+            let me = privileges::user_name(uid).unwrap_or_else(|| uid.to_string());
+            if &me != user {
+                tracing::warn!(
+                    "user = {user:?} is set, but the server was started as {me} (not root): it keeps running as {me}"
+                );
+            }
+            Ok(None)
+        }
+        (None, 0) if cfg.source.is_none() => {
+            tracing::warn!(
+                "running as root: the embedded development default allows it; a configuration file must set user = \"…\" (or run_as_root = true)"
+            );
+            Ok(None)
+        }
+        (None, 0) if cfg.run_as_root => {
+            tracing::warn!("running as root (run_as_root = true)");
+            Ok(None)
+        }
+        (None, 0) => Err(
+            "refusing to run as root: set user = \"estafeta\" in the configuration (started as root, estafeta binds its ports, then drops to that user), or run_as_root = true to run as root on purpose"
+                .to_string(),
+        ),
+        (None, _) => Ok(None),
     }
 }
 
@@ -182,7 +345,6 @@ fn serve(
     data_dir: Option<PathBuf>,
     log_level: Option<String>,
 ) -> ExitCode {
-    let embedded = config.is_none();
     let cfg = match &config {
         Some(path) => match Config::from_file(path) {
             Ok(c) => c,
@@ -201,34 +363,93 @@ fn serve(
         },
     };
     init_logging(&cfg, log_level.as_deref());
+    let embedded = cfg.source.is_none();
+    let account = match account_to_become(&cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("not started: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let inherited = match inherited_listeners() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("not started: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    // Still one thread, maybe root: bind, read the certificate, create directories…
+    let prepared = match Server::prepare(cfg, inherited) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("not started: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // … then become the service user for good, before any other thread exists.
+    if let Some(account) = &account {
+        let mut dirs = prepared.created_dirs.clone();
+        let data_dir = prepared.config().data_dir.clone();
+        if !dirs.contains(&data_dir) {
+            dirs.push(data_dir);
+        }
+        if let Err(e) =
+            privileges::hand_over(&dirs, account).and_then(|()| privileges::drop_to(account))
+        {
+            tracing::error!("not started: {e}");
+            return ExitCode::FAILURE;
+        }
+        tracing::info!(
+            user = %account.user,
+            group = %account.group,
+            uid = account.uid,
+            gid = account.gid,
+            "dropped root privileges"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("estafeta: cannot start the runtime: {e}");
+            tracing::error!("not started: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async move {
         if embedded {
             tracing::info!(
-                data_dir = %cfg.data_dir.display(),
+                data_dir = %prepared.config().data_dir.display(),
                 "running the embedded development default (no --config)"
             );
-            create_demo_user(&cfg);
+            create_demo_user(prepared.config());
         }
-        tracing::debug!(config = ?cfg, "effective configuration");
-        let server = match Server::start(cfg).await {
+        tracing::debug!(config = ?prepared.config(), "effective configuration");
+        // Before anything listens: a SIGHUP that arrives once clients can connect must
+        // find its handler (the default action would end the process).
+        let signals = Signals::new();
+        let mut server = match Server::start_prepared(prepared).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("not started: {e:#}");
-                eprintln!("estafeta: not started: {e:#}");
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal(&server).await;
+        // Every listener is bound and the spool recovered.
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status_line(&server, None)),
+        ]);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let status = tokio::spawn(report_status(stop.clone(), watch_server(&server)));
+        run_until_stopped(&mut server, signals, config.as_deref()).await;
+        stop.cancel();
+        let _ = status.await;
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping: finishing sessions and deliveries"),
+        ]);
         tracing::info!("stopping");
         server.shutdown();
         if !server.wait(Duration::from_secs(30)).await {
@@ -237,6 +458,173 @@ fn serve(
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// What the status reporter needs to see of the server.
+struct Watched {
+    queue: estafeta_queue::QueueHandle,
+    live: std::sync::Arc<estafeta_listener::Live>,
+}
+
+fn watch_server(server: &Server) -> Watched {
+    Watched {
+        queue: server.queue().clone(),
+        live: server.sessions(),
+    }
+}
+
+/// The `STATUS=` line of `systemctl status`.
+fn status_line(server: &Server, last_reload: Option<&str>) -> String {
+    let mut s = format!("serving: {} connection(s)", server.connections());
+    if let Some(r) = last_reload {
+        s.push_str(&format!("; last reload {r}"));
+    }
+    s
+}
+
+/// Every few seconds: `STATUS=` for `systemctl status` (connections, queue size), and the
+/// watchdog's `WATCHDOG=1` while the scheduler's loop keeps turning (a wedged queue stops the
+/// pings and systemd restarts the service).
+async fn report_status(stop: tokio_util::sync::CancellationToken, w: Watched) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let period = watchdog
+        .map(|d| (d / 2).min(Duration::from_secs(5)))
+        .unwrap_or(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let connections = w.live.active_connections();
+        // MERGE(ops-metrics): queue stats
+        let queued = match Some(&w.queue) {
+            Some(_) => "queue running".to_string(),
+            None => "queue stopped".to_string(),
+        };
+        let line = format!("serving: {connections} connection(s), {queued}");
+        let mut states = vec![sd_notify::NotifyState::Status(&line)];
+        if let Some(limit) = watchdog {
+            // The loop turns at least once a second when healthy.
+            // MERGE(ops-metrics): w.queue.last_turn()
+            if Duration::ZERO < limit / 2 {
+                states.push(sd_notify::NotifyState::Watchdog);
+            } else {
+                tracing::error!(
+                    limit_s = limit.as_secs(),
+                    "the queue's scheduler has not turned: not telling the watchdog"
+                );
+            }
+        }
+        notify(&states);
+    }
+}
+
+/// Re-reads the configuration file and puts it in service; `Err` with the errors (as
+/// check-config prints them) when the file is broken, the running configuration staying in
+/// service.
+async fn reload(server: &Server, path: Option<&Path>) -> Result<Vec<String>, String> {
+    let started = Instant::now();
+    let monotonic = sd_notify::NotifyState::monotonic_usec_now();
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(m) = monotonic {
+        states.push(m);
+    }
+    notify(&states);
+    let result = match path {
+        // The embedded default has no file: only the certificate can change.
+        None => {
+            server.reload_tls().await;
+            Ok(Vec::new())
+        }
+        Some(path) => {
+            let path = path.to_path_buf();
+            let read = tokio::task::spawn_blocking(move || Config::from_file(&path)).await;
+            match read {
+                Ok(Ok(cfg)) => match estafeta::check::host_problems(&cfg) {
+                    problems if problems.is_empty() => {
+                        server.reload(cfg).await.map_err(|e| format!("{e:#}"))
+                    }
+                    problems => Err(problems.join("\n")),
+                },
+                Ok(Err(errors)) => Err(errors.to_string()),
+                Err(e) => Err(format!("reading the configuration: {e}")),
+            }
+        }
+    };
+    match &result {
+        Ok(warnings) => {
+            for w in warnings {
+                tracing::warn!("reload: {w}");
+            }
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "configuration reloaded"
+            );
+        }
+        Err(errors) => {
+            for line in errors.lines() {
+                tracing::error!(
+                    "reload refused, the running configuration stays in service: {line}"
+                );
+            }
+        }
+    }
+    let when = estafeta_proto::trace::utc_timestamp(estafeta_queue::unix_now());
+    let outcome = if result.is_ok() { "ok" } else { "FAILED" };
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status_line(server, Some(&format!("{when} {outcome}")))),
+    ]);
+    result
+}
+
+/// The signals the server acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            hup: signal(SignalKind::hangup()).expect("SIGHUP handler"),
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT. SIGHUP and `estafeta reload` re-read the whole
+/// configuration.
+async fn run_until_stopped(server: &mut Server, signals: Signals, path: Option<&Path>) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
+    let mut requests = server.take_reload_requests();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: re-reading the configuration");
+                let _ = reload(server, path).await;
+            }
+            Some(answer) = async {
+                match requests.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::info!("estafeta reload: re-reading the configuration");
+                let _ = answer.send(reload(server, path).await);
+            }
+        }
+    }
 }
 
 /// The embedded default's first start: when its users file does not exist yet, create the
@@ -268,24 +656,5 @@ fn create_demo_user(cfg: &Config) {
             path.display()
         ),
         Err(e) => tracing::warn!("no demo user: {e}"),
-    }
-}
-
-/// Waits for SIGTERM or SIGINT. SIGHUP re-reads the TLS certificate (after an ACME renewal);
-/// reloading the rest of the configuration comes with a later issue.
-async fn wait_for_signal(server: &Server) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the TLS certificate (restart to apply other configuration changes)");
-                server.reload_tls().await;
-            }
-        }
     }
 }

@@ -177,3 +177,40 @@ impl Transport for Router {
         outcomes
     }
 }
+
+/// The router in service: a reload replaces it; an attempt already running keeps the one it
+/// started with.
+#[derive(Debug)]
+pub struct LiveRouter(std::sync::RwLock<Arc<Router>>);
+
+impl LiveRouter {
+    /// A live router starting with `router`.
+    pub fn new(router: Router) -> Self {
+        LiveRouter(std::sync::RwLock::new(Arc::new(router)))
+    }
+
+    /// The router in service.
+    pub fn current(&self) -> Arc<Router> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `router` in service for the attempts that start from now on.
+    pub fn replace(&self, router: Router) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(router);
+    }
+}
+
+impl Transport for LiveRouter {
+    fn destinations(&self, envelope: &estafeta_proto::Envelope, rcpts: &[usize]) -> Vec<String> {
+        self.current().destinations(envelope, rcpts)
+    }
+
+    fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
+        self.current().batches(job)
+    }
+
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        let router = self.current();
+        router.deliver(job).await
+    }
+}

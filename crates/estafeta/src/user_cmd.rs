@@ -45,13 +45,45 @@ pub enum UserCommand {
 /// message on standard error) on any error.
 pub fn run(command: UserCommand, cfg: &Config) -> ExitCode {
     let path = cfg.auth.users_file.as_path();
-    match execute(command, path) {
+    if let UserCommand::Add { address, .. } = &command {
+        warn_if_not_local(cfg, address);
+    }
+    let result = execute(command, path).and_then(|()| give_to_service_user(cfg, path));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("estafeta user: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The shortest password accepted (NIST SP 800-63B's minimum for passwords a user chooses).
+pub const MIN_PASSWORD_LENGTH: usize = 8;
+
+/// A user whose domain is not one of the configuration's cannot receive mail here (they can
+/// still authenticate and send): said, not refused.
+fn warn_if_not_local(cfg: &Config, address: &str) {
+    let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+    if cfg.domain(domain).is_none() {
+        eprintln!(
+            "estafeta user: warning: {domain} is not a local domain of this configuration:              {address} may authenticate and send, but mail to {address} is not delivered here              (add a [[domain]] name = \"{domain}\" to receive it)"
+        );
+    }
+}
+
+/// Run as root for a server that runs as `user`, the users file must belong to that user, or
+/// the server cannot read it (it is mode 0600). Files owned by someone else than root are
+/// left alone.
+fn give_to_service_user(cfg: &Config, path: &Path) -> Result<(), String> {
+    let Some(user) = &cfg.user else {
+        return Ok(());
+    };
+    if crate::privileges::euid() != 0 || !path.exists() {
+        return Ok(());
+    }
+    let account = crate::privileges::lookup(user, cfg.group.as_deref())?;
+    crate::privileges::give_file(path, &account)
 }
 
 fn execute(command: UserCommand, path: &Path) -> Result<(), String> {
@@ -114,6 +146,11 @@ fn new_password_hash(address: &str, from_stdin: bool) -> Result<String, String> 
     } else {
         read_password_tty(address)?
     };
+    if password.chars().count() < MIN_PASSWORD_LENGTH {
+        return Err(format!(
+            "the password is too short: at least {MIN_PASSWORD_LENGTH} characters; nothing was changed"
+        ));
+    }
     estafeta_auth::hash_password(&password).map_err(|e| e.to_string())
 }
 

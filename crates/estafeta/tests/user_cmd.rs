@@ -89,7 +89,7 @@ fn add_list_passwd_del() {
     let out = estafeta(
         &["user", "add", "A@Example.test", "--password-stdin"],
         &s.config,
-        Some("first pw\n"),
+        Some("first password\n"),
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
@@ -99,12 +99,15 @@ fn add_list_passwd_del() {
     let mode = fs::metadata(&s.users).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let file = fs::read_to_string(&s.users).unwrap();
-    assert!(!file.contains("first pw"));
+    assert!(!file.contains("first password"));
     let first = entries(&s.users);
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].0, "a@example.test");
     assert!(first[0].1.starts_with("$argon2id$v=19$"), "{}", first[0].1);
-    assert!(estafeta_auth::verify_password(&first[0].1, "first pw"));
+    assert!(estafeta_auth::verify_password(
+        &first[0].1,
+        "first password"
+    ));
     // Nothing secret on the output.
     assert!(!text(&out.stdout).contains("argon2"));
 
@@ -112,7 +115,7 @@ fn add_list_passwd_del() {
     let out = estafeta(
         &["user", "add", "a@example.test", "--password-stdin"],
         &s.config,
-        Some("other\n"),
+        Some("other password\n"),
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -130,7 +133,7 @@ fn add_list_passwd_del() {
     let out = estafeta(
         &["user", "add", "b@example.test", "--password-stdin"],
         &s.config,
-        Some("second pw\r\n"),
+        Some("second password\r\n"),
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
@@ -144,7 +147,7 @@ fn add_list_passwd_del() {
     let out = estafeta(
         &["user", "passwd", "a@example.test", "--password-stdin"],
         &s.config,
-        Some("new pw\n"),
+        Some("new password\n"),
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
@@ -156,13 +159,27 @@ fn add_list_passwd_del() {
     );
     let after = entries(&s.users);
     assert_ne!(after[0].1, before[0].1);
-    assert!(estafeta_auth::verify_password(&after[0].1, "new pw"));
+    assert!(estafeta_auth::verify_password(&after[0].1, "new password"));
     assert_eq!(after[1], before[1]);
     assert!(
         fs::read_to_string(&s.users)
             .unwrap()
             .starts_with("# mail users\n")
     );
+
+    // A password shorter than 8 characters: refused, nothing changed.
+    let out = estafeta(
+        &["user", "passwd", "a@example.test", "--password-stdin"],
+        &s.config,
+        Some("2short\n"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("at least 8 characters"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(entries(&s.users), after);
 
     // passwd of an unknown user, an empty password, no terminal: refused.
     let out = estafeta(

@@ -9,9 +9,10 @@ pub mod tls;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use estafeta_config::ListenerKind;
 use estafeta_policy::{Client, Policy, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Action, Session, SessionConfig, Timeout};
@@ -45,6 +46,61 @@ pub struct ListenerContext {
     /// Set when the configuration allows an open relay (`allow_open_relay = true` with public
     /// ranges in `mynetworks`): logged at the start of every session.
     pub open_relay: Option<String>,
+    /// The session settings of each listener kind.
+    pub sessions: HashMap<ListenerKind, Arc<SessionConfig>>,
+}
+
+/// The context new sessions start with. A reload stores a new one; sessions already open
+/// keep the one they started with (an `Arc`), new connections get the new one.
+#[derive(Debug)]
+pub struct Live {
+    ctx: RwLock<Arc<ListenerContext>>,
+    /// Connections being served (for `systemctl status`).
+    active: std::sync::atomic::AtomicUsize,
+}
+
+impl Live {
+    /// A live context starting with `ctx`.
+    pub fn new(ctx: ListenerContext) -> Live {
+        Live {
+            ctx: RwLock::new(Arc::new(ctx)),
+            active: Default::default(),
+        }
+    }
+
+    /// The current context.
+    pub fn load(&self) -> Arc<ListenerContext> {
+        self.ctx.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the context for the sessions that start from now on.
+    pub fn store(&self, ctx: ListenerContext) {
+        *self.ctx.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ctx);
+    }
+
+    /// Connections being served right now.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Counts a connection in [`Live::active_connections`] while it lives.
+struct Active(Arc<Live>);
+
+impl Active {
+    fn new(live: &Arc<Live>) -> Active {
+        live.active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Active(live.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What AUTH needs: the verifier (argon2 on the blocking pool) and the per-address throttle.
@@ -63,12 +119,9 @@ pub struct AuthContext {
 pub struct ListenerSpec {
     /// The bound socket.
     pub listener: TcpListener,
-    /// The settings of its sessions.
-    pub session: Arc<SessionConfig>,
-    /// TLS from the first byte (port 465, RFC 8314 §3.3).
-    pub implicit_tls: bool,
-    /// Its kind, for logs.
-    pub kind: &'static str,
+    /// What it serves: the session settings of this kind come from the live context, and
+    /// `submissions` is TLS from the first byte (port 465, RFC 8314 §3.3).
+    pub kind: ListenerKind,
 }
 
 /// Binds a listening socket. IPv6 sockets are IPv6-only, so that `0.0.0.0:25` and `[::]:25`
@@ -131,23 +184,20 @@ impl PerIp {
 }
 
 /// Runs the accept loops of `listeners` until `shutdown`; connection tasks are spawned on
-/// `tracker` so that the caller can wait for them.
+/// `tracker` so that the caller can wait for them. Each connection takes the context current
+/// when it is accepted; the total connection cap is the first context's.
 pub fn spawn_accept_loops(
     specs: Vec<ListenerSpec>,
-    ctx: Arc<ListenerContext>,
+    live: Arc<Live>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let global = Arc::new(Semaphore::new(ctx.max_connections));
+    let global = Arc::new(Semaphore::new(live.load().max_connections));
     let per_ip = Arc::new(PerIp::default());
     for spec in specs {
-        let ListenerSpec {
-            listener,
-            session: session_cfg,
-            implicit_tls,
-            kind,
-        } = spec;
-        let ctx = ctx.clone();
+        let ListenerSpec { listener, kind } = spec;
+        let implicit_tls = kind == ListenerKind::Submissions;
+        let live = live.clone();
         let shutdown = shutdown.clone();
         let tracker2 = tracker.clone();
         let global = global.clone();
@@ -170,12 +220,17 @@ pub fn spawn_accept_loops(
                 };
                 let _ = stream.set_nodelay(true);
                 let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                let ctx = ctx.clone();
+                let ctx = live.load();
+                let Some(session_cfg) = ctx.sessions.get(&kind).cloned() else {
+                    tracing::error!(listener = kind.as_str(), "no session settings for this listener kind");
+                    continue;
+                };
                 let shutdown = shutdown.clone();
                 let global = global.clone();
                 let per_ip = per_ip.clone();
-                let session_cfg = session_cfg.clone();
+                let active = Active::new(&live);
                 tracker2.spawn(async move {
+                    let _active = active;
                     let Ok(_permit) = global.try_acquire_owned() else {
                         refuse(stream, reply::too_many_connections(&session_cfg.hostname)).await;
                         tracing::warn!(client = %peer.ip(), "refused: too many connections");
@@ -187,7 +242,7 @@ pub fn spawn_accept_loops(
                         tracing::warn!(client = %peer.ip(), "refused: too many connections from this address");
                         return;
                     };
-                    handle_connection(stream, peer, &ctx, session_cfg, implicit_tls, kind, &shutdown)
+                    handle_connection(stream, peer, &ctx, session_cfg, implicit_tls, kind.as_str(), &shutdown)
                         .await;
                 });
             }
@@ -533,14 +588,21 @@ pub async fn handle_connection(
             conn.shutdown().await;
             break "closed".to_string();
         }
+        // Stopping: a message being received was let finish (and answered); now the session
+        // ends with 421 4.3.2 like the others.
+        if stopping && session.timeout_kind() == Timeout::Command {
+            session.shutting_down();
+            continue;
+        }
         let limit = match session.timeout_kind() {
             Timeout::Command => ctx.command_timeout,
             Timeout::Data => ctx.data_timeout,
         };
         let ready = tokio::select! {
             _ = shutdown.cancelled(), if !stopping => {
+                // A client sending a message may finish it (within the server's grace
+                // period): it is answered, then the session ends; the others end now.
                 stopping = true;
-                session.shutting_down();
                 continue;
             }
             r = tokio::time::timeout(limit, conn.wait_read(&mut tls_buf)) => r,

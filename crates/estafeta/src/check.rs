@@ -1,0 +1,127 @@
+//! What `check-config` (and a reload) checks beyond the file's syntax and values: whether the
+//! server can run with this configuration on this host, as the user it will run as — the
+//! `user` exists, the certificate and key exist and can be read, the users file and the
+//! smarthost credentials can be read, and `data_dir`, the sockets' directories and each
+//! domain's Maildir directory can be written (or created).
+
+use std::path::{Path, PathBuf};
+
+use estafeta_config::Config;
+
+use crate::privileges::{self, Access, Account};
+
+/// Every problem found, each naming the file and what to change; empty when none.
+pub fn host_problems(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let account: Option<Account> = match &cfg.user {
+        Some(user) => match privileges::lookup(user, cfg.group.as_deref()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                problems.push(format!("user: {e}"));
+                return problems;
+            }
+        },
+        None => None,
+    };
+    let (uid, gids) = privileges::identity(account.as_ref());
+    let who = account
+        .as_ref()
+        .map(|a| format!("the user {} (group {})", a.user, a.group))
+        .unwrap_or_else(|| {
+            let name = privileges::user_name(uid).unwrap_or_else(|| uid.to_string());
+            format!("the user {name}, which runs this check (no `user` is set)")
+        });
+    let mut missing = Vec::new();
+    let mut need = |path: &Path, want: Access, what: &str, hint: &str| {
+        if let Err(e) = privileges::check_access(path, uid, &gids, want) {
+            problems.push(format!("{what}: {e}: the server runs as {who}; {hint}"));
+        }
+    };
+    for (key, path) in [
+        ("tls.certificate", &cfg.tls.certificate),
+        ("tls.private_key", &cfg.tls.private_key),
+    ] {
+        if let Some(path) = path {
+            if !path.exists() {
+                missing.push(format!(
+                    "{key}: {} does not exist: point it at your certificate files (or remove [tls] for a self-signed certificate)",
+                    path.display()
+                ));
+            } else {
+                need(
+                    path,
+                    Access::Read,
+                    key,
+                    "make it readable by that user or its group (e.g. chgrp estafeta FILE; chmod g+r FILE), also after each renewal (a deploy hook)",
+                );
+            }
+        }
+    }
+    if cfg.auth.users_file.exists() {
+        need(
+            &cfg.auth.users_file,
+            Access::Read,
+            "auth.users_file",
+            "`estafeta user add` run as root gives a new file to the configured user; or chown it",
+        );
+    }
+    if let Some(path) = &cfg.relay.smarthost_credentials {
+        need(
+            path,
+            Access::Read,
+            "relay.smarthost_credentials",
+            "chown it to that user, mode 0600",
+        );
+    }
+    need(
+        &cfg.data_dir,
+        Access::WriteDir,
+        "data_dir",
+        "create it owned by that user, mode 0700 (the systemd unit's StateDirectory= does)",
+    );
+    for (key, socket) in [
+        ("control.socket", &cfg.control.socket),
+        ("control.submit_socket", &cfg.control.submit_socket),
+    ] {
+        if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            need(
+                dir,
+                Access::WriteDir,
+                key,
+                "the socket's directory must be writable by that user (the unit's RuntimeDirectory= /run/estafeta is)",
+            );
+        }
+    }
+    for dir in maildir_roots(cfg) {
+        need(
+            &dir,
+            Access::WriteDir,
+            "delivery.maildir",
+            "create the domain's directory for that user: install -d -o estafeta -g estafeta -m 0700 DIR",
+        );
+    }
+    problems.extend(missing);
+    problems
+}
+
+/// The directories each local domain's Maildirs are created in: the template up to the
+/// component holding `{user}`, with `{domain}` filled in.
+fn maildir_roots(cfg: &Config) -> Vec<PathBuf> {
+    let template = Path::new(&cfg.delivery.maildir);
+    let mut prefix = PathBuf::new();
+    for c in template.components() {
+        if c.as_os_str().to_string_lossy().contains("{user}") {
+            break;
+        }
+        prefix.push(c);
+    }
+    let prefix = prefix.to_string_lossy().into_owned();
+    let mut roots: Vec<PathBuf> = cfg
+        .domains
+        .iter()
+        .map(|d| PathBuf::from(prefix.replace("{domain}", &d.name)))
+        .collect();
+    roots.sort();
+    roots.dedup();
+    roots
+}

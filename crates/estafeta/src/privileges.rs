@@ -1,0 +1,320 @@
+//! Who the server runs as: looking up the `user`/`group` of the configuration, dropping root
+//! for good after the sockets are bound, and checking — as that user — that the files the
+//! server needs can be read and written (`check-config`).
+//!
+//! The drop happens in `main` before the multi-threaded runtime starts: `setuid(2)` changes
+//! only the calling thread's credentials at the system-call level (glibc broadcasts it to
+//! other threads, but nothing here relies on that), so there must be no other thread yet.
+
+use std::ffi::{CStr, CString};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// A system account the server runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// The user name.
+    pub user: String,
+    /// Its uid.
+    pub uid: u32,
+    /// The group the server runs with (the configured one, or the user's primary group).
+    pub gid: u32,
+    /// Its name.
+    pub group: String,
+}
+
+/// The effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn buffer() -> Vec<libc::c_char> {
+    vec![0; 16 * 1024]
+}
+
+/// Looks up `user` and `group` (default: the user's primary group) in the system's account
+/// databases (`/etc/passwd`, NSS).
+pub fn lookup(user: &str, group: Option<&str>) -> Result<Account, String> {
+    let c_user = CString::new(user).map_err(|_| format!("invalid user name {user:?}"))?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = buffer();
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; the buffer outlives the use of `pwd`.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c_user.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return Err(format!(
+            "user {user:?} does not exist on this host (create it: `systemd-sysusers`, or `adduser --system --group {user}`)"
+        ));
+    }
+    let uid = pwd.pw_uid;
+    let primary = pwd.pw_gid;
+    let (gid, group) = match group {
+        None => (
+            primary,
+            group_name(primary).unwrap_or_else(|| primary.to_string()),
+        ),
+        Some(g) => (group_id(g)?, g.to_string()),
+    };
+    Ok(Account {
+        user: user.to_string(),
+        uid,
+        gid,
+        group,
+    })
+}
+
+/// The gid of group `name`.
+fn group_id(name: &str) -> Result<u32, String> {
+    let c = CString::new(name).map_err(|_| format!("invalid group name {name:?}"))?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = buffer();
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return Err(format!("group {name:?} does not exist on this host"));
+    }
+    Ok(grp.gr_gid)
+}
+
+/// The name of group `gid`, if it has one.
+fn group_name(gid: u32) -> Option<String> {
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = buffer();
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; the name is copied before `buf` goes.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: gr_name points into `buf`, NUL-terminated.
+    Some(
+        unsafe { CStr::from_ptr(grp.gr_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// The name of user `uid`, if it has one.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = buffer();
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; the name is copied before `buf` goes.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: pw_name points into `buf`, NUL-terminated.
+    Some(
+        unsafe { CStr::from_ptr(pwd.pw_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// The supplementary groups `account` will have: only its group (the drop clears the rest).
+fn groups_of(account: &Account) -> Vec<u32> {
+    vec![account.gid]
+}
+
+/// Gives `paths` (directories the server created while still root) to `account`.
+pub fn hand_over(paths: &[PathBuf], account: &Account) -> Result<(), String> {
+    for p in paths {
+        std::os::unix::fs::chown(p, Some(account.uid), Some(account.gid))
+            .map_err(|e| format!("cannot give {} to {}: {e}", p.display(), account.user))?;
+    }
+    Ok(())
+}
+
+/// Gives a file that root just created for the server (the users file) to `account`, when it
+/// is root's: the server, running as `account`, must be able to read it.
+pub fn give_file(path: &Path, account: &Account) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.uid() == 0 {
+        std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
+            .map_err(|e| format!("cannot give {} to {}: {e}", path.display(), account.user))?;
+    }
+    Ok(())
+}
+
+/// Switches this (still single-threaded) process to `account` for good: supplementary
+/// groups, then the group, then the user — in that order, since after `setuid` the others
+/// are no longer allowed — and verifies that root cannot be regained.
+pub fn drop_to(account: &Account) -> Result<(), String> {
+    let groups: Vec<libc::gid_t> = groups_of(account);
+    // SAFETY: plain system calls with valid arguments; no other thread exists yet.
+    unsafe {
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+            return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
+        }
+        if libc::setgid(account.gid) != 0 {
+            return Err(format!(
+                "setgid({}): {}",
+                account.gid,
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::setuid(account.uid) != 0 {
+            return Err(format!(
+                "setuid({}): {}",
+                account.uid,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    // SAFETY: plain queries; setuid(0) must fail now.
+    let (uid, euid, gid, egid, regained) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+            account.uid != 0 && libc::setuid(0) == 0,
+        )
+    };
+    if regained
+        || uid != account.uid
+        || euid != account.uid
+        || gid != account.gid
+        || egid != account.gid
+    {
+        return Err(format!(
+            "the switch to {}:{} did not hold (uid {uid}, euid {euid}, gid {gid}, egid {egid}, root regained: {regained})",
+            account.user, account.group
+        ));
+    }
+    Ok(())
+}
+
+/// What access to check for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read a file.
+    Read,
+    /// Create and write files in a directory (write + search).
+    WriteDir,
+}
+
+/// Whether `uid` (with groups `gids`) may access `path` as `want`, from its mode bits and
+/// owners and those of every directory above it (search permission). ACLs are not looked
+/// at. A path that does not exist yet is judged by the nearest existing directory above it,
+/// which must let the user create it.
+pub fn check_access(path: &Path, uid: u32, gids: &[u32], want: Access) -> Result<(), String> {
+    if uid == 0 {
+        return Ok(());
+    }
+    let allowed = |meta: &std::fs::Metadata, bits: u32| -> bool {
+        let mode = meta.mode();
+        let shift = if meta.uid() == uid {
+            6
+        } else if gids.contains(&meta.gid()) {
+            3
+        } else {
+            0
+        };
+        (mode >> shift) & bits == bits
+    };
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    // The nearest existing ancestor-or-self.
+    let mut existing = absolute.as_path();
+    let mut missing = false;
+    while std::fs::metadata(existing).is_err() {
+        missing = true;
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => return Err(format!("{}: no such path", path.display())),
+        }
+    }
+    // Search permission on every directory above it.
+    for dir in existing.ancestors().skip(1) {
+        if let Ok(meta) = std::fs::metadata(dir)
+            && !allowed(&meta, 0o1)
+        {
+            return Err(format!(
+                "{}: the directory {} may not be entered (mode {:o}, owner {}:{})",
+                path.display(),
+                dir.display(),
+                meta.mode() & 0o7777,
+                meta.uid(),
+                meta.gid()
+            ));
+        }
+    }
+    let meta = std::fs::metadata(existing).map_err(|e| format!("{}: {e}", path.display()))?;
+    let describe = |m: &std::fs::Metadata| {
+        format!(
+            "mode {:o}, owner {}:{}",
+            m.mode() & 0o7777,
+            user_name(m.uid()).unwrap_or_else(|| m.uid().to_string()),
+            group_name(m.gid()).unwrap_or_else(|| m.gid().to_string())
+        )
+    };
+    let ok = match (want, missing) {
+        // The file or directory must be created in `existing`.
+        (_, true) => meta.is_dir() && allowed(&meta, 0o3),
+        (Access::Read, false) => allowed(&meta, 0o4),
+        (Access::WriteDir, false) => meta.is_dir() && allowed(&meta, 0o3),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(match (want, missing) {
+        (_, true) => format!(
+            "{} does not exist and cannot be created in {} ({})",
+            path.display(),
+            existing.display(),
+            describe(&meta)
+        ),
+        (Access::Read, false) => format!("{} cannot be read ({})", path.display(), describe(&meta)),
+        (Access::WriteDir, false) => {
+            format!("{} cannot be written ({})", path.display(), describe(&meta))
+        }
+    })
+}
+
+/// The uid and groups checks are made for: `account`'s, or this process's own.
+pub fn identity(account: Option<&Account>) -> (u32, Vec<u32>) {
+    match account {
+        Some(a) => (a.uid, groups_of(a)),
+        None => {
+            // SAFETY: plain queries.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            let mut groups = vec![gid];
+            // SAFETY: a first call with 0 returns the count; the second fills the vector.
+            let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+            if n > 0 {
+                let mut extra = vec![0 as libc::gid_t; n as usize];
+                let got = unsafe { libc::getgroups(n, extra.as_mut_ptr()) };
+                if got > 0 {
+                    extra.truncate(got as usize);
+                    groups.extend(extra);
+                }
+            }
+            (uid, groups)
+        }
+    }
+}
