@@ -156,3 +156,66 @@ fn an_unknown_key_in_any_table_is_reported() {
         }
     }
 }
+
+/// The keys a table accepts, as the parser lists them when it meets an unknown one.
+fn accepted_keys(root: &toml::Table, path: &[Step]) -> Vec<String> {
+    let mut broken = root.clone();
+    table_at(&mut broken, path).insert("no_such_key".into(), toml::Value::Integer(1));
+    let text = toml::to_string(&broken).expect("serializable");
+    let errors = Config::parse(&text, Path::new("injected.toml")).expect_err("unknown key");
+    let help = errors.0[0].help.clone().unwrap_or_default();
+    let list = help
+        .split("expected one of: ")
+        .nth(1)
+        .expect("the help lists the keys");
+    list.split(", ").map(|k| k.trim().to_string()).collect()
+}
+
+/// docs/configuration.md documents every key the parser accepts: a new key without a line
+/// in its table fails here.
+#[test]
+fn every_key_is_documented() {
+    let root_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let docs = fs::read_to_string(root_dir.join("docs/configuration.md")).expect("docs");
+    let text = fs::read_to_string(root_dir.join("config/estafeta.toml")).expect("example");
+    let root: toml::Table = toml::from_str(&text).expect("valid TOML");
+    let mut all = Vec::new();
+    tables(&root, &mut Vec::new(), String::new(), &mut all);
+    let mut missing = Vec::new();
+    for (display, path) in all {
+        // "listener[0]" → "listener"; arrays of tables are written [[name]] in the docs.
+        let name: String = display.split('[').next().unwrap_or("").to_string();
+        let is_array = display.contains('[');
+        for key in accepted_keys(&root, &path) {
+            let documented = if name.is_empty() {
+                docs.contains(&format!("`{key}`"))
+                    || docs.contains(&format!("`[{key}]"))
+                    || docs.contains(&format!("`[[{key}]]"))
+            } else {
+                let head = if is_array {
+                    format!("[[{name}]]")
+                } else {
+                    format!("[{name}]")
+                };
+                docs.contains(&format!("`{head} {key}`"))
+                    || docs.lines().any(|l| {
+                        l.starts_with(&format!("| `{head} ")) && l.contains(&format!("`{key}`"))
+                    })
+                    || docs.contains(&format!("`[{name}.{key}]`"))
+            };
+            if !documented {
+                missing.push(if name.is_empty() {
+                    key
+                } else {
+                    format!("{name}.{key}")
+                });
+            }
+        }
+    }
+    missing.sort();
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "keys missing from docs/configuration.md: {missing:?}"
+    );
+}
