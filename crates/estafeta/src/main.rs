@@ -388,13 +388,10 @@ fn serve(
     };
     // … then become the service user for good, before any other thread exists.
     if let Some(account) = &account {
-        let mut dirs = prepared.created_dirs.clone();
         let data_dir = prepared.config().data_dir.clone();
-        if !dirs.contains(&data_dir) {
-            dirs.push(data_dir);
-        }
-        if let Err(e) =
-            privileges::hand_over(&dirs, account).and_then(|()| privileges::drop_to(account))
+        if let Err(e) = privileges::hand_over(&prepared.created_dirs, account)
+            .and_then(|()| privileges::hand_over_data_dir(&data_dir, account))
+            .and_then(|()| privileges::drop_to(account))
         {
             tracing::error!("not started: {e}");
             return ExitCode::FAILURE;

@@ -144,6 +144,31 @@ pub fn hand_over(paths: &[PathBuf], account: &Account) -> Result<(), String> {
     Ok(())
 }
 
+/// Gives what root left in `data_dir` (an earlier start as root: the spool's files, a
+/// generated certificate, the users file) to `account`, two levels deep — not the Maildirs,
+/// which may be large and are not root's. Entries owned by anyone else are left alone.
+pub fn hand_over_data_dir(data_dir: &Path, account: &Account) -> Result<(), String> {
+    fn visit(dir: &Path, depth: u32, account: &Account) -> Result<(), String> {
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if meta.uid() == 0 {
+            std::os::unix::fs::lchown(dir, Some(account.uid), Some(account.gid))
+                .map_err(|e| format!("cannot give {} to {}: {e}", dir.display(), account.user))?;
+        }
+        if depth == 0 || !meta.is_dir() {
+            return Ok(());
+        }
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+            if entry.file_name() == "mail" && depth == 2 {
+                continue;
+            }
+            visit(&entry.path(), depth - 1, account)?;
+        }
+        Ok(())
+    }
+    visit(data_dir, 2, account)
+}
+
 /// Gives a file that root just created for the server (the users file) to `account`, when it
 /// is root's: the server, running as `account`, must be able to read it.
 pub fn give_file(path: &Path, account: &Account) -> Result<(), String> {
