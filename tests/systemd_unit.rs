@@ -98,7 +98,12 @@ fn systemd_analyze_verify_finds_nothing_to_warn_about() {
     .unwrap();
     let out = run(
         "systemd-analyze",
-        &["verify", "--man=no", "--generators=no", typo.to_str().unwrap()],
+        &[
+            "verify",
+            "--man=no",
+            "--generators=no",
+            typo.to_str().unwrap(),
+        ],
     )
     .unwrap();
     assert!(
@@ -241,11 +246,7 @@ fn sysusers_and_tmpfiles_create_the_user_and_the_directories() {
     std::fs::create_dir(root.path().join("etc")).unwrap();
     let root_arg = format!("--root={}", root.path().display());
     let sysusers = systemd_dir().join("sysusers.d-estafeta.conf");
-    let out = run(
-        "systemd-sysusers",
-        &[&root_arg, sysusers.to_str().unwrap()],
-    )
-    .unwrap();
+    let out = run("systemd-sysusers", &[&root_arg, sysusers.to_str().unwrap()]).unwrap();
     assert!(out.status.success(), "systemd-sysusers: {}", text(&out));
     let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
     let entry: Vec<&str> = passwd
