@@ -1,12 +1,16 @@
 //! The shipped systemd files (systemd/) as systemd itself judges them: `systemd-analyze verify`
 //! finds nothing to warn about, `systemd-analyze security` rates the service's sandbox "OK" or
 //! better (exposure ≤ 2.5), the socket units pass the names estafeta knows its listener kinds
-//! by, and sysusers.d + tmpfiles.d create the user and directories with the intended modes.
+//! by, sysusers.d + tmpfiles.d create the user and directories with the intended modes, and
+//! the real server, traced with strace, makes no system call the unit's filter would refuse.
 
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use estafeta_e2e::estafeta_bin;
+use estafeta_e2e::{estafeta_bin, free_port, maildir_new, submit, test_config};
 
 /// The highest exposure level accepted for estafeta.service (systemd rates ≤ 2.5 "OK").
 const MAX_EXPOSURE: f64 = 2.5;
@@ -285,4 +289,259 @@ fn sysusers_and_tmpfiles_create_the_user_and_the_directories() {
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The system calls the unit's `SystemCallFilter=` lines allow: the allow-lists' groups
+/// expanded with `systemd-analyze syscall-filter`, minus the `~` deny-lists'.
+fn allowed_syscalls(service: &[(String, String)]) -> BTreeSet<String> {
+    let out = run("systemd-analyze", &["syscall-filter"]).unwrap();
+    assert!(out.status.success(), "syscall-filter: {}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    let mut current = None;
+    for line in listing.lines() {
+        let item = line.trim();
+        if line.starts_with('@') {
+            current = Some(item.to_string());
+            groups.entry(item.to_string()).or_default();
+        } else if let Some(g) = &current
+            && !item.is_empty()
+            && !item.starts_with('#')
+        {
+            groups.get_mut(g).unwrap().push(item.to_string());
+        }
+    }
+    fn expand(item: &str, groups: &HashMap<String, Vec<String>>, into: &mut BTreeSet<String>) {
+        if item.starts_with('@') {
+            for i in groups
+                .get(item)
+                .unwrap_or_else(|| panic!("unknown group {item}"))
+            {
+                expand(i, groups, into);
+            }
+        } else {
+            into.insert(item.to_string());
+        }
+    }
+    let (mut allow, mut deny) = (BTreeSet::new(), BTreeSet::new());
+    for value in values(service, "SystemCallFilter") {
+        let (list, items) = match value.strip_prefix('~') {
+            Some(rest) => (&mut deny, rest),
+            None => (&mut allow, value),
+        };
+        for item in items.split_whitespace() {
+            expand(item, &groups, list);
+        }
+    }
+    assert!(!allow.is_empty(), "no allow-list in SystemCallFilter=");
+    allow.difference(&deny).cloned().collect()
+}
+
+/// Runs the real server under strace through a start, an SMTP delivery into Maildir, a
+/// STARTTLS + AUTH session (wrong and right password), a control-socket request, SIGHUP and a
+/// graceful stop, and checks every system call it made against the unit's
+/// SystemCallFilter= (a call outside it fails with EPERM under systemd) and every socket
+/// family against RestrictAddressFamilies=.
+#[test]
+fn the_server_makes_only_system_calls_the_unit_allows() {
+    if !have("systemd-analyze") {
+        estafeta_e2e::skip("systemd-analyze not found (Debian: systemd)");
+        return;
+    }
+    if !have("strace") {
+        estafeta_e2e::skip("strace not found (Debian: strace)");
+        return;
+    }
+    if !have("python3") {
+        estafeta_e2e::skip("python3 not found");
+        return;
+    }
+    let service = settings("estafeta.service");
+    let allowed = allowed_syscalls(&service);
+    let families: Vec<String> = values(&service, "RestrictAddressFamilies")
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_string))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (smtp, submission) = (free_port(), free_port());
+    let config = dir.path().join("estafeta.toml");
+    std::fs::write(
+        &config,
+        test_config(
+            &data,
+            smtp,
+            &format!("[[listener]]\nkind = \"submission\"\naddress = \"127.0.0.1:{submission}\"\n"),
+        ),
+    )
+    .unwrap();
+    let mut add = Command::new(estafeta_bin())
+        .args([
+            "user",
+            "add",
+            "alice@example.test",
+            "--password-stdin",
+            "--config",
+        ])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(add.stdin.take().unwrap(), "right password").unwrap();
+    assert!(add.wait().unwrap().success());
+
+    let trace = dir.path().join("trace");
+    let log = dir.path().join("server.log");
+    let strace = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(estafeta_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn strace");
+    let mut traced = Traced {
+        strace,
+        server: None,
+    };
+    for port in [smtp, submission] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = traced.strace.try_wait().unwrap() {
+                panic!("strace/estafeta exited ({status}): {}", read(&log));
+            }
+            assert!(Instant::now() < deadline, "port {port}: {}", read(&log));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The server is strace's child.
+    let spid = traced.strace.id();
+    let children = read(Path::new(&format!("/proc/{spid}/task/{spid}/children")));
+    let server: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    traced.server = Some(server);
+
+    let addr = format!("127.0.0.1:{smtp}").parse().unwrap();
+    submit(
+        addr,
+        "a@example.test",
+        &["bob@example.test"],
+        b"Subject: one\r\n\r\nhi\r\n",
+    );
+    let script = r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.starttls(context=ctx); s.ehlo()
+try:
+    s.login("alice@example.test", "wrong")
+except smtplib.SMTPAuthenticationError:
+    pass
+s.login("alice@example.test", "right password")
+s.sendmail("alice@example.test", ["carol@example.test"], "Subject: two\r\n\r\nhi\r\n")
+s.quit()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &submission.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), read(&log));
+    for user in ["bob", "carol"] {
+        let got = maildir_new(&data, "example.test", user, 1, Duration::from_secs(20));
+        assert_eq!(got.len(), 1, "{user}: {}", read(&log));
+    }
+    let flush = Command::new(estafeta_bin())
+        .args(["queue", "flush", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(flush.status.success(), "queue flush: {}", text(&flush));
+    // SAFETY: kill(2) on the server we started (strace's only child).
+    unsafe { libc::kill(server, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: as above.
+    unsafe { libc::kill(server, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = traced.strace.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "estafeta did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    traced.server = None;
+    assert!(
+        status.success(),
+        "estafeta under strace: {status}\n{}",
+        read(&log)
+    );
+
+    let trace = read(&trace);
+    let mut used = BTreeSet::new();
+    let mut used_families = BTreeSet::new();
+    for line in trace.lines() {
+        // "PID name(args…) = result", "PID <... name resumed>…", "PID +++ exited …".
+        let Some((_, call)) = line.split_once(' ') else {
+            continue;
+        };
+        let call = call.trim_start();
+        let Some((name, args)) = call.split_once('(') else {
+            continue;
+        };
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            continue;
+        }
+        used.insert(name.to_string());
+        if name == "socket" || name == "socketpair" {
+            used_families.insert(args.split(',').next().unwrap().trim().to_string());
+        }
+    }
+    assert!(
+        used.contains("accept4") && used.contains("fsync"),
+        "{used:?}"
+    );
+    let denied: Vec<&String> = used.difference(&allowed).collect();
+    println!(
+        "{} distinct system calls, all allowed: {used:?}",
+        used.len()
+    );
+    assert!(
+        denied.is_empty(),
+        "system calls the unit's SystemCallFilter= would refuse with EPERM: {denied:?}"
+    );
+    for family in &used_families {
+        assert!(
+            families.iter().any(|f| f == family),
+            "socket family {family} is not in RestrictAddressFamilies={families:?}"
+        );
+    }
+}
+
+/// strace and the server under it; both are killed (by PID) if the test fails half-way.
+struct Traced {
+    strace: std::process::Child,
+    server: Option<i32>,
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        if let Some(pid) = self.server {
+            // SAFETY: kill(2) on the server this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.strace.kill();
+        let _ = self.strace.wait();
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }
