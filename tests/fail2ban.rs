@@ -380,6 +380,86 @@ fn unix_seconds_is_right() {
 }
 
 #[test]
+fn the_jails_load_in_debians_fail2ban_configuration() {
+    // `fail2ban-client -t` and `-d` on a copy of /etc/fail2ban with our filter and jails (and
+    // none of Debian's jail.d: its sshd jail wants /var/log/auth.log, which a container lacks).
+    let etc = Path::new("/etc/fail2ban");
+    if !have("fail2ban-client", "--version") || !etc.join("jail.conf").exists() {
+        estafeta_e2e::skip("fail2ban-client or /etc/fail2ban not found (Debian: fail2ban)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("fail2ban");
+    let cp = Command::new("cp")
+        .arg("-r")
+        .arg(etc)
+        .arg(&conf)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    for entry in std::fs::read_dir(conf.join("jail.d")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/fail2ban");
+    for file in ["filter.d/estafeta.conf", "jail.d/estafeta.conf"] {
+        std::fs::copy(ours.join(file), conf.join(file)).unwrap();
+    }
+    let client = |flag: &str| {
+        let out = Command::new("fail2ban-client")
+            .arg("-c")
+            .arg(&conf)
+            .arg(flag)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "fail2ban-client {flag}: {all}");
+        all
+    };
+    client("-t");
+    let dump = client("-d");
+    let jail_lines = |jail: &str| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.contains(&format!("'{jail}'")))
+            .map(str::to_string)
+            .collect()
+    };
+    for (jail, own, other) in [
+        ("estafeta-auth", "authentication failed", "reject RCPT"),
+        ("estafeta-relay", "reject RCPT", "authentication failed"),
+    ] {
+        let lines = jail_lines(jail);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == &format!("['add', '{jail}', 'systemd']")),
+            "{jail} is not a systemd-backend jail: {lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("addjournalmatch")
+                    && l.contains("_SYSTEMD_UNIT=estafeta.service")),
+            "{jail}: {lines:#?}"
+        );
+        let regexes: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("addfailregex"))
+            .collect();
+        assert!(!regexes.is_empty(), "{jail}: {lines:#?}");
+        assert!(
+            regexes
+                .iter()
+                .all(|l| l.contains(own) && !l.contains(other)),
+            "{jail}: {regexes:#?}"
+        );
+    }
+}
+
+#[test]
 #[ignore = "estafeta logs the AUTH user name unescaped: a newline in it forges a whole log line \
             (text format), which fail2ban then believes; needs the server to escape it"]
 fn a_user_name_with_a_newline_cannot_forge_a_failure_of_another_host() {
