@@ -373,7 +373,7 @@ async fn authenticate(
     }
     let failures = auth.throttle.record_failure(peer);
     // fail2ban: "authentication failed … client=IP".
-    tracing::warn!(target: "estafeta::maillog", client = %peer, user = %user, mechanism, failures, "authentication failed");
+    tracing::warn!(target: "estafeta::maillog", client = %peer, user = ?user, mechanism, failures, "authentication failed");
     let spent = started.elapsed();
     if spent < auth.failure_delay {
         tokio::time::sleep(auth.failure_delay - spent).await;
@@ -542,7 +542,7 @@ pub async fn handle_connection(
                         user: session.auth_user().map(str::to_string),
                     };
                     let r = verify(&ctx.policy, &client, &argument, expn);
-                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), argument = %argument, expn, reply = %r, "verify");
+                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), argument = ?argument, expn, reply = %r, "verify");
                     session.verified(r);
                 }
                 Action::Etrn(domain) => {
@@ -559,7 +559,7 @@ pub async fn handle_connection(
                             Err(_) => reply::etrn_unable(&domain),
                         }
                     };
-                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), domain = %domain, reply = %r, "etrn");
+                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), domain = ?domain, reply = %r, "etrn");
                     session.etrn_done(r);
                 }
                 Action::Pause(d) => {
