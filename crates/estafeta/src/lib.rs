@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod explain;
+pub mod metrics;
 pub mod queue_cmd;
 pub mod router;
 pub mod user_cmd;
@@ -24,6 +25,7 @@ use estafeta_queue::{SchedulerConfig, Spool, Syncer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::router::Router;
 
 /// A running server.
@@ -31,6 +33,9 @@ use crate::router::Router;
 pub struct Server {
     /// Every bound address with its listener kind (useful when the config asked for port 0).
     pub local_addrs: Vec<(ListenerKind, SocketAddr)>,
+    /// The bound address of the metrics endpoint, when `[metrics] address` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
     tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -168,8 +173,15 @@ fn private_dir(path: &Path) -> anyhow::Result<()> {
 }
 
 impl Server {
-    /// Starts everything. Must run inside a tokio runtime.
+    /// Starts everything. Must run inside a tokio runtime. Its metrics count nothing but the
+    /// queue: see [`Server::start_with_metrics`].
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+        Self::start_with_metrics(cfg, Arc::new(Metrics::new())).await
+    }
+
+    /// Starts everything, serving `metrics` on `[metrics] address` (the binary's, whose
+    /// counters its logging layer keeps: [`Metrics::layer`]). Must run inside a tokio runtime.
+    pub async fn start_with_metrics(cfg: Config, metrics: Arc<Metrics>) -> anyhow::Result<Server> {
         private_dir(&cfg.data_dir)?;
         let syncer = Syncer::start().context("cannot start the sync thread")?;
         let spool = Arc::new(
@@ -243,6 +255,12 @@ impl Server {
                 });
             }
         }
+        // Like the listeners: bound before anything is delivered.
+        let metrics_listener = cfg.metrics.address.map(metrics::bind).transpose()?;
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         let queue = estafeta_queue::start(
             spool,
             router,
@@ -254,6 +272,15 @@ impl Server {
         if let Err(e) = control::serve(control, queue.clone(), shutdown.clone(), &tracker) {
             shutdown.cancel();
             return Err(e);
+        }
+        if let Some(l) = metrics_listener {
+            metrics::serve(
+                l,
+                metrics.clone(),
+                queue.clone(),
+                shutdown.clone(),
+                &tracker,
+            );
         }
         let open_ranges = cfg.relay.open_relay_ranges();
         let open_relay_text = (!open_ranges.is_empty()).then(|| {
@@ -286,6 +313,8 @@ impl Server {
         }
         Ok(Server {
             local_addrs,
+            metrics_addr,
+            metrics,
             tls: Some(tls),
             shutdown,
             tracker,
@@ -298,6 +327,12 @@ impl Server {
             .iter()
             .find(|(k, _)| *k == kind)
             .map(|(_, a)| *a)
+    }
+
+    /// The server's metrics; the configuration reload counts itself with
+    /// [`Metrics::reload`].
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Re-reads the TLS certificate and key if they changed (SIGHUP; a watcher also checks

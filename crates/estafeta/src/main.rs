@@ -3,10 +3,12 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use estafeta::Server;
+use estafeta::metrics::Metrics;
 use estafeta_config::{Config, LogFormat};
 
 /// estafeta: an SMTP server (MTA, MSA and MDA) configured with one TOML file.
@@ -163,18 +165,25 @@ fn check_config(file: &Path) -> ExitCode {
     }
 }
 
-fn init_logging(cfg: &Config, level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
+/// The subscriber: the log output in the configured format, filtered by level or RUST_LOG,
+/// and beside it the metrics layer, which sees every mail log event whatever that filter
+/// (each layer has its own filter).
+fn init_logging(cfg: &Config, level: Option<&str>, metrics: &Arc<Metrics>) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, Registry, fmt};
     let default = level.unwrap_or(cfg.log.level.as_str());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let text = fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match cfg.log.format {
-        Some(LogFormat::Json) => builder.json().init(),
-        _ => builder.init(),
-    }
+    let output: Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync> = match cfg.log.format {
+        Some(LogFormat::Json) => text.json().with_filter(filter).boxed(),
+        _ => text.with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(output)
+        .with(metrics.layer())
+        .init();
 }
 
 fn serve(
@@ -200,7 +209,8 @@ fn serve(
             None => Config::embedded_default(),
         },
     };
-    init_logging(&cfg, log_level.as_deref());
+    let metrics = Arc::new(Metrics::new());
+    init_logging(&cfg, log_level.as_deref(), &metrics);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -220,7 +230,7 @@ fn serve(
             create_demo_user(&cfg);
         }
         tracing::debug!(config = ?cfg, "effective configuration");
-        let server = match Server::start(cfg).await {
+        let server = match Server::start_with_metrics(cfg, metrics).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("not started: {e:#}");
