@@ -292,11 +292,12 @@ impl Metrics {
     }
 
     /// The text exposition (Prometheus text format 0.0.4), with the queue gauges read from
-    /// `queue` now. A stopped scheduler leaves them as last read.
+    /// `queue` now. A scheduler that has stopped, or does not answer within [`STATS_WAIT`]
+    /// (wedged: its `scheduler_last_turn_seconds` says so), leaves them as last read.
     pub async fn render(&self, queue: Option<&QueueHandle>) -> String {
         if let Some(q) = queue {
             self.scheduler_last_turn.set(q.last_turn().as_secs_f64());
-            if let Ok(s) = q.stats().await {
+            if let Ok(Ok(s)) = tokio::time::timeout(STATS_WAIT, q.stats()).await {
                 let now = estafeta_queue::unix_now();
                 self.queue_messages.set(gauge(s.messages as u64));
                 self.queue_held.set(gauge(s.held as u64));
@@ -401,9 +402,12 @@ pub struct MetricsLayer {
 }
 
 impl MetricsLayer {
-    /// This layer's own filter: the mail log's events, at every level.
+    /// This layer's own filter: the mail log's events, whatever the log output's level. Its
+    /// hint says INFO (every counted event is INFO or WARN), so that it does not turn on
+    /// DEBUG and TRACE callsites elsewhere.
     pub fn filter() -> FilterFn {
-        FilterFn::new(|meta| meta.target() == MAILLOG)
+        let maillog: fn(&tracing::Metadata<'_>) -> bool = |meta| meta.target() == MAILLOG;
+        FilterFn::new(maillog).with_max_level_hint(tracing::level_filters::LevelFilter::INFO)
     }
 }
 
@@ -477,12 +481,16 @@ impl Visit for MaillogEvent {
     }
 }
 
+/// How long a scrape waits for the scheduler's answer.
+const STATS_WAIT: Duration = Duration::from_secs(2);
 /// The largest request head accepted (request line and headers).
 const MAX_REQUEST: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrapes served at once; more wait to be accepted.
 const MAX_CONNECTIONS: usize = 8;
+/// The most one connection may take, request and answer (a client that does not read).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the metrics address (before anything is delivered, so that a conflict stops the
 /// start with the address named).
@@ -528,10 +536,18 @@ pub fn serve(
             };
             let metrics = metrics.clone();
             let queue = queue.clone();
+            let stop = shutdown.clone();
             tasks.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = handle(stream, &metrics, &queue).await {
-                    tracing::debug!(error = %e, "metrics: request failed");
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    r = tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &metrics, &queue)) => {
+                        match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::debug!(error = %e, "metrics: request failed"),
+                            Err(_) => tracing::debug!("metrics: connection timed out"),
+                        }
+                    }
                 }
             });
         }
@@ -553,11 +569,7 @@ async fn handle(
         Err(_) => return respond(&mut stream, "408 Request Timeout", "", "").await,
     };
     let (status, body) = match route(&head) {
-        Route::Metrics { head_only } => {
-            let body = metrics.render(Some(queue)).await;
-            let body = if head_only { String::new() } else { body };
-            ("200 OK", body)
-        }
+        Route::Metrics => ("200 OK", metrics.render(Some(queue)).await),
         Route::NotFound => ("404 Not Found", "not found: try /metrics\n".to_string()),
         Route::BadMethod => ("405 Method Not Allowed", String::new()),
         Route::BadRequest => ("400 Bad Request", String::new()),
@@ -592,7 +604,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
-    Metrics { head_only: bool },
+    Metrics,
     NotFound,
     BadMethod,
     BadRequest,
@@ -609,15 +621,13 @@ fn route(head: &[u8]) -> Route {
     if parts.next().is_some() || !version.starts_with("HTTP/1.") {
         return Route::BadRequest;
     }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => return Route::BadMethod,
-    };
+    if method != "GET" {
+        return Route::BadMethod;
+    }
     // The query string (Prometheus may add one) does not matter.
     let path = target.split('?').next().unwrap_or_default();
     if path == "/metrics" {
-        Route::Metrics { head_only }
+        Route::Metrics
     } else {
         Route::NotFound
     }
@@ -637,7 +647,7 @@ async fn respond(
         out.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     if status.starts_with("405") {
-        out.push_str("Allow: GET, HEAD\r\n");
+        out.push_str("Allow: GET\r\n");
     }
     out.push_str("\r\n");
     out.push_str(body);
@@ -709,16 +719,10 @@ mod tests {
         let r = |s: &str| route(s.as_bytes());
         assert_eq!(
             r("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Route::Metrics { head_only: false }
+            Route::Metrics
         );
-        assert_eq!(
-            r("GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Route::Metrics { head_only: false }
-        );
-        assert_eq!(
-            r("HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Route::Metrics { head_only: true }
-        );
+        assert_eq!(r("GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Route::Metrics);
+        assert_eq!(r("HEAD /metrics HTTP/1.1\r\n\r\n"), Route::BadMethod);
         assert_eq!(r("GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
         assert_eq!(r("POST /metrics HTTP/1.1\r\n\r\n"), Route::BadMethod);
         assert_eq!(r("GET /metrics\r\n\r\n"), Route::BadRequest);

@@ -544,7 +544,12 @@ impl<T: Transport> Scheduler<T> {
             .chain(self.held.values())
             .chain(self.blocked.values().flatten());
         for m in waiting {
-            count(m.arrival, m.pending().len());
+            let pending = m
+                .status
+                .iter()
+                .filter(|s| s.state == RcptState::Pending)
+                .count();
+            count(m.arrival, pending);
         }
         for &(arrival, pending) in self.in_flight_ids.values() {
             count(arrival, pending);
