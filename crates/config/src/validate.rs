@@ -166,7 +166,10 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
         v.r.at(
             g.span(),
             "group is set without user".to_owned(),
-            Some("set `user` too (the group alone is never switched to), or remove `group`".to_owned()),
+            Some(
+                "set `user` too (the group alone is never switched to), or remove `group`"
+                    .to_owned(),
+            ),
         );
     }
     if let (Some(u), Some(true)) = (&raw.user, raw.run_as_root) {
