@@ -6,6 +6,7 @@ pub mod check;
 pub mod control;
 pub mod explain;
 pub mod journald;
+pub mod metrics;
 pub mod privileges;
 pub mod queue_cmd;
 pub mod router;
@@ -28,6 +29,7 @@ use estafeta_queue::{QueueHandle, SchedulerConfig, Spool, Syncer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::router::{LiveRouter, Router};
 
 /// A running server.
@@ -35,6 +37,9 @@ use crate::router::{LiveRouter, Router};
 pub struct Server {
     /// Every bound address with its listener kind (useful when the config asked for port 0).
     pub local_addrs: Vec<(ListenerKind, SocketAddr)>,
+    /// The bound address of the metrics endpoint, when `[metrics] address` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
     tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -334,10 +339,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
 
 impl Server {
     /// Starts everything from a configuration (binding its listeners). Must run inside a tokio
-    /// runtime.
+    /// runtime. Its metrics count nothing but the queue: see [`Server::start_prepared`].
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         let prepared = Server::prepare(cfg, Vec::new())?;
-        Server::start_prepared(prepared).await
+        Server::start_prepared(prepared, Arc::new(Metrics::new())).await
     }
 
     /// Opens what may need root, before privileges are dropped and before the runtime starts:
@@ -393,9 +398,13 @@ impl Server {
         })
     }
 
-    /// Starts a prepared server: spool recovery, scheduler, control socket, listeners. Must
-    /// run inside a tokio runtime, as the user the server runs as.
-    pub async fn start_prepared(prepared: Prepared) -> anyhow::Result<Server> {
+    /// Starts a prepared server: spool recovery, scheduler, control socket, listeners, and
+    /// `metrics` on `[metrics] address` (the binary's, whose counters its logging layer keeps:
+    /// [`Metrics::layer`]). Must run inside a tokio runtime, as the user the server runs as.
+    pub async fn start_prepared(
+        prepared: Prepared,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Server> {
         let Prepared {
             cfg,
             listeners,
@@ -448,6 +457,12 @@ impl Server {
             }
             specs.push(ListenerSpec { listener, kind });
         }
+        // Like the listeners: bound before anything is delivered.
+        let metrics_listener = cfg.metrics.address.map(metrics::bind).transpose()?;
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         let queue = estafeta_queue::start(
             spool,
             router.clone(),
@@ -467,6 +482,15 @@ impl Server {
             shutdown.cancel();
             return Err(e);
         }
+        if let Some(l) = metrics_listener {
+            metrics::serve(
+                l,
+                metrics.clone(),
+                queue.clone(),
+                shutdown.clone(),
+                &tracker,
+            );
+        }
         let ctx = listener_context(&cfg, policy, queue.clone(), &tls, auth.clone(), &kinds);
         if let Some(ranges) = &ctx.open_relay {
             tracing::warn!(
@@ -480,6 +504,8 @@ impl Server {
         }
         Ok(Server {
             local_addrs,
+            metrics_addr,
+            metrics,
             tls: Some(tls),
             shutdown,
             tracker,
@@ -497,6 +523,11 @@ impl Server {
             .iter()
             .find(|(k, _)| *k == kind)
             .map(|(_, a)| *a)
+    }
+
+    /// The server's metrics; a configuration reload counts itself with [`Metrics::reload`].
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The queue.
@@ -563,10 +594,12 @@ impl Server {
         let tls = self.tls.clone().context("no TLS")?;
         let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
         let ctx = listener_context(&new, policy, self.queue.clone(), &tls, auth.clone(), &kinds);
-        // Everything is built: swap.
+        // Everything is built: swap (the queue first: it fails only when it has stopped).
+        self.queue
+            .reconfigure(scheduler_config(&new))
+            .map_err(|e| anyhow::anyhow!("the queue: {e}"))?;
         self.router.replace(router);
         self.live.store(ctx);
-        // MERGE(ops-metrics): self.queue.reconfigure(scheduler_config(&new));
         {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             *running = Running {

@@ -3,10 +3,12 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use estafeta::Server;
+use estafeta::metrics::Metrics;
 use estafeta::privileges::{self, Account};
 use estafeta_config::{Config, ListenerKind, LogFormat};
 
@@ -239,10 +241,12 @@ fn reload_command(config: Option<PathBuf>) -> ExitCode {
 }
 
 /// Sets up logging: text or JSON lines on stderr, or the journal (by configuration, or by
-/// default when systemd connected stderr to the journal).
-fn init_logging(cfg: &Config, level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
+/// default when systemd connected stderr to the journal), each filtered by level or RUST_LOG;
+/// and beside it the metrics layer, which sees every mail log event whatever that filter
+/// (each layer has its own filter).
+fn init_logging(cfg: &Config, level: Option<&str>, metrics: &Arc<Metrics>) {
     use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, Registry};
     let default = level.unwrap_or(cfg.log.level.as_str());
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let format = cfg
@@ -258,17 +262,25 @@ fn init_logging(cfg: &Config, level: Option<&str>) {
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
     };
-    let registry = tracing_subscriber::registry();
-    match format {
-        LogFormat::Json => registry.with(fmt().json().with_filter(filter())).init(),
+    type Output = Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>;
+    let mut no_journal = None;
+    let output: Output = match format {
+        LogFormat::Json => fmt().json().with_filter(filter()).boxed(),
         LogFormat::Journald => match estafeta::journald::JournaldLayer::new() {
-            Ok(layer) => registry.with(layer.with_filter(filter())).init(),
+            Ok(layer) => layer.with_filter(filter()).boxed(),
             Err(e) => {
-                registry.with(fmt().with_filter(filter())).init();
-                tracing::warn!("no journal to log to ({e}): logging to stderr");
+                no_journal = Some(e);
+                fmt().with_filter(filter()).boxed()
             }
         },
-        LogFormat::Text => registry.with(fmt().with_filter(filter())).init(),
+        LogFormat::Text => fmt().with_filter(filter()).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(output)
+        .with(metrics.layer())
+        .init();
+    if let Some(e) = no_journal {
+        tracing::warn!("no journal to log to ({e}): logging to stderr");
     }
 }
 
@@ -362,7 +374,8 @@ fn serve(
             None => Config::embedded_default(),
         },
     };
-    init_logging(&cfg, log_level.as_deref());
+    let metrics = Arc::new(Metrics::new());
+    init_logging(&cfg, log_level.as_deref(), &metrics);
     let embedded = cfg.source.is_none();
     let account = match account_to_become(&cfg) {
         Ok(a) => a,
@@ -426,7 +439,7 @@ fn serve(
         // Before anything listens: a SIGHUP that arrives once clients can connect must
         // find its handler (the default action would end the process).
         let signals = Signals::new();
-        let mut server = match Server::start_prepared(prepared).await {
+        let mut server = match Server::start_prepared(prepared, metrics).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("not started: {e:#}");
@@ -439,8 +452,12 @@ fn serve(
             sd_notify::NotifyState::Status(&status_line(&server, None)),
         ]);
         let stop = tokio_util::sync::CancellationToken::new();
-        let status = tokio::spawn(report_status(stop.clone(), watch_server(&server)));
-        run_until_stopped(&mut server, signals, config.as_deref()).await;
+        let last_reload = LastReload::default();
+        let status = tokio::spawn(report_status(
+            stop.clone(),
+            watch_server(&server, &last_reload),
+        ));
+        run_until_stopped(&mut server, signals, config.as_deref(), &last_reload).await;
         stop.cancel();
         let _ = status.await;
         notify(&[
@@ -460,13 +477,19 @@ fn serve(
 /// What the status reporter needs to see of the server.
 struct Watched {
     queue: estafeta_queue::QueueHandle,
-    live: std::sync::Arc<estafeta_listener::Live>,
+    live: Arc<estafeta_listener::Live>,
+    /// "<time> ok|FAILED" of the last reload, for the status line.
+    last_reload: LastReload,
 }
 
-fn watch_server(server: &Server) -> Watched {
+/// The outcome of the last reload, shown in `systemctl status`.
+type LastReload = Arc<std::sync::Mutex<Option<String>>>;
+
+fn watch_server(server: &Server, last_reload: &LastReload) -> Watched {
     Watched {
         queue: server.queue().clone(),
         live: server.sessions(),
+        last_reload: last_reload.clone(),
     }
 }
 
@@ -494,21 +517,28 @@ async fn report_status(stop: tokio_util::sync::CancellationToken, w: Watched) {
             _ = tick.tick() => {}
         }
         let connections = w.live.active_connections();
-        // MERGE(ops-metrics): queue stats
-        let queued = match Some(&w.queue) {
-            Some(_) => "queue running".to_string(),
-            None => "queue stopped".to_string(),
+        let queued = match tokio::time::timeout(Duration::from_secs(2), w.queue.stats()).await {
+            Ok(Ok(s)) => format!("{} message(s) queued", s.messages),
+            Ok(Err(_)) => "queue stopped".to_string(),
+            Err(_) => "queue not answering".to_string(),
         };
-        let line = format!("serving: {connections} connection(s), {queued}");
+        let mut line = format!("serving: {connections} connection(s), {queued}");
+        if let Some(r) = w
+            .last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+        {
+            line.push_str(&format!("; last reload {r}"));
+        }
         let mut states = vec![sd_notify::NotifyState::Status(&line)];
         if let Some(limit) = watchdog {
             // The loop turns at least once a second when healthy.
-            // MERGE(ops-metrics): w.queue.last_turn()
-            if Duration::ZERO < limit / 2 {
+            if w.queue.last_turn() < limit / 2 {
                 states.push(sd_notify::NotifyState::Watchdog);
             } else {
                 tracing::error!(
-                    limit_s = limit.as_secs(),
+                    since_s = w.queue.last_turn().as_secs(),
                     "the queue's scheduler has not turned: not telling the watchdog"
                 );
             }
@@ -520,7 +550,11 @@ async fn report_status(stop: tokio_util::sync::CancellationToken, w: Watched) {
 /// Re-reads the configuration file and puts it in service; `Err` with the errors (as
 /// check-config prints them) when the file is broken, the running configuration staying in
 /// service.
-async fn reload(server: &Server, path: Option<&Path>) -> Result<Vec<String>, String> {
+async fn reload(
+    server: &Server,
+    path: Option<&Path>,
+    last_reload: &LastReload,
+) -> Result<Vec<String>, String> {
     let started = Instant::now();
     let monotonic = sd_notify::NotifyState::monotonic_usec_now();
     let mut states = vec![sd_notify::NotifyState::Reloading];
@@ -567,12 +601,14 @@ async fn reload(server: &Server, path: Option<&Path>) -> Result<Vec<String>, Str
             }
         }
     }
+    server.metrics().reload(result.is_ok());
     let when = estafeta_proto::trace::utc_timestamp(estafeta_queue::unix_now());
-    let outcome = if result.is_ok() { "ok" } else { "FAILED" };
+    let outcome = format!("{when} {}", if result.is_ok() { "ok" } else { "FAILED" });
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status_line(server, Some(&format!("{when} {outcome}")))),
+        sd_notify::NotifyState::Status(&status_line(server, Some(&outcome))),
     ]);
+    *last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
     result
 }
 
@@ -596,7 +632,12 @@ impl Signals {
 
 /// Serves until SIGTERM or SIGINT. SIGHUP and `estafeta reload` re-read the whole
 /// configuration.
-async fn run_until_stopped(server: &mut Server, signals: Signals, path: Option<&Path>) {
+async fn run_until_stopped(
+    server: &mut Server,
+    signals: Signals,
+    path: Option<&Path>,
+    last_reload: &LastReload,
+) {
     let Signals {
         mut term,
         mut int,
@@ -609,7 +650,7 @@ async fn run_until_stopped(server: &mut Server, signals: Signals, path: Option<&
             _ = int.recv() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading the configuration");
-                let _ = reload(server, path).await;
+                let _ = reload(server, path, last_reload).await;
             }
             Some(answer) = async {
                 match requests.as_mut() {
@@ -618,7 +659,7 @@ async fn run_until_stopped(server: &mut Server, signals: Signals, path: Option<&
                 }
             } => {
                 tracing::info!("estafeta reload: re-reading the configuration");
-                let _ = answer.send(reload(server, path).await);
+                let _ = answer.send(reload(server, path, last_reload).await);
             }
         }
     }

@@ -97,6 +97,19 @@ impl Transport for Router {
         dests
     }
 
+    /// `maildir` for a local recipient (a mailbox, or an unknown user of a local domain),
+    /// `smtp` for the others (remote delivery, or waiting for it while it is off).
+    fn agent(&self, envelope: &estafeta_proto::Envelope, rcpt: usize) -> &'static str {
+        let path = &envelope.rcpts[rcpt].path;
+        if self.policy.mailbox_of(path).is_some()
+            || self.policy.is_local_domain(&path.mailbox.domain.key())
+        {
+            "maildir"
+        } else {
+            "smtp"
+        }
+    }
+
     /// Local recipients first, then the remote ones: the scheduler records the local
     /// deliveries before a remote delivery, which may take minutes, starts.
     fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {

@@ -330,7 +330,13 @@ async fn handshake(
     let accepted = tokio::time::timeout(limit, tls.acceptor().accept(tcp))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    let description = tls::session_description(accepted.get_ref().1);
+    let (tcp, conn) = accepted.get_ref();
+    let client = tcp
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    tracing::info!(target: "estafeta::maillog", client, version = %tls::version_name(conn), cipher = tls::cipher_name(conn).unwrap_or_default(), "TLS established");
+    let description = tls::session_description(conn);
     Ok((accepted, description))
 }
 
@@ -463,7 +469,7 @@ pub async fn handle_connection(
                     let verdict = match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
                         Verdict::Accept(_) => Ok(()),
                         Verdict::Reject(r) => {
-                            tracing::info!(target: "estafeta::maillog", client = %peer.ip(), to = %rcpt.path, reply = %r, "reject RCPT");
+                            tracing::info!(target: "estafeta::maillog", client = %peer.ip(), to = %rcpt.path, reply = %r, status = r.status.map(tracing::field::display), "reject RCPT");
                             Err(r)
                         }
                     };
@@ -474,7 +480,7 @@ pub async fn handle_connection(
                         Ok(())
                     } else {
                         let r = reply::sender_not_owned(&from.to_string(), &user);
-                        tracing::info!(target: "estafeta::maillog", client = %peer.ip(), user = %user, from = %from, "reject MAIL: sender not owned");
+                        tracing::info!(target: "estafeta::maillog", client = %peer.ip(), user = %user, from = %from, status = r.status.map(tracing::field::display), "reject MAIL: sender not owned");
                         Err(r)
                     };
                     session.mail_checked(verdict);
@@ -510,7 +516,10 @@ pub async fn handle_connection(
                             conn = Conn::Tls(Box::new(s));
                             session.tls_started(description);
                         }
-                        Err(e) => break 'conn format!("TLS handshake failed: {e}"),
+                        Err(e) => {
+                            tracing::info!(target: "estafeta::maillog", client = %peer.ip(), error = %e, "TLS handshake failed");
+                            break 'conn format!("TLS handshake failed: {e}");
+                        }
                     }
                 }
                 Action::Enqueue(mut envelope, body) => {

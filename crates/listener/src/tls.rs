@@ -353,22 +353,33 @@ impl Tls {
 /// (RFC 3848 style), from a server connection whose handshake has finished. Before the
 /// handshake it returns just `"TLS"`.
 pub fn session_description(conn: &rustls::ServerConnection) -> String {
-    let version = match conn.protocol_version() {
+    let version = version_name(conn);
+    match cipher_name(conn) {
+        Some(cipher) => format!("{version} with cipher {cipher}"),
+        None => version,
+    }
+}
+
+/// The protocol version of a finished handshake: `"TLSv1.3"` or `"TLSv1.2"` (the two this
+/// server offers); `"TLS"` before the handshake.
+pub fn version_name(conn: &rustls::ServerConnection) -> String {
+    match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
         Some(v) => format!("{v:?}"),
         None => "TLS".to_string(),
-    };
-    match conn.negotiated_cipher_suite() {
-        Some(suite) => {
-            let s = suite.suite();
-            match s.as_str() {
-                Some(name) => format!("{version} with cipher {name}"),
-                None => format!("{version} with cipher {s:?}"),
-            }
-        }
-        None => version,
     }
+}
+
+/// The negotiated cipher suite's name (`"TLS13_AES_256_GCM_SHA384"`), once negotiated.
+pub fn cipher_name(conn: &rustls::ServerConnection) -> Option<String> {
+    conn.negotiated_cipher_suite().map(|suite| {
+        let s = suite.suite();
+        match s.as_str() {
+            Some(name) => name.to_string(),
+            None => format!("{s:?}"),
+        }
+    })
 }
 
 /// Reads the files and builds a rustls server configuration: ring, TLS 1.2 and 1.3, no

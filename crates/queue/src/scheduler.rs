@@ -3,9 +3,10 @@
 //! for its retry is an entry in a heap, and the loop sleeps exactly until the next one is due.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use estafeta_proto::Envelope;
@@ -41,6 +42,55 @@ pub struct SchedulerConfig {
     pub double_bounce_to: Option<estafeta_proto::Mailbox>,
 }
 
+/// A snapshot of the queue, taken in the scheduler's loop ([`QueueHandle::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages in the queue: due, waiting for a retry, held, waiting for a busy destination,
+    /// and being attempted.
+    pub messages: usize,
+    /// Of those, held by the operator.
+    pub held: usize,
+    /// Of those, being attempted (or bounced by the operator) right now.
+    pub in_flight: usize,
+    /// Recipients not yet delivered nor failed, over all those messages.
+    pub recipients_pending: usize,
+    /// When the oldest message in the queue was accepted (Unix seconds); None when empty.
+    pub oldest_arrival: Option<u64>,
+}
+
+/// When the scheduler's loop last turned, shared between the loop and its handles: the
+/// milliseconds from `origin` (tokio's clock, so that tests on paused time see it move).
+#[derive(Debug)]
+struct Heartbeat {
+    origin: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Heartbeat {
+            origin: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that the loop turned now.
+    fn beat(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The time since the last turn.
+    fn since(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+}
+
+/// How often an idle scheduler's loop turns anyway, so that [`QueueHandle::last_turn`] stays
+/// fresh while the loop is healthy (the systemd watchdog relies on it).
+pub const TICK: Duration = Duration::from_secs(1);
+
 pub(crate) enum Event {
     /// A message was just accepted.
     New(QueuedMessage),
@@ -50,6 +100,10 @@ pub(crate) enum Event {
     Flush,
     /// The operator's request (`estafeta queue …`), answered on the channel.
     Admin(AdminAction, oneshot::Sender<AdminReport>),
+    /// A snapshot of the queue, answered on the channel.
+    Stats(oneshot::Sender<QueueStats>),
+    /// New settings (a configuration reload): attempts already running keep their copy.
+    Reconfigure(Box<SchedulerConfig>),
 }
 
 /// The handle sessions use to queue messages.
@@ -57,6 +111,7 @@ pub(crate) enum Event {
 pub struct QueueHandle {
     spool: Arc<Spool>,
     tx: mpsc::UnboundedSender<Event>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl std::fmt::Debug for Event {
@@ -66,6 +121,8 @@ impl std::fmt::Debug for Event {
             Event::Done(id, _) => write!(f, "Done({id})"),
             Event::Flush => f.write_str("Flush"),
             Event::Admin(a, _) => write!(f, "Admin({a})"),
+            Event::Stats(_) => f.write_str("Stats"),
+            Event::Reconfigure(_) => f.write_str("Reconfigure"),
         }
     }
 }
@@ -106,6 +163,35 @@ impl QueueHandle {
             .map(|r| r.done.len())
     }
 
+    /// A snapshot of the queue (sizes, the oldest message), taken in the scheduler's loop.
+    /// Fails only when the scheduler has stopped.
+    pub async fn stats(&self) -> io::Result<QueueStats> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Event::Stats(reply))
+            .map_err(|_| io::Error::other("the scheduler has stopped"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("the scheduler has stopped"))
+    }
+
+    /// The time since the scheduler's loop last turned. The loop turns at every event and at
+    /// least every [`TICK`] when idle; it awaits nothing long but its own spool writes, so a
+    /// value well over [`TICK`] means it is wedged (or stopped). For the systemd watchdog.
+    pub fn last_turn(&self) -> Duration {
+        self.heartbeat.since()
+    }
+
+    /// Replaces the scheduler's settings (a live reload of `[queue]`): retry schedule,
+    /// lifetime, delay warning, concurrency limits, double-bounce address, hostname. Attempts
+    /// already running keep the settings they started with; a message already waiting keeps
+    /// the retry time it was given. Fails only when the scheduler has stopped.
+    pub fn reconfigure(&self, cfg: SchedulerConfig) -> io::Result<()> {
+        self.tx
+            .send(Event::Reconfigure(Box::new(cfg)))
+            .map_err(|_| io::Error::other("the scheduler has stopped"))
+    }
+
     /// The spool.
     pub fn spool(&self) -> &Arc<Spool> {
         &self.spool
@@ -132,9 +218,11 @@ pub fn start<T: Transport>(
         );
     }
     let (tx, rx) = mpsc::unbounded_channel();
+    let heartbeat = Arc::new(Heartbeat::new());
     let handle = QueueHandle {
         spool: spool.clone(),
         tx: tx.clone(),
+        heartbeat: heartbeat.clone(),
     };
     let sched = Scheduler {
         spool,
@@ -147,11 +235,12 @@ pub fn start<T: Transport>(
         parked: HashMap::new(),
         held: HashMap::new(),
         in_flight: 0,
-        in_flight_ids: HashSet::new(),
+        in_flight_ids: HashMap::new(),
         on_return: HashMap::new(),
         per_destination: HashMap::new(),
         holding: HashMap::new(),
         blocked: HashMap::new(),
+        heartbeat,
         _lock: lock,
     };
     tracker.spawn(sched.run(rx, recovered, shutdown));
@@ -173,8 +262,9 @@ struct Scheduler<T> {
     /// Held by the operator: never attempted until released.
     held: HashMap<QueueId, QueuedMessage>,
     in_flight: usize,
-    /// The messages being attempted right now.
-    in_flight_ids: HashSet<QueueId>,
+    /// The messages being attempted right now, with their arrival time and pending
+    /// recipients when the attempt started (for [`QueueStats`]).
+    in_flight_ids: HashMap<QueueId, (u64, usize)>,
     /// What the operator asked for a message while it was being attempted, done when the
     /// attempt returns (a message is never removed under the transport's feet).
     on_return: HashMap<QueueId, AfterAttempt>,
@@ -185,6 +275,8 @@ struct Scheduler<T> {
     blocked: HashMap<String, VecDeque<QueuedMessage>>,
     /// The destinations each attempt in flight holds.
     holding: HashMap<QueueId, Vec<String>>,
+    /// Where the loop records each turn.
+    heartbeat: Arc<Heartbeat>,
     /// The spool's lock ([`Spool::lock`]), released when the scheduler is dropped.
     _lock: std::fs::File,
 }
@@ -207,7 +299,10 @@ impl<T: Transport> Scheduler<T> {
         for m in recovered {
             self.schedule(m);
         }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.heartbeat.beat();
             self.dispatch();
             let next_due = self.waiting.peek().map(|Reverse((t, _))| *t);
             tokio::select! {
@@ -224,7 +319,16 @@ impl<T: Transport> Scheduler<T> {
                         let report = self.admin(action).await;
                         let _ = reply.send(report);
                     }
+                    Some(Event::Stats(reply)) => {
+                        let _ = reply.send(self.stats());
+                    }
+                    Some(Event::Reconfigure(cfg)) => {
+                        tracing::info!("queue settings reloaded");
+                        self.cfg = *cfg;
+                    }
                 },
+                // Turns the loop when idle: the heartbeat stays fresh.
+                _ = tick.tick() => {}
                 _ = sleep_until(next_due), if next_due.is_some() => {
                     let now = Instant::now();
                     while let Some(Reverse((t, id))) = self.waiting.peek().copied() {
@@ -250,6 +354,7 @@ impl<T: Transport> Scheduler<T> {
                 Some(Event::Done(id, m)) => self.done(id, m, false).await,
                 // Answered "the scheduler has stopped".
                 Some(Event::Admin(_, reply)) => drop(reply),
+                Some(Event::Stats(reply)) => drop(reply),
                 Some(_) => {}
             }
         }
@@ -343,7 +448,7 @@ impl<T: Transport> Scheduler<T> {
                 .map(|m| m.id)
                 .collect();
             done.extend(ready);
-            done.extend(self.in_flight_ids.iter().filter(|id| match sel {
+            done.extend(self.in_flight_ids.keys().filter(|id| match sel {
                 Selection::Ids(ids) => ids.contains(id),
                 _ => true,
             }));
@@ -406,7 +511,7 @@ impl<T: Transport> Scheduler<T> {
             if let Some(m) = self.take(id) {
                 self.act_on(after, m).await;
                 report.done.push(id);
-            } else if self.in_flight_ids.contains(&id) {
+            } else if self.in_flight_ids.contains_key(&id) {
                 // Done when the attempt returns (a delete wins over a hold).
                 let entry = self.on_return.entry(id).or_insert(after);
                 if after != AfterAttempt::Hold {
@@ -420,8 +525,40 @@ impl<T: Transport> Scheduler<T> {
         report
     }
 
+    /// Counts what the queue holds, wherever each message waits.
+    fn stats(&self) -> QueueStats {
+        let mut s = QueueStats {
+            held: self.held.len(),
+            in_flight: self.in_flight_ids.len(),
+            ..QueueStats::default()
+        };
+        let mut count = |arrival: u64, pending: usize| {
+            s.messages += 1;
+            s.recipients_pending += pending;
+            s.oldest_arrival = Some(s.oldest_arrival.map_or(arrival, |o| o.min(arrival)));
+        };
+        let waiting = self
+            .ready
+            .iter()
+            .chain(self.parked.values().map(|(_, m)| m))
+            .chain(self.held.values())
+            .chain(self.blocked.values().flatten());
+        for m in waiting {
+            let pending = m
+                .status
+                .iter()
+                .filter(|s| s.state == RcptState::Pending)
+                .count();
+            count(m.arrival, pending);
+        }
+        for &(arrival, pending) in self.in_flight_ids.values() {
+            count(arrival, pending);
+        }
+        s
+    }
+
     fn is_known(&self, id: QueueId) -> bool {
-        self.in_flight_ids.contains(&id)
+        self.in_flight_ids.contains_key(&id)
             || self.parked.contains_key(&id)
             || self.held.contains_key(&id)
             || self.ready.iter().any(|m| m.id == id)
@@ -450,7 +587,8 @@ impl<T: Transport> Scheduler<T> {
             AfterAttempt::Bounce => {
                 // Like an attempt: counted in flight, so that shutdown waits for it.
                 self.in_flight += 1;
-                self.in_flight_ids.insert(m.id);
+                self.in_flight_ids
+                    .insert(m.id, (m.arrival, m.pending().len()));
                 let spool = self.spool.clone();
                 let cfg = self.cfg.clone();
                 let tx = self.tx.clone();
@@ -509,7 +647,8 @@ impl<T: Transport> Scheduler<T> {
                 self.holding.insert(m.id, dests);
             }
             self.in_flight += 1;
-            self.in_flight_ids.insert(m.id);
+            self.in_flight_ids
+                .insert(m.id, (m.arrival, m.pending().len()));
             let spool = self.spool.clone();
             let transport = self.transport.clone();
             let cfg = self.cfg.clone();
@@ -594,23 +733,24 @@ async fn attempt<T: Transport>(
         answered[i] = true;
         status.attempts += 1;
         let to = &m.envelope.rcpts[i].path;
+        let agent = transport.agent(&m.envelope, i);
         match &outcome {
             Outcome::Delivered(detail) | Outcome::Relayed { detail, .. } => {
                 status.state = RcptState::Delivered;
                 status.last_error = None;
-                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, %detail, "delivered");
+                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "sent", delay_s = delay, transport = agent, %detail, "delivered");
                 if !notified.contains(&i) {
                     notices.success(i, &outcome);
                 }
             }
             Outcome::TempFail(f) => {
                 status.last_error = Some(f.to_string());
-                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "deferred", delay_s = delay, reason = %f, "deferred");
+                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "deferred", delay_s = delay, transport = agent, reason = %f, "deferred");
             }
             Outcome::PermFail(f) => {
                 status.state = RcptState::Failed;
                 status.last_error = Some(f.to_string());
-                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "bounced", delay_s = delay, reason = %f, "failed");
+                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "bounced", delay_s = delay, transport = agent, reason = %f, "failed");
                 let code = f
                     .reply
                     .status
@@ -638,7 +778,7 @@ async fn attempt<T: Transport>(
                 "delivery time expired after {}; last error: {last}",
                 human(delay)
             );
-            tracing::info!(target: "estafeta::maillog", id = %m.id, to = %m.envelope.rcpts[i].path, status = "expired", delay_s = delay, reason = %why, "failed");
+            tracing::info!(target: "estafeta::maillog", id = %m.id, to = %m.envelope.rcpts[i].path, status = "expired", delay_s = delay, transport = transport.agent(&m.envelope, i), reason = %why, "failed");
             m.status[i].last_error = Some(why.clone());
             notices.failed.push((i, "5.4.7".into(), None, why));
         }

@@ -91,6 +91,15 @@ pub trait Transport: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The name of the delivery agent that handles recipient `rcpt` of `envelope`
+    /// (`maildir`, `smtp`, …): the `transport` field of the maillog's delivery events, and a
+    /// label of the delivery metrics, so it must come from a small fixed set. The default is
+    /// `other`.
+    fn agent(&self, envelope: &Envelope, rcpt: usize) -> &'static str {
+        let _ = (envelope, rcpt);
+        "other"
+    }
+
     /// Splits the recipients of an attempt into batches that the scheduler delivers one after
     /// the other, recording the recipients each batch delivered in the spool before the next
     /// batch starts. Quick local deliveries go first, so that a crash during a slow remote one

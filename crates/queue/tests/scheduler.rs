@@ -353,3 +353,205 @@ async fn a_deep_backlog_for_one_domain_does_not_starve_the_others() {
         "other.example never attempted: 7 of 8 delivery slots idle"
     );
 }
+
+/// Delivers each message once the test lets it (one permit per attempt); counts the attempts
+/// started.
+struct Gate {
+    open: tokio::sync::Semaphore,
+    started: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            open: tokio::sync::Semaphore::new(0),
+            started: Default::default(),
+        }
+    }
+}
+
+impl Gate {
+    fn started(&self) -> usize {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Transport for Gate {
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.open.acquire().await.unwrap().forget();
+        job.rcpts
+            .iter()
+            .map(|&i| (i, Outcome::Delivered("ok".into())))
+            .collect()
+    }
+}
+
+fn envelope_to(rcpts: &[&str]) -> Envelope {
+    let mut e = envelope(rcpts[0]);
+    for r in &rcpts[1..] {
+        e.rcpts.push(Recipient {
+            path: parse_forward_path(&format!("<{r}>")).unwrap().0,
+            params: Default::default(),
+        });
+    }
+    e
+}
+
+#[tokio::test]
+async fn stats_count_every_message_wherever_it_waits() {
+    use estafeta_queue::{AdminAction, QueueStats, unix_now};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(common::spool(dir.path()));
+    let t = Arc::new(Gate::default());
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(
+        spool,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 1,
+            ..common::config()
+        },
+    );
+    assert_eq!(q.stats().await.unwrap(), QueueStats::default());
+    let before = unix_now();
+    q.submit(envelope_to(&["a@x.test", "b@x.test"]), b"x\r\n".to_vec())
+        .await
+        .unwrap();
+    q.submit(envelope("c@x.test"), b"x\r\n".to_vec())
+        .await
+        .unwrap();
+    let third = q
+        .submit(envelope("d@x.test"), b"x\r\n".to_vec())
+        .await
+        .unwrap();
+    let after = unix_now();
+    // One in flight (the limit), two due, four recipients in all.
+    let s = q.stats().await.unwrap();
+    assert_eq!(
+        (s.messages, s.in_flight, s.held, s.recipients_pending),
+        (3, 1, 0, 4),
+        "{s:?}"
+    );
+    let oldest = s.oldest_arrival.expect("an oldest message");
+    assert!(
+        (before..=after).contains(&oldest),
+        "{oldest} not in {before}..={after}"
+    );
+    // A held message still counts, as held.
+    q.admin(AdminAction::Hold(vec![third])).await.unwrap();
+    let s = q.stats().await.unwrap();
+    assert_eq!((s.messages, s.held), (3, 1), "{s:?}");
+    // The two others delivered: only the held one is left.
+    t.open.add_permits(2);
+    common::until("two deliveries", || t.started() >= 2).await;
+    until_stats(&q, |s| s.messages == 1).await;
+    let s = q.stats().await.unwrap();
+    assert_eq!(
+        (s.held, s.in_flight, s.recipients_pending),
+        (1, 0, 1),
+        "{s:?}"
+    );
+    q.admin(AdminAction::Delete(vec![third])).await.unwrap();
+    assert_eq!(q.stats().await.unwrap(), QueueStats::default());
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    // Stopped: the question fails instead of waiting forever.
+    assert!(q.stats().await.is_err());
+}
+
+#[tokio::test]
+async fn reconfigure_changes_the_limits_of_a_running_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(common::spool(dir.path()));
+    let t = Arc::new(Gate::default());
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(
+        spool,
+        t.clone(),
+        SchedulerConfig {
+            max_deliveries: 1,
+            ..common::config()
+        },
+    );
+    for rcpt in ["a@x.test", "b@x.test", "c@x.test", "d@x.test"] {
+        q.submit(envelope(rcpt), b"x\r\n".to_vec()).await.unwrap();
+    }
+    // Events are handled in order: each answer below comes after the loop dispatched.
+    assert_eq!(q.stats().await.unwrap().in_flight, 1);
+    q.reconfigure(SchedulerConfig {
+        max_deliveries: 3,
+        ..common::config()
+    })
+    .unwrap();
+    assert_eq!(q.stats().await.unwrap().in_flight, 3);
+    common::until("three attempts", || t.started() == 3).await;
+    // Down again: the attempts running go on; no new one starts until there is room.
+    q.reconfigure(SchedulerConfig {
+        max_deliveries: 1,
+        ..common::config()
+    })
+    .unwrap();
+    t.open.add_permits(1);
+    until_stats(&q, |s| s.messages == 3).await;
+    let s = q.stats().await.unwrap();
+    assert_eq!((s.messages, s.in_flight), (3, 2), "{s:?}");
+    t.open.add_permits(10);
+    until_stats(&q, |s| s.messages == 0).await;
+    assert_eq!(t.started(), 4);
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    assert!(q.reconfigure(common::config()).is_err());
+}
+
+/// Waits (at most 10 s) until the queue's stats satisfy `f`.
+async fn until_stats(
+    q: &estafeta_queue::QueueHandle,
+    f: impl Fn(&estafeta_queue::QueueStats) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = q.stats().await.unwrap();
+        if f(&s) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The loop turns at least every second when idle, so `last_turn` stays fresh; once the loop
+/// has stopped (as a wedged one would), it grows. On paused time: every instant is exact.
+#[tokio::test(start_paused = true)]
+async fn an_idle_scheduler_keeps_its_heartbeat_fresh() {
+    use estafeta_queue::scheduler::TICK;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(common::spool(dir.path()));
+    let common::Queue {
+        handle: q,
+        shutdown,
+        tracker,
+    } = common::start(spool, Arc::new(Gate::default()), common::config());
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(2_700)).await;
+        assert!(q.last_turn() <= TICK, "{:?}", q.last_turn());
+    }
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        q.last_turn() >= Duration::from_secs(30),
+        "{:?}",
+        q.last_turn()
+    );
+}
