@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use estafeta_config::{Config, Listener, ListenerKind, VrfyMode};
 use estafeta_listener::tls::{Tls, TlsSettings};
-use estafeta_listener::{AuthContext, ListenerContext, ListenerSpec};
+use estafeta_listener::{AuthContext, ListenerContext, ListenerSpec, LocalSpec};
 use estafeta_maildir::Maildir;
 use estafeta_policy::Policy;
 use estafeta_proto::SessionConfig;
@@ -66,6 +66,25 @@ pub fn session_config(cfg: &Config, listener: &Listener, tls: bool) -> SessionCo
         check_sender: listener.sender_check,
         authenticated_header: cfg.auth.authenticated_header,
     }
+}
+
+/// The session settings of the local submission socket (`sendmail`): the limits of the
+/// configuration, without STARTTLS (the socket never leaves the machine), AUTH or the sender
+/// check (the user is known from the kernel, and trusted like mynetworks, as Postfix trusts
+/// its sendmail).
+pub fn local_session_config(cfg: &Config) -> SessionConfig {
+    let mut s = session_config(
+        cfg,
+        &Listener {
+            kind: ListenerKind::Smtp,
+            addresses: Vec::new(),
+            sender_check: false,
+        },
+        false,
+    );
+    s.require_auth = false;
+    s.check_sender = false;
+    s
 }
 
 /// The port of MX hosts (RFC 5321 §4.5.4.2's well-known port; routes may name another).
@@ -180,6 +199,10 @@ impl Server {
         // recovered. Not starting without it: the queue commands would take the server for
         // stopped and edit the spool under it.
         let control = control::bind(&cfg.control.socket)?;
+        // Local submission (`sendmail`), open to every local user; bound before the TCP
+        // listeners, so that it is there once the server answers on them.
+        let submit_path = cfg.control.submit_socket.clone();
+        let submit = control::bind_unix(&submit_path, 0o666, "submit socket")?;
         // Users: the file is re-read by itself when it changes. It also lists the mailboxes
         // of domains that do not list theirs.
         let users = Arc::new(
@@ -275,7 +298,13 @@ impl Server {
             max_connections_per_ip: cfg.limits.max_connections_per_ip,
             open_relay,
         });
-        estafeta_listener::spawn_accept_loops(specs, ctx, shutdown.clone(), &tracker);
+        let local = LocalSpec {
+            listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
+            path: submit_path,
+            session: Arc::new(local_session_config(&cfg)),
+        };
+        tracing::info!(socket = %local.path.display(), "submit socket ready");
+        estafeta_listener::spawn_accept_loops(specs, Some(local), ctx, shutdown.clone(), &tracker);
         if let Some(ranges) = &open_relay_text {
             tracing::warn!(
                 "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)"
