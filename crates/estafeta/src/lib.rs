@@ -6,6 +6,7 @@ pub mod control;
 pub mod explain;
 pub mod queue_cmd;
 pub mod router;
+pub mod sendmail;
 pub mod user_cmd;
 
 use std::net::SocketAddr;

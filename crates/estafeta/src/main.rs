@@ -1,4 +1,5 @@
-//! The `estafeta` command: `serve`, `check-config`, `user`, `explain`, `queue`.
+//! The `estafeta` command: `serve`, `check-config`, `user`, `explain`, `queue`, `sendmail`
+//! (also run as `sendmail`, `mailq`, `newaliases`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,18 @@ enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Submit a message like sendmail(8), through the running server's submit socket (the
+    /// binary run as `sendmail` does this; as `mailq` it lists the queue): sendmail [-t] [-i]
+    /// [-f SENDER] [-F NAME] [-bs] [-bp] [RCPT…]. Exit codes are sysexits.h's.
+    Sendmail {
+        /// sendmail's flags and the recipients.
+        #[arg(
+            allow_hyphen_values = true,
+            trailing_var_arg = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
     /// Check a configuration file and print every error with file:line:column.
     CheckConfig {
         /// The configuration file.
@@ -85,6 +98,12 @@ enum Command {
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    // sendmail's flags (-oi, -bs, -faddr) are not clap's: `sendmail`, `mailq`, `newaliases`
+    // and `estafeta sendmail …` are told apart before clap parses anything.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = estafeta::sendmail::dispatch(&args) {
+        return code;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
@@ -124,6 +143,7 @@ fn main() -> ExitCode {
             data_dir,
             log_level,
         } => serve(config, data_dir, log_level),
+        Command::Sendmail { args } => estafeta::sendmail::run(&args),
     }
 }
 

@@ -374,7 +374,7 @@ fn spawn_local_accept_loop(
 }
 
 /// The login name of `uid` (getpwuid_r), when the user database has one.
-fn user_name(uid: u32) -> Option<String> {
+pub fn user_name(uid: u32) -> Option<String> {
     let mut buf = vec![0u8; 1024];
     loop {
         // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r writes only into it and
