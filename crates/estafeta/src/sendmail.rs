@@ -123,8 +123,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
             o.recipients.push(word.clone());
             continue;
         };
-        let mut chars = flags.char_indices();
-        while let Some((i, flag)) = chars.next() {
+        for (i, flag) in flags.char_indices() {
             let attached = &flags[i + flag.len_utf8()..];
             // The argument of an option that takes one: the rest of this word, or the next.
             let mut argument = || -> Result<String, String> {
@@ -173,9 +172,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
                 }
                 other => return Err(format!("unknown option -{other}")),
             }
-            if matches!(flag, 'f' | 'r' | 'F' | 'N' | 'R' | 'V' | 'C' | 'o' | 'b')
-                || matches!(flag, 'B' | 'L' | 'O' | 'X' | 'e' | 'h' | 'p')
-            {
+            if "frFNRVCobBLOXehp".contains(flag) {
                 break; // the argument took the rest of the word (or the next word)
             }
         }
