@@ -77,7 +77,8 @@ impl Setup {
             cmd.uid(uid).gid(gid).env("LOGNAME", "nobody");
         }
         let mut child = cmd.spawn().expect("spawn sendmail");
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        // A usage error ends the command before it reads anything: a broken pipe then.
+        let _ = child.stdin.take().unwrap().write_all(stdin);
         child.wait_with_output().unwrap()
     }
 
@@ -100,6 +101,19 @@ impl Setup {
         got.into_iter()
             .map(|m| String::from_utf8(m).unwrap())
             .collect()
+    }
+}
+
+impl Setup {
+    /// Of the (at least `n`) messages of `user@localhost`, the one whose subject is `subject`
+    /// (Maildir names do not sort in delivery order).
+    fn message(&self, user: &str, n: usize, subject: &str) -> String {
+        let all = self.mailbox(user, n);
+        let wanted = format!("\r\nSubject: {subject}\r\n");
+        all.iter()
+            .find(|m| m.contains(&wanted))
+            .unwrap_or_else(|| panic!("no message {subject:?} in {all:?}"))
+            .clone()
     }
 }
 
@@ -139,9 +153,10 @@ fn sendmail_t_as_an_unprivileged_user() {
         "the submit socket is open to every user"
     );
     let (uid, gid) = nobody();
+    // carol is also on the command line: added to the header's recipients, once.
     let out = s.run(
         "sendmail",
-        &["-t", "-i"],
+        &["-t", "-i", "carol@localhost"],
         b"To: bob@localhost\nBcc: carol@localhost\nSubject: t\n\nhi\n",
         Some((uid, gid)),
     );
@@ -167,6 +182,7 @@ fn sendmail_t_as_an_unprivileged_user() {
         assert!(m.ends_with("\r\n\r\nhi\r\n"), "{m}");
     }
     let log = s.log();
+    assert!(log.contains("nrcpt=2"), "{log}");
     assert!(
         log.contains(&format!(
             "connect client=\"local\" listener=\"local\" uid={uid} user=\"nobody\""
@@ -228,7 +244,7 @@ fn recipients_on_the_command_line_with_f_and_full_name() {
         b"From: Real <real@example.test>\nSubject: own\n\nx\n",
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let m = &s.mailbox("bob", 2)[1];
+    let m = s.message("bob", 2, "own");
     assert!(m.contains("\r\nFrom: Real <real@example.test>\r\n"), "{m}");
     assert_eq!(m.matches("From:").count(), 1, "{m}");
 }
@@ -236,21 +252,26 @@ fn recipients_on_the_command_line_with_f_and_full_name() {
 #[test]
 fn a_lone_dot_ends_the_message_without_i() {
     let s = Setup::new("", true);
-    let text = b"Subject: dots\n\nfirst\n.\nafter the dot\n";
-    let out = s.sendmail(&["bob@localhost"], text);
+    let out = s.sendmail(
+        &["bob@localhost"],
+        b"Subject: one\n\nfirst\n.\nafter the dot\n",
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let m = &s.mailbox("bob", 1)[0];
+    let m = s.message("bob", 1, "one");
     assert!(m.ends_with("\r\n\r\nfirst\r\n"), "{m}");
-    let out = s.sendmail(&["-i", "bob@localhost"], text);
+    let out = s.sendmail(
+        &["-i", "bob@localhost"],
+        b"Subject: two\n\nfirst\n.\nafter the dot\n",
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let m = &s.mailbox("bob", 2)[1];
+    let m = s.message("bob", 2, "two");
     assert!(
         m.ends_with("\r\n\r\nfirst\r\n.\r\nafter the dot\r\n"),
         "{m}"
     );
-    let out = s.sendmail(&["-oi", "bob@localhost"], b"..two\n.\n");
+    let out = s.sendmail(&["-oi", "bob@localhost"], b"Subject: three\n\n..two\n.\n");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let m = &s.mailbox("bob", 3)[2];
+    let m = s.message("bob", 3, "three");
     assert!(m.ends_with("\r\n..two\r\n.\r\n"), "{m}");
 }
 

@@ -432,7 +432,13 @@ fn deliver(o: &Options) -> Result<(), Failure> {
         Some(s) => qualify(s.trim_start_matches('<').trim_end_matches('>'), &hostname),
         None => qualify(&login_name(), &hostname),
     };
-    let recipients: Vec<String> = recipients.iter().map(|r| qualify(r, &hostname)).collect();
+    // Once each (the same address on the command line and in To: with -t, say).
+    let mut seen = std::collections::HashSet::new();
+    let recipients: Vec<String> = recipients
+        .iter()
+        .map(|r| qualify(r, &hostname))
+        .filter(|r| seen.insert(r.to_lowercase()))
+        .collect();
     add_missing_fields(&mut msg, &sender, o.full_name.as_deref(), &hostname, now());
     smtp.transaction(o, &sender, &recipients, &msg)
 }
