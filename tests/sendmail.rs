@@ -392,3 +392,40 @@ fn newaliases_has_nothing_to_do() {
     assert_eq!(code(&out), 0);
     assert!(String::from_utf8_lossy(&out.stdout).contains("[domain.aliases]"));
 }
+
+#[test]
+fn a_local_user_counts_like_one_client_address_and_sendmail_waits_for_a_slot() {
+    let s = Setup::new("[limits]\nmax_connections_per_ip = 1\n", true);
+    let mut held = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = [0u8; 4];
+    std::io::Read::read_exact(&mut held, &mut greeting).unwrap();
+    assert_eq!(&greeting, b"220 ");
+    // -bs is a byte pipe: the refusal reaches its client as it is.
+    let out = s.sendmail(&["-bs"], b"QUIT\r\n");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("421 4.7.0 mx.test.example Error: too many connections from uid "),
+        "{text}"
+    );
+    // A message waits (a few seconds at most) for the slot instead of failing at once.
+    let mut child = Command::new(s.dir.path().join("sendmail"))
+        .arg("bob@localhost")
+        .env("ESTAFETA_CONFIG", &s.config)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Subject: waited\n\nx\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    s.message("bob", 1, "waited");
+}
