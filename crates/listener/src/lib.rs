@@ -182,32 +182,32 @@ struct PerIp {
 /// Decrements the per-address count when the connection ends.
 struct IpSlot {
     table: Arc<PerIp>,
-    ip: PeerKey,
+    key: PeerKey,
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = counts.get_mut(&self.ip) {
+        if let Some(c) = counts.get_mut(&self.key) {
             *c -= 1;
             if *c == 0 {
-                counts.remove(&self.ip);
+                counts.remove(&self.key);
             }
         }
     }
 }
 
 impl PerIp {
-    fn acquire(self: &Arc<Self>, ip: PeerKey, max: usize) -> Option<IpSlot> {
+    fn acquire(self: &Arc<Self>, key: PeerKey, max: usize) -> Option<IpSlot> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let c = counts.entry(ip).or_insert(0);
+        let c = counts.entry(key).or_insert(0);
         if *c >= max {
             return None;
         }
         *c += 1;
         Some(IpSlot {
             table: self.clone(),
-            ip,
+            key,
         })
     }
 }
