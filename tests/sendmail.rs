@@ -359,6 +359,8 @@ fn exit_codes() {
     let out = down.sendmail(&[], b"x\n");
     assert_eq!(code(&out), 64, "{}", stderr(&out));
     assert!(stderr(&out).contains("no recipients"), "{}", stderr(&out));
+    let out = down.sendmail(&["", "Nobody <>"], b"x\n");
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
     // `-t` without any recipient in the header: EX_DATAERR.
     let out = down.sendmail(&["-t"], b"Subject: none\n\nx\n");
     assert_eq!(code(&out), 65, "{}", stderr(&out));

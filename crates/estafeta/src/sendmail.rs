@@ -414,6 +414,12 @@ fn deliver(o: &Options) -> Result<(), Failure> {
                 "no recipients: none on the command line, none in To, Cc or Bcc (-t)",
             ));
         }
+    } else if recipients.is_empty() {
+        // Arguments that hold no address (`""`, `"Name <>"`).
+        return Err(fail(
+            EX_USAGE,
+            format!("no recipients: no address in {:?}", o.recipients),
+        ));
     }
     let target = target(o.config.as_deref())?;
     let mut smtp = Smtp::connect(&target, o.verbose)?;
