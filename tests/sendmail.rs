@@ -336,6 +336,20 @@ fn mailq_lists_a_queued_message() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("someone@remote.example"), "{text}");
     assert!(text.contains("tester@mx.test.example"), "{text}");
+    // `queue show` says where it came from.
+    let id = text
+        .lines()
+        .find(|l| l.contains("tester@mx.test.example"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches(['*', '!']);
+    let out = Command::new(estafeta_bin())
+        .args(["queue", "show", id, "--config"])
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&out.stdout);
+    assert!(show.contains(" local uid="), "{show}");
     // `sendmail -bp` is the same listing.
     let out = s.sendmail(&["-bp"], b"");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
