@@ -131,32 +131,44 @@ impl Drop for ControlSocket {
 /// takes a starting server for a stopped one. A socket file left by a server that is gone is
 /// replaced; one that a running server answers on is an error (two servers on one spool).
 pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
+    let listener = bind_unix(path, 0o600, "control socket")?;
+    Ok(ControlSocket {
+        listener: Some(listener),
+        path: path.to_path_buf(),
+    })
+}
+
+/// Binds a Unix stream socket at `path` with `mode`, non-blocking: its parent directory is
+/// created when missing; a socket file left by a server that is gone is replaced; one that a
+/// running server answers on is an error. `what` names it in errors.
+pub fn bind_unix(
+    path: &Path,
+    mode: u32,
+    what: &str,
+) -> anyhow::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
     {
         std::fs::create_dir_all(parent)
-            .with_context(|| format!("control socket: cannot create {}", parent.display()))?;
+            .with_context(|| format!("{what}: cannot create {}", parent.display()))?;
     }
     if std::fs::symlink_metadata(path).is_ok() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
-                "control socket {}: another server answers on it (one spool, one server)",
+                "{what} {}: another server answers on it (one spool, one server)",
                 path.display()
             );
         }
         std::fs::remove_file(path)
-            .with_context(|| format!("control socket: cannot remove stale {}", path.display()))?;
+            .with_context(|| format!("{what}: cannot remove stale {}", path.display()))?;
     }
     let listener = std::os::unix::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("control socket: cannot set the mode of {}", path.display()))?;
+        .with_context(|| format!("cannot create the {what} {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("{what}: cannot set the mode of {}", path.display()))?;
     listener.set_nonblocking(true)?;
-    Ok(ControlSocket {
-        listener: Some(listener),
-        path: path.to_path_buf(),
-    })
+    Ok(listener)
 }
 
 /// Serves the control socket until `shutdown`, then removes the socket file. Must run inside

@@ -43,6 +43,7 @@ pub fn run(
     let who = Client {
         ip: client,
         user: auth.as_ref().map(|u| u.to_lowercase()),
+        local_uid: None,
     };
     let reverse = match parse_reverse_path(&bracket(from)) {
         Ok((r, _)) => r,

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod queue_cmd;
 pub mod router;
+pub mod sendmail;
 pub mod user_cmd;
 
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use estafeta_config::{Config, Listener, ListenerKind, VrfyMode};
 use estafeta_listener::tls::{Tls, TlsSettings};
-use estafeta_listener::{AuthContext, ListenerContext, ListenerSpec, Live};
+use estafeta_listener::{AuthContext, ListenerContext, ListenerSpec, Live, LocalSpec};
 use estafeta_maildir::Maildir;
 use estafeta_policy::Policy;
 use estafeta_proto::SessionConfig;
@@ -31,6 +32,25 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::router::{LiveRouter, Router};
+
+/// The installed server's configuration file.
+pub const SYSTEM_CONFIG: &str = "/etc/estafeta/estafeta.toml";
+
+/// The configuration file a command uses: `explicit` (`--config`), else `$ESTAFETA_CONFIG`,
+/// else `/etc/estafeta/estafeta.toml` when it exists, else none (the embedded default). So
+/// `estafeta queue list` (and `mailq`) on a production host looks at the production queue.
+pub fn find_config(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit
+        .or_else(|| {
+            std::env::var_os("ESTAFETA_CONFIG")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| {
+            let system = PathBuf::from(SYSTEM_CONFIG);
+            system.exists().then_some(system)
+        })
+}
 
 /// A running server.
 #[derive(Debug)]
@@ -107,6 +127,25 @@ pub fn session_config(cfg: &Config, listener: &Listener, tls: bool) -> SessionCo
         check_sender: listener.sender_check,
         authenticated_header: cfg.auth.authenticated_header,
     }
+}
+
+/// The session settings of the local submission socket (`sendmail`): the limits of the
+/// configuration, without STARTTLS (the socket never leaves the machine), AUTH or the sender
+/// check (the user is known from the kernel, and trusted like mynetworks, as Postfix trusts
+/// its sendmail).
+pub fn local_session_config(cfg: &Config) -> SessionConfig {
+    let mut s = session_config(
+        cfg,
+        &Listener {
+            kind: ListenerKind::Smtp,
+            addresses: Vec::new(),
+            sender_check: false,
+        },
+        false,
+    );
+    s.require_auth = false;
+    s.check_sender = false;
+    s
 }
 
 /// The port of MX hosts (RFC 5321 §4.5.4.2's well-known port; routes may name another).
@@ -207,6 +246,24 @@ fn private_dir(path: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(path)
         .with_context(|| format!("cannot create directory {}", path.display()))
+}
+
+/// Removes a socket file when a start fails after binding it (a failed start leaves nothing
+/// behind), unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Creates `dir` and its missing parents with mode 0700; returns the directories it created.
@@ -420,6 +477,11 @@ impl Server {
         // recovered. Not starting without it: the queue commands would take the server for
         // stopped and edit the spool under it. Removed again if the start fails below.
         let control = control::bind(&cfg.control.socket)?;
+        // Local submission (`sendmail`), open to every local user; bound before the TCP
+        // listeners, so that it is there once the server answers on them.
+        let submit_path = cfg.control.submit_socket.clone();
+        let submit = control::bind_unix(&submit_path, 0o666, "submit socket")?;
+        let mut submit_guard = RemoveOnDrop(Some(submit_path.clone()));
         // Users: the file is re-read by itself when it changes. It also lists the mailboxes
         // of domains that do not list theirs.
         let users = Arc::new(
@@ -492,13 +554,27 @@ impl Server {
             );
         }
         let ctx = listener_context(&cfg, policy, queue.clone(), &tls, auth.clone(), &kinds);
+        let local = LocalSpec {
+            listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
+            path: submit_path,
+            session: Arc::new(local_session_config(&cfg)),
+        };
+        // From here on the accept loop removes it.
+        submit_guard.disarm();
+        tracing::info!(socket = %local.path.display(), "submit socket ready");
         if let Some(ranges) = &ctx.open_relay {
             tracing::warn!(
                 "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)"
             );
         }
         let live = Arc::new(Live::new(ctx));
-        estafeta_listener::spawn_accept_loops(specs, live.clone(), shutdown.clone(), &tracker);
+        estafeta_listener::spawn_accept_loops(
+            specs,
+            Some(local),
+            live.clone(),
+            shutdown.clone(),
+            &tracker,
+        );
         for (kind, addr) in &local_addrs {
             tracing::info!(kind = kind.as_str(), address = %addr, "listening");
         }

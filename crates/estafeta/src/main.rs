@@ -1,4 +1,5 @@
-//! The `estafeta` command: `serve`, `check-config`, `reload`, `user`, `explain`, `queue`.
+//! The `estafeta` command: `serve`, `check-config`, `reload`, `user`, `explain`, `queue`,
+//! `sendmail` (also run as `sendmail`, `mailq`, `newaliases`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -7,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use estafeta::Server;
 use estafeta::metrics::Metrics;
 use estafeta::privileges::{self, Account};
+use estafeta::{SYSTEM_CONFIG, Server, find_config};
 use estafeta_config::{Config, ListenerKind, LogFormat};
 
 /// estafeta: an SMTP server (MTA, MSA and MDA) configured with one TOML file.
@@ -85,6 +86,18 @@ enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Submit a message like sendmail(8), through the running server's submit socket (the
+    /// binary run as `sendmail` does this; as `mailq` it lists the queue): sendmail [-t] [-i]
+    /// [-f SENDER] [-F NAME] [-bs] [-bp] [RCPT…]. Exit codes are sysexits.h's.
+    Sendmail {
+        /// sendmail's flags and the recipients.
+        #[arg(
+            allow_hyphen_values = true,
+            trailing_var_arg = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
     /// Check a configuration file: every error with file:line:column, then whether the server
     /// will be able to run with it on this host (the user exists; the certificate, key and
     /// users file can be read and the data and Maildir directories written by the user the
@@ -102,22 +115,13 @@ const EX_CONFIG: u8 = 78;
 /// sysexits.h EX_UNAVAILABLE.
 const EX_UNAVAILABLE: u8 = 69;
 
-/// The installed server's configuration file.
-const SYSTEM_CONFIG: &str = "/etc/estafeta/estafeta.toml";
-
-/// The configuration file a command uses: `--config`, else `$ESTAFETA_CONFIG`, else
-/// `/etc/estafeta/estafeta.toml` when it exists, else none (the embedded default). So
-/// `estafeta queue list` (and `mailq`) on a production host looks at the production queue.
-pub fn find_config(explicit: Option<PathBuf>) -> Option<PathBuf> {
-    explicit
-        .or_else(|| std::env::var_os("ESTAFETA_CONFIG").map(PathBuf::from))
-        .or_else(|| {
-            let system = PathBuf::from(SYSTEM_CONFIG);
-            system.exists().then_some(system)
-        })
-}
-
 fn main() -> ExitCode {
+    // sendmail's flags (-oi, -bs, -faddr) are not clap's: `sendmail`, `mailq`, `newaliases`
+    // and `estafeta sendmail …` are told apart before clap parses anything.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = estafeta::sendmail::dispatch(&args) {
+        return code;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(file),
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
             let config = config.or_else(|| std::env::var_os("ESTAFETA_CONFIG").map(PathBuf::from));
             serve(config, data_dir, log_level)
         }
+        Command::Sendmail { args } => estafeta::sendmail::run(&args),
     }
 }
 

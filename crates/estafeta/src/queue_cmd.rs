@@ -407,6 +407,7 @@ fn show(spool: Option<&Spool>, id: QueueId, json: bool) -> Result<ExitCode, Stri
             "protocol": env.client.protocol,
             "tls": env.client.tls,
             "auth": env.client.auth,
+            "local_uid": env.client.local_uid,
         });
         v["params"] = serde_json::json!({
             "size": env.params.size,
@@ -448,6 +449,9 @@ fn show(spool: Option<&Spool>, id: QueueId, json: bool) -> Result<ExitCode, Stri
     }
     if let Some(a) = &env.client.auth {
         client.push_str(&format!(" auth={a}"));
+    }
+    if let Some(uid) = env.client.local_uid {
+        client.push_str(&format!(" local uid={uid}"));
     }
     println!("client:       {client}");
     println!("held:         {}", if m.held { "yes" } else { "no" });

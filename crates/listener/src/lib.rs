@@ -3,12 +3,18 @@
 //! Accept loops with connection caps (global and per client address), one task per
 //! connection driving a sans-IO [`Session`]: bytes in, actions out, answered with the policy
 //! and the queue. Inactivity timeouts per RFC 5321 §4.5.3.2, and a graceful stop.
+//!
+//! Besides TCP, the local submission socket (`[control] submit_socket`, what `sendmail`
+//! talks to): a Unix stream socket whose sessions are the same SMTP sessions, driven by the
+//! same loop, without STARTTLS or AUTH; the user is the one the kernel reports for the peer
+//! (SO_PEERCRED), trusted like mynetworks and named in the Received header.
 
 pub mod tls;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,8 +23,8 @@ use estafeta_policy::{Client, Policy, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Action, Session, SessionConfig, Timeout};
 use estafeta_queue::QueueHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,6 +130,75 @@ pub struct ListenerSpec {
     pub kind: ListenerKind,
 }
 
+/// The local submission socket, bound, with the way its sessions run.
+#[derive(Debug)]
+pub struct LocalSpec {
+    /// The bound Unix socket (mode 0666: every local user may submit).
+    pub listener: UnixListener,
+    /// Its path, removed when the accept loop stops.
+    pub path: PathBuf,
+    /// The settings of its sessions: no STARTTLS, no AUTH, no sender check.
+    pub session: Arc<SessionConfig>,
+}
+
+/// A local user on the submit socket, as the kernel reports it (SO_PEERCRED).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPeer {
+    /// The peer's user ID.
+    pub uid: u32,
+    /// The peer's process ID, when the kernel gives it.
+    pub pid: Option<i32>,
+    /// The login name of `uid`, when the user database has one.
+    pub user: Option<String>,
+}
+
+/// The other end of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A client over TCP.
+    Tcp(SocketAddr),
+    /// A local user on the submit socket.
+    Local(LocalPeer),
+}
+
+impl Peer {
+    /// The address the policy judges: the client's, or 127.0.0.1 for a local user (who is
+    /// trusted by uid, not by address).
+    pub fn ip(&self) -> IpAddr {
+        match self {
+            Peer::Tcp(a) => a.ip(),
+            Peer::Local(_) => Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+
+    /// The uid of a local user.
+    pub fn local_uid(&self) -> Option<u32> {
+        match self {
+            Peer::Tcp(_) => None,
+            Peer::Local(l) => Some(l.uid),
+        }
+    }
+
+    /// What the policy knows about this peer in `session`.
+    fn client(&self, session: &Session) -> Client {
+        Client {
+            ip: self.ip(),
+            user: session.auth_user().map(str::to_string),
+            local_uid: self.local_uid(),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    /// `client=` in the maillog: the IP address, or `local`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => a.ip().fmt(f),
+            Peer::Local(_) => f.write_str("local"),
+        }
+    }
+}
+
 /// Binds a listening socket. IPv6 sockets are IPv6-only, so that `0.0.0.0:25` and `[::]:25`
 /// can both be bound; SO_REUSEADDR lets a restarted server bind at once.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -144,56 +219,76 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Counts connections per client address.
+/// What the per-client cap counts: a client address, or a local user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerKey {
+    Ip(IpAddr),
+    Uid(u32),
+}
+
+/// Counts connections per client address (and per local user).
 #[derive(Debug, Default)]
 struct PerIp {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<HashMap<PeerKey, usize>>,
 }
 
 /// Decrements the per-address count when the connection ends.
 struct IpSlot {
     table: Arc<PerIp>,
-    ip: IpAddr,
+    key: PeerKey,
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = counts.get_mut(&self.ip) {
+        if let Some(c) = counts.get_mut(&self.key) {
             *c -= 1;
             if *c == 0 {
-                counts.remove(&self.ip);
+                counts.remove(&self.key);
             }
         }
     }
 }
 
 impl PerIp {
-    fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+    fn acquire(self: &Arc<Self>, key: PeerKey, max: usize) -> Option<IpSlot> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let c = counts.entry(ip).or_insert(0);
+        let c = counts.entry(key).or_insert(0);
         if *c >= max {
             return None;
         }
         *c += 1;
         Some(IpSlot {
             table: self.clone(),
-            ip,
+            key,
         })
     }
 }
 
-/// Runs the accept loops of `listeners` until `shutdown`; connection tasks are spawned on
-/// `tracker` so that the caller can wait for them. Each connection takes the context current
-/// when it is accepted; the total connection cap is the first context's.
+/// Runs the accept loops of `listeners` (and of the local submission socket, when there is
+/// one) until `shutdown`; connection tasks are spawned on `tracker` so that the caller can
+/// wait for them. Each connection takes the context current when it is accepted; the
+/// connection caps are shared by all of them (the total one is the first context's); a local
+/// user counts as one client address.
 pub fn spawn_accept_loops(
     specs: Vec<ListenerSpec>,
+    local: Option<LocalSpec>,
     live: Arc<Live>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
     let global = Arc::new(Semaphore::new(live.load().max_connections));
     let per_ip = Arc::new(PerIp::default());
+    if let Some(local) = local {
+        spawn_local_accept_loop(
+            local,
+            live.clone(),
+            shutdown.clone(),
+            tracker,
+            global.clone(),
+            per_ip.clone(),
+        );
+    }
     for spec in specs {
         let ListenerSpec { listener, kind } = spec;
         let implicit_tls = kind == ListenerKind::Submissions;
@@ -236,7 +331,7 @@ pub fn spawn_accept_loops(
                         tracing::warn!(client = %peer.ip(), "refused: too many connections");
                         return;
                     };
-                    let Some(_slot) = per_ip.acquire(peer.ip(), ctx.max_connections_per_ip) else {
+                    let Some(_slot) = per_ip.acquire(PeerKey::Ip(peer.ip()), ctx.max_connections_per_ip) else {
                         let r = reply::too_many_connections_from(&session_cfg.hostname, &peer.ip().to_string());
                         refuse(stream, r).await;
                         tracing::warn!(client = %peer.ip(), "refused: too many connections from this address");
@@ -251,24 +346,145 @@ pub fn spawn_accept_loops(
     }
 }
 
-async fn refuse(mut stream: TcpStream, r: Reply) {
+/// The accept loop of the submit socket: like a TCP listener's, with the peer's credentials
+/// instead of its address. Removes the socket file when it stops.
+fn spawn_local_accept_loop(
+    spec: LocalSpec,
+    live: Arc<Live>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+    global: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+) {
+    let LocalSpec {
+        listener,
+        path,
+        session: session_cfg,
+    } = spec;
+    let tracker2 = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let stream = match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "submit socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let ctx = live.load();
+            let shutdown = shutdown.clone();
+            let global = global.clone();
+            let per_ip = per_ip.clone();
+            let session_cfg = session_cfg.clone();
+            let active = Active::new(&live);
+            tracker2.spawn(async move {
+                let _active = active;
+                let cred = match stream.peer_cred() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "submit socket: no peer credentials");
+                        return;
+                    }
+                };
+                let uid = cred.uid();
+                let Ok(_permit) = global.try_acquire_owned() else {
+                    refuse(stream, reply::too_many_connections(&session_cfg.hostname)).await;
+                    tracing::warn!(client = "local", uid, "refused: too many connections");
+                    return;
+                };
+                let Some(_slot) = per_ip.acquire(PeerKey::Uid(uid), ctx.max_connections_per_ip)
+                else {
+                    let r = reply::too_many_connections_from(
+                        &session_cfg.hostname,
+                        &format!("uid {uid}"),
+                    );
+                    refuse(stream, r).await;
+                    tracing::warn!(
+                        client = "local",
+                        uid,
+                        "refused: too many connections from this user"
+                    );
+                    return;
+                };
+                // The user database may be remote (NSS): off the async workers.
+                let user = tokio::task::spawn_blocking(move || user_name(uid))
+                    .await
+                    .ok()
+                    .flatten();
+                let peer = LocalPeer {
+                    uid,
+                    pid: cred.pid(),
+                    user,
+                };
+                handle_local_connection(stream, peer, &ctx, session_cfg, &shutdown).await;
+            });
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+        tracing::debug!(socket = %path.display(), "submit socket closed");
+    });
+}
+
+/// The login name of `uid` (getpwuid_r), when the user database has one.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r writes only into it and
+        // into `buf` (whose length it is given), and `result` points at `pw` or is null.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut pw,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() || pw.pw_name.is_null() {
+            return None;
+        }
+        // SAFETY: on success pw_name points at a NUL-terminated string inside `buf`.
+        let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+        return Some(name.to_string_lossy().into_owned());
+    }
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, r: Reply) {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&r.to_bytes())).await;
     let _ = stream.shutdown().await;
 }
 
 /// Reads what the socket has into the session. The buffer lives on this (synchronous) stack
 /// frame, not in the connection's future, so an idle plaintext connection costs no read buffer.
-fn read_into(stream: &TcpStream, session: &mut Session) -> io::Result<usize> {
+fn read_into(conn: &Conn, session: &mut Session) -> io::Result<usize> {
     let mut buf = [0u8; 16 * 1024];
-    let n = stream.try_read(&mut buf)?;
+    let n = match conn {
+        Conn::Plain(s) => s.try_read(&mut buf)?,
+        Conn::Unix(s) => s.try_read(&mut buf)?,
+        Conn::Tls(_) | Conn::Gone => return Err(io::ErrorKind::WouldBlock.into()),
+    };
     session.feed(&buf[..n]);
     Ok(n)
 }
 
-/// The connection: plaintext until STARTTLS (or TLS from the start on 465).
+/// The connection: plaintext until STARTTLS (or TLS from the start on 465), or the local
+/// submission socket.
 enum Conn {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// The submit socket: never encrypted (it never leaves the machine).
+    Unix(UnixStream),
     /// Only during the STARTTLS handshake, while the TCP stream is being upgraded.
     Gone,
 }
@@ -279,7 +495,7 @@ fn gone() -> io::Error {
 
 /// What a wait for input produced.
 enum Ready {
-    /// The plaintext socket is readable (read it with `read_into`).
+    /// The plaintext (TCP or Unix) socket is readable (read it with `read_into`).
     Plain,
     /// This many bytes were read from TLS into the buffer (0: the client closed).
     Tls(usize),
@@ -289,6 +505,7 @@ impl Conn {
     async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.write_all(bytes).await,
+            Conn::Unix(s) => s.write_all(bytes).await,
             Conn::Tls(s) => {
                 s.write_all(bytes).await?;
                 s.flush().await
@@ -300,6 +517,7 @@ impl Conn {
     async fn shutdown(&mut self) {
         let _ = match self {
             Conn::Plain(s) => s.shutdown().await,
+            Conn::Unix(s) => s.shutdown().await,
             Conn::Tls(s) => s.shutdown().await,
             Conn::Gone => Ok(()),
         };
@@ -310,6 +528,7 @@ impl Conn {
     async fn wait_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Ready> {
         match self {
             Conn::Plain(s) => s.readable().await.map(|()| Ready::Plain),
+            Conn::Unix(s) => s.readable().await.map(|()| Ready::Plain),
             Conn::Tls(s) => {
                 if buf.is_empty() {
                     buf.resize(8 * 1024, 0);
@@ -428,7 +647,7 @@ pub async fn handle_connection(
     if let Some(ranges) = &ctx.open_relay {
         tracing::warn!(client = %peer.ip(), "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)");
     }
-    let (mut conn, mut session) = if implicit_tls {
+    let (conn, session) = if implicit_tls {
         let Some(tls) = &ctx.tls else {
             tracing::error!("implicit TLS listener without a certificate");
             return;
@@ -452,6 +671,51 @@ pub async fn handle_connection(
     } else {
         (Conn::Plain(stream), Session::new(session_cfg, peer))
     };
+    drive(conn, session, &Peer::Tcp(peer), ctx, shutdown, started).await;
+}
+
+/// Drives one SMTP session over one connection to the submit socket: the same session as on
+/// TCP (`session_cfg` without STARTTLS and AUTH), by a local user trusted like mynetworks.
+pub async fn handle_local_connection(
+    stream: UnixStream,
+    local: LocalPeer,
+    ctx: &ListenerContext,
+    session_cfg: Arc<SessionConfig>,
+    shutdown: &CancellationToken,
+) {
+    let started = Instant::now();
+    tracing::info!(
+        target: "estafeta::maillog",
+        client = "local",
+        listener = "local",
+        uid = local.uid,
+        user = local.user.as_deref().unwrap_or(""),
+        pid = local.pid.unwrap_or(0),
+        "connect"
+    );
+    let session = Session::local(session_cfg, local.uid);
+    drive(
+        Conn::Unix(stream),
+        session,
+        &Peer::Local(local),
+        ctx,
+        shutdown,
+        started,
+    )
+    .await;
+}
+
+/// The session loop, the same for every kind of connection: what the session asks is
+/// answered with the policy, the queue and AUTH; its replies are written out; input is read
+/// under the session's timeout.
+async fn drive(
+    mut conn: Conn,
+    mut session: Session,
+    peer: &Peer,
+    ctx: &ListenerContext,
+    shutdown: &CancellationToken,
+    started: Instant,
+) {
     let mut out: Vec<u8> = Vec::new();
     let mut tls_buf: Vec<u8> = Vec::new();
     let mut messages = 0u32;
@@ -462,14 +726,11 @@ pub async fn handle_connection(
             match action {
                 Action::Send(r) => r.write_to(&mut out),
                 Action::CheckRcpt(rcpt) => {
-                    let client = Client {
-                        ip: peer.ip(),
-                        user: session.auth_user().map(str::to_string),
-                    };
+                    let client = peer.client(&session);
                     let verdict = match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
                         Verdict::Accept(_) => Ok(()),
                         Verdict::Reject(r) => {
-                            tracing::info!(target: "estafeta::maillog", client = %peer.ip(), to = %rcpt.path, reply = %r, status = r.status.map(tracing::field::display), "reject RCPT");
+                            tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, reply = %r, status = r.status.map(tracing::field::display), "reject RCPT");
                             Err(r)
                         }
                     };
@@ -480,7 +741,7 @@ pub async fn handle_connection(
                         Ok(())
                     } else {
                         let r = reply::sender_not_owned(&from.to_string(), &user);
-                        tracing::info!(target: "estafeta::maillog", client = %peer.ip(), user = %user, from = %from, status = r.status.map(tracing::field::display), "reject MAIL: sender not owned");
+                        tracing::info!(target: "estafeta::maillog", client = %peer, user = %user, from = %from, status = r.status.map(tracing::field::display), "reject MAIL: sender not owned");
                         Err(r)
                     };
                     session.mail_checked(verdict);
@@ -535,30 +796,31 @@ pub async fn handle_connection(
                     let answer = match result {
                         Ok(id) => {
                             messages += 1;
-                            tracing::info!(target: "estafeta::maillog", id = %id, client = %peer.ip(), from = %from, size, nrcpt, user = session.auth_user().unwrap_or(""), "queued");
+                            match peer {
+                                Peer::Local(l) => {
+                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, uid = l.uid, user = l.user.as_deref().unwrap_or(""), "queued")
+                                }
+                                Peer::Tcp(_) => {
+                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, user = session.auth_user().unwrap_or(""), "queued")
+                                }
+                            }
                             Ok(id.to_string())
                         }
                         Err(e) => {
-                            tracing::error!(client = %peer.ip(), error = %e, "cannot queue message");
+                            tracing::error!(client = %peer, error = %e, "cannot queue message");
                             Err(reply::queue_error())
                         }
                     };
                     session.enqueued(answer);
                 }
                 Action::Verify { argument, expn } => {
-                    let client = Client {
-                        ip: peer.ip(),
-                        user: session.auth_user().map(str::to_string),
-                    };
+                    let client = peer.client(&session);
                     let r = verify(&ctx.policy, &client, &argument, expn);
-                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), argument = ?argument, expn, reply = %r, "verify");
+                    tracing::info!(target: "estafeta::maillog", client = %peer, argument = ?argument, expn, reply = %r, "verify");
                     session.verified(r);
                 }
                 Action::Etrn(domain) => {
-                    let client = Client {
-                        ip: peer.ip(),
-                        user: session.auth_user().map(str::to_string),
-                    };
+                    let client = peer.client(&session);
                     let r = if ctx.policy.trust(&client) == estafeta_policy::Trust::None {
                         reply::etrn_not_allowed(&domain)
                     } else {
@@ -568,7 +830,7 @@ pub async fn handle_connection(
                             Err(_) => reply::etrn_unable(&domain),
                         }
                     };
-                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), domain = ?domain, reply = %r, "etrn");
+                    tracing::info!(target: "estafeta::maillog", client = %peer, domain = ?domain, reply = %r, "etrn");
                     session.etrn_done(r);
                 }
                 Action::Pause(d) => {
@@ -578,7 +840,7 @@ pub async fn handle_connection(
                         }
                         out.clear();
                     }
-                    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), delay_ms = d.as_millis() as u64, "slowing down recipient probing");
+                    tracing::info!(target: "estafeta::maillog", client = %peer, delay_ms = d.as_millis() as u64, "slowing down recipient probing");
                     tokio::time::sleep(d).await;
                 }
                 Action::Close => close = true,
@@ -618,26 +880,23 @@ pub async fn handle_connection(
         };
         match ready {
             Err(_) => {
-                tracing::info!(target: "estafeta::maillog", client = %peer.ip(), "timeout");
+                tracing::info!(target: "estafeta::maillog", client = %peer, "timeout");
                 session.timed_out();
             }
             Ok(Err(e)) => break format!("read error: {e}"),
             Ok(Ok(Ready::Tls(0))) => break "client closed".to_string(),
             Ok(Ok(Ready::Tls(n))) => session.feed(&tls_buf[..n]),
-            Ok(Ok(Ready::Plain)) => {
-                let Conn::Plain(tcp) = &conn else { continue };
-                match read_into(tcp, &mut session) {
-                    Ok(0) => break "client closed".to_string(),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => break format!("read error: {e}"),
-                }
-            }
+            Ok(Ok(Ready::Plain)) => match read_into(&conn, &mut session) {
+                Ok(0) => break "client closed".to_string(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => break format!("read error: {e}"),
+            },
         }
     };
     tracing::info!(
         target: "estafeta::maillog",
-        client = %peer.ip(),
+        client = %peer,
         messages,
         tls = session.is_tls(),
         user = session.auth_user().unwrap_or(""),

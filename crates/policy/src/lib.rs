@@ -93,6 +93,9 @@ pub struct Client {
     pub ip: IpAddr,
     /// The user who authenticated, if any.
     pub user: Option<String>,
+    /// A local submission over the submit socket (`sendmail`) by this uid: trusted like
+    /// mynetworks, whatever `ip` says.
+    pub local_uid: Option<u32>,
 }
 
 /// Why a client may relay, if it may.
@@ -100,6 +103,9 @@ pub struct Client {
 pub enum Trust {
     /// The session authenticated as this user.
     Authenticated(String),
+    /// A local user submitting over the submit socket (this uid), as Postfix trusts its
+    /// `sendmail`.
+    Local(u32),
     /// The address is inside this `mynetworks` entry (the longest that matches).
     Mynetworks(IpNet),
     /// Neither.
@@ -235,6 +241,9 @@ impl Policy {
     pub fn trust(&self, client: &Client) -> Trust {
         if let Some(user) = &client.user {
             return Trust::Authenticated(user.clone());
+        }
+        if let Some(uid) = client.local_uid {
+            return Trust::Local(uid);
         }
         match self.mynetworks_match(client.ip) {
             Some(net) => Trust::Mynetworks(net),
@@ -373,6 +382,7 @@ impl Policy {
         let trust = self.trust(client);
         steps.add(|| match &trust {
             Trust::Authenticated(u) => format!("client {}: authenticated as {u}", client.ip),
+            Trust::Local(uid) => format!("local submission by uid {uid}: trusted"),
             Trust::Mynetworks(n) => {
                 format!(
                     "client {}: inside mynetworks entry {n}",

@@ -40,6 +40,7 @@ fn client(ip: &str, user: Option<&str>) -> Client {
     Client {
         ip: ip.parse().unwrap(),
         user: user.map(str::to_string),
+        local_uid: None,
     }
 }
 
@@ -136,6 +137,13 @@ fn remote_recipients_only_for_trusted_clients() {
             verdict(&p, &client(UNTRUSTED, Some("alice@example.org")), addr).starts_with("relay "),
             "{addr}"
         );
+        // The submit socket (`sendmail`): trusted whatever the address says.
+        let local = Client {
+            local_uid: Some(1000),
+            ..client(UNTRUSTED, None)
+        };
+        assert!(verdict(&p, &local, addr).starts_with("relay "), "{addr}");
+        assert_eq!(p.trust(&local), Trust::Local(1000));
     }
 }
 

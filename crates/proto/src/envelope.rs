@@ -23,6 +23,9 @@ pub struct ClientInfo {
     /// The authenticated user, recorded only when the configuration asks for it
     /// (`[auth] authenticated_header`): it is written into the Received header.
     pub auth: Option<String>,
+    /// A local submission (the submit socket, `sendmail`): the uid the kernel reported for
+    /// the peer. The Received header then names the user instead of a network client.
+    pub local_uid: Option<u32>,
 }
 
 /// One accepted recipient with its RCPT parameters.

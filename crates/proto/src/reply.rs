@@ -315,6 +315,16 @@ pub fn shutting_down(hostname: &str) -> Reply {
     )
 }
 
+/// `421 4.3.2 …`: what `sendmail -bs` answers its SMTP client when it cannot reach the
+/// server's submit socket (RFC 3463 X.3.2: system not accepting messages).
+pub fn submission_unavailable(detail: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 3, 2),
+        format!("Local mail system unavailable: {detail}"),
+    )
+}
+
 /// `421 4.7.0 <host> Error: too many connections`: the global connection cap is reached.
 pub fn too_many_connections(hostname: &str) -> Reply {
     Reply::new(

@@ -211,6 +211,8 @@ pub struct Session {
     esmtp: bool,
     tls: Option<String>,
     auth_user: Option<String>,
+    /// The uid of a local submission (see [`Session::local`]).
+    local_uid: Option<u32>,
     auth_failures: u32,
     unknown_rcpts: u32,
     txn: Option<Box<Transaction>>,
@@ -231,6 +233,15 @@ impl Session {
         Self::with_tls(cfg, peer, None)
     }
 
+    /// A new session for a local submission over the submit socket by the user `uid` (as the
+    /// kernel reports it, SO_PEERCRED). The peer is 127.0.0.1 port 0; the Received header
+    /// names the user: `by <host> (estafeta, from userid <uid>)`.
+    pub fn local(cfg: Arc<SessionConfig>, uid: u32) -> Self {
+        let mut s = Self::with_tls(cfg, SocketAddr::from(([127, 0, 0, 1], 0)), None);
+        s.local_uid = Some(uid);
+        s
+    }
+
     /// A new session on a connection that is already encrypted (implicit TLS, RFC 8314 §3.3):
     /// `tls` describes it (version and cipher) for the Received header.
     pub fn with_tls(cfg: Arc<SessionConfig>, peer: SocketAddr, tls: Option<String>) -> Self {
@@ -240,6 +251,7 @@ impl Session {
             esmtp: false,
             tls,
             auth_user: None,
+            local_uid: None,
             auth_failures: 0,
             unknown_rcpts: 0,
             txn: None,
@@ -1033,6 +1045,7 @@ impl Session {
                 } else {
                     None
                 },
+                local_uid: self.local_uid,
             },
             from,
             params,

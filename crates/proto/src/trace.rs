@@ -82,8 +82,24 @@ fn ip_literal(ip: IpAddr) -> String {
 ///
 /// `for` is written only when there is exactly one recipient, so that the header does not
 /// disclose the other recipients of the message (as Postfix does).
+///
+/// A local submission (`env.client.local_uid`, the submit socket) has no network client to
+/// name: the header names the user, the way Postfix does for mail from its `sendmail`:
+///
+/// ```text
+/// Received: by mx.example.org (estafeta, from userid 1000)
+///         id 7D3A1F0C9B2E; Mon, 23 Nov 2026 11:16:53 +0000
+/// ```
 pub fn received_header(hostname: &str, env: &Envelope, id: &str, now: u64) -> String {
     let mut h = String::with_capacity(256);
+    if let Some(uid) = env.client.local_uid {
+        let _ = write!(
+            h,
+            "Received: by {hostname} (estafeta, from userid {uid})\r\n\tid {id}; {}\r\n",
+            rfc5322_date(now)
+        );
+        return h;
+    }
     let _ = write!(
         h,
         "Received: from {} (unknown [{}])\r\n\tby {} (estafeta) with {} id {}",
@@ -136,6 +152,42 @@ mod tests {
         assert_eq!(
             rfc5322_date(1_795_432_613),
             "Mon, 23 Nov 2026 11:16:53 +0000"
+        );
+    }
+
+    #[test]
+    fn received_for_a_local_submission_names_the_user() {
+        let (path, _) = crate::address::parse_forward_path("<bob@example.org>").unwrap();
+        let env = Envelope {
+            client: crate::ClientInfo {
+                ip: IpAddr::from([127, 0, 0, 1]),
+                port: 0,
+                helo: "localhost".into(),
+                protocol: "ESMTP".into(),
+                tls: None,
+                auth: None,
+                local_uid: Some(1000),
+            },
+            from: crate::address::parse_reverse_path("<alice@example.org>")
+                .unwrap()
+                .0,
+            params: Default::default(),
+            rcpts: vec![crate::Recipient {
+                path,
+                params: Default::default(),
+            }],
+        };
+        assert_eq!(
+            received_header("mx.example.org", &env, "7D3A1F0C9B2E", 1_795_432_613),
+            "Received: by mx.example.org (estafeta, from userid 1000)\r\n\
+             \tid 7D3A1F0C9B2E; Mon, 23 Nov 2026 11:16:53 +0000\r\n"
+        );
+        // Any other client is named by its address.
+        let mut remote = env.clone();
+        remote.client.local_uid = None;
+        assert!(
+            received_header("mx.example.org", &remote, "7D3A1F0C9B2E", 0)
+                .starts_with("Received: from localhost (unknown [127.0.0.1])")
         );
     }
 

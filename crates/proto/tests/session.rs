@@ -537,6 +537,31 @@ fn received_header_shape() {
     );
 }
 
+#[test]
+fn local_session_records_the_uid_for_the_received_header() {
+    let mut h = Harness {
+        session: Session::local(Arc::new(config()), 1000),
+        queued: Vec::new(),
+        closed: false,
+        tls_handshakes: 0,
+        auth_attempts: Vec::new(),
+        verifies: Vec::new(),
+        pauses: Vec::new(),
+    };
+    assert!(h.drive().starts_with("220 mx.example.test"));
+    h.c("EHLO localhost\r\n");
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n");
+    let env = &h.queued[0].0;
+    assert_eq!(env.client.local_uid, Some(1000));
+    assert_eq!(env.client.ip.to_string(), "127.0.0.1");
+    let hdr = estafeta_proto::trace::received_header("mx.example.test", env, "ABCDEF012345", 0);
+    assert_eq!(
+        hdr,
+        "Received: by mx.example.test (estafeta, from userid 1000)\r\n\
+         \tid ABCDEF012345; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
+    );
+}
+
 fn submission() -> SessionConfig {
     SessionConfig {
         starttls: true,

@@ -955,6 +955,7 @@ async fn send_notices(
                 protocol: NOTICE_PROTOCOL.into(),
                 tls: None,
                 auth: None,
+                local_uid: None,
             },
             from: estafeta_proto::ReversePath::Null,
             params: estafeta_proto::MailParams::default(),

@@ -518,6 +518,9 @@ fn serialize_envelope(env: &Envelope, id: QueueId, arrival: u64) -> String {
     if let Some(user) = &env.client.auth {
         line("auth", user);
     }
+    if let Some(uid) = env.client.local_uid {
+        line("local-uid", &uid.to_string());
+    }
     line("from", &format!("<{}>", env.from));
     if let Some(size) = env.params.size {
         line("size", &size.to_string());
@@ -563,6 +566,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
         protocol: String::new(),
         tls: None,
         auth: None,
+        local_uid: None,
     };
     let mut from = None;
     let mut params = MailParams::default();
@@ -595,6 +599,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             "protocol" => client.protocol = v.to_string(),
             "tls" => client.tls = Some(v.to_string()),
             "auth" => client.auth = Some(v.to_string()),
+            "local-uid" => client.local_uid = Some(v.parse().map_err(|_| bad("local-uid"))?),
             "from" => from = Some(parse_reverse_path(v).map_err(|_| bad("from"))?.0),
             "size" => params.size = v.parse().ok(),
             "body" => {

@@ -26,6 +26,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
             protocol: "ESMTP".into(),
             tls: None,
             auth: None,
+            local_uid: None,
         },
         from: parse_reverse_path("<alice@example.test>").unwrap().0,
         params: MailParams::default(),

@@ -20,6 +20,7 @@ fn envelope(rcpt: &str) -> Envelope {
             protocol: "ESMTP".into(),
             tls: None,
             auth: None,
+            local_uid: None,
         },
         from: parse_reverse_path("<>").unwrap().0,
         params: MailParams::default(),
