@@ -632,6 +632,31 @@ fn verify(policy: &Policy, client: &Client, argument: &str, expn: bool) -> Reply
     }
 }
 
+/// The `Message-ID:` of a message (the field's value, unfolded and trimmed), for the mail log;
+/// only the header section is looked at.
+fn message_id(content: &[u8]) -> Option<String> {
+    let mut lines = content
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut value: Option<Vec<u8>> = None;
+    for line in lines.by_ref() {
+        if line.is_empty() {
+            break;
+        }
+        match (&mut value, line.first()) {
+            // A folded continuation of the Message-ID field.
+            (Some(v), Some(b' ' | b'\t')) => v.extend_from_slice(line),
+            (Some(_), _) => break,
+            (None, _) => {
+                if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
+                    value = Some(line[11..].to_vec());
+                }
+            }
+        }
+    }
+    value.map(|v| String::from_utf8_lossy(&v).trim().to_string())
+}
+
 /// Drives one SMTP session over one TCP connection.
 pub async fn handle_connection(
     stream: TcpStream,
@@ -792,16 +817,17 @@ async fn drive(
                     let from = envelope.from.to_string();
                     let nrcpt = envelope.rcpts.len();
                     let size = body.len();
+                    let message_id = message_id(&body);
                     let result = ctx.queue.submit(*envelope, body).await;
                     let answer = match result {
                         Ok(id) => {
                             messages += 1;
                             match peer {
                                 Peer::Local(l) => {
-                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, uid = l.uid, user = l.user.as_deref().unwrap_or(""), "queued")
+                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, message_id = ?message_id.as_deref().unwrap_or(""), uid = l.uid, user = l.user.as_deref().unwrap_or(""), "queued")
                                 }
                                 Peer::Tcp(_) => {
-                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, user = session.auth_user().unwrap_or(""), "queued")
+                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, message_id = ?message_id.as_deref().unwrap_or(""), user = session.auth_user().unwrap_or(""), "queued")
                                 }
                             }
                             Ok(id.to_string())
@@ -904,4 +930,25 @@ async fn drive(
         reason = %reason,
         "disconnect"
     );
+}
+
+#[cfg(test)]
+mod message_id_tests {
+    use super::message_id;
+
+    #[test]
+    fn finds_the_header_field_only() {
+        assert_eq!(
+            message_id(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nbody"),
+            Some("<a@b>".into())
+        );
+        assert_eq!(
+            message_id(b"message-id:\r\n <folded@b>\r\nTo: y\r\n\r\n"),
+            Some("<folded@b>".into())
+        );
+        assert_eq!(
+            message_id(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n"),
+            None
+        );
+    }
 }

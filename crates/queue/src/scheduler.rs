@@ -745,12 +745,12 @@ async fn attempt<T: Transport>(
             }
             Outcome::TempFail(f) => {
                 status.last_error = Some(f.to_string());
-                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "deferred", delay_s = delay, transport = agent, reason = %f, "deferred");
+                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "deferred", delay_s = delay, transport = agent, dsn = f.reply.status.map(tracing::field::display), relay = f.remote.as_deref(), reason = %f, "deferred");
             }
             Outcome::PermFail(f) => {
                 status.state = RcptState::Failed;
                 status.last_error = Some(f.to_string());
-                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "bounced", delay_s = delay, transport = agent, reason = %f, "failed");
+                tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "bounced", delay_s = delay, transport = agent, dsn = f.reply.status.map(tracing::field::display), relay = f.remote.as_deref(), reason = %f, "failed");
                 let code = f
                     .reply
                     .status
