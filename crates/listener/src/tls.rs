@@ -51,13 +51,12 @@ pub enum TlsError {
         missing: &'static str,
     },
     /// A file could not be read (missing, unreadable, ...).
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {cause}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// A file is not well-formed PEM.
     #[error("cannot parse {}: {detail}", path.display())]
@@ -88,40 +87,36 @@ pub enum TlsError {
         key: PathBuf,
     },
     /// rustls refused the key (unsupported algorithm, corrupt DER, ...).
-    #[error("unusable private key in {}: {source}", path.display())]
+    #[error("unusable private key in {}: {cause}", path.display())]
     BadKey {
         /// The key file.
         path: PathBuf,
         /// What rustls said.
-        #[source]
-        source: rustls::Error,
+        cause: rustls::Error,
     },
     /// rustls refused the certificate (not parseable X.509, ...).
-    #[error("unusable certificate in {}: {source}", path.display())]
+    #[error("unusable certificate in {}: {cause}", path.display())]
     BadCertificate {
         /// The certificate file.
         path: PathBuf,
         /// What rustls said.
-        #[source]
-        source: rustls::Error,
+        cause: rustls::Error,
     },
     /// Generating the self-signed certificate failed.
-    #[error("cannot generate a self-signed certificate for {hostname:?}: {source}")]
+    #[error("cannot generate a self-signed certificate for {hostname:?}: {cause}")]
     Generate {
         /// The host name it was for.
         hostname: String,
         /// What rcgen said.
-        #[source]
-        source: rcgen::Error,
+        cause: rcgen::Error,
     },
     /// Writing the self-signed certificate or its key failed.
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {cause}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -400,11 +395,11 @@ fn build_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, 
         }),
         Err(e @ rustls::Error::InvalidCertificate(_)) => Err(TlsError::BadCertificate {
             path: cert_path.to_path_buf(),
-            source: e,
+            cause: e,
         }),
         Err(e) => Err(TlsError::BadKey {
             path: key_path.to_path_buf(),
-            source: e,
+            cause: e,
         }),
     }
 }
@@ -413,7 +408,7 @@ fn pem_error(path: &Path, e: pem::Error) -> TlsError {
     match e {
         pem::Error::Io(source) => TlsError::Read {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         },
         other => TlsError::Pem {
             path: path.to_path_buf(),
@@ -426,7 +421,7 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     // Open it ourselves first: pem_file_iter's error for a missing file does not say which.
     fs::metadata(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let chain = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_error(path, e))?
@@ -443,7 +438,7 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     fs::metadata(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::NoKey {
@@ -482,7 +477,7 @@ fn generate_self_signed(
 ) -> Result<(), TlsError> {
     let gen_err = |source| TlsError::Generate {
         hostname: hostname.to_string(),
-        source,
+        cause: source,
     };
     let mut names = vec![hostname.to_string()];
     if !hostname.eq_ignore_ascii_case("localhost") {
@@ -514,14 +509,14 @@ fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir).map_err(|source| TlsError::Write {
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     })
 }
 
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
     let err = |source| TlsError::Write {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
