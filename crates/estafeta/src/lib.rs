@@ -86,6 +86,10 @@ pub struct Prepared {
     cfg: Config,
     listeners: Vec<(ListenerKind, std::net::TcpListener)>,
     tls: Option<Tls>,
+    /// The local submission socket, and the guard that removes it if the start fails.
+    submit: (std::os::unix::net::UnixListener, RemoveOnDrop),
+    /// The metrics endpoint's socket.
+    metrics: Option<std::net::TcpListener>,
     /// Directories created here (to hand over to the service user with the data directory).
     pub created_dirs: Vec<PathBuf>,
 }
@@ -238,18 +242,9 @@ pub fn scheduler_config(cfg: &Config) -> SchedulerConfig {
     }
 }
 
-/// Creates a directory (and parents) readable only by the service user.
-fn private_dir(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .with_context(|| format!("cannot create directory {}", path.display()))
-}
-
 /// Removes a socket file when a start fails after binding it (a failed start leaves nothing
 /// behind), unless disarmed.
+#[derive(Debug)]
 struct RemoveOnDrop(Option<PathBuf>);
 
 impl RemoveOnDrop {
@@ -266,8 +261,13 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Creates `dir` and its missing parents with mode 0700; returns the directories it created.
+/// Creates `dir` and its missing parents with mode 0700; records the directories it created.
 fn create_private_dirs(dir: &Path, created: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    create_dirs(dir, 0o700, created)
+}
+
+/// Creates `dir` and its missing parents with `mode`; records the directories it created.
+fn create_dirs(dir: &Path, mode: u32, created: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     let mut missing = Vec::new();
     let mut d = Some(dir);
     while let Some(p) = d {
@@ -277,7 +277,18 @@ fn create_private_dirs(dir: &Path, created: &mut Vec<PathBuf>) -> anyhow::Result
         missing.push(p.to_path_buf());
         d = p.parent();
     }
-    private_dir(dir)?;
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        // The umask (the unit's is 0077) must not take away what others need here.
+        for m in &missing {
+            let _ = std::fs::set_permissions(m, std::fs::Permissions::from_mode(mode));
+        }
+    }
     created.extend(missing.into_iter().rev());
     Ok(())
 }
@@ -412,6 +423,14 @@ impl Server {
     ) -> anyhow::Result<Prepared> {
         let mut created_dirs = Vec::new();
         create_private_dirs(&cfg.data_dir, &mut created_dirs)?;
+        // Local submission (`sendmail`), open to every local user (its directory must let
+        // them in): bound before the TCP listeners, so that it answers once they do.
+        let submit_path = cfg.control.submit_socket.clone();
+        if let Some(parent) = submit_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_dirs(parent, 0o755, &mut created_dirs)?;
+        }
+        let submit = control::bind_unix(&submit_path, 0o666, "submit socket")?;
+        let submit = (submit, RemoveOnDrop(Some(submit_path)));
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
             if inherited.iter().any(|(k, _)| *k == l.kind) {
@@ -447,10 +466,21 @@ impl Server {
         } else {
             None
         };
+        // Like the listeners (it may be a privileged port too).
+        let metrics = cfg
+            .metrics
+            .address
+            .map(|a| {
+                estafeta_listener::bind(a)
+                    .with_context(|| format!("cannot listen on {a} (metrics)"))
+            })
+            .transpose()?;
         Ok(Prepared {
             cfg,
             listeners,
             tls,
+            submit,
+            metrics,
             created_dirs,
         })
     }
@@ -466,6 +496,8 @@ impl Server {
             cfg,
             listeners,
             tls,
+            submit: (submit, mut submit_guard),
+            metrics: metrics_socket,
             created_dirs: _,
         } = prepared;
         let syncer = Syncer::start().context("cannot start the sync thread")?;
@@ -477,11 +509,6 @@ impl Server {
         // recovered. Not starting without it: the queue commands would take the server for
         // stopped and edit the spool under it. Removed again if the start fails below.
         let control = control::bind(&cfg.control.socket)?;
-        // Local submission (`sendmail`), open to every local user; bound before the TCP
-        // listeners, so that it is there once the server answers on them.
-        let submit_path = cfg.control.submit_socket.clone();
-        let submit = control::bind_unix(&submit_path, 0o666, "submit socket")?;
-        let mut submit_guard = RemoveOnDrop(Some(submit_path.clone()));
         // Users: the file is re-read by itself when it changes. It also lists the mailboxes
         // of domains that do not list theirs.
         let users = Arc::new(
@@ -520,7 +547,10 @@ impl Server {
             specs.push(ListenerSpec { listener, kind });
         }
         // Like the listeners: bound before anything is delivered.
-        let metrics_listener = cfg.metrics.address.map(metrics::bind).transpose()?;
+        let metrics_listener = metrics_socket
+            .map(tokio::net::TcpListener::from_std)
+            .transpose()
+            .context("metrics socket")?;
         let metrics_addr = match &metrics_listener {
             Some(l) => Some(l.local_addr()?),
             None => None,
@@ -556,7 +586,7 @@ impl Server {
         let ctx = listener_context(&cfg, policy, queue.clone(), &tls, auth.clone(), &kinds);
         let local = LocalSpec {
             listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
-            path: submit_path,
+            path: cfg.control.submit_socket.clone(),
             session: Arc::new(local_session_config(&cfg)),
         };
         // From here on the accept loop removes it.

@@ -27,7 +27,6 @@
 //! size and time.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -491,15 +490,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 8;
 /// The most one connection may take, request and answer (a client that does not read).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Binds the metrics address (before anything is delivered, so that a conflict stops the
-/// start with the address named).
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    use anyhow::Context;
-    let std_listener = estafeta_listener::bind(addr)
-        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
-    TcpListener::from_std(std_listener).with_context(|| format!("metrics address {addr}"))
-}
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
 pub fn serve(
