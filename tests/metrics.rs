@@ -108,7 +108,20 @@ address = "127.0.0.1:{submission}"
     let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
     let process = Process::serve(&config, addr, &dir.path().join("server.log"));
 
-    let before = samples(&scrape(metrics));
+    // Process::serve's readiness probe is a connection too: wait until it is counted (the
+    // port answers as soon as it is bound, a moment before the first accept).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let s = samples(&scrape(metrics));
+        if value(&s, "estafeta_connections_total{listener=\"smtp\"}") >= 1.0 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the readiness probe was never counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(value(&before, "estafeta_queue_messages"), 0.0);
     assert_eq!(
         value(&before, "estafeta_queue_oldest_message_age_seconds"),

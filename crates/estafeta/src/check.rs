@@ -125,3 +125,28 @@ fn maildir_roots(cfg: &Config) -> Vec<PathBuf> {
     roots.dedup();
     roots
 }
+
+/// What works, but not for everyone: the submit socket in a directory other local users
+/// cannot enter (the default `data_dir/submit.sock` under a 0700 `data_dir`), so `sendmail`
+/// works only for the service user and root.
+pub fn host_warnings(cfg: &Config) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut warnings = Vec::new();
+    let socket = &cfg.control.submit_socket;
+    let absolute = std::env::current_dir()
+        .map(|d| d.join(socket))
+        .unwrap_or_else(|_| socket.clone());
+    for dir in absolute.ancestors().skip(1) {
+        if let Ok(meta) = std::fs::metadata(dir)
+            && meta.mode() & 0o001 == 0
+        {
+            warnings.push(format!(
+                "control.submit_socket: other users cannot enter {} (mode {:o}), so `sendmail` works only for the server's user and root: set submit_socket = \"/run/estafeta/submit.sock\" (the unit's RuntimeDirectory, mode 0755)",
+                dir.display(),
+                meta.mode() & 0o7777
+            ));
+            break;
+        }
+    }
+    warnings
+}

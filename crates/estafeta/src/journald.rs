@@ -62,17 +62,25 @@ impl JournaldLayer {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(JOURNAL_SOCKET));
         let socket = UnixDatagram::unbound()?;
+        // A journal that does not keep up must not stop the mail server: a send waits at most
+        // this long, then the entry is dropped (journald reads its socket continuously; this
+        // only matters when it is wedged).
+        socket.set_write_timeout(Some(std::time::Duration::from_millis(100)))?;
         // An empty datagram is discarded by journald: this only checks that it listens.
         socket.send_to(&[], &path)?;
         Ok(JournaldLayer { socket, path })
     }
 }
 
-/// The journal name of an event field.
-fn journal_name(field: &str) -> String {
+/// The journal name of an event field with this value.
+fn journal_name(field: &str, value: &str) -> String {
     match field {
         "id" => "QUEUE_ID".to_string(),
-        "client" => "CLIENT_IP".to_string(),
+        // `client=local` for sendmail's sessions is no address.
+        "client" if value.parse::<std::net::IpAddr>().is_ok() => "CLIENT_IP".to_string(),
+        "client" => "CLIENT".to_string(),
+        // MESSAGE_ID is the journal's own (a catalog ID, 128-bit hex: `journalctl -x`).
+        "message_id" => "MAIL_MESSAGE_ID".to_string(),
         other => {
             let mut name: String = other
                 .chars()
@@ -156,7 +164,7 @@ impl<S: Subscriber> Layer<S> for JournaldLayer {
         put(&mut buf, "SYSLOG_IDENTIFIER", b"estafeta");
         put(&mut buf, "TARGET", meta.target().as_bytes());
         for (k, v) in &f.fields {
-            put(&mut buf, &journal_name(k), v.as_bytes());
+            put(&mut buf, &journal_name(k, v), v.as_bytes());
         }
         // A datagram journald cannot take (too large) is cut to the message alone.
         if self.socket.send_to(&buf, &self.path).is_err() {
@@ -176,11 +184,14 @@ mod tests {
 
     #[test]
     fn field_names() {
-        assert_eq!(journal_name("id"), "QUEUE_ID");
-        assert_eq!(journal_name("client"), "CLIENT_IP");
-        assert_eq!(journal_name("delay_s"), "DELAY_S");
-        assert_eq!(journal_name("_x"), "F_X");
-        assert_eq!(journal_name("2fa"), "F2FA");
+        assert_eq!(journal_name("id", "60F024A4D542"), "QUEUE_ID");
+        assert_eq!(journal_name("client", "192.0.2.7"), "CLIENT_IP");
+        assert_eq!(journal_name("client", "2001:db8::7"), "CLIENT_IP");
+        assert_eq!(journal_name("client", "local"), "CLIENT");
+        assert_eq!(journal_name("message_id", "\"<a@b>\""), "MAIL_MESSAGE_ID");
+        assert_eq!(journal_name("delay_s", "1"), "DELAY_S");
+        assert_eq!(journal_name("_x", ""), "F_X");
+        assert_eq!(journal_name("2fa", ""), "F2FA");
     }
 
     #[test]

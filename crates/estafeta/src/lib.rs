@@ -362,6 +362,7 @@ fn listener_context(
         max_connections_per_ip: cfg.limits.max_connections_per_ip,
         open_relay,
         sessions,
+        local_session: Arc::new(local_session_config(cfg)),
     }
 }
 
@@ -387,6 +388,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "[[listener]] (kinds or addresses)",
     );
     check(old.data_dir != new.data_dir, "data_dir");
+    check(
+        old.hostname != new.hostname,
+        "hostname (the greeting uses the new one; the spool's Received headers keep the old one)",
+    );
     check(
         (&old.user, &old.group, old.run_as_root) != (&new.user, &new.group, new.run_as_root),
         "user/group/run_as_root",
@@ -587,7 +592,6 @@ impl Server {
         let local = LocalSpec {
             listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
             path: cfg.control.submit_socket.clone(),
-            session: Arc::new(local_session_config(&cfg)),
         };
         // From here on the accept loop removes it.
         submit_guard.disarm();
@@ -676,30 +680,10 @@ impl Server {
     /// delivery attempts already running finish with what they started with. Returns
     /// warnings for what cannot change without a restart (listener addresses, data_dir…).
     pub async fn reload(&self, new: Config) -> anyhow::Result<Vec<String>> {
-        let (warnings, users, auth) = {
-            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            let warnings = needs_restart(&running.cfg, &new);
-            if running.cfg.auth.users_file == new.auth.users_file {
-                (warnings, running.users.clone(), running.auth.clone())
-            } else {
-                let users = Arc::new(
-                    estafeta_auth::Users::open(&new.auth.users_file)
-                        .with_context(|| format!("users file {}", new.auth.users_file.display()))?,
-                );
-                let auth = Arc::new(AuthContext {
-                    verifier: estafeta_auth::Verifier::new(users.clone()),
-                    throttle: estafeta_auth::Throttle::new(),
-                    failure_delay: Duration::from_secs(1),
-                });
-                (warnings, users, auth)
-            }
-        };
-        let policy = build_policy(&new, &users);
-        let syncer = self.queue.spool().syncer().clone();
-        let router = build_router(&new, policy.clone(), syncer)?;
-        let tls = self.tls.clone().context("no TLS")?;
-        let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
-        let ctx = listener_context(&new, policy, self.queue.clone(), &tls, auth.clone(), &kinds);
+        // Reading the users file, resolv.conf and the smarthost credentials blocks: this
+        // worker is handed over meanwhile (the multi-threaded runtime's block_in_place).
+        let (warnings, users, auth, router, ctx) =
+            tokio::task::block_in_place(|| self.build(&new))?;
         // Everything is built: swap (the queue first: it fails only when it has stopped).
         self.queue
             .reconfigure(scheduler_config(&new))
@@ -716,6 +700,45 @@ impl Server {
         }
         self.reload_tls().await;
         Ok(warnings)
+    }
+
+    /// Builds everything a reload to `new` puts in service, without changing anything.
+    #[allow(clippy::type_complexity)]
+    fn build(
+        &self,
+        new: &Config,
+    ) -> anyhow::Result<(
+        Vec<String>,
+        Arc<estafeta_auth::Users>,
+        Arc<AuthContext>,
+        Router,
+        ListenerContext,
+    )> {
+        let (warnings, users, auth) = {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let warnings = needs_restart(&running.cfg, new);
+            if running.cfg.auth.users_file == new.auth.users_file {
+                (warnings, running.users.clone(), running.auth.clone())
+            } else {
+                let users = Arc::new(
+                    estafeta_auth::Users::open(&new.auth.users_file)
+                        .with_context(|| format!("users file {}", new.auth.users_file.display()))?,
+                );
+                let auth = Arc::new(AuthContext {
+                    verifier: estafeta_auth::Verifier::new(users.clone()),
+                    throttle: estafeta_auth::Throttle::new(),
+                    failure_delay: Duration::from_secs(1),
+                });
+                (warnings, users, auth)
+            }
+        };
+        let policy = build_policy(new, &users);
+        let syncer = self.queue.spool().syncer().clone();
+        let router = build_router(new, policy.clone(), syncer)?;
+        let tls = self.tls.clone().context("no TLS")?;
+        let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
+        let ctx = listener_context(new, policy, self.queue.clone(), &tls, auth.clone(), &kinds);
+        Ok((warnings, users, auth, router, ctx))
     }
 
     /// Re-reads the TLS certificate and key if they changed (SIGHUP; a watcher also checks

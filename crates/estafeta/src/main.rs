@@ -201,6 +201,9 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    for w in estafeta::check::host_warnings(&cfg) {
+        eprintln!("{}: warning: {w}", file.display());
+    }
     println!(
         "{}: ok ({} listener(s), {} local domain(s), hostname {})",
         file.display(),
@@ -389,6 +392,11 @@ fn serve(
             return ExitCode::from(EX_CONFIG);
         }
     };
+    // The ports answer as soon as they are bound (below), before the runtime that handles
+    // signals exists: SIGHUP, SIGTERM and SIGINT are held back until then (a SIGHUP's default
+    // action would end the process). Threads started from here inherit the mask; the main
+    // thread takes them once its handlers are in place.
+    let held = hold_signals(libc::SIG_BLOCK);
     let inherited = match inherited_listeners() {
         Ok(l) => l,
         Err(e) => {
@@ -441,9 +449,16 @@ fn serve(
             create_demo_user(prepared.config());
         }
         tracing::debug!(config = ?prepared.config(), "effective configuration");
+        if !embedded {
+            for w in estafeta::check::host_warnings(prepared.config()) {
+                tracing::warn!("{w}");
+            }
+        }
         // Before anything listens: a SIGHUP that arrives once clients can connect must
         // find its handler (the default action would end the process).
         let signals = Signals::new();
+        hold_signals(libc::SIG_UNBLOCK);
+        let _ = held;
         let mut server = match Server::start_prepared(prepared, metrics).await {
             Ok(s) => s,
             Err(e) => {
@@ -575,15 +590,19 @@ async fn reload(
         }
         Some(path) => {
             let path = path.to_path_buf();
-            let read = tokio::task::spawn_blocking(move || Config::from_file(&path)).await;
+            // File reads and account lookups (NSS may be slow): off the async workers.
+            let read = tokio::task::spawn_blocking(move || {
+                Config::from_file(&path)
+                    .map_err(|errors| errors.to_string())
+                    .and_then(|cfg| match estafeta::check::host_problems(&cfg) {
+                        problems if problems.is_empty() => Ok(cfg),
+                        problems => Err(problems.join("\n")),
+                    })
+            })
+            .await;
             match read {
-                Ok(Ok(cfg)) => match estafeta::check::host_problems(&cfg) {
-                    problems if problems.is_empty() => {
-                        server.reload(cfg).await.map_err(|e| format!("{e:#}"))
-                    }
-                    problems => Err(problems.join("\n")),
-                },
-                Ok(Err(errors)) => Err(errors.to_string()),
+                Ok(Ok(cfg)) => server.reload(cfg).await.map_err(|e| format!("{e:#}")),
+                Ok(Err(errors)) => Err(errors),
                 Err(e) => Err(format!("reading the configuration: {e}")),
             }
         }
@@ -615,6 +634,20 @@ async fn reload(
     ]);
     *last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
     result
+}
+
+/// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) SIGHUP, SIGTERM and SIGINT for the
+/// calling thread; a signal that arrives while blocked waits, pending.
+fn hold_signals(how: libc::c_int) -> bool {
+    // SAFETY: a sigset built with sigemptyset/sigaddset, passed to pthread_sigmask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut()) == 0
+    }
 }
 
 /// The signals the server acts on.

@@ -130,15 +130,43 @@ pub fn user_name(uid: u32) -> Option<String> {
     )
 }
 
-/// The supplementary groups `account` will have: only its group (the drop clears the rest).
+/// The groups `account` will have: its group and the supplementary groups the account
+/// database gives the user (what `initgroups(3)` sets, and what systemd's `User=` gives), so
+/// that a user added to `ssl-cert` may read `/etc/ssl/private` after the drop as under the
+/// unit.
 fn groups_of(account: &Account) -> Vec<u32> {
-    vec![account.gid]
+    let mut groups = vec![account.gid];
+    let Ok(user) = CString::new(account.user.as_str()) else {
+        return groups;
+    };
+    let mut n: libc::c_int = 64;
+    loop {
+        let mut list = vec![0 as libc::gid_t; n as usize];
+        let mut count = n;
+        // SAFETY: a NUL-terminated name, a buffer of `count` gids.
+        let rc = unsafe {
+            libc::getgrouplist(user.as_ptr(), account.gid, list.as_mut_ptr(), &mut count)
+        };
+        if rc >= 0 {
+            list.truncate(count.max(0) as usize);
+            for g in list {
+                if !groups.contains(&g) {
+                    groups.push(g);
+                }
+            }
+            return groups;
+        }
+        if count <= n || n > 65536 {
+            return groups;
+        }
+        n = count;
+    }
 }
 
 /// Gives `paths` (directories the server created while still root) to `account`.
 pub fn hand_over(paths: &[PathBuf], account: &Account) -> Result<(), String> {
     for p in paths {
-        std::os::unix::fs::chown(p, Some(account.uid), Some(account.gid))
+        std::os::unix::fs::lchown(p, Some(account.uid), Some(account.gid))
             .map_err(|e| format!("cannot give {} to {}: {e}", p.display(), account.user))?;
     }
     Ok(())
@@ -147,34 +175,132 @@ pub fn hand_over(paths: &[PathBuf], account: &Account) -> Result<(), String> {
 /// Gives what root left in `data_dir` (an earlier start as root: the spool's files, a
 /// generated certificate, the users file) to `account`, two levels deep — not the Maildirs,
 /// which may be large and are not root's. Entries owned by anyone else are left alone.
+///
+/// `data_dir` is writable by the service user, so its entries may be swapped for symbolic
+/// links while root walks them (by a compromised service, to be given `/etc/shadow`): the
+/// walk never follows a link. Directories are opened with `O_NOFOLLOW` and listed through
+/// their open descriptor, and each entry is changed with `fchownat(AT_SYMLINK_NOFOLLOW)`
+/// relative to that descriptor.
 pub fn hand_over_data_dir(data_dir: &Path, account: &Account) -> Result<(), String> {
-    fn visit(dir: &Path, depth: u32, account: &Account) -> Result<(), String> {
-        let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        if meta.uid() == 0 {
-            std::os::unix::fs::lchown(dir, Some(account.uid), Some(account.gid))
-                .map_err(|e| format!("cannot give {} to {}: {e}", dir.display(), account.user))?;
-        }
-        if depth == 0 || !meta.is_dir() {
-            return Ok(());
-        }
-        for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-            let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
-            if entry.file_name() == "mail" && depth == 2 {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let err = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+    // data_dir itself: its parent (/var/lib) is root's, so the name cannot be swapped.
+    let top = open_dir_nofollow(libc::AT_FDCWD, data_dir).map_err(|e| err(data_dir, e))?;
+    fchown_if_root(&top, account).map_err(|e| err(data_dir, e))?;
+    // (directory descriptor, its path for messages, depth left)
+    let mut stack: Vec<(OwnedFd, PathBuf, u32)> = vec![(top, data_dir.to_path_buf(), 2)];
+    while let Some((dir, path, depth)) = stack.pop() {
+        // The open directory, listed by descriptor: /proc/self/fd/N is that very directory,
+        // whatever its name points to now.
+        let listing = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+            .map_err(|e| err(&path, e))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| err(&path, e))?;
+            let name = entry.file_name();
+            if depth == 2 && name == "mail" {
                 continue;
             }
-            visit(&entry.path(), depth - 1, account)?;
+            let child = path.join(&name);
+            let c_name = CString::new(name.as_bytes())
+                .map_err(|_| format!("{}: bad name", child.display()))?;
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid directory fd, a NUL-terminated name and a stat buffer.
+            if unsafe {
+                libc::fstatat(
+                    dir.as_raw_fd(),
+                    c_name.as_ptr(),
+                    &mut st,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            } != 0
+            {
+                continue; // gone meanwhile
+            }
+            if st.st_uid == 0 {
+                // SAFETY: as above; the link itself (never its target) is changed.
+                let rc = unsafe {
+                    libc::fchownat(
+                        dir.as_raw_fd(),
+                        c_name.as_ptr(),
+                        account.uid,
+                        account.gid,
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                if rc != 0 {
+                    return Err(err(&child, std::io::Error::last_os_error()));
+                }
+            }
+            if depth > 1 && (st.st_mode & libc::S_IFMT) == libc::S_IFDIR {
+                match open_dir_nofollow(dir.as_raw_fd(), Path::new(&name)) {
+                    Ok(fd) => stack.push((fd, child, depth - 1)),
+                    // Swapped for a link (ELOOP) or gone since: not walked.
+                    Err(_) => continue,
+                }
+            }
         }
-        Ok(())
     }
-    visit(data_dir, 2, account)
+    Ok(())
+}
+
+/// Opens the directory `name` relative to `dirfd` without following a symbolic link.
+fn open_dir_nofollow(dirfd: libc::c_int, name: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(name.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid directory fd (or AT_FDCWD) and a NUL-terminated path.
+    let fd = unsafe {
+        libc::openat(
+            dirfd,
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor this function owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Gives the open file or directory to `account` when root owns it.
+fn fchown_if_root(fd: &std::os::fd::OwnedFd, account: &Account) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a stat buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.st_uid == 0 {
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::fchown(fd.as_raw_fd(), account.uid, account.gid) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Gives a file that root just created for the server (the users file) to `account`, when it
-/// is root's: the server, running as `account`, must be able to read it.
+/// is root's: the server, running as `account`, must be able to read it. The file is opened
+/// without following a symbolic link (its directory may be the service user's, who could
+/// have swapped it for a link to a system file) and changed through that descriptor.
 pub fn give_file(path: &Path, account: &Account) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
     if meta.uid() == 0 {
-        std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
+        std::os::unix::fs::fchown(&file, Some(account.uid), Some(account.gid))
             .map_err(|e| format!("cannot give {} to {}: {e}", path.display(), account.user))?;
     }
     Ok(())

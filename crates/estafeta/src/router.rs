@@ -191,8 +191,10 @@ impl Transport for Router {
     }
 }
 
-/// The router in service: a reload replaces it; an attempt already running keeps the one it
-/// started with.
+/// The router in service: a reload replaces it. Each call (`deliver`, `batches`,
+/// `destinations`, `agent`) takes the router in service at that moment and keeps it to the
+/// end of that call: a batch being delivered finishes with the router it started with, the
+/// next batch of the same attempt may use a newer one.
 #[derive(Debug)]
 pub struct LiveRouter(std::sync::RwLock<Arc<Router>>);
 

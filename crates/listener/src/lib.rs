@@ -54,6 +54,9 @@ pub struct ListenerContext {
     pub open_relay: Option<String>,
     /// The session settings of each listener kind.
     pub sessions: HashMap<ListenerKind, Arc<SessionConfig>>,
+    /// The session settings of the local submission socket: no STARTTLS, no AUTH, no sender
+    /// check.
+    pub local_session: Arc<SessionConfig>,
 }
 
 /// The context new sessions start with. A reload stores a new one; sessions already open
@@ -137,8 +140,6 @@ pub struct LocalSpec {
     pub listener: UnixListener,
     /// Its path, removed when the accept loop stops.
     pub path: PathBuf,
-    /// The settings of its sessions: no STARTTLS, no AUTH, no sender check.
-    pub session: Arc<SessionConfig>,
 }
 
 /// A local user on the submit socket, as the kernel reports it (SO_PEERCRED).
@@ -356,11 +357,7 @@ fn spawn_local_accept_loop(
     global: Arc<Semaphore>,
     per_ip: Arc<PerIp>,
 ) {
-    let LocalSpec {
-        listener,
-        path,
-        session: session_cfg,
-    } = spec;
+    let LocalSpec { listener, path } = spec;
     let tracker2 = tracker.clone();
     tracker.spawn(async move {
         loop {
@@ -380,7 +377,7 @@ fn spawn_local_accept_loop(
             let shutdown = shutdown.clone();
             let global = global.clone();
             let per_ip = per_ip.clone();
-            let session_cfg = session_cfg.clone();
+            let session_cfg = ctx.local_session.clone();
             let active = Active::new(&live);
             tracker2.spawn(async move {
                 let _active = active;

@@ -46,7 +46,14 @@ pub(super) fn connect(target: &Target) -> Result<UnixStream, Failure> {
         if let Some(note) = &target.note {
             m.push_str(&format!("; {note}"));
         }
-        fail(EX_UNAVAILABLE, m)
+        // No socket, or nobody answering on it: the server is stopped or restarting (an
+        // upgrade), which passes: EX_TEMPFAIL, the caller may try again. Anything else (no
+        // permission to reach it) will not pass by itself.
+        let code = match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => EX_TEMPFAIL,
+            _ => EX_UNAVAILABLE,
+        };
+        fail(code, m)
     })
 }
 
