@@ -769,3 +769,27 @@ fn json_and_journald_logs() {
     signal(&child, libc::SIGTERM);
     let _ = wait_exit(&mut child, 30);
 }
+
+#[test]
+fn notify_reaches_an_abstract_socket_too() {
+    use std::os::linux::net::SocketAddrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let name = format!("estafeta-test-notify-{}-{port}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let socket = UnixDatagram::bind_addr(&addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let log = dir.path().join("server.log");
+    let mut child = spawn(&config, &log, &[("NOTIFY_SOCKET", &format!("@{name}"))]);
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .expect("a notification on the abstract socket");
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first}");
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, 30).success());
+}

@@ -293,9 +293,29 @@ fn init_logging(cfg: &Config, level: Option<&str>, metrics: &Arc<Metrics>) {
 }
 
 /// Tells systemd (when it started us with `Type=notify`); nothing happens without
-/// `NOTIFY_SOCKET`.
+/// `NOTIFY_SOCKET`. The socket may be a path or, as sd_notify(3) allows, an abstract name
+/// (`@…`), which the sd-notify crate does not reach.
 fn notify(states: &[sd_notify::NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let mut message = String::new();
+    for s in states {
+        message.push_str(&format!("{s}\n"));
+    }
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::ffi::OsStrExt;
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+            None => std::os::unix::net::SocketAddr::from_pathname(Path::new(&path))?,
+        };
+        socket.send_to_addr(message.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
         tracing::warn!("cannot notify systemd: {e}");
     }
 }
