@@ -793,3 +793,30 @@ fn notify_reaches_an_abstract_socket_too() {
     signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, 30).success());
 }
+
+#[test]
+fn an_unprivileged_mailq_says_it_cannot_read_the_queue_instead_of_empty() {
+    if !is_root() {
+        skip("running a command as nobody needs root");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("queue")).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = write_config(dir.path(), free_port(), "");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(estafeta_bin())
+        .args(["queue", "list", "--config"])
+        .arg(&config)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("empty"));
+}

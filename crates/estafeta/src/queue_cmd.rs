@@ -143,8 +143,18 @@ fn with_spool(
     cfg: &Config,
     f: impl FnOnce(Option<&Spool>) -> Result<ExitCode, String>,
 ) -> Result<ExitCode, String> {
-    if !dir.exists() {
-        return f(None);
+    // `exists()` would say "no" for a spool this user may not enter, and the listing would
+    // claim an empty queue: only a spool that is really not there is one.
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return f(None),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!(
+                "cannot read the queue in {}: {e}: run this as root or as the server's user",
+                dir.display()
+            ));
+        }
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+        Ok(_) => {}
     }
     let syncer = Syncer::start().map_err(io_err("cannot start the sync thread"))?;
     let spool = Spool::open_existing(dir, &cfg.hostname, syncer)
