@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use estafeta_e2e::{Process, estafeta_bin, free_port};
+use estafeta_e2e::{Process, free_port};
 
 const USER: &str = "alice@example.test";
 const PASSWORD: &str = "correct horse battery staple";
@@ -139,18 +139,7 @@ retry = ["1s"]
         ),
     )
     .unwrap();
-    let mut add = Command::new(estafeta_bin())
-        .args(["user", "add", USER, "--password-stdin", "--config"])
-        .arg(&config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    }
-    assert!(add.wait().unwrap().success(), "estafeta user add failed");
+    estafeta_e2e::add_user(&config, USER, PASSWORD);
 
     let log = dir.path().join("estafeta.log");
     let mut server = Process::serve(&config, format!("127.0.0.1:{smtp}").parse().unwrap(), &log);

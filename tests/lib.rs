@@ -21,6 +21,26 @@ pub fn skip(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
+/// Adds a user to the users file of `config` with `estafeta user add --password-stdin`, as
+/// a sysadmin would; panics when the command fails.
+pub fn add_user(config: &Path, address: &str, password: &str) {
+    let mut add = Command::new(estafeta_bin())
+        .args(["user", "add", address, "--password-stdin", "--config"])
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run estafeta user add");
+    writeln!(add.stdin.take().expect("stdin"), "{password}").expect("write the password");
+    let out = add.wait_with_output().expect("estafeta user add");
+    assert!(
+        out.status.success(),
+        "estafeta user add {address} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The path of the `estafeta` binary, built (once per test process) so that it is never stale.
 pub fn estafeta_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

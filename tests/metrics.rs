@@ -58,15 +58,7 @@ fn value(s: &HashMap<String, f64>, series: &str) -> f64 {
 }
 
 fn add_user(config: &Path) {
-    let mut add = Command::new(estafeta_bin())
-        .args(["user", "add", USER, "--password-stdin", "--config"])
-        .arg(config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    assert!(add.wait().unwrap().success(), "estafeta user add failed");
+    estafeta_e2e::add_user(config, USER, PASSWORD);
 }
 
 /// swaks over STARTTLS with AUTH PLAIN on `port`; true when the message was queued.

@@ -621,17 +621,11 @@ fn check_config_reports_what_the_server_could_not_read() {
     std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
     let text = test_config(&data, port, "").replace("run_as_root = true\n", "user = \"nobody\"\n");
     std::fs::write(&config, &text).unwrap();
-    let add = Command::new(estafeta_bin())
-        .args([
-            "user",
-            "add",
-            "alice@example.test",
-            "--password-stdin",
-            "--config",
-        ])
-        .arg(&config)
-        .output_with_stdin(b"correct horse battery staple\n");
-    assert!(add.status.success(), "{add:?}");
+    estafeta_e2e::add_user(
+        &config,
+        "alice@example.test",
+        "correct horse battery staple",
+    );
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(data.join("users")).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
@@ -654,24 +648,6 @@ fn check_config_reports_what_the_server_could_not_read() {
         err.contains("auth.users_file") && err.contains("nobody"),
         "{err}"
     );
-}
-
-/// `Command::output` with bytes written to its standard input first.
-trait OutputWithStdin {
-    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;
-}
-
-impl OutputWithStdin for Command {
-    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output {
-        let mut child = self
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        child.wait_with_output().unwrap()
-    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use estafeta_e2e::{Client, Process, estafeta_bin, free_port, maildir_new};
+use estafeta_e2e::{Client, Process, free_port, maildir_new};
 
 struct Submission {
     dir: tempfile::TempDir,
@@ -84,16 +84,7 @@ name = "users.test"
 
 /// `estafeta user add ADDRESS --password-stdin --config FILE`.
 fn add_user(config: &Path, address: &str) {
-    let mut add = Command::new(estafeta_bin())
-        .args(["user", "add", address, "--password-stdin", "--config"])
-        .arg(config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    assert!(add.wait().unwrap().success(), "estafeta user add failed");
+    estafeta_e2e::add_user(config, address, PASSWORD);
 }
 
 fn python() -> Option<&'static str> {

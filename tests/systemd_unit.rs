@@ -5,7 +5,6 @@
 //! the real server, traced with strace, makes no system call the unit's filter would refuse.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -376,21 +375,7 @@ fn the_server_makes_only_system_calls_the_unit_allows() {
         ),
     )
     .unwrap();
-    let mut add = Command::new(estafeta_bin())
-        .args([
-            "user",
-            "add",
-            "alice@example.test",
-            "--password-stdin",
-            "--config",
-        ])
-        .arg(&config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    writeln!(add.stdin.take().unwrap(), "right password").unwrap();
-    assert!(add.wait().unwrap().success());
+    estafeta_e2e::add_user(&config, "alice@example.test", "right password");
 
     let trace = dir.path().join("trace");
     let log = dir.path().join("server.log");
