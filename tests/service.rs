@@ -127,6 +127,23 @@ impl Notifications {
     }
 }
 
+/// Submits a message to `to` (`user@domain`) and waits until it is in that Maildir of
+/// `data`; returns its queue ID.
+fn submit_and_deliver(addr: SocketAddr, data: &Path, user: &str, domain: &str) -> String {
+    let id = submit(
+        addr,
+        "a@example.test",
+        &[&format!("{user}@{domain}")],
+        b"Subject: t\r\n\r\nhi\r\n",
+    );
+    let got = maildir_new(data, domain, user, 1, Duration::from_secs(10));
+    assert!(
+        got.iter().any(|m| String::from_utf8_lossy(m).contains(&id)),
+        "{id} not delivered to {user}@{domain}"
+    );
+    id
+}
+
 fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
     let path = dir.join("estafeta.toml");
     std::fs::write(&path, test_config(&dir.join("data"), port, extra)).unwrap();
@@ -247,20 +264,7 @@ fn socket_activation_with_systemd_socket_activate() {
         text.contains("using the listening socket passed by systemd"),
         "{text}"
     );
-    let id = submit(
-        addr,
-        "a@example.test",
-        &["bob@localhost"],
-        b"Subject: activated\r\n\r\nhi\r\n",
-    );
-    let got = maildir_new(
-        &dir.path().join("data"),
-        "localhost",
-        "bob",
-        1,
-        Duration::from_secs(10),
-    );
-    assert!(String::from_utf8_lossy(&got[0]).contains(&id));
+    submit_and_deliver(addr, &dir.path().join("data"), "bob", "localhost");
     signal(&child, libc::SIGTERM);
     let _ = wait_exit(&mut child, 30);
 }
@@ -302,14 +306,7 @@ fn started_as_root_it_runs_as_the_configured_user() {
     assert_eq!(field("Groups:"), "65534", "{status}");
     assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
     // It works as that user: a message is spooled and delivered into data_dir.
-    let id = submit(
-        addr,
-        "a@example.test",
-        &["bob@localhost"],
-        b"Subject: t\r\n\r\nhi\r\n",
-    );
-    let got = maildir_new(&data, "localhost", "bob", 1, Duration::from_secs(10));
-    assert!(String::from_utf8_lossy(&got[0]).contains(&id));
+    submit_and_deliver(addr, &data, "bob", "localhost");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&data).unwrap().uid(), 65534);
     signal(&child, libc::SIGTERM);
@@ -409,20 +406,7 @@ fn reload_applies_a_good_file_and_keeps_serving_on_a_broken_one() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(rcpt("x@new.example").starts_with("250"));
-    let id = submit(
-        addr,
-        "a@example.test",
-        &["x@new.example"],
-        b"Subject: new\r\n\r\nhi\r\n",
-    );
-    let got = maildir_new(
-        &dir.path().join("data"),
-        "new.example",
-        "x",
-        1,
-        Duration::from_secs(10),
-    );
-    assert!(String::from_utf8_lossy(&got[0]).contains(&id));
+    submit_and_deliver(addr, &dir.path().join("data"), "x", "new.example");
     // The session opened before the reload still refuses it (its configuration is the old one).
     before.cmd("MAIL FROM:<a@example.test>");
     let r = before.cmd("RCPT TO:<x@new.example>");
