@@ -1,8 +1,10 @@
 //! What `check-config` (and a reload) checks beyond the file's syntax and values: whether the
 //! server can run with this configuration on this host, as the user it will run as — the
 //! `user` exists, the certificate and key exist and can be read, the users file and the
-//! smarthost credentials can be read, and `data_dir`, the sockets' directories and each
-//! domain's Maildir directory can be written (or created).
+//! smarthost credentials can be read, and `data_dir` and the sockets' directories can be
+//! written (or created): without any of these the server does not start. Each domain's
+//! Maildir directory is a warning ([`host_warnings`]): the server runs without it, and mail
+//! for that domain waits in the queue.
 
 use std::path::{Path, PathBuf};
 
@@ -92,14 +94,6 @@ pub fn host_problems(cfg: &Config) -> Vec<String> {
             );
         }
     }
-    for dir in maildir_roots(cfg) {
-        need(
-            &dir,
-            Access::WriteDir,
-            "delivery.maildir",
-            "create the domain's directory for that user: install -d -o estafeta -g estafeta -m 0700 DIR",
-        );
-    }
     problems.extend(missing);
     problems
 }
@@ -129,9 +123,28 @@ fn maildir_roots(cfg: &Config) -> Vec<PathBuf> {
 /// What works, but not for everyone: the submit socket in a directory other local users
 /// cannot enter (the default `data_dir/submit.sock` under a 0700 `data_dir`), so `sendmail`
 /// works only for the service user and root.
+///
+/// Also each domain's Maildir directory that the server's user cannot create mailboxes in:
+/// the server starts and serves the other domains, and deliveries there are deferred
+/// (retried) until the directory is fixed — worth saying, not worth refusing to start.
 pub fn host_warnings(cfg: &Config) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let mut warnings = Vec::new();
+    if let Ok(account) = cfg
+        .user
+        .as_deref()
+        .map(|u| privileges::lookup(u, cfg.group.as_deref()))
+        .transpose()
+    {
+        let (uid, gids) = privileges::identity(account.as_ref());
+        for dir in maildir_roots(cfg) {
+            if let Err(e) = privileges::check_access(&dir, uid, &gids, Access::WriteDir) {
+                warnings.push(format!(
+                    "delivery.maildir: {e}: mail for this domain will wait in the queue until the server's user may create mailboxes there (install -d -o estafeta -g estafeta -m 0700 DIR)"
+                ));
+            }
+        }
+    }
     let socket = &cfg.control.submit_socket;
     let absolute = std::env::current_dir()
         .map(|d| d.join(socket))

@@ -100,8 +100,8 @@ enum Command {
     },
     /// Check a configuration file: every error with file:line:column, then whether the server
     /// will be able to run with it on this host (the user exists; the certificate, key and
-    /// users file can be read and the data and Maildir directories written by the user the
-    /// server runs as).
+    /// users file can be read and the data directory written by the user the server runs
+    /// as); warnings for Maildir directories it cannot create mailboxes in.
     CheckConfig {
         /// The configuration file (default: $ESTAFETA_CONFIG, else
         /// /etc/estafeta/estafeta.toml).
