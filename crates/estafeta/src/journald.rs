@@ -62,10 +62,11 @@ impl JournaldLayer {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(JOURNAL_SOCKET));
         let socket = UnixDatagram::unbound()?;
-        // A journal that does not keep up must not stop the mail server: a send waits at most
-        // this long, then the entry is dropped (journald reads its socket continuously; this
-        // only matters when it is wedged).
-        socket.set_write_timeout(Some(std::time::Duration::from_millis(100)))?;
+        // A journal that does not keep up must not stop the mail server (log calls run on
+        // the async workers): a send never waits; an entry journald has no room for is
+        // dropped (journald reads its socket continuously; this only matters when it is
+        // wedged).
+        socket.set_nonblocking(true)?;
         // An empty datagram is discarded by journald: this only checks that it listens.
         socket.send_to(&[], &path)?;
         Ok(JournaldLayer { socket, path })
@@ -166,8 +167,11 @@ impl<S: Subscriber> Layer<S> for JournaldLayer {
         for (k, v) in &f.fields {
             put(&mut buf, &journal_name(k, v), v.as_bytes());
         }
-        // A datagram journald cannot take (too large) is cut to the message alone.
-        if self.socket.send_to(&buf, &self.path).is_err() {
+        // A datagram journald cannot take (too large) is cut to the message alone; one it has
+        // no room for now (EAGAIN) is dropped.
+        if let Err(e) = self.socket.send_to(&buf, &self.path)
+            && e.kind() != std::io::ErrorKind::WouldBlock
+        {
             let mut short = Vec::new();
             let cut: String = line.chars().take(16 * 1024).collect();
             put(&mut short, "MESSAGE", cut.as_bytes());

@@ -247,7 +247,7 @@ impl Metrics {
         );
         // The usual series exist from the start, at zero, so that `rate()` and `increase()`
         // see their first step.
-        for listener in ["smtp", "submission", "submissions"] {
+        for listener in ["smtp", "submission", "submissions", "local"] {
             let _ = m.connections.get_or_create(&ListenerLabel { listener });
         }
         for transport in ["maildir", "smtp"] {
@@ -317,7 +317,7 @@ impl Metrics {
     fn count(&self, e: &MaillogEvent) {
         match e.message.as_str() {
             "connect" => {
-                let listener = one_of(&e.listener, &["smtp", "submission", "submissions"]);
+                let listener = one_of(&e.listener, &["smtp", "submission", "submissions", "local"]);
                 self.connections
                     .get_or_create(&ListenerLabel { listener })
                     .inc();

@@ -423,7 +423,13 @@ fn deliver(o: &Options) -> Result<(), Failure> {
         .unwrap_or_else(|| smtp.greeting_host.clone());
     let sender = match o.sender.as_deref().map(str::trim) {
         Some("" | "<>") => String::new(),
-        Some(s) => qualify(s.trim_start_matches('<').trim_end_matches('>'), &hostname),
+        // `-f 'Alice <alice@example.org>'` is accepted, as Postfix does: its first address.
+        Some(s) => {
+            let first = message::parse_address_list(s).into_iter().next();
+            let addr = first
+                .unwrap_or_else(|| s.trim_start_matches('<').trim_end_matches('>').to_string());
+            qualify(&addr, &hostname)
+        }
         None => qualify(&login_name(), &hostname),
     };
     // Once each (the same address on the command line and in To: with -t, say).

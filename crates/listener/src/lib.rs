@@ -499,7 +499,19 @@ enum Ready {
 }
 
 impl Conn {
-    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes`, giving up after `limit`: a client that does not read its replies
+    /// must not hold its connection slot (nor delay a stop) beyond the command timeout.
+    async fn write_all(&mut self, bytes: &[u8], limit: Duration) -> io::Result<()> {
+        match tokio::time::timeout(limit, self.write_all_unbounded(bytes)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client does not read its replies",
+            )),
+        }
+    }
+
+    async fn write_all_unbounded(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.write_all(bytes).await,
             Conn::Unix(s) => s.write_all(bytes).await,
@@ -781,7 +793,7 @@ async fn drive(
                 Action::StartTls => {
                     // The 220 goes out in plaintext first.
                     if !out.is_empty() {
-                        if let Err(e) = conn.write_all(&out).await {
+                        if let Err(e) = conn.write_all(&out, ctx.command_timeout).await {
                             break 'conn format!("write error: {e}");
                         }
                         out.clear();
@@ -858,7 +870,7 @@ async fn drive(
                 }
                 Action::Pause(d) => {
                     if !out.is_empty() {
-                        if let Err(e) = conn.write_all(&out).await {
+                        if let Err(e) = conn.write_all(&out, ctx.command_timeout).await {
                             break 'conn format!("write error: {e}");
                         }
                         out.clear();
@@ -870,7 +882,7 @@ async fn drive(
             }
         }
         if !out.is_empty() {
-            if let Err(e) = conn.write_all(&out).await {
+            if let Err(e) = conn.write_all(&out, ctx.command_timeout).await {
                 break format!("write error: {e}");
             }
             out.clear();
