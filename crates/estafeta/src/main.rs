@@ -110,10 +110,8 @@ enum Command {
     },
 }
 
-/// sysexits.h EX_CONFIG: systemd units can refuse to restart on it.
-const EX_CONFIG: u8 = 78;
-/// sysexits.h EX_UNAVAILABLE.
-const EX_UNAVAILABLE: u8 = 69;
+// sysexits.h: EX_CONFIG (78; systemd units can refuse to restart on it), EX_UNAVAILABLE (69).
+use estafeta::sendmail::{EX_CONFIG, EX_UNAVAILABLE};
 
 fn main() -> ExitCode {
     // sendmail's flags (-oi, -bs, -faddr) are not clap's: `sendmail`, `mailq`, `newaliases`
@@ -416,7 +414,7 @@ fn serve(
     // signals exists: SIGHUP, SIGTERM and SIGINT are held back until then (a SIGHUP's default
     // action would end the process). Threads started from here inherit the mask; the main
     // thread takes them once its handlers are in place.
-    let held = hold_signals(libc::SIG_BLOCK);
+    hold_signals(libc::SIG_BLOCK);
     let inherited = match inherited_listeners() {
         Ok(l) => l,
         Err(e) => {
@@ -478,7 +476,6 @@ fn serve(
         // find its handler (the default action would end the process).
         let signals = Signals::new();
         hold_signals(libc::SIG_UNBLOCK);
-        let _ = held;
         let mut server = match Server::start_prepared(prepared, metrics).await {
             Ok(s) => s,
             Err(e) => {
@@ -487,17 +484,14 @@ fn serve(
             }
         };
         // Every listener is bound and the spool recovered.
+        let watched = watch_server(&server);
         notify(&[
             sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&status_line(&server, None)),
+            sd_notify::NotifyState::Status(&status_line(&watched).await),
         ]);
         let stop = tokio_util::sync::CancellationToken::new();
-        let last_reload = LastReload::default();
-        let status = tokio::spawn(report_status(
-            stop.clone(),
-            watch_server(&server, &last_reload),
-        ));
-        run_until_stopped(&mut server, signals, config.as_deref(), &last_reload).await;
+        let status = tokio::spawn(report_status(stop.clone(), watched.clone()));
+        run_until_stopped(&mut server, signals, config.as_deref(), &watched).await;
         stop.cancel();
         let _ = status.await;
         notify(&[
@@ -515,6 +509,7 @@ fn serve(
 }
 
 /// What the status reporter needs to see of the server.
+#[derive(Clone)]
 struct Watched {
     queue: estafeta_queue::QueueHandle,
     live: Arc<estafeta_listener::Live>,
@@ -525,21 +520,32 @@ struct Watched {
 /// The outcome of the last reload, shown in `systemctl status`.
 type LastReload = Arc<std::sync::Mutex<Option<String>>>;
 
-fn watch_server(server: &Server, last_reload: &LastReload) -> Watched {
+fn watch_server(server: &Server) -> Watched {
     Watched {
         queue: server.queue().clone(),
         live: server.sessions(),
-        last_reload: last_reload.clone(),
+        last_reload: LastReload::default(),
     }
 }
 
-/// The `STATUS=` line of `systemctl status`.
-fn status_line(server: &Server, last_reload: Option<&str>) -> String {
-    let mut s = format!("serving: {} connection(s)", server.connections());
-    if let Some(r) = last_reload {
-        s.push_str(&format!("; last reload {r}"));
+/// The `STATUS=` line of `systemctl status`: connections, queue size, the last reload.
+async fn status_line(w: &Watched) -> String {
+    let connections = w.live.active_connections();
+    let queued = match tokio::time::timeout(Duration::from_secs(2), w.queue.stats()).await {
+        Ok(Ok(s)) => format!("{} message(s) queued", s.messages),
+        Ok(Err(_)) => "queue stopped".to_string(),
+        Err(_) => "queue not answering".to_string(),
+    };
+    let mut line = format!("serving: {connections} connection(s), {queued}");
+    if let Some(r) = w
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_deref()
+    {
+        line.push_str(&format!("; last reload {r}"));
     }
-    s
+    line
 }
 
 /// Every few seconds: `STATUS=` for `systemctl status` (connections, queue size), and the
@@ -556,21 +562,7 @@ async fn report_status(stop: tokio_util::sync::CancellationToken, w: Watched) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let connections = w.live.active_connections();
-        let queued = match tokio::time::timeout(Duration::from_secs(2), w.queue.stats()).await {
-            Ok(Ok(s)) => format!("{} message(s) queued", s.messages),
-            Ok(Err(_)) => "queue stopped".to_string(),
-            Err(_) => "queue not answering".to_string(),
-        };
-        let mut line = format!("serving: {connections} connection(s), {queued}");
-        if let Some(r) = w
-            .last_reload
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-        {
-            line.push_str(&format!("; last reload {r}"));
-        }
+        let line = status_line(&w).await;
         let mut states = vec![sd_notify::NotifyState::Status(&line)];
         if let Some(limit) = watchdog {
             // The loop turns at least once a second when healthy.
@@ -593,7 +585,7 @@ async fn report_status(stop: tokio_util::sync::CancellationToken, w: Watched) {
 async fn reload(
     server: &Server,
     path: Option<&Path>,
-    last_reload: &LastReload,
+    watched: &Watched,
 ) -> Result<Vec<String>, String> {
     let started = Instant::now();
     let monotonic = sd_notify::NotifyState::monotonic_usec_now();
@@ -648,11 +640,14 @@ async fn reload(
     server.metrics().reload(result.is_ok());
     let when = estafeta_proto::trace::utc_timestamp(estafeta_queue::unix_now());
     let outcome = format!("{when} {}", if result.is_ok() { "ok" } else { "FAILED" });
+    *watched
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(outcome);
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status_line(server, Some(&outcome))),
+        sd_notify::NotifyState::Status(&status_line(watched).await),
     ]);
-    *last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
     result
 }
 
@@ -694,7 +689,7 @@ async fn run_until_stopped(
     server: &mut Server,
     signals: Signals,
     path: Option<&Path>,
-    last_reload: &LastReload,
+    watched: &Watched,
 ) {
     let Signals {
         mut term,
@@ -708,7 +703,7 @@ async fn run_until_stopped(
             _ = int.recv() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading the configuration");
-                let _ = reload(server, path, last_reload).await;
+                let _ = reload(server, path, watched).await;
             }
             Some(answer) = async {
                 match requests.as_mut() {
@@ -717,7 +712,7 @@ async fn run_until_stopped(
                 }
             } => {
                 tracing::info!("estafeta reload: re-reading the configuration");
-                let _ = answer.send(reload(server, path, last_reload).await);
+                let _ = answer.send(reload(server, path, watched).await);
             }
         }
     }
