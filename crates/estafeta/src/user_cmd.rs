@@ -67,7 +67,7 @@ fn warn_if_not_local(cfg: &Config, address: &str) {
     let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
     if cfg.domain(domain).is_none() {
         eprintln!(
-            "estafeta user: warning: {domain} is not a local domain of this configuration:              {address} may authenticate and send, but mail to {address} is not delivered here              (add a [[domain]] name = \"{domain}\" to receive it)"
+            "estafeta user: warning: {domain} is not a local domain of this configuration: {address} may authenticate and send, but mail to {address} is not delivered here (add a [[domain]] name = \"{domain}\" to receive it)"
         );
     }
 }
