@@ -38,7 +38,9 @@ impl Field {
         let mut v = Vec::new();
         for (i, l) in self.lines.iter().enumerate() {
             if i == 0 {
-                v.extend_from_slice(&l[self.name.len() + 1..]);
+                // After the colon (there may be blanks before it: "Name :").
+                let colon = l.iter().position(|&b| b == b':').map_or(l.len(), |c| c + 1);
+                v.extend_from_slice(&l[colon..]);
             } else {
                 v.extend_from_slice(l);
             }
@@ -81,9 +83,7 @@ fn field_name(line: &[u8]) -> Option<&str> {
     if trimmed.is_empty() || !trimmed.iter().all(|&b| (33..=126).contains(&b)) {
         return None;
     }
-    std::str::from_utf8(trimmed)
-        .ok()
-        .filter(|_| trimmed.len() == name.len())
+    std::str::from_utf8(trimmed).ok()
 }
 
 impl Message {
@@ -421,5 +421,18 @@ mod tests {
     fn eight_bit() {
         assert!(!msg("Subject: a\n\nb\n").is_8bit());
         assert!(msg("Subject: a\n\nb\u{e9}\n").is_8bit());
+    }
+
+    #[test]
+    fn an_obsolete_blank_before_the_colon_is_still_a_header_field() {
+        let m = Message::parse(vec![
+            b"Subject : hello".to_vec(),
+            b"To: bob@example.test".to_vec(),
+            b"".to_vec(),
+            b"body".to_vec(),
+        ]);
+        assert_eq!(m.fields.len(), 2);
+        assert_eq!(m.fields[0].value().trim(), "hello");
+        assert_eq!(m.fields[1].value().trim(), "bob@example.test");
     }
 }
