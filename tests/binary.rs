@@ -346,7 +346,7 @@ fn python_smtplib_sends_to_two_recipients() {
         );
         ensure!(
             srv,
-            head.contains("Received: from smtplib.example (unknown [127.0.0.1])"),
+            head.contains("Received: from smtplib.example (localhost [127.0.0.1])"),
             "{head}"
         );
     }
@@ -463,7 +463,7 @@ fn readme_dialogue_exact_replies_and_trace_headers() {
     let want_head = format!(
         "Return-Path: <alice@example.test>\r\n\
          Delivered-To: bob@localhost\r\n\
-         Received: from client.example (unknown [127.0.0.1])\r\n\
+         Received: from client.example (localhost [127.0.0.1])\r\n\
          \tby mx.test.example (estafeta) with ESMTP id {id}\r\n\
          \tfor <bob@localhost>; "
     );

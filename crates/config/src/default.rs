@@ -137,6 +137,9 @@ impl Config {
                 max_received_headers: 50,
             },
             metrics: MetricsConfig::default(),
+            dkim: Vec::new(),
+            verify: VerifyConfig::default(),
+            srs: None,
             control: ControlConfig {
                 socket: data_dir.join("control.sock"),
                 submit_socket: data_dir.join("submit.sock"),

@@ -23,9 +23,10 @@ use std::path::Path;
 pub use default::system_hostname;
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{
-    AuthConfig, Config, ControlConfig, DeliveryConfig, DnsConfig, Domain, ExpnMode, IpVersion,
-    Limits, Listener, ListenerKind, LogConfig, LogFormat, LogLevel, Mailboxes, MetricsConfig,
-    NextHop, QueueConfig, RelayConfig, SmarthostTls, SmtpConfig, TlsConfig, VrfyMode,
+    AuthConfig, CheckMode, Config, ControlConfig, DeliveryConfig, DkimAlgorithm, DkimKeyConfig,
+    DnsConfig, Domain, ExpnMode, IpVersion, Limits, Listener, ListenerKind, LogConfig, LogFormat,
+    LogLevel, Mailboxes, MetricsConfig, NextHop, QueueConfig, RelayConfig, SmarthostTls,
+    SmtpConfig, SrsConfig, TlsConfig, VerifyConfig, VrfyMode,
 };
 
 impl Config {

@@ -62,6 +62,52 @@ pub(crate) struct RawConfig {
     /// `[control]`.
     #[serde(default)]
     pub control: RawControl,
+    /// `[[dkim]]`, repeatable.
+    #[serde(default)]
+    pub dkim: Vec<RawDkim>,
+    /// `[verify]`.
+    #[serde(default)]
+    pub verify: RawVerify,
+    /// `[srs]`; absent: no sender rewriting.
+    pub srs: Option<Spanned<RawSrs>>,
+}
+
+/// One `[[dkim]]`: a signing key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDkim {
+    /// The signing domain (`d=`).
+    pub domain: Spanned<String>,
+    /// The selector (`s=`).
+    pub selector: Spanned<String>,
+    /// `ed25519` | `rsa`.
+    pub algorithm: Option<Spanned<String>>,
+    /// PEM file of the private key.
+    pub private_key: Spanned<String>,
+}
+
+/// `[verify]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawVerify {
+    /// `off` | `mark` | `reject`.
+    pub spf: Option<Spanned<String>>,
+    /// `off` | `mark`.
+    pub dkim: Option<Spanned<String>>,
+    /// `off` | `mark` | `enforce`.
+    pub dmarc: Option<Spanned<String>>,
+    /// `off` | `mark`.
+    pub arc: Option<Spanned<String>>,
+}
+
+/// `[srs]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSrs {
+    /// The domain of SRS addresses.
+    pub domain: Spanned<String>,
+    /// The secrets file; default `data_dir/srs.secret`.
+    pub secret_file: Option<Spanned<String>>,
 }
 
 /// `[log]`.

@@ -55,6 +55,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The local control socket used by the `estafeta queue …` commands.
     pub control: ControlConfig,
+    /// DKIM signing keys (`[[dkim]]`), in file order.
+    pub dkim: Vec<DkimKeyConfig>,
+    /// Inbound checks (`[verify]`).
+    pub verify: VerifyConfig,
+    /// Sender Rewriting Scheme for forwarded mail (`[srs]`); `None`: off.
+    pub srs: Option<SrsConfig>,
 }
 
 impl Config {
@@ -440,6 +446,102 @@ pub enum ExpnMode {
 pub struct MetricsConfig {
     /// Where Prometheus `/metrics` is served; off when `None`.
     pub address: Option<SocketAddr>,
+}
+
+/// A DKIM signing algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DkimAlgorithm {
+    /// ed25519-sha256 (RFC 8463).
+    Ed25519,
+    /// rsa-sha256 (RFC 6376), 2048-bit keys.
+    Rsa,
+}
+
+impl DkimAlgorithm {
+    /// The name used in the configuration and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DkimAlgorithm::Ed25519 => "ed25519",
+            DkimAlgorithm::Rsa => "rsa",
+        }
+    }
+}
+
+/// One `[[dkim]]`: mail whose `From:` is in `domain` is signed with this key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimKeyConfig {
+    /// The signing domain (`d=`), lower-cased, without a trailing dot.
+    pub domain: String,
+    /// The selector (`s=`): the key is published at `selector._domainkey.domain`.
+    pub selector: String,
+    /// The key's algorithm; default ed25519.
+    pub algorithm: DkimAlgorithm,
+    /// The PEM file of the private key (PKCS#8, or PKCS#1 for RSA).
+    pub private_key: PathBuf,
+}
+
+/// What to do with one inbound check's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckMode {
+    /// Not checked.
+    Off,
+    /// Checked; the result goes into `Authentication-Results:`.
+    Mark,
+    /// Checked and acted on: SPF `fail` refused at RCPT (`spf = "reject"`), DMARC `p=reject`
+    /// failures refused at the end of DATA (`dmarc = "enforce"`).
+    Enforce,
+}
+
+/// `[verify]`: the inbound checks on smtp listeners for mail from outside (neither
+/// authenticated nor from `mynetworks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyConfig {
+    /// SPF on MAIL FROM and HELO: default mark.
+    pub spf: CheckMode,
+    /// Every DKIM signature: default mark.
+    pub dkim: CheckMode,
+    /// DMARC alignment and policy: default enforce.
+    pub dmarc: CheckMode,
+    /// ARC chain verification: default mark.
+    pub arc: CheckMode,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            spf: CheckMode::Mark,
+            dkim: CheckMode::Mark,
+            dmarc: CheckMode::Enforce,
+            arc: CheckMode::Mark,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// Every check off.
+    pub fn off() -> Self {
+        VerifyConfig {
+            spf: CheckMode::Off,
+            dkim: CheckMode::Off,
+            dmarc: CheckMode::Off,
+            arc: CheckMode::Off,
+        }
+    }
+
+    /// True when at least one check runs.
+    pub fn any(&self) -> bool {
+        *self != VerifyConfig::off()
+    }
+}
+
+/// `[srs]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrsConfig {
+    /// SRS addresses are `SRS0=…@domain`; bounces to them are accepted and sent back.
+    pub domain: String,
+    /// One secret per line, the first signs; default `data_dir/srs.secret`, generated at the
+    /// first start.
+    pub secret_file: PathBuf,
 }
 
 /// `[control]`.

@@ -49,6 +49,21 @@ const VRFY_MODES: &[(&str, VrfyMode)] = &[
     ("trusted", VrfyMode::Trusted),
     ("off", VrfyMode::Off),
 ];
+const DKIM_ALGORITHMS: &[(&str, DkimAlgorithm)] = &[
+    ("ed25519", DkimAlgorithm::Ed25519),
+    ("rsa", DkimAlgorithm::Rsa),
+];
+const MARK_MODES: &[(&str, CheckMode)] = &[("off", CheckMode::Off), ("mark", CheckMode::Mark)];
+const SPF_MODES: &[(&str, CheckMode)] = &[
+    ("off", CheckMode::Off),
+    ("mark", CheckMode::Mark),
+    ("reject", CheckMode::Enforce),
+];
+const DMARC_MODES: &[(&str, CheckMode)] = &[
+    ("off", CheckMode::Off),
+    ("mark", CheckMode::Mark),
+    ("enforce", CheckMode::Enforce),
+];
 const EXPN_MODES: &[(&str, ExpnMode)] = &[("off", ExpnMode::Off), ("trusted", ExpnMode::Trusted)];
 
 /// The smallest `limits.max_message_size` accepted.
@@ -160,6 +175,27 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
             )
             .unwrap_or_else(|| data_dir.join("submit.sock")),
     };
+    let dkim = v.dkim(&raw);
+    let defaults = VerifyConfig::default();
+    let verify = VerifyConfig {
+        spf: v.enumerated(raw.verify.spf.as_ref(), SPF_MODES, defaults.spf),
+        dkim: v.enumerated(raw.verify.dkim.as_ref(), MARK_MODES, defaults.dkim),
+        dmarc: v.enumerated(raw.verify.dmarc.as_ref(), DMARC_MODES, defaults.dmarc),
+        arc: v.enumerated(raw.verify.arc.as_ref(), MARK_MODES, defaults.arc),
+    };
+    let srs = raw.srs.as_ref().map(|srs| {
+        let inner = srs.get_ref();
+        SrsConfig {
+            domain: v.domain_name(&inner.domain, "SRS domain"),
+            secret_file: v
+                .path(
+                    inner.secret_file.as_ref(),
+                    "secret_file",
+                    "\"/etc/estafeta/srs.secret\"",
+                )
+                .unwrap_or_else(|| data_dir.join("srs.secret")),
+        }
+    });
     let user = raw.user.as_ref().and_then(|u| v.account_name(u, "user"));
     let group = raw.group.as_ref().and_then(|g| v.account_name(g, "group"));
     if let (Some(g), None) = (&raw.group, &raw.user) {
@@ -200,6 +236,9 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
         smtp,
         metrics,
         control,
+        dkim,
+        verify,
+        srs,
     }
 }
 
@@ -248,6 +287,70 @@ impl Validator<'_, '_> {
             return None;
         }
         Some(name.clone())
+    }
+
+    /// A domain name, lower-cased, without a trailing dot.
+    fn domain_name(&mut self, value: &Spanned<String>, what: &str) -> String {
+        let name = value.get_ref().trim().trim_end_matches('.').to_ascii_lowercase();
+        if let Err(why) = check_domain(&name) {
+            self.r.at(
+                value.span(),
+                format!("invalid {what} {:?}: it {why}", value.get_ref()),
+                Some("write a domain name, e.g. \"example.org\"".to_owned()),
+            );
+        }
+        name
+    }
+
+    /// `[[dkim]]`: each key with its domain, selector, algorithm and file; one selector per
+    /// domain at most once.
+    fn dkim(&mut self, raw: &RawConfig) -> Vec<DkimKeyConfig> {
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        let mut keys = Vec::new();
+        for k in &raw.dkim {
+            let domain = self.domain_name(&k.domain, "DKIM domain");
+            let selector = k.selector.get_ref().trim().to_ascii_lowercase();
+            let valid_selector = !selector.is_empty()
+                && selector.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                });
+            if !valid_selector {
+                self.r.at(
+                    k.selector.span(),
+                    format!("invalid DKIM selector {:?}", k.selector.get_ref()),
+                    Some("use letters, digits and '-', e.g. \"s2026\"".to_owned()),
+                );
+            } else if !seen.insert((domain.clone(), selector.clone())) {
+                self.r.at(
+                    k.selector.span(),
+                    format!("selector {selector:?} of {domain} is configured twice"),
+                    Some("give each [[dkim]] of a domain its own selector".to_owned()),
+                );
+            }
+            let algorithm =
+                self.enumerated(k.algorithm.as_ref(), DKIM_ALGORITHMS, DkimAlgorithm::Ed25519);
+            if k.private_key.get_ref().trim().is_empty() {
+                self.r.at(
+                    k.private_key.span(),
+                    "private_key is empty".to_owned(),
+                    Some("write the path of the key file, e.g. \"/etc/estafeta/dkim/example.org.s2026.key\" (`estafeta dkim generate` writes one)".to_owned()),
+                );
+            }
+            let private_key = PathBuf::from(k.private_key.get_ref());
+            keys.push(DkimKeyConfig {
+                domain,
+                selector,
+                algorithm,
+                private_key,
+            });
+        }
+        keys
     }
 
     fn path(

@@ -13,6 +13,7 @@ pub mod router;
 pub mod sendmail;
 pub mod user_cmd;
 
+use estafeta_mailauth::MailAuth;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -326,6 +327,7 @@ fn listener_context(
     tls: &Arc<Tls>,
     auth: Arc<AuthContext>,
     kinds: &[ListenerKind],
+    mail_auth: Arc<MailAuth>,
 ) -> ListenerContext {
     let open_ranges = cfg.relay.open_relay_ranges();
     let open_relay = (!open_ranges.is_empty()).then(|| {
@@ -363,6 +365,7 @@ fn listener_context(
         open_relay,
         sessions,
         local_session: Arc::new(local_session_config(cfg)),
+        mail_auth,
     }
 }
 
@@ -505,6 +508,9 @@ impl Server {
             metrics: metrics_socket,
             created_dirs: _,
         } = prepared;
+        // DKIM keys (readable by the server's user only), the SRS secret, the resolver of the
+        // inbound checks: a key that cannot be used stops the start, naming the file.
+        let mail_auth = Arc::new(MailAuth::build(&cfg).map_err(anyhow::Error::msg)?);
         let syncer = Syncer::start().context("cannot start the sync thread")?;
         let spool = Arc::new(
             Spool::open(&cfg.data_dir.join("queue"), &cfg.hostname, syncer.clone())
@@ -588,7 +594,15 @@ impl Server {
                 &tracker,
             );
         }
-        let ctx = listener_context(&cfg, policy, queue.clone(), &tls, auth.clone(), &kinds);
+        let ctx = listener_context(
+            &cfg,
+            policy,
+            queue.clone(),
+            &tls,
+            auth.clone(),
+            &kinds,
+            mail_auth,
+        );
         let local = LocalSpec {
             listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
             path: cfg.control.submit_socket.clone(),
@@ -737,7 +751,16 @@ impl Server {
         let router = build_router(new, policy.clone(), syncer)?;
         let tls = self.tls.clone().context("no TLS")?;
         let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
-        let ctx = listener_context(new, policy, self.queue.clone(), &tls, auth.clone(), &kinds);
+        let mail_auth = Arc::new(MailAuth::build(new).map_err(anyhow::Error::msg)?);
+        let ctx = listener_context(
+            new,
+            policy,
+            self.queue.clone(),
+            &tls,
+            auth.clone(),
+            &kinds,
+            mail_auth,
+        );
         Ok((warnings, users, auth, router, ctx))
     }
 

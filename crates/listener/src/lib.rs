@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use estafeta_config::ListenerKind;
-use estafeta_policy::{Client, Policy, Verdict};
+use estafeta_mailauth::MailAuth;
+use estafeta_mailauth::verify::SpfResults;
+use estafeta_policy::{Client, Policy, Trust, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Action, Session, SessionConfig, Timeout};
 use estafeta_queue::QueueHandle;
@@ -57,6 +59,8 @@ pub struct ListenerContext {
     /// The session settings of the local submission socket: no STARTTLS, no AUTH, no sender
     /// check.
     pub local_session: Arc<SessionConfig>,
+    /// DKIM signing, the inbound checks, reverse DNS names and SRS.
+    pub mail_auth: Arc<MailAuth>,
 }
 
 /// The context new sessions start with. A reload stores a new one; sessions already open
@@ -641,6 +645,50 @@ fn verify(policy: &Policy, client: &Client, argument: &str, expn: bool) -> Reply
     }
 }
 
+/// An RCPT to one of our SRS addresses: `Some(Ok(original))` when it is genuine,
+/// `Some(Err(550))` when it is ours but forged or expired, `None` when it is not an SRS address
+/// of our SRS domain (the usual policy applies).
+fn srs_recipient(
+    ma: &MailAuth,
+    policy: &Policy,
+    path: &estafeta_proto::ForwardPath,
+) -> Option<Result<String, Reply>> {
+    let srs = ma.srs.as_ref()?;
+    let address = path.to_string();
+    let (local, domain) = address.rsplit_once('@')?;
+    if !domain.eq_ignore_ascii_case(srs.domain()) || !estafeta_mailauth::srs::Srs::is_srs(local) {
+        return None;
+    }
+    // A real mailbox of a local domain that happens to look like SRS keeps its usual policy.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let _ = policy;
+    Some(
+        srs.reverse(local, now)
+            .map_err(|e| reply::srs_invalid(&address, &e.to_string())),
+    )
+}
+
+/// The SPF results of the transaction in progress, looked up at most once per MAIL FROM.
+async fn spf_of<'a>(
+    cache: &'a mut Option<(String, SpfResults)>,
+    checker: &estafeta_mailauth::verify::Checker,
+    session: &Session,
+    ip: IpAddr,
+) -> &'a SpfResults {
+    let sender = session
+        .mail_from()
+        .map(|f| f.to_string())
+        .unwrap_or_default();
+    if cache.as_ref().is_none_or(|(from, _)| *from != sender) {
+        let helo = session.helo_name().unwrap_or_default().to_string();
+        let results = checker.spf(ip, &helo, &sender).await;
+        *cache = Some((sender, results));
+    }
+    &cache.as_ref().expect("just filled").1
+}
+
 /// The `Message-ID:` of a message (the field's value, unfolded and trimmed), for the mail log;
 /// only the header section is looked at.
 fn message_id(content: &[u8]) -> Option<String> {
@@ -677,7 +725,12 @@ pub async fn handle_connection(
     shutdown: &CancellationToken,
 ) {
     let started = Instant::now();
-    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, "connect");
+    // The client's name, confirmed forward (FCrDNS), as Postfix looks it up before greeting.
+    let client_name = match &ctx.mail_auth.checker {
+        Some(checker) => checker.client_name(peer.ip()).await,
+        None => None,
+    };
+    tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, client_name = client_name.as_deref().unwrap_or("unknown"), "connect");
     if let Some(ranges) = &ctx.open_relay {
         tracing::warn!(client = %peer.ip(), "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)");
     }
@@ -705,7 +758,11 @@ pub async fn handle_connection(
     } else {
         (Conn::Plain(stream), Session::new(session_cfg, peer))
     };
-    drive(conn, session, &Peer::Tcp(peer), ctx, shutdown, started).await;
+    let mut session = session;
+    session.set_client_name(client_name);
+    // Mail from outside is checked (SPF, DKIM, DMARC, ARC) on the MX port only.
+    let inbound = kind == "smtp";
+    drive(conn, session, &Peer::Tcp(peer), ctx, shutdown, started, inbound).await;
 }
 
 /// Drives one SMTP session over one connection to the submit socket: the same session as on
@@ -735,6 +792,7 @@ pub async fn handle_local_connection(
         ctx,
         shutdown,
         started,
+        false,
     )
     .await;
 }
@@ -749,8 +807,12 @@ async fn drive(
     ctx: &ListenerContext,
     shutdown: &CancellationToken,
     started: Instant,
+    inbound: bool,
 ) {
     let mut out: Vec<u8> = Vec::new();
+    // SPF of the transaction in progress, looked up once (at its first RCPT, or at the end of
+    // its data): the MAIL FROM it was checked for, and the results.
+    let mut spf: Option<(String, SpfResults)> = None;
     let mut tls_buf: Vec<u8> = Vec::new();
     let mut messages = 0u32;
     let mut stopping = false;
@@ -761,13 +823,32 @@ async fn drive(
                 Action::Send(r) => r.write_to(&mut out),
                 Action::CheckRcpt(rcpt) => {
                     let client = peer.client(&session);
-                    let verdict = match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
-                        Verdict::Accept(_) => Ok(()),
-                        Verdict::Reject(r) => {
-                            tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, reply = %r, status = r.status.map(tracing::field::display), "reject RCPT");
-                            Err(r)
+                    let mut verdict = match srs_recipient(&ctx.mail_auth, &ctx.policy, &rcpt.path) {
+                        // A bounce to one of our SRS addresses: accepted when genuine, whoever
+                        // sends it (it goes back to the original sender only).
+                        Some(Ok(original)) => {
+                            tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, original = %original, "SRS bounce");
+                            Ok(())
                         }
+                        Some(Err(r)) => Err(r),
+                        None => match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
+                            Verdict::Accept(_) => Ok(()),
+                            Verdict::Reject(r) => Err(r),
+                        },
                     };
+                    // SPF `fail` refused here when `[verify] spf = "reject"`.
+                    if verdict.is_ok()
+                        && inbound
+                        && ctx.policy.trust(&client) == Trust::None
+                        && let Some(checker) = &ctx.mail_auth.checker
+                        && checker.mode().spf == estafeta_config::CheckMode::Enforce
+                    {
+                        let results = spf_of(&mut spf, checker, &session, peer.ip()).await;
+                        verdict = checker.spf_verdict(results, peer.ip());
+                    }
+                    if let Err(r) = &verdict {
+                        tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, reply = %r, status = r.status.map(tracing::field::display), "reject RCPT");
+                    }
                     session.rcpt_checked(verdict);
                 }
                 Action::CheckMail { user, from } => {
@@ -817,12 +898,102 @@ async fn drive(
                         }
                     }
                 }
-                Action::Enqueue(mut envelope, body) => {
+                Action::Enqueue(mut envelope, mut body) => {
+                    let client = peer.client(&session);
+                    let trust = ctx.policy.trust(&client);
+                    let ma = &ctx.mail_auth;
+                    // The checks before the 250: mail from outside is verified and marked (or
+                    // refused); our users' mail is completed and signed.
+                    if inbound
+                        && trust == Trust::None
+                        && let Some(checker) = &ma.checker
+                        && checker.mode().any()
+                    {
+                        let sender = envelope.from.to_string();
+                        let cached = match spf.take() {
+                            Some((from, results)) if from == sender => Some(results),
+                            _ => None,
+                        };
+                        let result = checker
+                            .check_message(
+                                peer.ip(),
+                                &envelope.client.helo,
+                                &sender,
+                                session.client_name(),
+                                cached,
+                                &mut body,
+                            )
+                            .await;
+                        tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, results = %result.summary, dmarc_policy = result.dmarc_policy.unwrap_or(""), "checked");
+                        if let Err(r) = result.verdict {
+                            tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, reply = %r, status = r.status.map(tracing::field::display), "reject DATA");
+                            session.enqueued(Err(r));
+                            continue;
+                        }
+                        body.splice(0..0, result.header.into_bytes());
+                    } else {
+                        estafeta_mailauth::headers::strip_our_results(&mut body, &ma.hostname);
+                        if matches!(trust, Trust::Authenticated(_) | Trust::Local(_)) {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs());
+                            estafeta_mailauth::headers::add_missing(&mut body, &ma.hostname, now);
+                        }
+                        if trust != Trust::None {
+                            match ma.signer.sign(&body) {
+                                Some(Ok(signed)) => {
+                                    tracing::debug!(client = %peer, keys = %signed.selectors.join(" "), "DKIM signed");
+                                    body.splice(0..0, signed.fields.into_bytes());
+                                }
+                                Some(Err(e)) => {
+                                    tracing::warn!(client = %peer, error = %e, "cannot DKIM-sign the message: sent unsigned");
+                                }
+                                None => {}
+                            }
+                        }
+                    }
+                    // Bounces to our SRS addresses go back to the original sender.
+                    if let Some(srs) = &ma.srs {
+                        for r in &mut envelope.rcpts {
+                            if let Some(Ok(original)) = srs_recipient(ma, &ctx.policy, &r.path)
+                                && let Ok((path, _)) = estafeta_proto::address::parse_forward_path(&format!("<{original}>"))
+                            {
+                                r.path = path;
+                            }
+                        }
+                        let _ = srs;
+                    }
                     // Aliases and catch-all are applied once, here: each stored recipient is
                     // then delivered exactly once.
+                    let before: Vec<String> = envelope
+                        .rcpts
+                        .iter()
+                        .map(|r| r.path.to_string().to_lowercase())
+                        .collect();
                     envelope.rcpts = ctx
                         .policy
                         .expand_recipients(std::mem::take(&mut envelope.rcpts));
+                    // Forwarded to another domain: the sender is rewritten (SRS) so that the next
+                    // hop's SPF check passes.
+                    if let Some(srs) = &ma.srs
+                        && let estafeta_proto::ReversePath::Mailbox(m) = &envelope.from
+                        && !ctx.policy.is_local_domain(&m.domain.key())
+                        && envelope.rcpts.iter().any(|r| {
+                            let a = r.path.to_string().to_lowercase();
+                            !before.contains(&a)
+                                && a.rsplit_once('@').is_some_and(|(_, d)| !ctx.policy.is_local_domain(d))
+                        })
+                    {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        if let Some(rewritten) = srs.forward(&envelope.from.to_string(), now)
+                            && let Ok((from, _)) = estafeta_proto::address::parse_reverse_path(&format!("<{rewritten}>"))
+                        {
+                            tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, srs = %rewritten, "SRS rewrite");
+                            envelope.from = from;
+                        }
+                    }
                     let from = envelope.from.to_string();
                     let nrcpt = envelope.rcpts.len();
                     let size = body.len();

@@ -26,6 +26,9 @@ pub struct ClientInfo {
     /// A local submission (the submit socket, `sendmail`): the uid the kernel reported for
     /// the peer. The Received header then names the user instead of a network client.
     pub local_uid: Option<u32>,
+    /// The client's forward-confirmed reverse DNS name (FCrDNS), named in the Received header;
+    /// `None` when it has none (or it was not looked up).
+    pub name: Option<String>,
 }
 
 /// One accepted recipient with its RCPT parameters.

@@ -588,6 +588,57 @@ pub fn sender_not_owned(address: &str, user: &str) -> Reply {
     )
 }
 
+/// `550 5.7.23 …`: SPF says the client may not send for the sender's domain (`-all`), and
+/// `[verify] spf = "reject"` (RFC 7208 §8.4, RFC 7372 §3.2).
+pub fn spf_fail(domain: &str, ip: &str) -> Reply {
+    Reply::new(
+        550,
+        st(5, 7, 23),
+        format!("SPF check failed: {domain} does not designate {ip} as a permitted sender"),
+    )
+}
+
+/// `451 4.7.24 …`: the SPF record of the sender's domain could not be looked up now
+/// (RFC 7208 §8.6, RFC 7372 §3.2): try again later, never a bounce for a DNS hiccup.
+pub fn spf_temperror(domain: &str) -> Reply {
+    Reply::new(
+        451,
+        st(4, 7, 24),
+        format!("SPF check of {domain} failed temporarily (DNS error); try again later"),
+    )
+}
+
+/// `550 5.7.1 …`: the message fails DMARC and its author domain publishes `p=reject`
+/// (RFC 7489 §6.6.2, `[verify] dmarc = "enforce"`).
+pub fn dmarc_reject(domain: &str) -> Reply {
+    Reply::new(
+        550,
+        st(5, 7, 1),
+        format!(
+            "Message rejected: DMARC policy of {domain} is reject, and neither SPF nor DKIM aligns with it"
+        ),
+    )
+}
+
+/// `451 4.7.1 …`: the DMARC policy of the author domain, or a result it depends on, could not
+/// be looked up now: try again later.
+pub fn dmarc_temperror(domain: &str) -> Reply {
+    Reply::new(
+        451,
+        st(4, 7, 1),
+        format!("DMARC check of {domain} failed temporarily (DNS error); try again later"),
+    )
+}
+
+/// `550 5.1.1 …`: a bounce to an SRS address that is not ours, expired or forged.
+pub fn srs_invalid(address: &str, why: &str) -> Reply {
+    Reply::new(
+        550,
+        st(5, 1, 1),
+        format!("<{address}>: Recipient address rejected: invalid SRS address ({why})"),
+    )
+}
+
 /// `553 5.6.7 …`: a non-ASCII address without SMTPUTF8 (RFC 6531 §3.5).
 pub fn non_ascii_address() -> Reply {
     Reply::new(

@@ -213,6 +213,8 @@ pub struct Session {
     auth_user: Option<String>,
     /// The uid of a local submission (see [`Session::local`]).
     local_uid: Option<u32>,
+    /// The client's verified reverse DNS name, for the Received header.
+    client_name: Option<String>,
     auth_failures: u32,
     unknown_rcpts: u32,
     txn: Option<Box<Transaction>>,
@@ -252,6 +254,7 @@ impl Session {
             tls,
             auth_user: None,
             local_uid: None,
+            client_name: None,
             auth_failures: 0,
             unknown_rcpts: 0,
             txn: None,
@@ -278,6 +281,22 @@ impl Session {
     /// The name the client gave in HELO/EHLO, if any.
     pub fn helo_name(&self) -> Option<&str> {
         self.helo.as_deref()
+    }
+
+    /// Records the client's forward-confirmed reverse DNS name (looked up by the driver); the
+    /// Received header names it.
+    pub fn set_client_name(&mut self, name: Option<String>) {
+        self.client_name = name;
+    }
+
+    /// The client's verified reverse DNS name, when the driver found one.
+    pub fn client_name(&self) -> Option<&str> {
+        self.client_name.as_deref()
+    }
+
+    /// The reverse path of the transaction in progress (after MAIL FROM).
+    pub fn mail_from(&self) -> Option<&crate::ReversePath> {
+        self.txn.as_ref().map(|t| &t.from)
     }
 
     /// The user who authenticated, if any.
@@ -1046,6 +1065,7 @@ impl Session {
                     None
                 },
                 local_uid: self.local_uid,
+                name: self.client_name.clone(),
             },
             from,
             params,

@@ -74,7 +74,7 @@ fn ip_literal(ip: IpAddr) -> String {
 /// Builds the Received header this server prepends, CRLF-terminated and folded:
 ///
 /// ```text
-/// Received: from client.example (unknown [192.0.2.1])
+/// Received: from client.example (mail.client.example [192.0.2.1])
 ///         by mx.example.org (estafeta) with ESMTPS id 7D3A1F0C9B2E
 ///         (using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)
 ///         for <bob@example.org>; Mon, 23 Nov 2026 11:16:53 +0000
@@ -102,8 +102,9 @@ pub fn received_header(hostname: &str, env: &Envelope, id: &str, now: u64) -> St
     }
     let _ = write!(
         h,
-        "Received: from {} (unknown [{}])\r\n\tby {} (estafeta) with {} id {}",
+        "Received: from {} ({} [{}])\r\n\tby {} (estafeta) with {} id {}",
         clean(&env.client.helo),
+        env.client.name.as_deref().map_or("unknown".into(), clean),
         ip_literal(env.client.ip),
         hostname,
         env.client.protocol,
@@ -167,6 +168,7 @@ mod tests {
                 tls: None,
                 auth: None,
                 local_uid: Some(1000),
+                name: None,
             },
             from: crate::address::parse_reverse_path("<alice@example.org>")
                 .unwrap()

@@ -956,6 +956,7 @@ async fn send_notices(
                 tls: None,
                 auth: None,
                 local_uid: None,
+                name: None,
             },
             from: estafeta_proto::ReversePath::Null,
             params: estafeta_proto::MailParams::default(),

@@ -521,6 +521,9 @@ fn serialize_envelope(env: &Envelope, id: QueueId, arrival: u64) -> String {
     if let Some(uid) = env.client.local_uid {
         line("local-uid", &uid.to_string());
     }
+    if let Some(name) = &env.client.name {
+        line("client-name", name);
+    }
     line("from", &format!("<{}>", env.from));
     if let Some(size) = env.params.size {
         line("size", &size.to_string());
@@ -567,6 +570,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
         tls: None,
         auth: None,
         local_uid: None,
+        name: None,
     };
     let mut from = None;
     let mut params = MailParams::default();
@@ -600,6 +604,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             "tls" => client.tls = Some(v.to_string()),
             "auth" => client.auth = Some(v.to_string()),
             "local-uid" => client.local_uid = Some(v.parse().map_err(|_| bad("local-uid"))?),
+            "client-name" => client.name = Some(v.to_string()),
             "from" => from = Some(parse_reverse_path(v).map_err(|_| bad("from"))?.0),
             "size" => params.size = v.parse().ok(),
             "body" => {

@@ -27,6 +27,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
             tls: None,
             auth: None,
             local_uid: None,
+            name: None,
         },
         from: parse_reverse_path("<alice@example.test>").unwrap().0,
         params: MailParams::default(),

@@ -21,6 +21,7 @@ fn envelope(rcpt: &str) -> Envelope {
             tls: None,
             auth: None,
             local_uid: None,
+            name: None,
         },
         from: parse_reverse_path("<>").unwrap().0,
         params: MailParams::default(),
