@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, PTR, SOA, TXT};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 
 /// Test zones. A name exists when it owns a record; a query for a name that does not exist is
@@ -53,6 +53,24 @@ impl Zones {
             name,
             RData::AAAA(AAAA(ip.parse().expect("an IPv6 address"))),
         )
+    }
+
+    /// `name TXT "text"`; a text longer than 255 octets is split into several strings, as a
+    /// zone file would hold it.
+    pub fn txt(self, name: &str, text: &str) -> Self {
+        let strings: Vec<String> = text
+            .as_bytes()
+            .chunks(255)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        self.add(name, RData::TXT(TXT::new(strings)))
+    }
+
+    /// `reverse-name PTR host` for `ip` (its in-addr.arpa / ip6.arpa name).
+    pub fn ptr(self, ip: &str, host: &str) -> Self {
+        let ip: std::net::IpAddr = ip.parse().expect("an IP address");
+        let name = Name::from(ip).to_ascii();
+        self.add(&name, RData::PTR(PTR(name_of(host))))
     }
 
     /// `name SOA …`: the name exists without other records (NODATA for MX and addresses).

@@ -75,6 +75,48 @@ pub fn host_problems(cfg: &Config) -> Vec<String> {
             "chown it to that user, mode 0600",
         );
     }
+    for (i, k) in cfg.dkim.iter().enumerate() {
+        let key = format!("dkim[{i}].private_key");
+        if !k.private_key.exists() {
+            missing.push(format!(
+                "{key}: {} does not exist: create it with `estafeta dkim generate {} --selector {} --algorithm {}`",
+                k.private_key.display(),
+                k.domain,
+                k.selector,
+                k.algorithm.name()
+            ));
+            continue;
+        }
+        need(
+            &k.private_key,
+            Access::Read,
+            &key,
+            "chown it to that user, mode 0600",
+        );
+        // Mode and content (read as whoever runs this check).
+        if let Err(e) = estafeta_mailauth::keys::load(k)
+            && !matches!(e, estafeta_mailauth::keys::KeyError::Read { .. })
+        {
+            missing.push(format!("{key}: {e}"));
+        }
+    }
+    if let Some(srs) = &cfg.srs {
+        if srs.secret_file.exists() {
+            need(
+                &srs.secret_file,
+                Access::Read,
+                "srs.secret_file",
+                "chown it to that user, mode 0600",
+            );
+        } else if let Some(dir) = srs.secret_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            need(
+                dir,
+                Access::WriteDir,
+                "srs.secret_file",
+                "the secret is created at the first start: its directory must be writable by that user, or create the file (one random line, mode 0600)",
+            );
+        }
+    }
     need(
         &cfg.data_dir,
         Access::WriteDir,

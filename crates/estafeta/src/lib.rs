@@ -2,6 +2,7 @@
 //! delivery agents and the listeners from a validated [`Config`]; the binary's `main` and the
 //! end-to-end tests both use it.
 
+pub mod authn_cmd;
 pub mod check;
 pub mod control;
 pub mod explain;

@@ -80,8 +80,44 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         from: String,
         /// A RCPT TO address (repeatable).
-        #[arg(long, value_name = "ADDR", required = true)]
+        #[arg(long, value_name = "ADDR", required_unless_present = "message")]
         rcpt: Vec<String>,
+        /// A message file: also show the inbound checks (SPF, DKIM, DMARC, ARC) the smtp
+        /// listener would make on it for mail from outside, and its decision. These look up
+        /// DNS records (through [dns] nameservers); nothing is sent.
+        #[arg(long, value_name = "FILE")]
+        message: Option<PathBuf>,
+        /// The HELO name for the SPF checks of --message (default: the client's address
+        /// literal).
+        #[arg(long, value_name = "NAME")]
+        helo: Option<String>,
+        /// The configuration file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// DKIM keys: `estafeta dkim generate DOMAIN` writes a new key and prints the TXT record to
+    /// publish.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+        /// The configuration file.
+        #[arg(long, short = 'c', value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Print every DNS record the local domains (or DOMAIN) need: MX, the host's A/AAAA and
+    /// PTR, SPF, DKIM (each selector), DMARC, ready for a zone file. With --check, look each up
+    /// through the resolver and say what is missing or wrong (exit 1 then).
+    DnsRecords {
+        /// One domain (default: every [[domain]]).
+        #[arg(value_name = "DOMAIN")]
+        domain: Option<String>,
+        /// Look the records up and compare.
+        #[arg(long)]
+        check: bool,
+        /// This host's public address (repeatable; default: the listeners' specific addresses,
+        /// else the interfaces' public ones).
+        #[arg(long, value_name = "IP")]
+        address: Vec<std::net::IpAddr>,
         /// The configuration file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
@@ -110,6 +146,27 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum DkimCommand {
+    /// Write a new private key (mode 0600) for DOMAIN and print the TXT record to publish and
+    /// the [[dkim]] to add. The file: the private_key of the [[dkim]] with this domain and
+    /// selector, else --output, else data_dir/dkim/DOMAIN.SELECTOR.key. Never overwrites.
+    Generate {
+        /// The signing domain.
+        #[arg(value_name = "DOMAIN")]
+        domain: String,
+        /// The selector (default: s and the year and month, e.g. s202612).
+        #[arg(long, value_name = "S")]
+        selector: Option<String>,
+        /// ed25519 (ed25519-sha256) or rsa (rsa-sha256, 2048 bits).
+        #[arg(long, value_name = "ALG", default_value = "ed25519", value_parser = ["ed25519", "rsa"])]
+        algorithm: String,
+        /// Where to write the key.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
 // sysexits.h: EX_CONFIG (78; systemd units can refuse to restart on it), EX_UNAVAILABLE (69).
 use estafeta::sendmail::{EX_CONFIG, EX_UNAVAILABLE};
 
@@ -129,9 +186,63 @@ fn main() -> ExitCode {
             auth,
             from,
             rcpt,
+            message,
+            helo,
             config,
         } => match load(find_config(config).as_deref()) {
-            Ok(cfg) => estafeta::explain::run(&cfg, client, auth, &from, &rcpt),
+            Ok(cfg) => {
+                let policy = if rcpt.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    estafeta::explain::run(&cfg, client, auth, &from, &rcpt)
+                };
+                match message {
+                    Some(m) => {
+                        let accepted = estafeta::authn_cmd::explain_message(
+                            &cfg,
+                            client,
+                            helo.as_deref(),
+                            &from,
+                            &m,
+                        );
+                        if accepted && policy == ExitCode::SUCCESS {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    }
+                    None => policy,
+                }
+            }
+            Err(code) => code,
+        },
+        Command::Dkim {
+            command:
+                DkimCommand::Generate {
+                    domain,
+                    selector,
+                    algorithm,
+                    output,
+                },
+            config,
+        } => match load(find_config(config).as_deref()) {
+            Ok(cfg) => {
+                let algorithm = if algorithm == "rsa" {
+                    estafeta_config::DkimAlgorithm::Rsa
+                } else {
+                    estafeta_config::DkimAlgorithm::Ed25519
+                };
+                estafeta::authn_cmd::dkim_generate(&cfg, &domain, selector, algorithm, output)
+            }
+            Err(code) => code,
+        },
+        Command::DnsRecords {
+            domain,
+            check,
+            address,
+            config,
+        } => match load(find_config(config).as_deref()) {
+            Ok(cfg) => estafeta::authn_cmd::dns_records(&cfg, domain, check, address),
             Err(code) => code,
         },
         Command::User { command, config } => match load(find_config(config).as_deref()) {

@@ -9,6 +9,7 @@
 
 pub mod headers;
 pub mod keys;
+pub mod records;
 pub mod sign;
 pub mod srs;
 pub mod verify;

@@ -3,11 +3,11 @@
 //! fields a forger would add or replace over-signed.
 
 use estafeta_config::DkimKeyConfig;
-use mail_auth::common::crypto::DkimKey;
-use mail_auth::common::headers::HeaderWriter;
-use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use mail_auth::common::crypto::{Algorithm, DkimKey, Sha256, SigningKey};
+use mail_auth::common::headers::{HeaderWriter, Writable};
+use mail_auth::dkim::{Canonicalization, DkimSigner};
 
-use crate::headers::from_domain;
+use crate::headers::{from_domain, has_header};
 use crate::keys::LoadedKey;
 
 /// The header fields signed when present. Those in [`OVERSIGNED`] are listed once more, so that
@@ -38,29 +38,29 @@ pub const OVERSIGNED: &[&str] = &["From", "To", "Cc", "Reply-To", "Subject", "Da
 /// The signing keys of every configured domain.
 #[derive(Default)]
 pub struct Signer {
-    keys: Vec<(DkimKeyConfig, String, DkimSigner<DkimKey, Done>)>,
+    keys: Vec<LoadedKey>,
+}
+
+/// A key lent to one signature: the signer builder takes its key by value, and the header list
+/// differs from message to message.
+struct Lent<'a>(&'a DkimKey);
+
+impl SigningKey for Lent<'_> {
+    type Hasher = Sha256;
+
+    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
+        self.0.sign(input)
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        self.0.algorithm()
+    }
 }
 
 impl Signer {
     /// A signer with these keys (in configuration order: with two keys for one domain, both
     /// sign, in this order).
     pub fn new(keys: Vec<LoadedKey>) -> Signer {
-        let mut headers: Vec<String> = SIGNED.iter().map(|s| s.to_string()).collect();
-        // A name listed twice is signed once more than it occurs: the crate marks only the first
-        // listing as found and appends the others as absent fields.
-        headers.extend(OVERSIGNED.iter().map(|s| s.to_string()));
-        let keys = keys
-            .into_iter()
-            .map(|k| {
-                let signer = DkimSigner::from_key(k.key)
-                    .domain(k.config.domain.clone())
-                    .selector(k.config.selector.clone())
-                    .headers(headers.clone())
-                    .header_canonicalization(Canonicalization::Relaxed)
-                    .body_canonicalization(Canonicalization::Relaxed);
-                (k.config, k.public, signer)
-            })
-            .collect();
         Signer { keys }
     }
 
@@ -71,7 +71,7 @@ impl Signer {
 
     /// Each key's configuration and public key (`p=`).
     pub fn keys(&self) -> impl Iterator<Item = (&DkimKeyConfig, &str)> {
-        self.keys.iter().map(|(c, p, _)| (c, p.as_str()))
+        self.keys.iter().map(|k| (&k.config, k.public.as_str()))
     }
 
     /// The `DKIM-Signature:` fields (each ending in CRLF, to be put before the message) for a
@@ -79,16 +79,32 @@ impl Signer {
     /// library's (a message without any of the signed fields).
     pub fn sign(&self, message: &[u8]) -> Option<Result<Signed, String>> {
         let domain = from_domain(message)?;
+        // The fields present, once each (every instance of a name is signed), and the
+        // over-signed names once more: an instance added later breaks the signature. Absent
+        // fields outside OVERSIGNED stay unsigned, so a mailing list may still add List-Id.
+        let mut headers: Vec<&str> = SIGNED
+            .iter()
+            .copied()
+            .filter(|h| has_header(message, h))
+            .collect();
+        headers.extend(OVERSIGNED.iter().copied());
         let mut out = Signed {
             fields: String::new(),
             selectors: Vec::new(),
         };
-        for (config, _, signer) in self.keys.iter().filter(|(c, _, _)| c.domain == domain) {
-            match signer.sign(message) {
+        for k in self.keys.iter().filter(|k| k.config.domain == domain) {
+            let signature = DkimSigner::from_key(Lent(&k.key))
+                .domain(k.config.domain.clone())
+                .selector(k.config.selector.clone())
+                .headers(headers.iter().copied())
+                .header_canonicalization(Canonicalization::Relaxed)
+                .body_canonicalization(Canonicalization::Relaxed)
+                .sign(message);
+            match signature {
                 Ok(s) => {
                     out.fields.push_str(&s.to_header());
                     out.selectors
-                        .push(format!("{}/{}", config.domain, config.selector));
+                        .push(format!("{}/{}", k.config.domain, k.config.selector));
                 }
                 Err(e) => return Some(Err(e.to_string())),
             }

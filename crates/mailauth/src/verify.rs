@@ -79,6 +79,11 @@ impl Checker {
         })
     }
 
+    /// The resolver (for `dns-records --check`).
+    pub fn authenticator(&self) -> &MessageAuthenticator {
+        &self.auth
+    }
+
     /// The modes.
     pub fn mode(&self) -> VerifyConfig {
         self.mode
