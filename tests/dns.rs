@@ -154,7 +154,12 @@ pub struct DnsServer {
 impl DnsServer {
     /// Serves `zones` on 127.0.0.1 at a free UDP port.
     pub fn start(zones: Zones) -> DnsServer {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the test DNS server");
+        Self::start_on("127.0.0.1:0".parse().expect("an address"), zones)
+    }
+
+    /// Serves `zones` on `addr` (UDP), e.g. port 53 for a resolver that knows no other.
+    pub fn start_on(addr: SocketAddr, zones: Zones) -> DnsServer {
+        let socket = UdpSocket::bind(addr).expect("bind the test DNS server");
         // Wakes up now and then to see whether it should stop.
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))

@@ -269,6 +269,11 @@ impl Client {
         }
     }
 
+    /// How long a read waits (10 s by default).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.writer.set_read_timeout(Some(timeout)).unwrap();
+    }
+
     /// Writes raw bytes.
     pub fn write(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).expect("write");

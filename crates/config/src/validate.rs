@@ -291,7 +291,11 @@ impl Validator<'_, '_> {
 
     /// A domain name, lower-cased, without a trailing dot.
     fn domain_name(&mut self, value: &Spanned<String>, what: &str) -> String {
-        let name = value.get_ref().trim().trim_end_matches('.').to_ascii_lowercase();
+        let name = value
+            .get_ref()
+            .trim()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         if let Err(why) = check_domain(&name) {
             self.r.at(
                 value.span(),
@@ -333,8 +337,11 @@ impl Validator<'_, '_> {
                     Some("give each [[dkim]] of a domain its own selector".to_owned()),
                 );
             }
-            let algorithm =
-                self.enumerated(k.algorithm.as_ref(), DKIM_ALGORITHMS, DkimAlgorithm::Ed25519);
+            let algorithm = self.enumerated(
+                k.algorithm.as_ref(),
+                DKIM_ALGORITHMS,
+                DkimAlgorithm::Ed25519,
+            );
             if k.private_key.get_ref().trim().is_empty() {
                 self.r.at(
                     k.private_key.span(),

@@ -253,7 +253,9 @@ pub fn dns_records(
         }
     };
     if domains.is_empty() {
-        eprintln!("error: no domain: the configuration has no [[domain]] and no [[dkim]]; name one: estafeta dns-records example.org");
+        eprintln!(
+            "error: no domain: the configuration has no [[domain]] and no [[dkim]]; name one: estafeta dns-records example.org"
+        );
         return ExitCode::FAILURE;
     }
     let mut keys = Vec::new();

@@ -108,7 +108,11 @@ pub fn host_problems(cfg: &Config) -> Vec<String> {
                 "srs.secret_file",
                 "chown it to that user, mode 0600",
             );
-        } else if let Some(dir) = srs.secret_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        } else if let Some(dir) = srs
+            .secret_file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             need(
                 dir,
                 Access::WriteDir,

@@ -762,7 +762,16 @@ pub async fn handle_connection(
     session.set_client_name(client_name);
     // Mail from outside is checked (SPF, DKIM, DMARC, ARC) on the MX port only.
     let inbound = kind == "smtp";
-    drive(conn, session, &Peer::Tcp(peer), ctx, shutdown, started, inbound).await;
+    drive(
+        conn,
+        session,
+        &Peer::Tcp(peer),
+        ctx,
+        shutdown,
+        started,
+        inbound,
+    )
+    .await;
 }
 
 /// Drives one SMTP session over one connection to the submit socket: the same session as on
@@ -956,7 +965,9 @@ async fn drive(
                     if let Some(srs) = &ma.srs {
                         for r in &mut envelope.rcpts {
                             if let Some(Ok(original)) = srs_recipient(ma, &ctx.policy, &r.path)
-                                && let Ok((path, _)) = estafeta_proto::address::parse_forward_path(&format!("<{original}>"))
+                                && let Ok((path, _)) = estafeta_proto::address::parse_forward_path(
+                                    &format!("<{original}>"),
+                                )
                             {
                                 r.path = path;
                             }
@@ -981,14 +992,17 @@ async fn drive(
                         && envelope.rcpts.iter().any(|r| {
                             let a = r.path.to_string().to_lowercase();
                             !before.contains(&a)
-                                && a.rsplit_once('@').is_some_and(|(_, d)| !ctx.policy.is_local_domain(d))
+                                && a.rsplit_once('@')
+                                    .is_some_and(|(_, d)| !ctx.policy.is_local_domain(d))
                         })
                     {
                         let now = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_secs());
                         if let Some(rewritten) = srs.forward(&envelope.from.to_string(), now)
-                            && let Ok((from, _)) = estafeta_proto::address::parse_reverse_path(&format!("<{rewritten}>"))
+                            && let Ok((from, _)) = estafeta_proto::address::parse_reverse_path(
+                                &format!("<{rewritten}>"),
+                            )
                         {
                             tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, srs = %rewritten, "SRS rewrite");
                             envelope.from = from;

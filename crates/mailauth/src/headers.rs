@@ -227,7 +227,10 @@ mod tests {
             text.starts_with("From: a@example.org\r\nSubject: s\r\nDate: Thu, 1 Jan 1970 00:00:00 +0000\r\nMessage-ID: <"),
             "{text}"
         );
-        assert!(text.ends_with("@mail.example.org>\r\n\r\nbody\r\n"), "{text}");
+        assert!(
+            text.ends_with("@mail.example.org>\r\n\r\nbody\r\n"),
+            "{text}"
+        );
         // Nothing is added twice.
         assert!(add_missing(&mut m, "mail.example.org", 0).is_empty());
 

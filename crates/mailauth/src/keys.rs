@@ -17,7 +17,9 @@ use rustls_pki_types::pem::PemObject;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The file cannot be read.
-    #[error("DKIM key {path}: cannot read it: {error}; check that the file exists and that the server's user may read it")]
+    #[error(
+        "DKIM key {path}: cannot read it: {error}; check that the file exists and that the server's user may read it"
+    )]
     Read {
         /// The file.
         path: PathBuf,
@@ -25,7 +27,9 @@ pub enum KeyError {
         error: std::io::Error,
     },
     /// Group or others may read it.
-    #[error("DKIM key {path} may be read by other users (mode {mode:04o}): run `chmod 600 {path}` and make the server's user its owner")]
+    #[error(
+        "DKIM key {path} may be read by other users (mode {mode:04o}): run `chmod 600 {path}` and make the server's user its owner"
+    )]
     Exposed {
         /// The file.
         path: PathBuf,
@@ -33,7 +37,9 @@ pub enum KeyError {
         mode: u32,
     },
     /// Not a key of the configured algorithm.
-    #[error("DKIM key {path} is not a valid {algorithm} private key in PEM: {why}; generate one with `estafeta dkim generate`")]
+    #[error(
+        "DKIM key {path} is not a valid {algorithm} private key in PEM: {why}; generate one with `estafeta dkim generate`"
+    )]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -171,9 +177,11 @@ fn rsa_spki(pkcs1: &[u8]) -> Vec<u8> {
 
 /// True when `der` already is a SubjectPublicKeyInfo (starts with the algorithm sequence).
 fn is_spki(der: &[u8]) -> bool {
-    der.windows(11)
-        .take(8)
-        .any(|w| w == [0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01])
+    der.windows(11).take(8).any(|w| {
+        w == [
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+        ]
+    })
 }
 
 fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
@@ -202,11 +210,8 @@ mod tests {
         let path = dir.join(format!("{}.key", algorithm.name()));
         let _ = std::fs::remove_file(&path);
         std::fs::write(&path, pem).unwrap();
-        std::fs::set_permissions(
-            &path,
-            std::os::unix::fs::PermissionsExt::from_mode(mode),
-        )
-        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .unwrap();
         DkimKeyConfig {
             domain: "example.org".into(),
             selector: "s1".into(),
@@ -235,7 +240,10 @@ mod tests {
         let (pem, _) = generate(DkimAlgorithm::Ed25519).unwrap();
         let cfg = config(dir.path(), DkimAlgorithm::Ed25519, &pem, 0o644);
         let err = load(&cfg).err().unwrap().to_string();
-        assert!(err.contains("ed25519.key") && err.contains("0644") && err.contains("chmod 600"), "{err}");
+        assert!(
+            err.contains("ed25519.key") && err.contains("0644") && err.contains("chmod 600"),
+            "{err}"
+        );
         let cfg = config(dir.path(), DkimAlgorithm::Rsa, "not a key", 0o600);
         let err = load(&cfg).err().unwrap().to_string();
         assert!(err.contains("not a valid rsa private key"), "{err}");

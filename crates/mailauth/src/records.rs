@@ -158,7 +158,8 @@ pub fn needed(
             rtype: "PTR",
             data: host.clone(),
             value: cfg.hostname.to_ascii_lowercase(),
-            note: "reverse DNS: ask whoever owns the address (your hosting provider) to set it".into(),
+            note: "reverse DNS: ask whoever owns the address (your hosting provider) to set it"
+                .into(),
         });
     }
     out.push(Record {
@@ -268,7 +269,10 @@ pub async fn check(
                 return match auth.resolver().lookup_ip(name).await {
                     Ok(ips) if ips.iter().next().is_some() => Status::Ok(format!(
                         "{name} has {}",
-                        ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+                        ips.iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )),
                     Ok(_) => Status::Missing(format!("{name} has no address")),
                     Err(e) if e.is_no_records_found() || e.is_nx_domain() => {
@@ -287,7 +291,10 @@ pub async fn check(
                     } else {
                         Status::Wrong(format!(
                             "{name} has {} but not {ip}",
-                            ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+                            ips.iter()
+                                .map(|i| i.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ))
                     }
                 }
@@ -298,10 +305,7 @@ pub async fn check(
             }
         }
         Kind::Ptr => {
-            let ip = record
-                .name
-                .trim_end_matches('.')
-                .to_string();
+            let ip = record.name.trim_end_matches('.').to_string();
             let addr = addresses_of_reverse(&ip);
             let Some(addr) = addr else {
                 return Status::Unknown(format!("cannot read {ip}"));
@@ -312,9 +316,9 @@ pub async fn check(
                         .answers()
                         .iter()
                         .filter_map(|r| match &r.data {
-                            mail_auth::hickory_resolver::proto::rr::RData::PTR(p) => Some(
-                                p.0.to_string().trim_end_matches('.').to_ascii_lowercase(),
-                            ),
+                            mail_auth::hickory_resolver::proto::rr::RData::PTR(p) => {
+                                Some(p.0.to_string().trim_end_matches('.').to_ascii_lowercase())
+                            }
                             _ => None,
                         })
                         .collect();
@@ -353,12 +357,16 @@ pub async fn check(
                 )),
                 [one] => {
                     // Does it let this host send? Evaluated for each of its addresses.
-                    let ips: Vec<IpAddr> = match auth.resolver().lookup_ip(cfg.hostname.as_str()).await {
-                        Ok(ips) => ips.iter().collect(),
-                        Err(_) => Vec::new(),
-                    };
+                    let ips: Vec<IpAddr> =
+                        match auth.resolver().lookup_ip(cfg.hostname.as_str()).await {
+                            Ok(ips) => ips.iter().collect(),
+                            Err(_) => Vec::new(),
+                        };
                     if ips.is_empty() {
-                        return Status::Ok(format!("{one} (not evaluated: {} has no address)", cfg.hostname));
+                        return Status::Ok(format!(
+                            "{one} (not evaluated: {} has no address)",
+                            cfg.hostname
+                        ));
                     }
                     let sender = format!("postmaster@{domain}");
                     for ip in &ips {
@@ -395,7 +403,8 @@ pub async fn check(
                 Some(p) if p == want => Status::Ok("the published key matches the key file".into()),
                 Some(p) if p.is_empty() => Status::Wrong("the key is revoked (empty p=)".into()),
                 _ => Status::Wrong(
-                    "the published key does not match the key file: publish the record above".into(),
+                    "the published key does not match the key file: publish the record above"
+                        .into(),
                 ),
             }
         }
@@ -418,8 +427,12 @@ pub async fn check(
                         })
                         .unwrap_or_default();
                     match policy.as_str() {
-                        "none" | "quarantine" | "reject" => Status::Ok(format!("{t} (policy {policy})")),
-                        _ => Status::Wrong(format!("{t}: no valid p= (none, quarantine or reject)")),
+                        "none" | "quarantine" | "reject" => {
+                            Status::Ok(format!("{t} (policy {policy})"))
+                        }
+                        _ => {
+                            Status::Wrong(format!("{t}: no valid p= (none, quarantine or reject)"))
+                        }
                     }
                 }
             }
@@ -430,7 +443,10 @@ pub async fn check(
 /// The address of an `in-addr.arpa`/`ip6.arpa` name.
 fn addresses_of_reverse(name: &str) -> Option<IpAddr> {
     if let Some(v4) = name.strip_suffix(".in-addr.arpa") {
-        let mut o: Vec<u8> = v4.split('.').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+        let mut o: Vec<u8> = v4
+            .split('.')
+            .map(|p| p.parse().ok())
+            .collect::<Option<_>>()?;
         o.reverse();
         let o: [u8; 4] = o.try_into().ok()?;
         return Some(IpAddr::from(o));
@@ -466,7 +482,10 @@ mod tests {
                 "{name}"
             );
         }
-        assert_eq!(reverse_name("192.0.2.1".parse().unwrap()), "1.2.0.192.in-addr.arpa.");
+        assert_eq!(
+            reverse_name("192.0.2.1".parse().unwrap()),
+            "1.2.0.192.in-addr.arpa."
+        );
     }
 
     #[test]
@@ -474,7 +493,10 @@ mod tests {
         let long = "p=".to_string() + &"A".repeat(400);
         let q = quote_txt(&long);
         assert!(q.starts_with("( \"p=AAA"), "{q}");
-        let strings: Vec<&str> = q.split('"').filter(|s| s.starts_with('p') || s.starts_with('A')).collect();
+        let strings: Vec<&str> = q
+            .split('"')
+            .filter(|s| s.starts_with('p') || s.starts_with('A'))
+            .collect();
         assert_eq!(strings.len(), 2);
         assert_eq!(strings[0].len(), 255);
         assert_eq!(quote_txt("v=spf1 mx -all"), "\"v=spf1 mx -all\"");

@@ -33,7 +33,15 @@ pub const SIGNED: &[&str] = &[
 ];
 
 /// Signed one more time than they occur.
-pub const OVERSIGNED: &[&str] = &["From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID"];
+pub const OVERSIGNED: &[&str] = &[
+    "From",
+    "To",
+    "Cc",
+    "Reply-To",
+    "Subject",
+    "Date",
+    "Message-ID",
+];
 
 /// The signing keys of every configured domain.
 #[derive(Default)]

@@ -126,28 +126,34 @@ impl Checker {
 
     /// SPF on the HELO and MAIL FROM identities (`sender` empty for the null sender).
     pub async fn spf(&self, ip: IpAddr, helo: &str, sender: &str) -> SpfResults {
-        let helo_output = self
-            .auth
-            .verify_spf(SpfParameters::verify_ehlo(ip, helo, &self.hostname))
-            .await;
         let (identity, domain) = if sender.is_empty() {
             (format!("postmaster@{helo}"), helo.to_ascii_lowercase())
         } else {
             let domain = sender.rsplit_once('@').map_or("", |(_, d)| d);
             (sender.to_string(), domain.to_ascii_lowercase())
         };
-        let mail_from = if sender.is_empty() {
-            helo_output.clone()
-        } else {
-            self.auth
-                .verify_spf(SpfParameters::verify_mail_from(
-                    ip,
-                    helo,
-                    &self.hostname,
-                    &identity,
-                ))
-                .await
+        // Both identities at once: a slow DNS server costs one wait, not two.
+        let helo_check = self
+            .auth
+            .verify_spf(SpfParameters::verify_ehlo(ip, helo, &self.hostname));
+        let mail_from_check = async {
+            if sender.is_empty() {
+                None
+            } else {
+                Some(
+                    self.auth
+                        .verify_spf(SpfParameters::verify_mail_from(
+                            ip,
+                            helo,
+                            &self.hostname,
+                            &identity,
+                        ))
+                        .await,
+                )
+            }
         };
+        let (helo_output, mail_from) = tokio::join!(helo_check, mail_from_check);
+        let mail_from = mail_from.unwrap_or_else(|| helo_output.clone());
         SpfResults {
             helo: helo_output,
             mail_from,
@@ -213,12 +219,30 @@ impl Checker {
         let mode = self.mode;
         let mut summary: Vec<String> = Vec::new();
         let need_spf = mode.spf != CheckMode::Off || mode.dmarc != CheckMode::Off;
-        let spf = match (spf, need_spf) {
-            (Some(s), _) => Some(s),
-            (None, true) => Some(self.spf(ip, helo, sender).await),
-            (None, false) => None,
-        };
         let parsed = AuthenticatedMessage::parse(message);
+        // SPF, DKIM and ARC need different records: looked up at the same time.
+        let spf_check = async {
+            match (spf, need_spf) {
+                (Some(s), _) => Some(s),
+                (None, true) => Some(self.spf(ip, helo, sender).await),
+                (None, false) => None,
+            }
+        };
+        let dkim_check = async {
+            match &parsed {
+                Some(p) if mode.dkim != CheckMode::Off || mode.dmarc != CheckMode::Off => {
+                    self.auth.verify_dkim(p).await
+                }
+                _ => Vec::new(),
+            }
+        };
+        let arc_check = async {
+            match &parsed {
+                Some(p) if mode.arc != CheckMode::Off => Some(self.auth.verify_arc(p).await),
+                _ => None,
+            }
+        };
+        let (spf, dkim, arc) = tokio::join!(spf_check, dkim_check, arc_check);
         let mut results = AuthenticationResults::new(&self.hostname);
         let mut verdict = Ok(());
         let mut dmarc_policy = None;
@@ -234,7 +258,7 @@ impl Checker {
             };
             summary.push(format!("spf={}", spf_name(spf.mail_from.result())));
         }
-        let Some(parsed) = parsed else {
+        let Some(parsed) = &parsed else {
             summary.push("dkim=none (unparsable header)".to_string());
             let header = results.to_header();
             return Inbound {
@@ -245,11 +269,6 @@ impl Checker {
             };
         };
         let header_from = parsed.from.first().cloned().unwrap_or_default();
-        let dkim = if mode.dkim != CheckMode::Off || mode.dmarc != CheckMode::Off {
-            self.auth.verify_dkim(&parsed).await
-        } else {
-            Vec::new()
-        };
         if mode.dkim != CheckMode::Off {
             if dkim.is_empty() {
                 summary.push("dkim=none".to_string());
@@ -265,10 +284,9 @@ impl Checker {
                 ));
             }
         }
-        if mode.arc != CheckMode::Off {
-            let arc = self.auth.verify_arc(&parsed).await;
+        if let Some(arc) = &arc {
             summary.push(format!("arc={}", dkim_name(arc.result())));
-            results = results.with_arc_result(&arc, ip);
+            results = results.with_arc_result(arc, ip);
         }
         if let (Some(spf), true) = (&spf, mode.dmarc != CheckMode::Off) {
             let mail_from_domain = if spf.domain.is_empty() {
@@ -279,7 +297,7 @@ impl Checker {
             let dmarc = self
                 .auth
                 .verify_dmarc(mail_auth::dmarc::verify::DmarcParameters::new(
-                    &parsed,
+                    parsed,
                     &dkim,
                     &mail_from_domain,
                     &spf.mail_from,
@@ -289,11 +307,7 @@ impl Checker {
             // A message without a From domain (or with several) is exempt: nothing to report.
             if !dmarc.domain().is_empty() {
                 results = results.with_dmarc_result(&dmarc);
-                summary.push(format!(
-                    "dmarc={}({})",
-                    dmarc_name(&result),
-                    dmarc.domain()
-                ));
+                summary.push(format!("dmarc={}({})", dmarc_name(&result), dmarc.domain()));
             }
             let failed = matches!(result, DmarcResult::Fail(_));
             if failed {
