@@ -174,8 +174,17 @@ impl Process {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("estafeta exited early ({status}): {}", self.log_text());
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                return;
+            // Ready means greeted: the port is bound before the server has recovered its spool
+            // and started accepting (a connection waits in the backlog meanwhile).
+            if let Ok(s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                s.set_read_timeout(Some(left.max(Duration::from_millis(100))))
+                    .unwrap();
+                let mut greeting = String::new();
+                if BufReader::new(s).read_line(&mut greeting).is_ok() && greeting.starts_with("220")
+                {
+                    return;
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
