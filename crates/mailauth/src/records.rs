@@ -247,7 +247,7 @@ pub async fn check(
                         _ => None,
                     })
                     .collect();
-                if hosts.iter().any(|h| *h == record.value) {
+                if hosts.contains(&record.value) {
                     Status::Ok(format!("MX {}", hosts.join(", ")))
                 } else if hosts.is_empty() {
                     Status::Missing(format!("{domain} has no MX record"))
@@ -322,7 +322,7 @@ pub async fn check(
                             _ => None,
                         })
                         .collect();
-                    if names.iter().any(|n| *n == record.value) {
+                    if names.contains(&record.value) {
                         Status::Ok(format!("{addr} is {}", record.value))
                     } else if names.is_empty() {
                         Status::Missing(format!("{addr} has no PTR record"))
