@@ -497,6 +497,24 @@ fn dmarc_reject_quarantine_dkimpy_signatures_and_dns_failures() {
     assert!(r.starts_with("550 5.7.1 "), "{r}");
     assert!(r.contains("DMARC"), "{r}");
 
+    // Two authors: DMARC cannot apply, so enforcing it refuses the message (a second From:
+    // must not slip a p=reject domain through).
+    let two_from = message("x@reject.test", "two").replace(
+        "To: <bob@example.test>",
+        "From: <y@nodmarc.test>\r\nTo: <bob@example.test>",
+    );
+    let r = send(
+        addr,
+        "client.test",
+        "y@nodmarc.test",
+        "bob@example.test",
+        &two_from,
+    );
+    assert!(
+        r.starts_with("550 5.7.1 ") && r.contains("several From"),
+        "{r}"
+    );
+
     // p=quarantine: accepted and marked.
     let r = send(
         addr,
@@ -611,7 +629,10 @@ fn dmarc_reject_quarantine_dkimpy_signatures_and_dns_failures() {
         "bob@example.test",
         &message("x@later.test", "later"),
     );
-    assert!(r.starts_with("451 4.7.1 "), "{r}");
+    assert!(
+        r.starts_with("451 4.7.1 ") && r.contains("DNS error"),
+        "{r}"
+    );
     let log = server.log_text();
     assert!(!log.contains("bounce"), "{log}");
     let list = Command::new(estafeta_bin())
@@ -759,7 +780,10 @@ retry = ["1s"]
         &forged,
         "Subject: x\r\n\r\nx\r\n",
     );
-    assert!(r.starts_with("550 5.1.1 "), "{forged}: {r}");
+    assert!(
+        r.starts_with("550 5.1.1 ") && r.contains("invalid SRS address"),
+        "{forged}: {r}"
+    );
 }
 
 #[test]
@@ -847,4 +871,139 @@ fn dns_records_check_names_each_missing_record() {
         run(all(Some("SPF"), &dkim_txt).txt("example.test", "v=spf1 ip4:198.51.100.1 -all"));
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("WRONG") && out.contains("192.0.2.10"), "{out}");
+}
+
+/// The reverse DNS name of a client, confirmed forward (FCrDNS). Loopback clients cannot show
+/// it (the resolver answers their reverse names itself, RFC 6761), so `explain --message` asks
+/// for documentation addresses, through the same lookup the listener makes before greeting.
+#[test]
+fn the_client_name_is_forward_confirmed() {
+    let dns = DnsServer::start(
+        Zones::new()
+            .ptr("192.0.2.7", "client.test")
+            .a("client.test", "192.0.2.7")
+            // A PTR whose name does not point back: not confirmed.
+            .ptr("192.0.2.8", "liar.test")
+            .a("liar.test", "192.0.2.1"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[relay]\nmynetworks = []\n\n{}", dns_table(&dns));
+    let config = write(
+        dir.path(),
+        "c.toml",
+        &test_config(&dir.path().join("data"), 1, &extra),
+    );
+    let msg = write(dir.path(), "m.eml", &message("x@nodmarc.test", "name"));
+    for (ip, expect) in [
+        ("192.0.2.7", "reverse DNS client.test"),
+        ("192.0.2.8", "reverse DNS none (not forward-confirmed)"),
+    ] {
+        let out = Command::new(estafeta_bin())
+            .args([
+                "explain",
+                "--client",
+                ip,
+                "--from",
+                "x@nodmarc.test",
+                "--message",
+            ])
+            .arg(&msg)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains(&format!("client {ip}: {expect}")), "{said}");
+    }
+    assert!(dns.was_asked(
+        "7.2.0.192.in-addr.arpa",
+        hickory_resolver::proto::rr::RecordType::PTR
+    ));
+    assert!(dns.was_asked("client.test", hickory_resolver::proto::rr::RecordType::A));
+}
+
+#[test]
+fn a_key_file_others_may_read_stops_the_start_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("data");
+    let key = dir.path().join("ed.key");
+    let bare = write(dir.path(), "bare.toml", &test_config(&data, port, ""));
+    generate(&bare, "example.test", "ed", "ed25519", &key);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let extra = format!(
+        "[[dkim]]\ndomain = \"example.test\"\nselector = \"ed\"\nprivate_key = \"{}\"\n",
+        key.display()
+    );
+    let config = write(dir.path(), "c.toml", &test_config(&data, port, &extra));
+    let out = Command::new(estafeta_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("chmod 600"),
+        "{err}"
+    );
+    let out = Command::new(estafeta_bin())
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("dkim[0].private_key") && err.contains("0644"),
+        "{err}"
+    );
+}
+
+#[test]
+fn mail_from_outside_is_never_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = DnsServer::start(Zones::new());
+    let key = dir.path().join("ed.key");
+    let bare = write(
+        dir.path(),
+        "bare.toml",
+        &test_config(&dir.path().join("x"), 1, ""),
+    );
+    generate(&bare, "example.test", "ed", "ed25519", &key);
+    for (n, verify) in [
+        "spf = \"mark\"",
+        "spf = \"off\"\ndkim = \"off\"\ndmarc = \"off\"\narc = \"off\"",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sub = dir.path().join(format!("s{n}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let verify = format!(
+            "{verify}\n\n[[dkim]]\ndomain = \"example.test\"\nselector = \"ed\"\nprivate_key = \"{}\"\n",
+            key.display()
+        );
+        let (server, addr, _) = inbound(&sub, &dns, &verify);
+        // From a client outside mynetworks, not authenticated, with a From: of a domain we
+        // sign for: delivered, never signed.
+        let r = send(
+            addr,
+            "client.test",
+            "x@example.test",
+            "bob@example.test",
+            &message("x@example.test", "outside"),
+        );
+        assert!(r.starts_with("250 "), "{r}");
+        let got = maildir_new(
+            &sub.join("data"),
+            "example.test",
+            "bob",
+            1,
+            Duration::from_secs(10),
+        );
+        assert_eq!(got.len(), 1, "{}", server.log_text());
+        let text = String::from_utf8_lossy(&got[0]);
+        assert!(!text.contains("DKIM-Signature"), "{text}");
+    }
 }

@@ -650,7 +650,6 @@ fn verify(policy: &Policy, client: &Client, argument: &str, expn: bool) -> Reply
 /// of our SRS domain (the usual policy applies).
 fn srs_recipient(
     ma: &MailAuth,
-    policy: &Policy,
     path: &estafeta_proto::ForwardPath,
 ) -> Option<Result<String, Reply>> {
     let srs = ma.srs.as_ref()?;
@@ -659,11 +658,11 @@ fn srs_recipient(
     if !domain.eq_ignore_ascii_case(srs.domain()) || !estafeta_mailauth::srs::Srs::is_srs(local) {
         return None;
     }
-    // A real mailbox of a local domain that happens to look like SRS keeps its usual policy.
+    // Every SRS-looking local part of the SRS domain is taken for SRS (as postsrsd does): a
+    // mailbox there must not start with SRS0= or SRS1=.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let _ = policy;
     Some(
         srs.reverse(local, now)
             .map_err(|e| reply::srs_invalid(&address, &e.to_string())),
@@ -822,6 +821,10 @@ async fn drive(
     // SPF of the transaction in progress, looked up once (at its first RCPT, or at the end of
     // its data): the MAIL FROM it was checked for, and the results.
     let mut spf: Option<(String, SpfResults)> = None;
+    // The SRS addresses accepted at RCPT in this transaction, with the address each stands
+    // for: rewritten at the end of data to exactly what was checked (an address that expired
+    // in between would otherwise be relayed to our own SRS domain).
+    let mut srs_rcpts: Vec<(String, String)> = Vec::new();
     let mut tls_buf: Vec<u8> = Vec::new();
     let mut messages = 0u32;
     let mut stopping = false;
@@ -832,11 +835,12 @@ async fn drive(
                 Action::Send(r) => r.write_to(&mut out),
                 Action::CheckRcpt(rcpt) => {
                     let client = peer.client(&session);
-                    let mut verdict = match srs_recipient(&ctx.mail_auth, &ctx.policy, &rcpt.path) {
+                    let mut verdict = match srs_recipient(&ctx.mail_auth, &rcpt.path) {
                         // A bounce to one of our SRS addresses: accepted when genuine, whoever
                         // sends it (it goes back to the original sender only).
                         Some(Ok(original)) => {
                             tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, original = %original, "SRS bounce");
+                            srs_rcpts.push((rcpt.path.to_string().to_lowercase(), original));
                             Ok(())
                         }
                         Some(Err(r)) => Err(r),
@@ -962,18 +966,17 @@ async fn drive(
                         }
                     }
                     // Bounces to our SRS addresses go back to the original sender.
-                    if let Some(srs) = &ma.srs {
-                        for r in &mut envelope.rcpts {
-                            if let Some(Ok(original)) = srs_recipient(ma, &ctx.policy, &r.path)
-                                && let Ok((path, _)) = estafeta_proto::address::parse_forward_path(
-                                    &format!("<{original}>"),
-                                )
-                            {
-                                r.path = path;
-                            }
+                    for r in &mut envelope.rcpts {
+                        let address = r.path.to_string().to_lowercase();
+                        if let Some((_, original)) = srs_rcpts.iter().find(|(a, _)| *a == address)
+                            && let Ok((path, _)) = estafeta_proto::address::parse_forward_path(
+                                &format!("<{original}>"),
+                            )
+                        {
+                            r.path = path;
                         }
-                        let _ = srs;
                     }
+                    srs_rcpts.clear();
                     // Aliases and catch-all are applied once, here: each stored recipient is
                     // then delivered exactly once.
                     let before: Vec<String> = envelope
@@ -999,13 +1002,18 @@ async fn drive(
                         let now = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_secs());
-                        if let Some(rewritten) = srs.forward(&envelope.from.to_string(), now)
-                            && let Ok((from, _)) = estafeta_proto::address::parse_reverse_path(
-                                &format!("<{rewritten}>"),
-                            )
-                        {
-                            tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, srs = %rewritten, "SRS rewrite");
-                            envelope.from = from;
+                        if let Some(rewritten) = srs.forward(&envelope.from.to_string(), now) {
+                            match estafeta_proto::address::parse_reverse_path(&format!(
+                                "<{rewritten}>"
+                            )) {
+                                Ok((from, _)) => {
+                                    tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, srs = %rewritten, "SRS rewrite");
+                                    envelope.from = from;
+                                }
+                                Err(_) => {
+                                    tracing::warn!(client = %peer, from = %envelope.from, srs = ?rewritten, "SRS: the rewritten sender is not a valid address; forwarded with the original sender");
+                                }
+                            }
                         }
                     }
                     let from = envelope.from.to_string();

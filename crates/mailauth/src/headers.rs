@@ -11,11 +11,16 @@ struct Field {
     colon: usize,
 }
 
-/// The header fields of `message`, in order, and the offset where the header section ends
-/// (the start of the empty line, or of the first line that is not a header field).
+/// The header fields of `message`, in order, up to the empty line that ends the header
+/// section, and where new fields go: before that empty line, or before the first line that is
+/// not a header field. A line that is not a field (no colon) does not end the scan: lenient
+/// readers still take what follows it for header fields, so the checks do too.
 fn fields(message: &[u8]) -> (Vec<Field>, usize) {
     let mut out: Vec<Field> = Vec::new();
+    let mut insert_at: Option<usize> = None;
     let mut pos = 0;
+    // A continuation line belongs to the field before it, not after an invalid line.
+    let mut in_field = false;
     while pos < message.len() {
         let line_end = message[pos..]
             .iter()
@@ -27,32 +32,39 @@ fn fields(message: &[u8]) -> (Vec<Field>, usize) {
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .unwrap_or(line);
         if content.is_empty() {
-            return (out, pos);
+            return (out, insert_at.unwrap_or(pos));
         }
         if matches!(content[0], b' ' | b'\t') {
             match out.last_mut() {
-                Some(f) => f.end = line_end,
-                None => return (out, pos),
+                Some(f) if in_field => f.end = line_end,
+                _ => {
+                    insert_at.get_or_insert(pos);
+                }
             }
         } else {
-            let Some(colon) = content.iter().position(|&b| b == b':') else {
-                return (out, pos);
-            };
-            let name = &content[..colon];
+            let colon = content.iter().position(|&b| b == b':');
             // Obsolete syntax allows blanks before the colon (RFC 5322 §4.5.8).
-            let name = trim_end(name);
-            if name.is_empty() || !name.iter().all(|&b| (33..=126).contains(&b)) {
-                return (out, pos);
+            let name = colon.map(|c| trim_end(&content[..c]));
+            match (colon, name) {
+                (Some(colon), Some(name))
+                    if !name.is_empty() && name.iter().all(|&b| (33..=126).contains(&b)) =>
+                {
+                    out.push(Field {
+                        start: pos,
+                        end: line_end,
+                        colon: pos + colon,
+                    });
+                    in_field = true;
+                }
+                _ => {
+                    insert_at.get_or_insert(pos);
+                    in_field = false;
+                }
             }
-            out.push(Field {
-                start: pos,
-                end: line_end,
-                colon: pos + colon,
-            });
         }
         pos = line_end;
     }
-    (out, pos)
+    (out, insert_at.unwrap_or(pos))
 }
 
 fn trim_end(b: &[u8]) -> &[u8] {
@@ -91,42 +103,90 @@ pub fn has_header(message: &[u8], name: &str) -> bool {
     fields.iter().any(|f| name_is(message, f, name))
 }
 
-/// The domain of the author: the address in the single `From:` field, lower-cased. `None`
-/// when there is no From, several, or it holds no address with a domain.
+/// The domain of the author: the single domain of the single `From:` field, lower-cased.
+/// `None` when there is no From, several, or addresses in several domains (or none).
 pub fn from_domain(message: &[u8]) -> Option<String> {
     let froms = header_values(message, "From");
     let [from] = froms.as_slice() else {
         return None;
     };
-    // The address is inside <…> when there is a display name, else the whole value (minus a
-    // comment).
-    let addr = match (from.rfind('<'), from.rfind('>')) {
-        (Some(a), Some(b)) if a < b => &from[a + 1..b],
-        _ => from.split('(').next().unwrap_or(from),
-    };
-    let domain = addr.trim().rsplit_once('@')?.1.trim();
-    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-    if domain.is_empty() || domain.contains([' ', ',', ';', '<', '>', '"']) {
+    let domains = address_domains(from);
+    let first = domains.first()?;
+    if domains.iter().any(|d| d != first) || first.contains(['<', '>', '"', '@']) {
         return None;
     }
-    Some(domain)
+    Some(first.clone())
+}
+
+/// `text` without its comments (nested, with quoted pairs, RFC 5322 §3.2.2); quoted strings
+/// are kept when `keep_quoted`, else removed.
+fn uncomment(text: &str, keep_quoted: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut depth = 0usize;
+    let mut quoted = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let next = chars.next();
+                if depth == 0 && (!quoted || keep_quoted) {
+                    out.push(c);
+                    out.extend(next);
+                }
+            }
+            '"' if depth == 0 => {
+                quoted = !quoted;
+                if keep_quoted {
+                    out.push(c);
+                }
+            }
+            _ if quoted => {
+                if keep_quoted {
+                    out.push(c);
+                }
+            }
+            '(' => depth += 1,
+            ')' if depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The authserv-id of an `Authentication-Results:` value (RFC 8601 §2.2): its first token,
-/// before any `;`, comment or version.
-fn authserv_id(value: &str) -> &str {
-    let mut v = value.trim_start();
-    // A leading comment.
-    while v.starts_with('(') {
-        match v.find(')') {
-            Some(i) => v = v[i + 1..].trim_start(),
-            None => return "",
-        }
-    }
+/// after any comments, before a `;` or a version.
+fn authserv_id(value: &str) -> String {
+    let v = uncomment(value, true);
+    let v = v.trim_start();
     let end = v
-        .find(|c: char| c == ';' || c == '(' || c.is_whitespace())
+        .find(|c: char| c == ';' || c.is_whitespace())
         .unwrap_or(v.len());
-    v[..end].trim_matches('"')
+    v[..end].trim_matches('"').to_string()
+}
+
+/// The domains of the addresses in an address-list value (a `From:` field): comments and
+/// quoted display names removed, each address the part in `<…>` or the bare one, groups
+/// opened. Lower-cased, without trailing dots, in order, repeated as often as they occur.
+pub fn address_domains(value: &str) -> Vec<String> {
+    let bare = uncomment(value, false);
+    bare.split([',', ';'])
+        .filter_map(|part| {
+            // A group: "name: a@x, b@y;" — the first member follows the colon.
+            let part = match (part.find(':'), part.find('<')) {
+                (Some(c), None) => &part[c + 1..],
+                (Some(c), Some(a)) if c < a => &part[c + 1..],
+                _ => part,
+            };
+            let addr = match (part.find('<'), part.rfind('>')) {
+                (Some(a), Some(b)) if a < b => &part[a + 1..b],
+                _ => part,
+            };
+            let domain = addr.trim().rsplit_once('@')?.1.trim();
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            (!domain.is_empty() && !domain.contains(char::is_whitespace)).then_some(domain)
+        })
+        .collect()
 }
 
 /// `message` without the `Authentication-Results:` fields (and `ARC-Authentication-Results`
@@ -174,6 +234,12 @@ pub fn add_missing(message: &mut Vec<u8>, hostname: &str, now: u64) -> Vec<&'sta
         if end == message.len() && !message.is_empty() && !message.ends_with(b"\n") {
             insert.splice(0..0, *b"\r\n");
         }
+        // No header field at all: what there is is the body, after the new header section.
+        let at_empty_line =
+            message[end..].starts_with(b"\r\n") || message[end..].starts_with(b"\n");
+        if fields.is_empty() && end < message.len() && !at_empty_line {
+            insert.extend_from_slice(b"\r\n");
+        }
         message.splice(end..end, insert);
     }
     added
@@ -205,6 +271,16 @@ mod tests {
         assert_eq!(from_domain(m), None);
         let m = b"From:\r\n  folded <x@folded.example>\r\n\r\n";
         assert_eq!(from_domain(m).as_deref(), Some("folded.example"));
+        // Several authors in several domains: no single author domain.
+        let m = b"From: a@evil.example, b@ours.example\r\n\r\n";
+        assert_eq!(from_domain(m), None);
+        // An address inside a comment or a quoted name is not the address.
+        let m = b"From: x@ours.example (X <y@other.example>)\r\n\r\n";
+        assert_eq!(from_domain(m).as_deref(), Some("ours.example"));
+        let m = b"From: \"Doe, J <j@other.example>\" <j@ours.example>\r\n\r\n";
+        assert_eq!(from_domain(m).as_deref(), Some("ours.example"));
+        let m = b"From: a@ours.example, b@ours.example\r\n\r\n";
+        assert_eq!(from_domain(m).as_deref(), Some("ours.example"));
     }
 
     #[test]
@@ -215,6 +291,17 @@ mod tests {
             m,
             b"Authentication-Results: other.example; spf=pass\r\nSubject: x\r\n\r\nAuthentication-Results: mx.example.org; in the body\r\n"
         );
+    }
+
+    #[test]
+    fn forged_results_are_found_behind_nested_comments_and_invalid_lines() {
+        let mut m = b"Authentication-Results: (a (b) c) mx.example.org; dmarc=pass\r\nX-junk line without colon\r\nAuthentication-Results: \"mx.example.org\"; spf=pass\r\nAuthentication-Results: mx.example.org (comment); dkim=pass\r\nSubject: x\r\n\r\nbody\r\n".to_vec();
+        assert_eq!(strip_our_results(&mut m, "mx.example.org"), 3);
+        assert_eq!(
+            m,
+            b"X-junk line without colon\r\nSubject: x\r\n\r\nbody\r\n"
+        );
+        assert_eq!(authserv_id("  mx.example.org 1; none"), "mx.example.org");
     }
 
     #[test]
@@ -241,6 +328,15 @@ mod tests {
         let mut m = b"Subject: s".to_vec();
         add_missing(&mut m, "h", 0);
         assert!(m.starts_with(b"Subject: s\r\nDate: "));
+        // A message with no header section: the fields go first.
+        let mut m = b"just text\r\nmore\r\n".to_vec();
+        add_missing(&mut m, "h", 0);
+        assert!(m.starts_with(b"Date: "), "{}", String::from_utf8_lossy(&m));
+        assert!(
+            m.ends_with(b">\r\n\r\njust text\r\nmore\r\n"),
+            "{}",
+            String::from_utf8_lossy(&m)
+        );
     }
 
     #[test]

@@ -91,9 +91,10 @@ impl Checker {
 
     /// The client's forward-confirmed reverse DNS name (FCrDNS, RFC 8601 `iprev`): a PTR name
     /// of `ip` whose A/AAAA records include `ip`. `None` when there is none or a lookup fails.
-    /// Loopback addresses are `localhost` without a lookup.
+    /// 127.0.0.1 and ::1 are `localhost` without a lookup (the local clients of every
+    /// benchmark and test; other loopback addresses are looked up like any other).
     pub async fn client_name(&self, ip: IpAddr) -> Option<String> {
-        if ip.is_loopback() {
+        if ip == IpAddr::from([127, 0, 0, 1]) || ip == IpAddr::from(std::net::Ipv6Addr::LOCALHOST) {
             return Some("localhost".to_string());
         }
         let lookup = async {
@@ -118,7 +119,7 @@ impl Checker {
             }
             None
         };
-        tokio::time::timeout(QUERY_TIMEOUT * 2, lookup)
+        tokio::time::timeout(QUERY_TIMEOUT, lookup)
             .await
             .ok()
             .flatten()
@@ -196,11 +197,12 @@ impl Checker {
                     "Authentication-Results: {}; none (checks timed out)\r\n",
                     self.hostname
                 ),
-                verdict: Err(reply::dmarc_temperror(
-                    crate::headers::from_domain(message)
-                        .as_deref()
-                        .unwrap_or("the author domain"),
-                )),
+                // Enforcing DMARC, an unknown outcome is deferred; marking, it is accepted.
+                verdict: if self.mode.dmarc == CheckMode::Enforce {
+                    Err(reply::checks_timed_out())
+                } else {
+                    Ok(())
+                },
                 summary: "timeout".to_string(),
                 dmarc_policy: None,
             },
@@ -304,6 +306,22 @@ impl Checker {
                 ))
                 .await;
             let result = dmarc.result();
+            // Several From fields, or one naming several domains, are exempt from DMARC
+            // (RFC 7489 §6.6.1): the reader sees one of them. Enforcing, such a message is
+            // refused, as OpenDMARC's RejectMultiValueFrom does.
+            let authors = author_domains(message);
+            if mode.dmarc == CheckMode::Enforce && authors.len() > 1 {
+                summary.push(format!(
+                    "dmarc=permerror(several authors: {})",
+                    authors.join(", ")
+                ));
+                return Inbound {
+                    header: results.to_header(),
+                    verdict: Err(reply::several_authors()),
+                    summary: summary.join(" "),
+                    dmarc_policy: None,
+                };
+            }
             // A message without a From domain (or with several) is exempt: nothing to report.
             if !dmarc.domain().is_empty() {
                 results = results.with_dmarc_result(&dmarc);
@@ -320,7 +338,12 @@ impl Checker {
             if mode.dmarc == CheckMode::Enforce {
                 if failed && dmarc.policy() == Policy::Reject {
                     verdict = Err(reply::dmarc_reject(dmarc.domain()));
-                } else if matches!(result, DmarcResult::TempError(_)) {
+                } else if matches!(result, DmarcResult::TempError(_))
+                    // Deferred only when the answer could be a rejection: the policy is
+                    // unknown (its lookup failed) or it is reject. With p=none or quarantine
+                    // the message is accepted whatever the missing result would have been.
+                    && (dmarc.dmarc_record().is_none() || dmarc.policy() == Policy::Reject)
+                {
                     verdict = Err(reply::dmarc_temperror(dmarc.domain()));
                 }
             }
@@ -355,6 +378,24 @@ fn resolver_config(servers: &[SocketAddr]) -> (ResolverConfig, ResolverOpts) {
     options.attempts = 1;
     options.use_hosts_file = ResolveHosts::Never;
     (config, options)
+}
+
+/// The distinct domains of every address in every `From:` field, plus one empty entry per
+/// extra `From:` field: more than one entry means several authors.
+fn author_domains(message: &[u8]) -> Vec<String> {
+    let froms = crate::headers::header_values(message, "From");
+    let mut domains: Vec<String> = Vec::new();
+    for value in &froms {
+        for d in crate::headers::address_domains(value) {
+            if !domains.contains(&d) {
+                domains.push(d);
+            }
+        }
+    }
+    if froms.len() > 1 && domains.len() < froms.len() {
+        domains.resize(froms.len(), String::new());
+    }
+    domains
 }
 
 /// The RFC 8601 name of an SPF result.

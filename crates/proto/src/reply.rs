@@ -630,6 +630,25 @@ pub fn dmarc_temperror(domain: &str) -> Reply {
     )
 }
 
+/// `550 5.7.1 …`: several `From:` fields, or one with addresses in several domains: exempt
+/// from DMARC (RFC 7489 §6.6.1), so refused when DMARC is enforced.
+pub fn several_authors() -> Reply {
+    Reply::new(
+        550,
+        st(5, 7, 1),
+        "Message rejected: several From: fields or author domains; DMARC cannot be checked",
+    )
+}
+
+/// `451 4.7.1 …`: the checks of a message took too long (a DNS server that does not answer).
+pub fn checks_timed_out() -> Reply {
+    Reply::new(
+        451,
+        st(4, 7, 1),
+        "Authentication checks timed out; try again later",
+    )
+}
+
 /// `550 5.1.1 …`: a bounce to an SRS address that is not ours, expired or forged.
 pub fn srs_invalid(address: &str, why: &str) -> Reply {
     Reply::new(
