@@ -140,11 +140,7 @@ fn uncomment(text: &str, keep_quoted: bool) -> String {
                     out.push(c);
                 }
             }
-            _ if quoted => {
-                if keep_quoted {
-                    out.push(c);
-                }
-            }
+            _ if quoted => out.extend(keep_quoted.then_some(c)),
             '(' => depth += 1,
             ')' if depth > 0 => depth -= 1,
             _ if depth == 0 => out.push(c),
