@@ -671,7 +671,7 @@ fn srs_recipient(
 
 /// The SPF results of the transaction in progress, looked up at most once per MAIL FROM.
 async fn spf_of<'a>(
-    cache: &'a mut Option<(String, SpfResults)>,
+    cache: &'a mut Option<Box<(String, SpfResults)>>,
     checker: &estafeta_mailauth::verify::Checker,
     session: &Session,
     ip: IpAddr,
@@ -680,10 +680,10 @@ async fn spf_of<'a>(
         .mail_from()
         .map(|f| f.to_string())
         .unwrap_or_default();
-    if cache.as_ref().is_none_or(|(from, _)| *from != sender) {
+    if cache.as_ref().is_none_or(|c| c.0 != sender) {
         let helo = session.helo_name().unwrap_or_default().to_string();
         let results = checker.spf(ip, &helo, &sender).await;
-        *cache = Some((sender, results));
+        *cache = Some(Box::new((sender, results)));
     }
     &cache.as_ref().expect("just filled").1
 }
@@ -726,7 +726,9 @@ pub async fn handle_connection(
     let started = Instant::now();
     // The client's name, confirmed forward (FCrDNS), as Postfix looks it up before greeting.
     let client_name = match &ctx.mail_auth.checker {
-        Some(checker) => checker.client_name(peer.ip()).await,
+        // Boxed, as the checks below: their futures are large, and a future held inline
+        // would make every idle connection's task that large.
+        Some(checker) => Box::pin(checker.client_name(peer.ip())).await,
         None => None,
     };
     tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, client_name = client_name.as_deref().unwrap_or("unknown"), "connect");
@@ -820,7 +822,8 @@ async fn drive(
     let mut out: Vec<u8> = Vec::new();
     // SPF of the transaction in progress, looked up once (at its first RCPT, or at the end of
     // its data): the MAIL FROM it was checked for, and the results.
-    let mut spf: Option<(String, SpfResults)> = None;
+    // Boxed: most sessions never look SPF up, and an idle one should stay small.
+    let mut spf: Option<Box<(String, SpfResults)>> = None;
     // The SRS addresses accepted at RCPT in this transaction, with the address each stands
     // for: rewritten at the end of data to exactly what was checked (an address that expired
     // in between would otherwise be relayed to our own SRS domain).
@@ -856,7 +859,8 @@ async fn drive(
                         && let Some(checker) = &ctx.mail_auth.checker
                         && checker.mode().spf == estafeta_config::CheckMode::Enforce
                     {
-                        let results = spf_of(&mut spf, checker, &session, peer.ip()).await;
+                        let results =
+                            Box::pin(spf_of(&mut spf, checker, &session, peer.ip())).await;
                         verdict = checker.spf_verdict(results, peer.ip());
                     }
                     if let Err(r) = &verdict {
@@ -923,20 +927,19 @@ async fn drive(
                         && checker.mode().any()
                     {
                         let sender = envelope.from.to_string();
-                        let cached = match spf.take() {
+                        let cached = match spf.take().map(|b| *b) {
                             Some((from, results)) if from == sender => Some(results),
                             _ => None,
                         };
-                        let result = checker
-                            .check_message(
-                                peer.ip(),
-                                &envelope.client.helo,
-                                &sender,
-                                session.client_name(),
-                                cached,
-                                &mut body,
-                            )
-                            .await;
+                        let result = Box::pin(checker.check_message(
+                            peer.ip(),
+                            &envelope.client.helo,
+                            &sender,
+                            session.client_name(),
+                            cached,
+                            &mut body,
+                        ))
+                        .await;
                         tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, results = %result.summary, dmarc_policy = result.dmarc_policy.unwrap_or(""), "checked");
                         if let Err(r) = result.verdict {
                             tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, reply = %r, status = r.status.map(tracing::field::display), "reject DATA");

@@ -348,8 +348,14 @@ impl Checker {
                 }
             }
         }
+        let mut header = results.to_header();
+        // An unsigned message says so (RFC 8601 §2.7.1), as OpenDKIM's results do.
+        if mode.dkim != CheckMode::Off && dkim.is_empty() {
+            let end = header.len() - 2;
+            header.insert_str(end, ";\r\n\tdkim=none");
+        }
         Inbound {
-            header: results.to_header(),
+            header,
             verdict,
             summary: summary.join(" "),
             dmarc_policy,
