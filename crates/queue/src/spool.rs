@@ -9,8 +9,14 @@
 //! - `ID.st`: the recipients' delivery state once it differs from "all pending" (written to
 //!   `ID.st.tmp`, renamed, synced before the scheduler acts on it).
 //!
-//! At start, `*.tmp` files are half-written and never acknowledged: they are removed. Every
-//! `ID` file is an acknowledged message and is loaded with its state.
+//! At start, `*.tmp` files are half-written and never acknowledged: they are removed. An `ID`
+//! file is acknowledged only once its sync completed, so recovery checks it: its header names
+//! the content's length and CRC-32 (`content LEN CRC`), and a file that is empty, cut short or
+//! does not match was cut by a crash between its rename and its sync — never acknowledged. It is
+//! moved to `queue/damaged/` (kept for the operator, never delivered) and logged. A file whose
+//! sync fails is removed before the client hears `451`. A damaged `ID.st` is read as "every
+//! recipient pending" (delivered at least once, never lost). Every other `ID` file is an
+//! acknowledged message and is loaded with its state.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -234,7 +240,12 @@ impl Spool {
             .await
             .map_err(io::Error::other)??
         };
-        self.syncer.sync(vec![file], vec![self.dir.clone()]).await?;
+        if let Err(e) = self.syncer.sync(vec![file], vec![self.dir.clone()]).await {
+            // Never acknowledged: it must not be delivered at the next start while the client,
+            // told 451, sends it again.
+            let _ = fs::remove_file(self.path(id));
+            return Err(e);
+        }
         let status = vec![RcptStatus::pending(); envelope.rcpts.len()];
         let size = (buf.len() - start) as u64;
         let content = (buf.len() <= KEEP_IN_MEMORY).then(|| Content {
@@ -290,9 +301,18 @@ impl Spool {
         let mut reader = BufReader::new(file);
         let (mut msg, header_len) = parse_header(&mut reader, id)?;
         msg.size = total.saturating_sub(header_len);
-        match fs::read_to_string(self.status_path(id)) {
-            Ok(text) => {
-                apply_status(&mut msg, &text)?;
+        match fs::read(self.status_path(id)) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                if let Err(e) = apply_status(&mut msg, &text) {
+                    // Cut by a crash between its rename and its sync: what it said is lost, so
+                    // every recipient is pending again (at least once, never lost).
+                    tracing::warn!(id = %id, error = %e, "damaged queue status file: every recipient is pending again");
+                    msg.status = vec![RcptStatus::pending(); msg.envelope.rcpts.len()];
+                    msg.next_attempt = 0;
+                    msg.delay_warned = false;
+                    msg.held = false;
+                }
                 msg.has_status_file = true;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -371,8 +391,20 @@ impl Spool {
                 continue;
             };
             self.ids.advance_past(id);
-            match self.load(id) {
+            match self.check(id).and_then(|()| self.load(id)) {
                 Ok(m) => out.push(m),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    // Empty, cut short or not matching its checksum: written, renamed, but
+                    // its sync never completed, so never acknowledged.
+                    match self.set_aside(id) {
+                        Ok(to) => {
+                            tracing::error!(id = %id, error = %e, moved_to = %to.display(), "damaged queue file (never acknowledged: cut by a crash before its sync); set aside, not delivered")
+                        }
+                        Err(m) => {
+                            tracing::error!(id = %id, error = %e, move_error = %m, "damaged queue file; cannot set it aside; left in place")
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::error!(id = %id, error = %e, "cannot read queue file; left in place")
                 }
@@ -380,6 +412,25 @@ impl Spool {
         }
         out.sort_by_key(|m| m.id);
         Ok(out)
+    }
+
+    /// Checks that the file of `id` is whole: its content has the length and CRC-32 its header
+    /// names. `InvalidData` when it does not (or has no header end); files written before the
+    /// checksum existed pass.
+    pub fn check(&self, id: QueueId) -> io::Result<()> {
+        let mut data = Vec::new();
+        File::open(self.path(id))?.read_to_end(&mut data)?;
+        check_content(&data)
+    }
+
+    /// Moves a damaged file (and its state) to `queue/damaged/`; returns where it went.
+    fn set_aside(&self, id: QueueId) -> io::Result<PathBuf> {
+        let dir = self.dir.join("damaged");
+        fs::create_dir_all(&dir)?;
+        let to = dir.join(id.to_string());
+        fs::rename(self.path(id), &to)?;
+        let _ = fs::rename(self.status_path(id), dir.join(format!("{id}.st")));
+        Ok(to)
     }
 
     /// Records the recipients' state durably (before the scheduler acts on it).
@@ -428,6 +479,31 @@ impl Spool {
     }
 }
 
+/// Whether `data` (a whole spool file) holds the content its `content LEN CRC` header line
+/// names.
+fn check_content(data: &[u8]) -> io::Result<()> {
+    let start = header_end(data).ok_or_else(|| bad("empty or cut short (no end of header)"))?;
+    let header = String::from_utf8_lossy(&data[..start]);
+    let Some(line) = header.lines().find_map(|l| l.strip_prefix("content ")) else {
+        // Written before the checksum existed.
+        return Ok(());
+    };
+    let (len, crc) = line.split_once(' ').ok_or_else(|| bad("content line"))?;
+    let len: usize = len.parse().map_err(|_| bad("content length"))?;
+    let crc = u32::from_str_radix(crc.trim(), 16).map_err(|_| bad("content checksum"))?;
+    let content = &data[start..];
+    if content.len() != len {
+        return Err(bad(&format!(
+            "cut short: {} of {len} octets of content",
+            content.len()
+        )));
+    }
+    if crc32fast::hash(content) != crc {
+        return Err(bad("content does not match its checksum"));
+    }
+    Ok(())
+}
+
 /// The offset of the message content: just after the first empty line.
 fn header_end(data: &[u8]) -> Option<usize> {
     data.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
@@ -446,8 +522,17 @@ fn write_file(
     let final_path = dir.join(id.to_string());
     let tmp = dir.join(format!("{id}.tmp"));
     let mut header = serialize_envelope(env, id, arrival);
-    header.push('\n');
     let received = received_header(hostname, env, &id.to_string(), arrival);
+    // The content's length and checksum: recovery tells a whole file from one a crash cut.
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(received.as_bytes());
+    crc.update(body);
+    header.push_str(&format!(
+        "content {} {:08x}\n",
+        received.len() + body.len(),
+        crc.finalize()
+    ));
+    header.push('\n');
     let mut buf = Vec::with_capacity(header.len() + received.len() + body.len());
     buf.extend_from_slice(header.as_bytes());
     buf.extend_from_slice(received.as_bytes());

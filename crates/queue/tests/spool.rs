@@ -499,3 +499,87 @@ async fn a_success_report_is_queued_before_the_early_record() {
         "bob recorded delivered, but no success report is in the spool"
     );
 }
+
+/// A crash between the rename of `ID` and its sync can leave the file empty or cut at any
+/// length: such a file was never acknowledged. Recovery sets it aside and never delivers it,
+/// and never panics, whatever the length; the whole file is recovered.
+#[tokio::test]
+async fn a_file_cut_at_any_length_is_set_aside_and_the_whole_one_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spool(dir.path());
+    let m = s
+        .put(
+            envelope(&["bob@localhost"]),
+            b"Subject: x\r\n\r\nbody line\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    let path = s.dir().join(m.id.to_string());
+    let whole = std::fs::read(&path).unwrap();
+    assert!(
+        String::from_utf8_lossy(&whole).contains("\ncontent "),
+        "no content line"
+    );
+    for cut in 0..whole.len() {
+        let d = tempfile::tempdir().unwrap();
+        let s2 = spool(d.path());
+        let file = s2.dir().join(m.id.to_string());
+        std::fs::write(&file, &whole[..cut]).unwrap();
+        let all = s2.recover().unwrap();
+        assert!(
+            all.is_empty(),
+            "a file cut at {cut} of {} was recovered",
+            whole.len()
+        );
+        assert!(!file.exists(), "cut at {cut}: left in the queue");
+        assert!(
+            s2.dir().join("damaged").join(m.id.to_string()).exists(),
+            "cut at {cut}: not set aside"
+        );
+    }
+    // One changed octet of content.
+    let mut flipped = whole.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x20;
+    let d = tempfile::tempdir().unwrap();
+    let s3 = spool(d.path());
+    std::fs::write(s3.dir().join(m.id.to_string()), &flipped).unwrap();
+    assert!(s3.recover().unwrap().is_empty());
+    // The whole file.
+    let back = spool(dir.path()).recover().unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].id, m.id);
+}
+
+/// A file written before the checksum existed (no `content` line) is still an acknowledged
+/// message.
+#[tokio::test]
+async fn a_file_without_a_checksum_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spool(dir.path());
+    std::fs::write(
+        s.dir().join("0123456789AB"),
+        "estafeta-queue 1\nid 0123456789AB\narrival 1700000000\nclient-ip 127.0.0.1\nclient-port 4000\nhelo c\nprotocol ESMTP\nfrom <a@example.test>\nrcpt <b@localhost>\n\nSubject: old\r\n\r\nx\r\n",
+    )
+    .unwrap();
+    let all = s.recover().unwrap();
+    assert_eq!(all.len(), 1);
+}
+
+/// An empty or garbled state file (cut by a crash before its sync) leaves every recipient
+/// pending: delivered at least once, never stuck.
+#[tokio::test]
+async fn a_damaged_status_file_means_every_recipient_pending() {
+    for damage in [&b""[..], b"estafeta-status 1\nrcpt 0 deliv", b"\0\0\0\0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spool(dir.path());
+        let m = s
+            .put(envelope(&["a@localhost", "b@localhost"]), b"x\r\n".to_vec())
+            .await
+            .unwrap();
+        std::fs::write(s.dir().join(format!("{}.st", m.id)), damage).unwrap();
+        let back = spool(dir.path()).recover().unwrap();
+        assert_eq!(back.len(), 1, "{damage:?}");
+        assert_eq!(back[0].pending(), vec![0, 1], "{damage:?}");
+    }
+}
