@@ -181,7 +181,11 @@ impl Process {
                 s.set_read_timeout(Some(left.max(Duration::from_millis(100))))
                     .unwrap();
                 let mut greeting = String::new();
-                if BufReader::new(s).read_line(&mut greeting).is_ok() && greeting.starts_with("220")
+                // Any reply: a 220, or a refusal (421 too many connections, 554 a blocklisted
+                // client) shows the accept loop serving too.
+                if BufReader::new(s).read_line(&mut greeting).is_ok()
+                    && greeting.len() >= 4
+                    && greeting.as_bytes()[..3].iter().all(u8::is_ascii_digit)
                 {
                     return;
                 }

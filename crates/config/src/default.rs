@@ -140,6 +140,7 @@ impl Config {
             dkim: Vec::new(),
             verify: VerifyConfig::default(),
             srs: None,
+            antispam: AntispamConfig::default(),
             control: ControlConfig {
                 socket: data_dir.join("control.sock"),
                 submit_socket: data_dir.join("submit.sock"),

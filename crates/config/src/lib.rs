@@ -23,10 +23,10 @@ use std::path::Path;
 pub use default::system_hostname;
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{
-    AuthConfig, CheckMode, Config, ControlConfig, DeliveryConfig, DkimAlgorithm, DkimKeyConfig,
-    DnsConfig, Domain, ExpnMode, IpVersion, Limits, Listener, ListenerKind, LogConfig, LogFormat,
-    LogLevel, Mailboxes, MetricsConfig, NextHop, QueueConfig, RelayConfig, SmarthostTls,
-    SmtpConfig, SrsConfig, TlsConfig, VerifyConfig, VrfyMode,
+    AntispamConfig, AuthConfig, CheckMode, Config, ControlConfig, DeliveryConfig, DkimAlgorithm,
+    DkimKeyConfig, DnsConfig, Domain, ExpnMode, IpVersion, Limits, Listener, ListenerKind,
+    LogConfig, LogFormat, LogLevel, Mailboxes, MetricsConfig, NextHop, QueueConfig, RelayConfig,
+    SmarthostTls, SmtpConfig, SrsConfig, TlsConfig, VerifyConfig, VrfyMode,
 };
 
 impl Config {

@@ -70,6 +70,17 @@ pub(crate) struct RawConfig {
     pub verify: RawVerify,
     /// `[srs]`; absent: no sender rewriting.
     pub srs: Option<Spanned<RawSrs>>,
+    /// `[antispam]`.
+    #[serde(default)]
+    pub antispam: RawAntispam,
+}
+
+/// `[antispam]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAntispam {
+    /// DNS blocklist zones.
+    pub dnsbl: Option<Vec<Spanned<String>>>,
 }
 
 /// One `[[dkim]]`: a signing key.

@@ -61,6 +61,17 @@ pub struct Config {
     pub verify: VerifyConfig,
     /// Sender Rewriting Scheme for forwarded mail (`[srs]`); `None`: off.
     pub srs: Option<SrsConfig>,
+    /// Early refusals of abusive clients (`[antispam]`).
+    pub antispam: AntispamConfig,
+}
+
+/// `[antispam]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AntispamConfig {
+    /// DNS blocklist zones (e.g. `zen.spamhaus.org`), lower-cased, without trailing dots: a
+    /// client of an smtp listener outside `mynetworks` listed in any of them is refused at
+    /// connect with `554 5.7.1`. Empty: off.
+    pub dnsbl: Vec<String>,
 }
 
 impl Config {

@@ -196,6 +196,15 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
                 .unwrap_or_else(|| data_dir.join("srs.secret")),
         }
     });
+    let antispam = AntispamConfig {
+        dnsbl: raw
+            .antispam
+            .dnsbl
+            .iter()
+            .flatten()
+            .map(|z| v.domain_name(z, "DNSBL zone"))
+            .collect(),
+    };
     let user = raw.user.as_ref().and_then(|u| v.account_name(u, "user"));
     let group = raw.group.as_ref().and_then(|g| v.account_name(g, "group"));
     if let (Some(g), None) = (&raw.group, &raw.user) {
@@ -239,6 +248,7 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
         dkim,
         verify,
         srs,
+        antispam,
     }
 }
 

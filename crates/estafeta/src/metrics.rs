@@ -330,6 +330,7 @@ impl Metrics {
             "reject MAIL: sender not owned" => self.reject("MAIL", e),
             // The checks before the 250: DMARC p=reject (5.7.1), a DNS error (4.7.1).
             "reject DATA" => self.reject("DATA", e),
+            "reject CONNECT" => self.reject("CONNECT", e),
             "delivered" => self.delivery("delivered", e, true),
             "deferred" => self.delivery("deferred", e, false),
             "failed" => self.delivery("bounced", e, true),

@@ -732,6 +732,18 @@ pub async fn handle_connection(
         None => None,
     };
     tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, client_name = client_name.as_deref().unwrap_or("unknown"), "connect");
+    // DNS blocklists: on the MX port, for clients outside mynetworks, before the greeting.
+    if kind == "smtp"
+        && !ctx.mail_auth.dnsbl.is_empty()
+        && ctx.policy.mynetworks_match(peer.ip()).is_none()
+        && let Some(checker) = &ctx.mail_auth.checker
+        && let Some(zone) = Box::pin(checker.dnsbl(peer.ip(), &ctx.mail_auth.dnsbl)).await
+    {
+        let r = reply::dnsbl_listed(&peer.ip().to_string(), &zone);
+        tracing::info!(target: "estafeta::maillog", client = %peer.ip(), zone = %zone, reply = %r, status = r.status.map(tracing::field::display), "reject CONNECT");
+        refuse(stream, r).await;
+        return;
+    }
     if let Some(ranges) = &ctx.open_relay {
         tracing::warn!(client = %peer.ip(), "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)");
     }

@@ -27,6 +27,8 @@ pub struct MailAuth {
     pub srs: Option<srs::Srs>,
     /// Our hostname: the authserv-id of our `Authentication-Results:`.
     pub hostname: String,
+    /// DNS blocklists checked at connect (`[antispam] dnsbl`).
+    pub dnsbl: Vec<String>,
 }
 
 impl std::fmt::Debug for MailAuth {
@@ -71,6 +73,7 @@ impl MailAuth {
             signer: sign::Signer::new(keys),
             srs,
             hostname: cfg.hostname.clone(),
+            dnsbl: cfg.antispam.dnsbl.clone(),
         })
     }
 
@@ -81,6 +84,7 @@ impl MailAuth {
             signer: sign::Signer::default(),
             srs: None,
             hostname: hostname.to_string(),
+            dnsbl: Vec::new(),
         }
     }
 }

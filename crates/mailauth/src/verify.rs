@@ -125,6 +125,30 @@ impl Checker {
             .flatten()
     }
 
+    /// The first of `zones` (DNS blocklists, RFC 5782) that lists `ip`, looked up all at once;
+    /// `None` when none does, or a lookup fails or times out (a blocklist that does not
+    /// answer lets the client pass). Answers outside 127.0.0.0/8, and 127.255.255.0/24 (the
+    /// "query refused" codes of some lists), are not listings.
+    pub async fn dnsbl(&self, ip: IpAddr, zones: &[String]) -> Option<String> {
+        let checks = zones.iter().map(|zone| async move {
+            let name = dnsbl_name(ip, zone);
+            let found = tokio::time::timeout(
+                QUERY_TIMEOUT,
+                self.auth.ipv4_lookup(name.as_str(), None::<&NoV4>),
+            )
+            .await;
+            match found {
+                Ok(Ok(r)) => r.rrset.iter().any(|a| {
+                    let o = a.octets();
+                    o[0] == 127 && !(o[1] == 255 && o[2] == 255)
+                }),
+                _ => false,
+            }
+            .then(|| zone.clone())
+        });
+        futures_first(checks).await
+    }
+
     /// SPF on the HELO and MAIL FROM identities (`sender` empty for the null sender).
     pub async fn spf(&self, ip: IpAddr, helo: &str, sender: &str) -> SpfResults {
         let (identity, domain) = if sender.is_empty() {
@@ -366,6 +390,52 @@ impl Checker {
 type NoPtr = mail_auth::common::cache::NoCache<IpAddr, mail_auth::RecordSet<Box<str>>>;
 type NoV4 = mail_auth::common::cache::NoCache<Box<str>, mail_auth::RecordSet<std::net::Ipv4Addr>>;
 type NoV6 = mail_auth::common::cache::NoCache<Box<str>, mail_auth::RecordSet<std::net::Ipv6Addr>>;
+
+/// The first `Some` of the answers, in the order of `checks`, all run at once.
+async fn futures_first<F>(checks: impl Iterator<Item = F>) -> Option<String>
+where
+    F: std::future::Future<Output = Option<String>>,
+{
+    let mut set = Vec::new();
+    for c in checks {
+        set.push(Box::pin(c));
+    }
+    let mut results: Vec<Option<Option<String>>> = vec![None; set.len()];
+    std::future::poll_fn(|cx| {
+        for (i, f) in set.iter_mut().enumerate() {
+            if results[i].is_none()
+                && let std::task::Poll::Ready(r) = f.as_mut().poll(cx)
+            {
+                results[i] = Some(r);
+            }
+        }
+        if results.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().flatten().flatten().next()
+}
+
+/// The DNSBL query name of `ip` in `zone` (RFC 5782 §2.1, §2.4): the address's octets or
+/// nibbles reversed.
+pub fn dnsbl_name(ip: IpAddr, zone: &str) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.{zone}.", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut s = String::new();
+            for b in v6.octets().iter().rev() {
+                s.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
+            }
+            format!("{s}{zone}.")
+        }
+    }
+}
 
 fn resolver_config(servers: &[SocketAddr]) -> (ResolverConfig, ResolverOpts) {
     let name_servers = servers

@@ -649,6 +649,16 @@ pub fn checks_timed_out() -> Reply {
     )
 }
 
+/// `554 5.7.1 …` as the greeting: the client's address is listed in a DNS blocklist
+/// (`[antispam] dnsbl`); the connection is closed (RFC 5321 §3.1 allows 554 instead of 220).
+pub fn dnsbl_listed(ip: &str, zone: &str) -> Reply {
+    Reply::new(
+        554,
+        st(5, 7, 1),
+        format!("Service unavailable; client [{ip}] blocked using {zone}"),
+    )
+}
+
 /// `550 5.1.1 …`: a bounce to an SRS address that is not ours, expired or forged.
 pub fn srs_invalid(address: &str, why: &str) -> Reply {
     Reply::new(
