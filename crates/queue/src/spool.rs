@@ -479,6 +479,23 @@ impl Spool {
     }
 }
 
+/// Reads a whole spool file and its state file as recovery does, without touching the disk:
+/// the message, or why the file is not one (`InvalidData`: damaged, never acknowledged). For
+/// fuzzing and tests: recovery must never panic, whatever the bytes.
+pub fn parse_files(id: QueueId, data: &[u8], status: Option<&[u8]>) -> io::Result<QueuedMessage> {
+    check_content(data)?;
+    let mut reader = std::io::Cursor::new(data);
+    let (mut msg, header_len) = parse_header(&mut reader, id)?;
+    msg.size = (data.len() as u64).saturating_sub(header_len);
+    if let Some(bytes) = status {
+        if apply_status(&mut msg, &String::from_utf8_lossy(bytes)).is_err() {
+            msg.status = vec![RcptStatus::pending(); msg.envelope.rcpts.len()];
+        }
+        msg.has_status_file = true;
+    }
+    Ok(msg)
+}
+
 /// Whether `data` (a whole spool file) holds the content its `content LEN CRC` header line
 /// names.
 fn check_content(data: &[u8]) -> io::Result<()> {
