@@ -100,3 +100,141 @@ fn a_client_listed_in_a_dnsbl_is_refused_at_connect() {
     );
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn early_talkers_are_refused_and_patient_clients_greeted_after_the_delay() {
+    let dns = DnsServer::start(Zones::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = serve(
+        dir.path(),
+        dns.addr,
+        "[relay]\nmynetworks = []\n[limits]\ngreet_delay = \"1s\"\n",
+    );
+    // Talks at once: 554 5.5.1, disconnected.
+    let mut c = Client::connect(addr);
+    c.line("EHLO bot.example");
+    let r = c.last();
+    assert!(r.starts_with("554 5.5.1 "), "{r}\n{}", server.log_text());
+    assert!(c.is_closed());
+    // Waits: greeted after the delay, then served as usual.
+    let started = Instant::now();
+    let mut c = Client::connect(addr);
+    let g = c.last();
+    assert!(g.starts_with("220 "), "{g}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(c.cmd("EHLO patient.example").starts_with("250"));
+    assert!(
+        server.log_text().contains("early talker"),
+        "{}",
+        server.log_text()
+    );
+    drop(server);
+
+    // mynetworks clients are not delayed.
+    let d = tempfile::tempdir().unwrap();
+    let (_server, addr) = serve(
+        d.path(),
+        dns.addr,
+        "[relay]\nmynetworks = [\"127.0.0.1/32\"]\n[limits]\ngreet_delay = \"5s\"\n",
+    );
+    let started = Instant::now();
+    let mut c = Client::connect(addr);
+    assert!(c.last().starts_with("220 "));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+fn try_send(addr: SocketAddr, from: &str, to: &str) -> String {
+    let mut c = Client::connect(addr);
+    c.reply();
+    c.cmd("EHLO client.example");
+    let r = c.cmd(&format!("MAIL FROM:<{from}>"));
+    assert!(r.starts_with("250"), "{r}");
+    let r = c.cmd(&format!("RCPT TO:<{to}>"));
+    if !r.starts_with("250") {
+        return r;
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(b"Subject: rate\r\n\r\nx\r\n.\r\n");
+    c.last()
+}
+
+#[test]
+fn rate_limits_refuse_and_name_the_limit() {
+    let dns = DnsServer::start(Zones::new());
+    // Connections per address: three, then 421 naming the limit.
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = serve(
+        dir.path(),
+        dns.addr,
+        "[relay]\nmynetworks = []\n[limits]\nconnection_rate_per_ip = \"4/1h\"\n",
+    );
+    // Process::serve's readiness check was the first connection.
+    for _ in 0..3 {
+        let mut c = Client::connect(addr);
+        assert!(c.last().starts_with("220 "), "{}", server.log_text());
+    }
+    let mut c = Client::connect(addr);
+    let r = c.last();
+    assert!(
+        r.starts_with("421 4.7.0 ") && r.contains("connection_rate_per_ip 4/1h"),
+        "{r}"
+    );
+    assert!(
+        server.log_text().contains("reject CONNECT"),
+        "{}",
+        server.log_text()
+    );
+    drop(server);
+
+    // Messages per address: two, then 450 4.7.1 at RCPT; a mynetworks client is exempt.
+    let d = tempfile::tempdir().unwrap();
+    let (server, addr) = serve(
+        d.path(),
+        dns.addr,
+        "[relay]\nmynetworks = []\n[verify]\nspf = \"off\"\ndkim = \"off\"\ndmarc = \"off\"\narc = \"off\"\n[limits]\nmessage_rate_per_ip = \"2/1h\"\n",
+    );
+    for _ in 0..2 {
+        let r = try_send(addr, "a@sender.test", "bob@example.test");
+        assert!(r.starts_with("250 "), "{r}");
+    }
+    let r = try_send(addr, "a@sender.test", "bob@example.test");
+    assert!(
+        r.starts_with("450 4.7.1 ") && r.contains("message_rate_per_ip 2/1h"),
+        "{r}"
+    );
+    assert!(
+        server.log_text().contains("rate limit"),
+        "{}",
+        server.log_text()
+    );
+    drop(server);
+
+    // Recipients per address, counted one by one.
+    let d = tempfile::tempdir().unwrap();
+    let (_server, addr) = serve(
+        d.path(),
+        dns.addr,
+        "[relay]\nmynetworks = []\n[verify]\nspf = \"off\"\ndkim = \"off\"\ndmarc = \"off\"\narc = \"off\"\n[limits]\nrecipient_rate_per_ip = \"3/1h\"\n",
+    );
+    let mut c = Client::connect(addr);
+    c.reply();
+    c.cmd("EHLO client.example");
+    assert!(c.cmd("MAIL FROM:<a@sender.test>").starts_with("250"));
+    for n in 0..3 {
+        let r = c.cmd(&format!("RCPT TO:<r{n}@example.test>"));
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let r = c.cmd("RCPT TO:<r3@example.test>");
+    assert!(
+        r.starts_with("450 4.7.1 ") && r.contains("recipient_rate_per_ip 3/1h"),
+        "{r}"
+    );
+}

@@ -128,6 +128,12 @@ impl Config {
                 max_errors: 10,
                 command_timeout: Duration::from_secs(300),
                 data_timeout: Duration::from_secs(600),
+                greet_delay: Duration::ZERO,
+                connection_rate_per_ip: None,
+                message_rate_per_ip: None,
+                recipient_rate_per_ip: None,
+                message_rate_per_user: None,
+                recipient_rate_per_user: None,
             },
             smtp: SmtpConfig {
                 banner: "ESMTP estafeta".to_owned(),

@@ -25,8 +25,8 @@ pub use error::{ConfigError, ConfigErrors};
 pub use types::{
     AntispamConfig, AuthConfig, CheckMode, Config, ControlConfig, DeliveryConfig, DkimAlgorithm,
     DkimKeyConfig, DnsConfig, Domain, ExpnMode, IpVersion, Limits, Listener, ListenerKind,
-    LogConfig, LogFormat, LogLevel, Mailboxes, MetricsConfig, NextHop, QueueConfig, RelayConfig,
-    SmarthostTls, SmtpConfig, SrsConfig, TlsConfig, VerifyConfig, VrfyMode,
+    LogConfig, LogFormat, LogLevel, Mailboxes, MetricsConfig, NextHop, QueueConfig, Rate,
+    RelayConfig, SmarthostTls, SmtpConfig, SrsConfig, TlsConfig, VerifyConfig, VrfyMode,
 };
 
 impl Config {

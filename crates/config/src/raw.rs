@@ -258,6 +258,18 @@ pub(crate) struct RawLimits {
     pub command_timeout: Option<Spanned<DurationValue>>,
     /// Time for DATA.
     pub data_timeout: Option<Spanned<DurationValue>>,
+    /// Wait before the greeting on smtp listeners.
+    pub greet_delay: Option<Spanned<DurationValue>>,
+    /// `count/period` rates.
+    pub connection_rate_per_ip: Option<Spanned<String>>,
+    /// Messages per client address.
+    pub message_rate_per_ip: Option<Spanned<String>>,
+    /// Recipients per client address.
+    pub recipient_rate_per_ip: Option<Spanned<String>>,
+    /// Messages per authenticated user.
+    pub message_rate_per_user: Option<Spanned<String>>,
+    /// Recipients per authenticated user.
+    pub recipient_rate_per_user: Option<Spanned<String>>,
 }
 
 /// `[smtp]`.

@@ -415,6 +415,45 @@ pub struct Limits {
     pub command_timeout: Duration,
     /// Time allowed for the whole DATA transfer; default 10 minutes, ≥ 1 s.
     pub data_timeout: Duration,
+    /// smtp listeners, clients outside mynetworks: wait this long before the `220`; a client
+    /// that talks first gets `554 5.5.1` and is disconnected. Default 0 (off).
+    pub greet_delay: Duration,
+    /// New connections per client address (IPv6: per /64); off when `None`.
+    pub connection_rate_per_ip: Option<Rate>,
+    /// Messages per client address from clients neither authenticated nor in mynetworks.
+    pub message_rate_per_ip: Option<Rate>,
+    /// Recipients per client address from the same clients.
+    pub recipient_rate_per_ip: Option<Rate>,
+    /// Messages per authenticated user.
+    pub message_rate_per_user: Option<Rate>,
+    /// Recipients per authenticated user.
+    pub recipient_rate_per_user: Option<Rate>,
+}
+
+/// `count/period`, e.g. `"300/1h"`: at most `count` in any `period` (a burst of `count`,
+/// refilled evenly over `period`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// How many.
+    pub count: u32,
+    /// In how long.
+    pub period: Duration,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.period.as_secs();
+        let period = if s.is_multiple_of(86400) {
+            format!("{}d", s / 86400)
+        } else if s.is_multiple_of(3600) {
+            format!("{}h", s / 3600)
+        } else if s.is_multiple_of(60) {
+            format!("{}m", s / 60)
+        } else {
+            format!("{s}s")
+        };
+        write!(f, "{}/{period}", self.count)
+    }
 }
 
 /// `[smtp]`.

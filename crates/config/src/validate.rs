@@ -997,7 +997,48 @@ impl Validator<'_, '_> {
                 "use at least \"1s\"; RFC 5321 §4.5.3.2 recommends \"10m\"",
                 Duration::from_secs(600),
             ),
+            greet_delay: match l.greet_delay.as_ref() {
+                None => Duration::ZERO,
+                Some(v) => match self.duration(v) {
+                    Some(d) if d > Duration::from_secs(60) => {
+                        self.r.at(
+                            v.span(),
+                            format!("greet_delay of {} is too long", show(v)),
+                            Some("use at most \"60s\": clients give up after a few minutes; postscreen uses \"6s\"".to_owned()),
+                        );
+                        Duration::ZERO
+                    }
+                    Some(d) => d,
+                    None => Duration::ZERO,
+                },
+            },
+            connection_rate_per_ip: l.connection_rate_per_ip.as_ref().and_then(|r| self.rate(r)),
+            message_rate_per_ip: l.message_rate_per_ip.as_ref().and_then(|r| self.rate(r)),
+            recipient_rate_per_ip: l.recipient_rate_per_ip.as_ref().and_then(|r| self.rate(r)),
+            message_rate_per_user: l.message_rate_per_user.as_ref().and_then(|r| self.rate(r)),
+            recipient_rate_per_user: l
+                .recipient_rate_per_user
+                .as_ref()
+                .and_then(|r| self.rate(r)),
         }
+    }
+
+    /// `count/period`: a positive count, a period of at least one second.
+    fn rate(&mut self, value: &Spanned<String>) -> Option<Rate> {
+        let text = value.get_ref().trim();
+        let parsed = text.split_once('/').and_then(|(count, period)| {
+            let count: u32 = count.trim().parse().ok().filter(|&c| c > 0)?;
+            let period = parse_duration(period.trim()).ok()?;
+            (period >= Duration::from_secs(1)).then_some(Rate { count, period })
+        });
+        if parsed.is_none() {
+            self.r.at(
+                value.span(),
+                format!("invalid rate {text:?}"),
+                Some("write count/period, e.g. \"300/1h\" or \"60/1m\" (a count of at least 1, a period of at least 1s); remove the key for no limit".to_owned()),
+            );
+        }
+        parsed
     }
 
     fn smtp(&mut self, raw: &RawConfig) -> SmtpConfig {

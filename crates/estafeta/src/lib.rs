@@ -367,6 +367,8 @@ fn listener_context(
         sessions,
         local_session: Arc::new(local_session_config(cfg)),
         mail_auth,
+        greet_delay: cfg.limits.greet_delay,
+        rates: Arc::new(estafeta_listener::rates::Rates::new(&cfg.limits)),
     }
 }
 

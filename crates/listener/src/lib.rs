@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use estafeta_config::ListenerKind;
+pub mod rates;
+
 use estafeta_mailauth::MailAuth;
 use estafeta_mailauth::verify::SpfResults;
 use estafeta_policy::{Client, Policy, Trust, Verdict};
@@ -61,6 +63,10 @@ pub struct ListenerContext {
     pub local_session: Arc<SessionConfig>,
     /// DKIM signing, the inbound checks, reverse DNS names and SRS.
     pub mail_auth: Arc<MailAuth>,
+    /// smtp listeners, clients outside mynetworks: the wait before the greeting.
+    pub greet_delay: Duration,
+    /// Connection, message and recipient rates.
+    pub rates: Arc<rates::Rates>,
 }
 
 /// The context new sessions start with. A reload stores a new one; sessions already open
@@ -732,10 +738,22 @@ pub async fn handle_connection(
         None => None,
     };
     tracing::info!(target: "estafeta::maillog", client = %peer.ip(), port = peer.port(), listener = kind, client_name = client_name.as_deref().unwrap_or("unknown"), "connect");
+    let outside = ctx.policy.mynetworks_match(peer.ip()).is_none();
+    // Connection rate per address (IPv6 per /64), for clients outside mynetworks.
+    if outside && let Err(e) = ctx.rates.connection(peer.ip()) {
+        let r = reply::connection_rate_exceeded(
+            &ctx.mail_auth.hostname,
+            &peer.ip().to_string(),
+            &e.rate.to_string(),
+        );
+        tracing::info!(target: "estafeta::maillog", client = %peer.ip(), limit = %e, reply = %r, status = r.status.map(tracing::field::display), "reject CONNECT");
+        refuse(stream, r).await;
+        return;
+    }
     // DNS blocklists: on the MX port, for clients outside mynetworks, before the greeting.
     if kind == "smtp"
         && !ctx.mail_auth.dnsbl.is_empty()
-        && ctx.policy.mynetworks_match(peer.ip()).is_none()
+        && outside
         && let Some(checker) = &ctx.mail_auth.checker
         && let Some(zone) = Box::pin(checker.dnsbl(peer.ip(), &ctx.mail_auth.dnsbl)).await
     {
@@ -743,6 +761,25 @@ pub async fn handle_connection(
         tracing::info!(target: "estafeta::maillog", client = %peer.ip(), zone = %zone, reply = %r, status = r.status.map(tracing::field::display), "reject CONNECT");
         refuse(stream, r).await;
         return;
+    }
+    // Early talkers: on the MX port, clients outside mynetworks wait `greet_delay` for the
+    // 220; one that sends first is a bot that does not wait (postscreen's pregreet test).
+    if kind == "smtp" && outside && !ctx.greet_delay.is_zero() {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(ctx.greet_delay, stream.peek(&mut byte)).await {
+            // Quiet for the whole delay: greeted below.
+            Err(_) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                tracing::info!(target: "estafeta::maillog", client = %peer.ip(), "disconnected before the greeting");
+                return;
+            }
+            Ok(Ok(_)) => {
+                let r = reply::early_talker();
+                tracing::info!(target: "estafeta::maillog", client = %peer.ip(), reply = %r, status = r.status.map(tracing::field::display), "reject CONNECT: early talker");
+                refuse(stream, r).await;
+                return;
+            }
+        }
     }
     if let Some(ranges) = &ctx.open_relay {
         tracing::warn!(client = %peer.ip(), "open relay: mynetworks {ranges} is an open relay: any host on the internet may relay mail through this server (allow_open_relay = true)");
@@ -874,6 +911,40 @@ async fn drive(
                         let results =
                             Box::pin(spf_of(&mut spf, checker, &session, peer.ip())).await;
                         verdict = checker.spf_verdict(results, peer.ip());
+                    }
+                    // Message and recipient rates: the message counts at its first accepted
+                    // recipient.
+                    if verdict.is_ok() && ctx.rates.any_message_limit() {
+                        let (sender, who) = match ctx.policy.trust(&client) {
+                            Trust::None => {
+                                (rates::Sender::Outside(peer.ip()), peer.ip().to_string())
+                            }
+                            Trust::Authenticated(u) => {
+                                (rates::Sender::User(u.clone()), format!("user {u}"))
+                            }
+                            Trust::Local(uid) => {
+                                let name = match peer {
+                                    Peer::Local(l) => l.user.clone(),
+                                    Peer::Tcp(_) => None,
+                                }
+                                .unwrap_or_else(|| format!("uid {uid}"));
+                                (
+                                    rates::Sender::User(name.clone()),
+                                    format!("local user {name}"),
+                                )
+                            }
+                            Trust::Mynetworks(_) => (rates::Sender::Trusted, String::new()),
+                        };
+                        let counted = if session.rcpt_count() == 0 {
+                            ctx.rates.message(&sender)
+                        } else {
+                            Ok(())
+                        }
+                        .and_then(|()| ctx.rates.recipient(&sender));
+                        if let Err(e) = counted {
+                            tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, limit = %e, "rate limit");
+                            verdict = Err(reply::rate_exceeded(&e.to_string(), &who));
+                        }
                     }
                     if let Err(r) = &verdict {
                         tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, reply = %r, status = r.status.map(tracing::field::display), "reject RCPT");

@@ -659,6 +659,39 @@ pub fn dnsbl_listed(ip: &str, zone: &str) -> Reply {
     )
 }
 
+/// `554 5.5.1 …`: the client sent before the greeting (`[limits] greet_delay`), as spam bots
+/// that do not wait do (RFC 5321 §4.3.1: the client waits for the 220); disconnected, as
+/// Postfix's postscreen does.
+pub fn early_talker() -> Reply {
+    Reply::new(
+        554,
+        st(5, 5, 1),
+        "Protocol error: commands sent before the greeting",
+    )
+}
+
+/// `421 4.7.0 …` at connect: the client opened connections faster than
+/// `[limits] connection_rate_per_ip` allows.
+pub fn connection_rate_exceeded(hostname: &str, ip: &str, limit: &str) -> Reply {
+    Reply::new(
+        421,
+        st(4, 7, 0),
+        format!(
+            "{hostname} Error: too many connections from {ip} (connection_rate_per_ip {limit}); try again later"
+        ),
+    )
+}
+
+/// `450 4.7.1 …` to a RCPT: a message or recipient rate limit is reached (`what` names it,
+/// e.g. `message_rate_per_ip 300/1h`); the client may try again later.
+pub fn rate_exceeded(what: &str, who: &str) -> Reply {
+    Reply::new(
+        450,
+        st(4, 7, 1),
+        format!("Error: too much mail from {who} ({what}); try again later"),
+    )
+}
+
 /// `550 5.1.1 …`: a bounce to an SRS address that is not ours, expired or forged.
 pub fn srs_invalid(address: &str, why: &str) -> Reply {
     Reply::new(

@@ -299,6 +299,11 @@ impl Session {
         self.txn.as_ref().map(|t| &t.from)
     }
 
+    /// Recipients accepted so far in the transaction in progress.
+    pub fn rcpt_count(&self) -> usize {
+        self.txn.as_ref().map_or(0, |t| t.rcpts.len())
+    }
+
     /// The user who authenticated, if any.
     pub fn auth_user(&self) -> Option<&str> {
         self.auth_user.as_deref()
