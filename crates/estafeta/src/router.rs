@@ -155,6 +155,10 @@ impl Transport for Router {
                     Target {
                         maildir,
                         delivered_to: mb.address(),
+                        // Named after the message and the recipient: a delivery repeated
+                        // after a crash finds the first one instead of making a second.
+                        key: Some(format!("E{}R{i}", job.id)),
+                        look_in_cur: job.recovered,
                     },
                 )),
                 Err(e) => {

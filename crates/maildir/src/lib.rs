@@ -57,6 +57,13 @@ pub struct Target {
     pub maildir: PathBuf,
     /// The address written into `Delivered-To:`.
     pub delivered_to: String,
+    /// A name unique to this message and recipient (`E<queue ID>R<index>`): the file is named
+    /// after it, so that a delivery repeated after a crash finds the first one and is not made
+    /// twice. `None`: a fresh unique name.
+    pub key: Option<String>,
+    /// Also look in `cur/` for a delivery made before a crash (a reader may have moved it
+    /// there meanwhile): a directory listing, so only for recovered messages.
+    pub look_in_cur: bool,
 }
 
 /// The Maildir delivery agent.
@@ -110,14 +117,20 @@ impl Maildir {
         content: &[u8],
     ) -> Vec<io::Result<PathBuf>> {
         let mut files = Vec::new();
+        // Already delivered before a crash (the same name is in new/, or in cur/): reported
+        // delivered, not written again.
+        let done: Vec<Option<PathBuf>> = targets.iter().map(|t| self.already(t)).collect();
         let mut staged: Vec<io::Result<(PathBuf, PathBuf)>> = targets
             .iter()
-            .map(|t| {
-                self.write_tmp(t, return_path, content)
+            .zip(&done)
+            .map(|(t, done)| match done {
+                Some(path) => Ok((PathBuf::new(), path.clone())),
+                None => self
+                    .write_tmp(t, return_path, content)
                     .map(|(tmp, new, f)| {
                         files.push(f);
                         (tmp, new)
-                    })
+                    }),
             })
             .collect();
         // The data of every tmp/ file is durable before any of them appears in new/.
@@ -126,7 +139,9 @@ impl Maildir {
         }
         let mut dirs: Vec<PathBuf> = Vec::new();
         for s in staged.iter_mut() {
-            if let Ok((tmp, new)) = s {
+            if let Ok((tmp, new)) = s
+                && !tmp.as_os_str().is_empty()
+            {
                 if let Err(e) = fs::rename(&*tmp, &*new) {
                     let _ = fs::remove_file(&*tmp);
                     *s = Err(e);
@@ -144,6 +159,38 @@ impl Maildir {
         staged.into_iter().map(|s| s.map(|(_, new)| new)).collect()
     }
 
+    /// The file name of a delivery to `target`.
+    fn name(&self, target: &Target) -> String {
+        match &target.key {
+            Some(key) => format!("{key}.{}", self.host),
+            None => self.unique_name(),
+        }
+    }
+
+    /// Where the delivery to `target` already is, when a crash came after it and before its
+    /// record: `new/NAME`, or `cur/NAME:2,…` when `look_in_cur`.
+    fn already(&self, target: &Target) -> Option<PathBuf> {
+        let key = target.key.as_ref()?;
+        let name = format!("{key}.{}", self.host);
+        let new = target.maildir.join("new").join(&name);
+        if new.exists() {
+            return Some(new);
+        }
+        if target.look_in_cur {
+            let prefix = format!("{name}:");
+            let found = fs::read_dir(target.maildir.join("cur"))
+                .ok()?
+                .filter_map(|e| e.ok())
+                .find(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n == name || n.starts_with(&prefix)
+                })?;
+            return Some(found.path());
+        }
+        None
+    }
+
     /// Creates the folders if needed and writes `tmp/NAME`. Returns (tmp path, new path, device).
     fn write_tmp(
         &self,
@@ -152,7 +199,7 @@ impl Maildir {
         content: &[u8],
     ) -> io::Result<(PathBuf, PathBuf, std::fs::File)> {
         let root = &target.maildir;
-        let name = self.unique_name();
+        let name = self.name(target);
         let tmp = root.join("tmp").join(&name);
         let new = root.join("new").join(&name);
         let head = format!(
@@ -172,6 +219,12 @@ impl Maildir {
         };
         let mut f = match open() {
             Ok(f) => f,
+            // A delivery by this name was being written when the server stopped: the file in
+            // tmp/ never reached new/, so it is written again.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.key.is_some() => {
+                fs::remove_file(&tmp)?;
+                open()?
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // First delivery to this folder, or it was removed: create it.
                 let mut b = fs::DirBuilder::new();
@@ -255,10 +308,14 @@ mod tests {
             Target {
                 maildir: dir.path().join("a/Maildir"),
                 delivered_to: "a@example.test".into(),
+                key: None,
+                look_in_cur: false,
             },
             Target {
                 maildir: dir.path().join("b/Maildir"),
                 delivered_to: "b@example.test".into(),
+                key: None,
+                look_in_cur: false,
             },
         ];
         let results = md
@@ -290,14 +347,61 @@ mod tests {
             Target {
                 maildir: dir.path().join("blocked/Maildir"),
                 delivered_to: "x@y".into(),
+                key: None,
+                look_in_cur: false,
             },
             Target {
                 maildir: dir.path().join("ok/Maildir"),
                 delivered_to: "z@y".into(),
+                key: None,
+                look_in_cur: false,
             },
         ];
         let r = md.deliver(&targets, "", b"x\r\n").await;
         assert!(r[0].is_err());
         assert!(r[1].is_ok());
+    }
+
+    /// A delivery repeated after a crash (the spool file outlived the Maildir delivery it led
+    /// to) finds the first one by its name, in new/ or, for a recovered message, in cur/ where
+    /// a reader moved it, and is not made twice; a stale tmp/ file of it is replaced.
+    #[tokio::test]
+    async fn a_repeated_delivery_is_not_made_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = Maildir::new(Syncer::start().unwrap(), "mx");
+        let mut t = Target {
+            maildir: dir.path().join("a/Maildir"),
+            delivered_to: "a@y".into(),
+            key: Some("E0123456789ABR0".into()),
+            look_in_cur: false,
+        };
+        let first = md.deliver(std::slice::from_ref(&t), "", b"x\r\n").await;
+        let first = first[0].as_ref().unwrap().clone();
+        assert!(
+            first.ends_with("new/E0123456789ABR0.mx"),
+            "{}",
+            first.display()
+        );
+        let again = md.deliver(std::slice::from_ref(&t), "", b"x\r\n").await;
+        assert_eq!(again[0].as_ref().unwrap(), &first);
+        assert_eq!(fs::read_dir(t.maildir.join("new")).unwrap().count(), 1);
+        // A reader moved it to cur/ with flags.
+        let cur = t.maildir.join("cur").join("E0123456789ABR0.mx:2,S");
+        fs::rename(&first, &cur).unwrap();
+        t.look_in_cur = true;
+        let again = md.deliver(std::slice::from_ref(&t), "", b"x\r\n").await;
+        assert_eq!(again[0].as_ref().unwrap(), &cur);
+        assert_eq!(fs::read_dir(t.maildir.join("new")).unwrap().count(), 0);
+        // Another recipient index is another delivery; a stale tmp/ file is replaced.
+        t.key = Some("E0123456789ABR1".into());
+        fs::write(t.maildir.join("tmp").join("E0123456789ABR1.mx"), b"half").unwrap();
+        let other = md.deliver(std::slice::from_ref(&t), "", b"x\r\n").await;
+        let other = other[0].as_ref().unwrap();
+        assert!(other.ends_with("new/E0123456789ABR1.mx"));
+        assert_eq!(
+            fs::read(other).unwrap(),
+            b"Return-Path: <>\r\nDelivered-To: a@y\r\nx\r\n"
+        );
+        assert_eq!(fs::read_dir(t.maildir.join("tmp")).unwrap().count(), 0);
     }
 }

@@ -716,6 +716,7 @@ async fn attempt<T: Transport>(
         envelope: m.envelope.clone(),
         content,
         rcpts: pending.clone(),
+        recovered: m.recovered,
     };
     let (outcomes, notified) =
         deliver_in_batches(spool, transport, cfg, Some(tx), &job, &mut m).await;
@@ -1079,6 +1080,7 @@ async fn deliver_in_batches<T: Transport>(
             envelope: job.envelope.clone(),
             content: job.content.clone(),
             rcpts,
+            recovered: job.recovered,
         };
         let got = transport.deliver(&part).await;
         let mut delivered = false;

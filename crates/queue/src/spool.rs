@@ -96,6 +96,9 @@ pub struct QueuedMessage {
     /// The content, kept in memory from acceptance to the first attempt so that it is not
     /// read back from disk (None after that, or for large messages).
     pub content: Option<Content>,
+    /// Loaded by recovery at start: a delivery may have happened before the crash without
+    /// being recorded, so local delivery looks for it before repeating it.
+    pub recovered: bool,
 }
 
 /// Message content shared without copying: the spool file's bytes and where the message
@@ -263,6 +266,7 @@ impl Spool {
             delay_warned: false,
             held: false,
             content,
+            recovered: false,
         })
     }
 
@@ -392,7 +396,10 @@ impl Spool {
             };
             self.ids.advance_past(id);
             match self.check(id).and_then(|()| self.load(id)) {
-                Ok(m) => out.push(m),
+                Ok(mut m) => {
+                    m.recovered = true;
+                    out.push(m);
+                }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     // Empty, cut short or not matching its checksum: written, renamed, but
                     // its sync never completed, so never acknowledged.
@@ -765,6 +772,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             delay_warned: false,
             held: false,
             content: None,
+            recovered: false,
         },
         consumed,
     ))

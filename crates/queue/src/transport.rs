@@ -18,6 +18,9 @@ pub struct DeliveryJob {
     pub content: crate::spool::Content,
     /// The indices in `envelope.rcpts` to deliver to in this attempt.
     pub rcpts: Vec<usize>,
+    /// The message was recovered at start: a delivery of it may have happened before the
+    /// crash without being recorded (local delivery looks for it before repeating it).
+    pub recovered: bool,
 }
 
 /// Why an attempt did not deliver, with what is needed for logs and bounces.
