@@ -1122,7 +1122,15 @@ async fn drive(
                         }
                         Err(e) => {
                             tracing::error!(client = %peer, error = %e, "cannot queue message");
-                            Err(reply::queue_error())
+                            // A full disk: 452 4.3.1 (RFC 3463), the client comes back later.
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                            ) {
+                                Err(reply::insufficient_storage())
+                            } else {
+                                Err(reply::queue_error())
+                            }
                         }
                     };
                     session.enqueued(answer);

@@ -399,6 +399,12 @@ pub fn queue_error() -> Reply {
     Reply::new(451, st(4, 3, 0), "Error: queue file write error")
 }
 
+/// `452 4.3.1 …`: the spool's file system is full (RFC 3463 X.3.1, "mail system full"); the
+/// client tries again later.
+pub fn insufficient_storage() -> Reply {
+    Reply::new(452, st(4, 3, 1), "Error: insufficient system storage")
+}
+
 /// `451 4.3.0 Error: internal error`: a temporary local problem while checking.
 pub fn local_error() -> Reply {
     Reply::new(451, st(4, 3, 0), "Error: local error in processing")

@@ -78,10 +78,19 @@ fn run(rx: mpsc::Receiver<Request>) {
         while let Ok(more) = rx.try_recv() {
             round.push(more);
         }
-        // The file systems each request touches.
+        // The file systems each request touches. A file system first met through a file (not
+        // a directory) is synced through that file for this round only: a handle kept on a
+        // file would pin its space after the file is deleted (a spool file delivered and
+        // removed, a mail deleted from a Maildir) until the server stops.
+        let mut round_handles: HashMap<u64, File> = HashMap::new();
         let mut wanted: Vec<io::Result<Vec<u64>>> = Vec::with_capacity(round.len());
         for req in &round {
-            wanted.push(devices(req, &mut fs_handles, &mut dir_devs));
+            wanted.push(devices(
+                req,
+                &mut fs_handles,
+                &mut round_handles,
+                &mut dir_devs,
+            ));
         }
         let mut done: HashMap<u64, Result<(), (io::ErrorKind, String)>> = HashMap::new();
         for devs in wanted.iter().flatten() {
@@ -89,7 +98,7 @@ fn run(rx: mpsc::Receiver<Request>) {
                 if done.contains_key(dev) {
                     continue;
                 }
-                let r = match fs_handles.get(dev) {
+                let r = match fs_handles.get(dev).or_else(|| round_handles.get(dev)) {
                     Some(f) => syncfs(f),
                     None => Err(io::Error::other("no handle for file system")),
                 };
@@ -121,12 +130,15 @@ fn run(rx: mpsc::Receiver<Request>) {
 fn devices(
     req: &Request,
     fs_handles: &mut HashMap<u64, File>,
+    round_handles: &mut HashMap<u64, File>,
     dir_devs: &mut HashMap<PathBuf, u64>,
 ) -> io::Result<Vec<u64>> {
     let mut devs = Vec::with_capacity(1);
     for f in &req.files {
         let dev = f.metadata()?.dev();
-        if let std::collections::hash_map::Entry::Vacant(e) = fs_handles.entry(dev) {
+        if !fs_handles.contains_key(&dev)
+            && let std::collections::hash_map::Entry::Vacant(e) = round_handles.entry(dev)
+        {
             e.insert(f.try_clone()?);
         }
         if !devs.contains(&dev) {

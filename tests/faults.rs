@@ -1,0 +1,128 @@
+//! Faults with the real binary: a full disk (a small tmpfs the test mounts; root only).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use estafeta_e2e::{Client, Process, free_port, test_config};
+
+/// A tmpfs mounted for the test; unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn send(addr: SocketAddr, body: &[u8]) -> String {
+    let mut c = Client::connect(addr);
+    c.reply();
+    c.cmd("EHLO client.example");
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bob@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(body);
+    c.write(b".\r\n");
+    c.last()
+}
+
+fn deleted_files_held(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.ends_with("(deleted)"))
+        .collect()
+}
+
+fn maildir_count(data: &Path) -> usize {
+    std::fs::read_dir(data.join("mail/example.test/bob/Maildir/new"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_full_disk_answers_452_loses_nothing_and_recovers_by_itself() {
+    if unsafe { libc::geteuid() } != 0 {
+        estafeta_e2e::skip("mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        estafeta_e2e::skip("cannot mount a tmpfs here");
+        return;
+    }
+    let _fs = Tmpfs(mnt.clone());
+    let data = mnt.join("data");
+    let port = free_port();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, test_config(&data, port, "")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = Process::serve(&config, addr, &dir.path().join("log"));
+    let pid = server.child.id();
+
+    // 400 KB messages until the disk is full: 452 4.3.1 then, never a lost 250.
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    for _ in 0..400 {
+        body.extend_from_slice(&[b'x'; 998]);
+        body.extend_from_slice(b"\r\n");
+    }
+    let mut acked = 0;
+    let mut full = None;
+    for _ in 0..20 {
+        let r = send(addr, &body);
+        if r.starts_with("250 ") {
+            acked += 1;
+        } else {
+            full = Some(r);
+            break;
+        }
+    }
+    let full = full.expect("the disk never filled up");
+    assert!(full.starts_with("452 4.3.1 "), "{full}");
+    assert!(acked > 0);
+
+    // Space comes back (the mailbox is emptied): the server takes mail again by itself, and
+    // every acknowledged message is delivered; no deleted file is held open.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut delivered = 0;
+    let mut accepted_again = false;
+    while Instant::now() < deadline {
+        let new = data.join("mail/example.test/bob/Maildir/new");
+        for e in std::fs::read_dir(&new).into_iter().flatten().flatten() {
+            if std::fs::remove_file(e.path()).is_ok() {
+                delivered += 1;
+            }
+        }
+        if !accepted_again {
+            accepted_again = send(addr, b"Subject: small\r\n\r\nx\r\n").starts_with("250 ");
+            if accepted_again {
+                acked += 1;
+            }
+        }
+        if accepted_again && delivered + maildir_count(&data) >= acked {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    delivered += maildir_count(&data);
+    assert!(
+        accepted_again,
+        "no mail accepted after space came back: {}",
+        server.log_text()
+    );
+    assert_eq!(delivered, acked, "{}", server.log_text());
+    let held = deleted_files_held(pid);
+    assert!(held.is_empty(), "deleted files still open: {held:?}");
+}
