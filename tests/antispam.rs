@@ -238,3 +238,46 @@ fn rate_limits_refuse_and_name_the_limit() {
         "{r}"
     );
 }
+
+/// Slowloris: a client that trickles one byte at a time without ever finishing a command is
+/// cut off when the command timeout runs out, counted from the last reply, not from its last
+/// byte.
+#[test]
+fn a_trickling_client_is_cut_off_at_the_command_timeout() {
+    use std::io::{BufRead, BufReader, Write};
+    let dns = DnsServer::start(Zones::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = serve(dir.path(), dns.addr, "[limits]\ncommand_timeout = \"2s\"\n");
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    let started = Instant::now();
+    let mut writer = stream.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        // One byte every 300 ms for 8 s, never a line end.
+        for b in b"NOOPNOOPNOOPNOOPNOOPNOOPNOOP".iter().cycle().take(27) {
+            if writer.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let mut line = String::new();
+    let _ = reader.read_line(&mut line);
+    let elapsed = started.elapsed();
+    assert!(
+        line.starts_with("421 4.4.2 "),
+        "{line:?}\n{}",
+        server.log_text()
+    );
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "cut off after {elapsed:?}"
+    );
+    let _ = trickle.join();
+}

@@ -880,6 +880,11 @@ async fn drive(
     let mut tls_buf: Vec<u8> = Vec::new();
     let mut messages = 0u32;
     let mut stopping = false;
+    // When the client was last answered: a command (or a whole DATA transfer, or a BDAT
+    // chunk) must be complete within its timeout from there. Bytes trickled in without ever
+    // completing one (slowloris) do not restart the clock.
+    let mut answered_at = Instant::now();
+    let mut timeout_kind = session.timeout_kind();
     let reason = 'conn: loop {
         let mut close = false;
         while let Some(action) = session.poll() {
@@ -1176,6 +1181,11 @@ async fn drive(
             if out.capacity() > 4096 {
                 out = Vec::new();
             }
+            answered_at = Instant::now();
+        }
+        if session.timeout_kind() != timeout_kind {
+            timeout_kind = session.timeout_kind();
+            answered_at = Instant::now();
         }
         if close || session.is_closed() {
             conn.shutdown().await;
@@ -1190,7 +1200,8 @@ async fn drive(
         let limit = match session.timeout_kind() {
             Timeout::Command => ctx.command_timeout,
             Timeout::Data => ctx.data_timeout,
-        };
+        }
+        .saturating_sub(answered_at.elapsed());
         let ready = tokio::select! {
             _ = shutdown.cancelled(), if !stopping => {
                 // A client sending a message may finish it (within the server's grace
