@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use estafeta_proto::address::{parse_forward_path, parse_reverse_path};
 use estafeta_proto::command::parse_command;
 use estafeta_proto::data::{DataReceiver, DataStatus, stuff};
 use estafeta_proto::{Action, Session, SessionConfig, VrfyMode};
@@ -141,5 +142,30 @@ proptest! {
         let whole = run_session(&[&full]);
         let parts = run_session(&[&full[..split], &full[split..]]);
         prop_assert_eq!(whole, parts);
+    }
+
+    /// Any address the parser accepts is written back in a form that parses to the same
+    /// address (what the spool and the relay client write is what was received).
+    #[test]
+    fn addresses_round_trip(
+        local in prop_oneof![
+            "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,20}(\\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,10}){0,3}",
+            "\"[ -~]{0,20}\"",
+        ],
+        domain in prop_oneof![
+            "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?){0,3}",
+            "\\[(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}\\]",
+        ],
+    ) {
+        let text = format!("<{local}@{domain}>");
+        if let Ok((path, _)) = parse_forward_path(&text) {
+            let written = format!("<{path}>");
+            let again = parse_forward_path(&written).expect("written form parses");
+            prop_assert_eq!(&again.0, &path);
+            let (rev, _) = parse_reverse_path(&text).expect("a forward path is a reverse path");
+            let written = format!("<{rev}>");
+            let again = parse_reverse_path(&written).expect("written form parses");
+            prop_assert_eq!(again.0, rev);
+        }
     }
 }
