@@ -1,6 +1,7 @@
-//! `kill -9` at random moments under load, then a restart: every message that got its `250`
-//! is delivered, and no message is delivered twice into a mailbox (a delivery repeated after
-//! the crash finds the first one by its name). Each message carries a unique Message-ID.
+//! `kill -9` (and, every third trial, SIGTERM) at random moments under load, then a restart:
+//! every message that got its `250` is delivered, and no message is delivered twice into a
+//! mailbox (a delivery repeated after the crash finds the first one by its name). Each message
+//! carries a unique Message-ID.
 //!
 //! `ESTAFETA_CRASH_TRIALS=N` sets the number of trials (default 3, enough for CI); run 20 or
 //! more on demand: `ESTAFETA_CRASH_TRIALS=20 cargo test --release -p estafeta-e2e --test crash
@@ -151,13 +152,20 @@ fn kill_9_under_load_loses_nothing_and_delivers_nothing_twice() {
             .wrapping_add(1442695040888963407);
         let wait = 300 + (seed >> 33) % 1200;
         std::thread::sleep(Duration::from_millis(wait));
-        server.kill9();
+        let how = if trial % 3 == 2 {
+            let status = server.terminate();
+            assert!(status.success(), "SIGTERM under load: {status}");
+            "SIGTERM"
+        } else {
+            server.kill9();
+            "kill -9"
+        };
         stop.store(true, Ordering::Relaxed);
         for w in workers {
             let _ = w.join();
         }
         let count = acked.lock().unwrap().len();
-        eprintln!("trial {trial}: killed after {wait} ms; {count} messages acknowledged so far");
+        eprintln!("trial {trial}: {how} after {wait} ms; {count} messages acknowledged so far");
     }
     // Panics are reported again from here on.
     let _ = std::panic::take_hook();

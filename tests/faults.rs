@@ -126,3 +126,47 @@ fn a_full_disk_answers_452_loses_nothing_and_recovers_by_itself() {
     let held = deleted_files_held(pid);
     assert!(held.is_empty(), "deleted files still open: {held:?}");
 }
+
+/// A mailbox that cannot be written (a file stands where its Maildir should be): its delivery
+/// fails temporarily and is retried, never bounced; the rest of the queue moves on; once the
+/// obstacle is gone the mail arrives.
+#[test]
+fn an_unwritable_maildir_is_retried_and_the_rest_of_the_queue_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, test_config(&data, port, "")).unwrap();
+    let blocked = data.join("mail/example.test/blocked");
+    std::fs::create_dir_all(blocked.parent().unwrap()).unwrap();
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = Process::serve(&config, addr, &dir.path().join("log"));
+    let mut c = Client::connect(addr);
+    c.reply();
+    c.cmd("EHLO client.example");
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<blocked@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<fine@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(b"Subject: two\r\n\r\nx\r\n.\r\n");
+    assert!(c.last().starts_with("250 "));
+    // The other recipient is delivered; the blocked one waits (deferred, not bounced).
+    let fine = estafeta_e2e::maildir_new(&data, "example.test", "fine", 1, Duration::from_secs(10));
+    assert_eq!(fine.len(), 1, "{}", server.log_text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().contains("deferred") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = server.log_text();
+    assert!(log.contains("deferred"), "{log}");
+    assert!(
+        !log.contains("status=\"bounced\"") && !log.contains("status=bounced"),
+        "{log}"
+    );
+    // The obstacle goes: the next retry (1 s in the test config) delivers.
+    std::fs::remove_file(&blocked).unwrap();
+    let got =
+        estafeta_e2e::maildir_new(&data, "example.test", "blocked", 1, Duration::from_secs(15));
+    assert_eq!(got.len(), 1, "{}", server.log_text());
+}
