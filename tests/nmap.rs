@@ -105,3 +105,40 @@ fn nmap_judges_relay_and_enumeration() {
         p1.log_text()
     );
 }
+
+/// nmap's smtp-vuln-* scripts (Exim and Postfix flaws of their kind) find nothing, and
+/// smtp-commands lists the EHLO keywords a scanner from outside sees (no AUTH in plaintext).
+#[test]
+fn nmap_vulnerability_scripts_find_nothing() {
+    if Command::new("nmap").arg("--version").output().is_err() {
+        estafeta_e2e::skip("nmap not found: skipped (.ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let p = Process::serve(
+        &config(dir.path(), port, "mynetworks = []"),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &dir.path().join("vuln.log"),
+    );
+    let out = nmap(
+        port,
+        "smtp-commands,smtp-vuln-cve2010-4344,smtp-vuln-cve2011-1720,smtp-vuln-cve2011-1764",
+        "smtp.domain=example.test",
+    );
+    assert!(out.contains("smtp-commands"), "{out}");
+    assert!(out.contains("STARTTLS"), "{out}");
+    assert!(
+        !out.contains("AUTH"),
+        "AUTH offered in plaintext to a remote scanner: {out}"
+    );
+    for l in out.lines() {
+        assert!(
+            !(l.contains("VULNERABLE") && !l.contains("NOT VULNERABLE")),
+            "{l}\n{out}"
+        );
+    }
+    // The server is still there.
+    let mut c = estafeta_e2e::Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    assert!(c.last().starts_with("220 "), "{}", p.log_text());
+}
