@@ -143,6 +143,10 @@ async fn play(mut stream: Box<dyn Io>, script: Script, tls: Option<TlsAcceptor>)
             if reply.is_empty() {
                 continue;
             }
+            // The peer hangs up instead of answering.
+            if reply == "<close>" {
+                return rec;
+            }
             if stream.write_all(wire(&reply).as_bytes()).await.is_err() {
                 return rec;
             }
@@ -1158,4 +1162,48 @@ fn skip(why: &str) {
         panic!("would skip, but ESTAFETA_NO_SKIP is set: {why}");
     }
     eprintln!("SKIPPED: {why}");
+}
+
+/// A peer that answers 4xx, 5xx, garbage, or hangs up, at each step of a transaction: the one
+/// recipient's outcome is temporary, permanent, temporary and temporary — never "delivered"
+/// for a connection closed before the reply to the end of data.
+#[tokio::test]
+async fn every_step_answered_badly_gives_the_right_outcome() {
+    let steps = ["MAIL FROM:", "RCPT TO:", "DATA", "."];
+    let answers: [(&str, &str); 4] = [
+        ("451 4.3.0 try again", "temp"),
+        ("554 5.7.1 refused", "perm"),
+        ("hello, I am not an SMTP server", "temp"),
+        ("<close>", "temp"),
+    ];
+    for (at, step) in steps.iter().enumerate() {
+        for (answer, want) in answers {
+            let mut script_steps: Vec<(&'static str, &'static str)> =
+                vec![("EHLO client.test", EHLO_PLAIN)];
+            for (i, (cmd, ok)) in DELIVER_STEPS.iter().enumerate() {
+                if i < at {
+                    script_steps.push((cmd, ok));
+                } else if i == at {
+                    script_steps.push((cmd, answer));
+                }
+            }
+            // Whatever the client says next (RSET, QUIT) is answered, or not.
+            script_steps.push(("RSET", "250 2.0.0 Ok"));
+            let (addr, h) = peer(vec![script("220 mx.test ESMTP", &script_steps)], None).await;
+            let params = MailParams::default();
+            let r = rcpts(&["a@remote.test"]);
+            let out = deliver(addr, HOST, &config(), &message(&params, &r, CONTENT)).await;
+            let got = match &out {
+                Ok(o) => match &o[0] {
+                    Outcome::TempFail(_) => "temp",
+                    Outcome::PermFail(_) => "perm",
+                    Outcome::Delivered(_) | Outcome::Relayed { .. } => "delivered",
+                },
+                Err(e) if e.permanent => "perm",
+                Err(_) => "temp",
+            };
+            assert_eq!(got, want, "{step} answered {answer:?}: {out:?}");
+            let _ = finish(h).await;
+        }
+    }
 }
