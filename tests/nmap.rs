@@ -134,7 +134,7 @@ fn nmap_vulnerability_scripts_find_nothing() {
     );
     for l in out.lines() {
         assert!(
-            !(l.contains("VULNERABLE") && !l.contains("NOT VULNERABLE")),
+            !l.contains("VULNERABLE") || l.contains("NOT VULNERABLE"),
             "{l}\n{out}"
         );
     }
