@@ -221,6 +221,9 @@ pub struct Session {
     input: Input,
     buf: Vec<u8>,
     pos: usize,
+    /// How many bytes from `pos` on are known to hold no LF: a command line that arrives a
+    /// byte at a time is searched once, not once per byte (which was quadratic in its length).
+    scanned: usize,
     /// Inside a command line longer than the limit: discard up to its LF.
     discarding: bool,
     waiting: Waiting,
@@ -261,6 +264,7 @@ impl Session {
             input: Input::Command,
             buf: Vec::new(),
             pos: 0,
+            scanned: 0,
             discarding: false,
             waiting: Waiting::Nothing,
             out: VecDeque::new(),
@@ -400,6 +404,7 @@ impl Session {
         self.auth_user = None;
         self.buf.clear();
         self.pos = 0;
+        self.scanned = 0;
     }
 
     /// The answer to [`Action::Authenticate`]: the user name that authenticated, or the reply
@@ -605,14 +610,22 @@ impl Session {
 
     fn step_command(&mut self) -> bool {
         let pending = &self.buf[self.pos..];
-        let Some(lf) = pending.iter().position(|&b| b == b'\n') else {
+        let from = self.scanned.min(pending.len());
+        let Some(lf) = pending[from..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| from + i)
+        else {
+            self.scanned = pending.len();
             if pending.len() > AUTH_LINE_LIMIT {
                 // RFC 5321 §4.5.3.1.4: too long. Drop what we have and the rest of the line.
                 self.discarding = true;
                 self.pos = self.buf.len();
+                self.scanned = 0;
             }
             return false;
         };
+        self.scanned = 0;
         let mut line = &pending[..lf];
         self.pos += lf + 1;
         if std::mem::take(&mut self.discarding) {

@@ -438,6 +438,28 @@ fn line_too_long() {
     assert_eq!(h.c("NOOP\r\n"), "250 2.0.0 Ok\r\n");
 }
 
+/// A client that sends one byte per read (slowloris, or a bot on a bad link) gets the same
+/// answers as one that sends whole lines: a line within the limit is a command, a longer one
+/// is refused when its LF arrives, and the session goes on.
+#[test]
+fn one_byte_per_read() {
+    let mut h = ready();
+    let mut replies = String::new();
+    let input = format!(
+        "NOOP {}\r\nNOOP {}\r\nNOOP\r\n",
+        "x".repeat(500),
+        "y".repeat(12_000)
+    );
+    for b in input.as_bytes() {
+        h.session.feed(std::slice::from_ref(b));
+        replies.push_str(&h.drive());
+    }
+    assert_eq!(
+        replies,
+        "250 2.0.0 Ok\r\n500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    );
+}
+
 #[test]
 fn utf8_addresses_need_smtputf8() {
     let mut h = ready();
