@@ -2,12 +2,14 @@
 """Hostile load against a running estafeta, and a normal client's service during it.
 
     scripts/hostile.py --port 2525 [--host 127.0.0.1] [--seconds 60] [--connections 1000]
-                       [--pid PID] [--to bob@example.test]
+                       [--pid PID] [--to bob@example.test] [--kinds garbage,half,...]
 
 Opens --connections connections from 127.0.0.2 .. 127.0.0.254 (so that the per-address caps
 do not refuse the normal client on 127.0.0.1), each doing one of: garbage lines, half a
 command held open, one byte every 5 s (slowloris), STARTTLS then garbage instead of a TLS
-handshake, AUTH with wrong credentials again and again, thousands of RCPTs. Each reconnects
+handshake, AUTH with wrong credentials again and again, thousands of RCPTs; and, for memory (--kinds), a command line that never ends (64 KiB writes, no LF), a
+BDAT chunk declared at 2 GB, a message whose header is one line of 1,000,000 octets, a header of
+80,000 short fields (both just under the 1 MiB header limit), MIME nested 5,000 deep. Each reconnects
 when the server closes it, until --seconds have passed. Meanwhile a normal client on 127.0.0.1
 sends one message every 0.5 s and its latency (connect to 250 after the data) is measured;
 the server's RSS (--pid) is sampled every second. Prints the figures. Loopback only.
@@ -65,6 +67,39 @@ async def hostile(host, port, source, kind, deadline, stats):
                     await writer.drain()
                     line = await asyncio.wait_for(reader.readline(), 15)
                     if not line or line.startswith(b"421"):
+                        break
+            elif kind == "longline":
+                writer.write(b"EHLO long.example\r\nMAIL FROM:<")
+                while time.monotonic() < deadline:
+                    writer.write(b"x" * 65536)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+            elif kind == "bigbdat":
+                writer.write(b"EHLO big.example\r\nMAIL FROM:<x@example.net>\r\n"
+                             b"RCPT TO:<bob@example.test>\r\nBDAT 2000000000 LAST\r\n")
+                while time.monotonic() < deadline:
+                    writer.write(b"y" * 65536)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+            elif kind in ("bigheader", "manyheaders", "deepmime"):
+                if kind == "bigheader":
+                    msg = b"Subject: " + b"z" * 1000000 + b"\r\n\r\nbody\r\n"
+                elif kind == "manyheaders":
+                    msg = b"".join(b"X-H%d: v\r\n" % i for i in range(80000)) + b"\r\nbody\r\n"
+                else:
+                    depth = 5000
+                    msg = b"MIME-Version: 1.0\r\n" + b"".join(
+                        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+                        for i in range(depth)) + b"\r\nx\r\n" + b"".join(
+                        b"--b%d--\r\n" % i for i in reversed(range(depth)))
+                writer.write(b"EHLO hdr.example\r\nMAIL FROM:<x@example.net>\r\n"
+                             b"RCPT TO:<bob@example.test>\r\nDATA\r\n")
+                await writer.drain()
+                writer.write(msg + b".\r\n")
+                await writer.drain()
+                while time.monotonic() < deadline:
+                    line = await asyncio.wait_for(reader.readline(), 30)
+                    if not line or line.startswith(b"250 2.0.0") or line.startswith(b"4") or line.startswith(b"5"):
                         break
             elif kind == "rcpts":
                 writer.write(b"EHLO many.example\r\nMAIL FROM:<x@example.net>\r\n")
@@ -141,8 +176,10 @@ async def main():
     p.add_argument("--connections", type=int, default=1000)
     p.add_argument("--pid", type=int, default=0)
     p.add_argument("--to", default="bob@example.test")
+    p.add_argument("--kinds", default="garbage,half,slowloris,tls,auth,rcpts",
+                   help="comma-separated; also longline, bigbdat, bigheader, manyheaders, deepmime")
     a = p.parse_args()
-    kinds = ["garbage", "half", "slowloris", "tls", "auth", "rcpts"]
+    kinds = a.kinds.split(",")
     stats = {"connections": 0, "refused": 0, "closed": 0}
     latencies, failures, samples = [], [], []
     # The normal client alone first: its usual latency.

@@ -727,6 +727,16 @@ pub fn message_too_big() -> Reply {
     Reply::new(552, st(5, 3, 4), "Error: message file too big")
 }
 
+/// `552 5.3.4`: the header section is over the limit (`limit` octets); the message is
+/// refused as too big, as Exim does with its `header_maxsize`.
+pub fn header_too_big(limit: usize) -> Reply {
+    Reply::new(
+        552,
+        st(5, 3, 4),
+        format!("Error: message header too big (over {limit} octets)"),
+    )
+}
+
 /// `554 5.5.1 Error: no valid recipients`: DATA/BDAT after every RCPT was refused
 /// (RFC 2920 §3.1).
 pub fn no_valid_recipients() -> Reply {

@@ -19,7 +19,7 @@ use crate::command::{Body, Command, MailParams, RcptParams, parse_command};
 use crate::data::{DataReceiver, DataStatus};
 use crate::envelope::{ClientInfo, Envelope, Recipient};
 use crate::reply::{self, Reply};
-use crate::trace::count_received;
+use crate::trace::header_stats;
 
 /// RFC 5321 §4.5.3.1.4 allows 512 octets for a command line, and each extension adds what its
 /// parameters need: SIZE (RFC 1870 §3: +26), BODY (+16), SMTPUTF8 (+9), RET and ENVID
@@ -29,6 +29,11 @@ pub const COMMAND_LINE_LIMIT: usize = 1280;
 
 /// RFC 4954 §4: an AUTH command line or SASL response may be up to 12288 octets.
 pub const AUTH_LINE_LIMIT: usize = 12288;
+
+/// The largest header section accepted (Exim's `header_maxsize` default). No real message
+/// comes near it; a larger one only costs memory and time in everything that parses headers
+/// (the authentication checks, milters, DKIM signing), so it is refused at the end of data.
+pub const MAX_HEADER_SIZE: usize = 1 << 20;
 
 /// How VRFY is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1059,10 +1064,15 @@ impl Session {
         let Some(txn) = self.txn.as_mut() else {
             return;
         };
-        let hops = count_received(&txn.body);
-        if hops > self.cfg.max_received_headers {
+        let stats = header_stats(&txn.body);
+        if stats.received > self.cfg.max_received_headers {
             self.txn = None;
-            self.send(reply::too_many_hops(hops));
+            self.send(reply::too_many_hops(stats.received));
+            return;
+        }
+        if stats.size > MAX_HEADER_SIZE {
+            self.txn = None;
+            self.send(reply::header_too_big(MAX_HEADER_SIZE));
             return;
         }
         let body = std::mem::take(&mut txn.body);

@@ -123,23 +123,44 @@ pub fn received_header(hostname: &str, env: &Envelope, id: &str, now: u64) -> St
     h
 }
 
-/// Counts the `Received:` fields in the header section of `message` (up to the first empty
-/// line), for loop detection (RFC 5321 §6.3).
-pub fn count_received(message: &[u8]) -> usize {
-    let mut count = 0;
+/// What the session checks in a message's header section (up to the first empty line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderStats {
+    /// `Received:` fields, for loop detection (RFC 5321 §6.3).
+    pub received: usize,
+    /// Octets of the header section, without the empty line (all of a message that has none).
+    pub size: usize,
+}
+
+/// Counts the `Received:` fields of the header section and measures it.
+pub fn header_stats(message: &[u8]) -> HeaderStats {
+    let mut received = 0;
     let mut rest = message;
     loop {
         if rest.starts_with(b"\r\n") || rest.starts_with(b"\n") || rest.is_empty() {
-            return count;
+            break;
         }
         if rest.len() >= 9 && rest[..9].eq_ignore_ascii_case(b"received:") {
-            count += 1;
+            received += 1;
         }
         match rest.iter().position(|&b| b == b'\n') {
             Some(i) => rest = &rest[i + 1..],
-            None => return count,
+            None => {
+                rest = &[];
+                break;
+            }
         }
     }
+    HeaderStats {
+        received,
+        size: message.len() - rest.len(),
+    }
+}
+
+/// Counts the `Received:` fields in the header section of `message` (up to the first empty
+/// line), for loop detection (RFC 5321 §6.3).
+pub fn count_received(message: &[u8]) -> usize {
+    header_stats(message).received
 }
 
 #[cfg(test)]
@@ -198,5 +219,8 @@ mod tests {
         let m = b"Received: a\r\nX: y\r\nreceived: b\r\n\tcont\r\n\r\nReceived: body\r\n";
         assert_eq!(count_received(m), 2);
         assert_eq!(count_received(b""), 0);
+        assert_eq!(header_stats(m).size, 39);
+        assert_eq!(header_stats(b"A: b\r\n").size, 6);
+        assert_eq!(header_stats(b"\r\nbody").size, 0);
     }
 }

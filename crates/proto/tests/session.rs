@@ -505,6 +505,35 @@ fn loop_detection() {
     assert!(h.queued.is_empty());
 }
 
+/// A header section over 1 MiB (200,000 short fields, or one huge field) is refused at the end
+/// of data, whatever the message size limit; a large body under a small header is accepted.
+#[test]
+fn header_section_is_limited() {
+    let (mut h, _) = Harness::new(SessionConfig {
+        max_message_size: 10 << 20,
+        ..config()
+    });
+    h.c("EHLO client.example\r\n");
+    let many: String = (0..200_000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let huge = format!("Subject: {}\r\n", "z".repeat(2 << 20));
+    for header in [many, huge] {
+        h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+        assert_eq!(
+            h.c(&format!("{header}\r\nbody\r\n.\r\n")),
+            "552 5.3.4 Error: message header too big (over 1048576 octets)\r\n"
+        );
+    }
+    assert!(h.queued.is_empty());
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    let body = "b".repeat(998) + "\r\n";
+    let r = h.c(&format!(
+        "Subject: big body\r\n\r\n{}.\r\n",
+        body.repeat(4000)
+    ));
+    assert!(r.starts_with("250 "), "{r}");
+    assert_eq!(h.queued.len(), 1);
+}
+
 #[test]
 fn http_is_refused_and_closed() {
     let (mut h, _) = Harness::new(config());
