@@ -101,6 +101,55 @@ fn a_client_listed_in_a_dnsbl_is_refused_at_connect() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
+/// Weights and a threshold as postscreen has them: a client is refused when the weights of
+/// the lists that list it add up to `dnsbl_threshold`; a filter restricts which answers count;
+/// a negative weight is an allowlist.
+#[test]
+fn dnsbl_weights_add_up_to_the_threshold() {
+    let dns = DnsServer::start(
+        Zones::new()
+            .a("1.0.0.127.one.test", "127.0.0.2")
+            .a("1.0.0.127.two.test", "127.0.0.2")
+            .a("1.0.0.127.ten.test", "127.0.0.10")
+            .a("1.0.0.127.white.test", "127.0.0.2"),
+    );
+    let cases = [
+        // Listed by two.test (2) only: the filter of ten.test does not take its 127.0.0.10.
+        (r#"["two.test*2", "ten.test=127.0.0.[2..3]*5"]"#, "220 "),
+        // 1 + 2 reaches 3: refused, naming the list that weighs most.
+        (
+            r#"["one.test", "two.test*2"]"#,
+            "554 5.7.1 Service unavailable; client [127.0.0.1] blocked using two.test",
+        ),
+        // The filter matches this time.
+        (
+            r#"["ten.test=127.0.[0..255].[4;10..11]*3"]"#,
+            "554 5.7.1 Service unavailable; client [127.0.0.1] blocked using ten.test",
+        ),
+        // An allowlist outweighs a listing.
+        (r#"["one.test*3", "white.test*-5"]"#, "220 "),
+    ];
+    for (zones, want) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let (server, addr) = serve(
+            d.path(),
+            dns.addr,
+            &format!(
+                "[relay]\nmynetworks = []\n[antispam]\ndnsbl = {zones}\ndnsbl_threshold = 3\n"
+            ),
+        );
+        let (g, _) = greeting(addr);
+        assert!(g.starts_with(want), "{zones}: {g}\n{}", server.log_text());
+        if want.starts_with("220") && zones.contains("two.test") {
+            assert!(
+                server.log_text().contains("dnsbl pass"),
+                "{}",
+                server.log_text()
+            );
+        }
+    }
+}
+
 #[test]
 fn early_talkers_are_refused_and_patient_clients_greeted_after_the_delay() {
     let dns = DnsServer::start(Zones::new());

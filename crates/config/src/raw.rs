@@ -79,8 +79,10 @@ pub(crate) struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAntispam {
-    /// DNS blocklist zones.
+    /// DNS blocklist zones, `zone[=filter][*weight]`.
     pub dnsbl: Option<Vec<Spanned<String>>>,
+    /// The score at which a client is refused.
+    pub dnsbl_threshold: Option<Spanned<i64>>,
 }
 
 /// One `[[dkim]]`: a signing key.

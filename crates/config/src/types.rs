@@ -66,12 +66,52 @@ pub struct Config {
 }
 
 /// `[antispam]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AntispamConfig {
-    /// DNS blocklist zones (e.g. `zen.spamhaus.org`), lower-cased, without trailing dots: a
-    /// client of an smtp listener outside `mynetworks` listed in any of them is refused at
-    /// connect with `554 5.7.1`. Empty: off.
-    pub dnsbl: Vec<String>,
+    /// DNS blocklists (e.g. `zen.spamhaus.org`), asked at connect for clients of an smtp
+    /// listener outside `mynetworks`. Empty: off.
+    pub dnsbl: Vec<DnsblZone>,
+    /// The client is refused with `554 5.7.1` when the weights of the lists that list it add
+    /// up to this or more (postscreen's `postscreen_dnsbl_threshold`; default 1, so that with
+    /// the default weight of 1 a listing in any one list refuses).
+    pub dnsbl_threshold: i32,
+}
+
+impl Default for AntispamConfig {
+    fn default() -> Self {
+        AntispamConfig {
+            dnsbl: Vec::new(),
+            dnsbl_threshold: 1,
+        }
+    }
+}
+
+/// One `[antispam] dnsbl` entry, written as postscreen writes its `postscreen_dnsbl_sites`:
+/// `zone[=filter][*weight]`, e.g. `"zen.spamhaus.org=127.0.0.[2..11]*3"` or
+/// `"list.dnswl.org=127.0.[0..255].[1..3]*-5"` (an allowlist: a negative weight).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsblZone {
+    /// The zone, lower-cased, without a trailing dot.
+    pub zone: String,
+    /// The answers that count as a listing, octet by octet (each a list of inclusive ranges);
+    /// `None`: any answer in 127.0.0.0/8 but 127.255.255.0/24 (the lists' error codes).
+    pub filter: Option<[Vec<(u8, u8)>; 4]>,
+    /// What a listing adds to the client's score (default 1; negative for allowlists).
+    pub weight: i32,
+}
+
+impl DnsblZone {
+    /// Whether an answer `a` of the list is a listing.
+    pub fn lists(&self, a: std::net::Ipv4Addr) -> bool {
+        let o = a.octets();
+        match &self.filter {
+            None => o[0] == 127 && !(o[1] == 255 && o[2] == 255),
+            Some(f) => f
+                .iter()
+                .zip(o)
+                .all(|(ranges, b)| ranges.iter().any(|&(lo, hi)| (lo..=hi).contains(&b))),
+        }
+    }
 }
 
 impl Config {

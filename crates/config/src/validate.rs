@@ -202,8 +202,26 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
             .dnsbl
             .iter()
             .flatten()
-            .map(|z| v.domain_name(z, "DNSBL zone"))
+            .map(|z| v.dnsbl_zone(z))
             .collect(),
+        dnsbl_threshold: match &raw.antispam.dnsbl_threshold {
+            None => 1,
+            Some(t) => match i32::try_from(*t.get_ref()) {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    v.r.at(
+                        t.span(),
+                        format!("dnsbl_threshold = {} is out of range", t.get_ref()),
+                        Some(
+                            "write a score of 1 or more (the sum of the weights of the lists \
+                             that must list a client to refuse it)"
+                                .to_owned(),
+                        ),
+                    );
+                    1
+                }
+            },
+        },
     };
     let user = raw.user.as_ref().and_then(|u| v.account_name(u, "user"));
     let group = raw.group.as_ref().and_then(|g| v.account_name(g, "group"));
@@ -314,6 +332,45 @@ impl Validator<'_, '_> {
             );
         }
         name
+    }
+
+    /// One `[antispam] dnsbl` entry: `zone[=filter][*weight]`, as postscreen writes them.
+    fn dnsbl_zone(&mut self, value: &Spanned<String>) -> DnsblZone {
+        const HELP: &str = "write `zone`, `zone*weight` or `zone=filter*weight` as postscreen does, \
+                            e.g. \"zen.spamhaus.org=127.0.0.[2..11]*3\" (weight: a whole number, \
+                            negative for an allowlist; filter: four octets, each a number or \
+                            [a..b] or [a;b;c])";
+        let text = value.get_ref().trim();
+        let (rest, weight) = match text.rsplit_once('*') {
+            None => (text, Some(1)),
+            Some((rest, w)) => (rest, w.trim().parse::<i32>().ok()),
+        };
+        let (zone, filter) = match rest.split_once('=') {
+            None => (rest, None),
+            Some((zone, f)) => (zone, Some(parse_dnsbl_filter(f.trim()))),
+        };
+        let bad = |v: &mut Self, what: &str| {
+            v.r.at(
+                value.span(),
+                format!("invalid DNSBL entry {text:?}: {what}"),
+                Some(HELP.to_owned()),
+            );
+        };
+        if weight.is_none() {
+            bad(self, "the weight after `*` is not a whole number");
+        }
+        if matches!(filter, Some(None)) {
+            bad(self, "the filter after `=` is not four octets");
+        }
+        let name = zone.trim().trim_end_matches('.').to_ascii_lowercase();
+        if let Err(why) = check_domain(&name) {
+            bad(self, &format!("the zone {why}"));
+        }
+        DnsblZone {
+            zone: name,
+            filter: filter.flatten(),
+            weight: weight.unwrap_or(1),
+        }
     }
 
     /// `[[dkim]]`: each key with its domain, selector, algorithm and file; one selector per
@@ -1093,5 +1150,67 @@ fn show(value: &Spanned<DurationValue>) -> String {
     match &value.get_ref().0 {
         StrOrInt::Str(s) => format!("{s:?}"),
         StrOrInt::Int(i) => i.to_string(),
+    }
+}
+
+/// A postscreen DNSBL filter: four octets separated by dots, each `N`, `[a..b]` or a
+/// `;`-separated list of those inside brackets (`127.0.0.[2..11]`, `127.0.0.[2;4;10..11]`).
+fn parse_dnsbl_filter(text: &str) -> Option<[Vec<(u8, u8)>; 4]> {
+    let mut octets: Vec<Vec<(u8, u8)>> = Vec::new();
+    let mut rest = text;
+    for i in 0..4 {
+        let (part, tail) = if let Some(inner) = rest.strip_prefix('[') {
+            let (inside, tail) = inner.split_once(']')?;
+            (inside, tail)
+        } else {
+            let end = rest.find('.').unwrap_or(rest.len());
+            (&rest[..end], &rest[end..])
+        };
+        let mut ranges = Vec::new();
+        for item in part.split(';') {
+            let item = item.trim();
+            let (lo, hi) = match item.split_once("..") {
+                Some((a, b)) => (a.trim().parse::<u8>().ok()?, b.trim().parse::<u8>().ok()?),
+                None => {
+                    let n = item.parse::<u8>().ok()?;
+                    (n, n)
+                }
+            };
+            if lo > hi {
+                return None;
+            }
+            ranges.push((lo, hi));
+        }
+        octets.push(ranges);
+        rest = if i < 3 { tail.strip_prefix('.')? } else { tail };
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    octets.try_into().ok()
+}
+
+#[cfg(test)]
+mod dnsbl_filter_tests {
+    use super::parse_dnsbl_filter;
+
+    #[test]
+    fn filters() {
+        let f = parse_dnsbl_filter("127.0.0.[2..11]").unwrap();
+        assert_eq!(f[3], vec![(2, 11)]);
+        assert_eq!(f[0], vec![(127, 127)]);
+        let f = parse_dnsbl_filter("127.0.[0..255].[2;4;10..11]").unwrap();
+        assert_eq!(f[2], vec![(0, 255)]);
+        assert_eq!(f[3], vec![(2, 2), (4, 4), (10, 11)]);
+        for bad in [
+            "127.0.0",
+            "127.0.0.2.1",
+            "127.0.0.[11..2]",
+            "127.0.0.256",
+            "127.0.0.[2",
+            "",
+        ] {
+            assert!(parse_dnsbl_filter(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -755,12 +755,23 @@ pub async fn handle_connection(
         && !ctx.mail_auth.dnsbl.is_empty()
         && outside
         && let Some(checker) = &ctx.mail_auth.checker
-        && let Some(zone) = Box::pin(checker.dnsbl(peer.ip(), &ctx.mail_auth.dnsbl)).await
     {
-        let r = reply::dnsbl_listed(&peer.ip().to_string(), &zone);
-        tracing::info!(target: "estafeta::maillog", client = %peer.ip(), zone = %zone, reply = %r, status = r.status.map(tracing::field::display), "reject CONNECT");
-        refuse(stream, r).await;
-        return;
+        let verdict = Box::pin(checker.dnsbl(
+            peer.ip(),
+            &ctx.mail_auth.dnsbl,
+            ctx.mail_auth.dnsbl_threshold,
+        ))
+        .await;
+        if let Some(zone) = &verdict.blocked_by {
+            let r = reply::dnsbl_listed(&peer.ip().to_string(), zone);
+            tracing::info!(target: "estafeta::maillog", client = %peer.ip(), zone = %zone, score = verdict.score, listed = %verdict.listed.join(","), reply = %r, status = r.status.map(tracing::field::display), "reject CONNECT");
+            refuse(stream, r).await;
+            return;
+        }
+        if !verdict.listed.is_empty() {
+            // Listed, but under the threshold (or allowlisted): served, and said so.
+            tracing::info!(target: "estafeta::maillog", client = %peer.ip(), score = verdict.score, listed = %verdict.listed.join(","), "dnsbl pass");
+        }
     }
     // Early talkers: on the MX port, clients outside mynetworks wait `greet_delay` for the
     // 220; one that sends first is a bot that does not wait (postscreen's pregreet test).

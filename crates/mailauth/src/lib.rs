@@ -27,8 +27,9 @@ pub struct MailAuth {
     pub srs: Option<srs::Srs>,
     /// Our hostname: the authserv-id of our `Authentication-Results:`.
     pub hostname: String,
-    /// DNS blocklists checked at connect (`[antispam] dnsbl`).
-    pub dnsbl: Vec<String>,
+    /// DNS blocklists checked at connect (`[antispam] dnsbl`) and the score that refuses.
+    pub dnsbl: Vec<estafeta_config::DnsblZone>,
+    pub dnsbl_threshold: i32,
 }
 
 impl std::fmt::Debug for MailAuth {
@@ -74,6 +75,7 @@ impl MailAuth {
             srs,
             hostname: cfg.hostname.clone(),
             dnsbl: cfg.antispam.dnsbl.clone(),
+            dnsbl_threshold: cfg.antispam.dnsbl_threshold,
         })
     }
 
@@ -85,6 +87,7 @@ impl MailAuth {
             srs: None,
             hostname: hostname.to_string(),
             dnsbl: Vec::new(),
+            dnsbl_threshold: 1,
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use estafeta_config::{CheckMode, DnsConfig, VerifyConfig};
+use estafeta_config::{CheckMode, DnsConfig, DnsblZone, VerifyConfig};
 use estafeta_proto::reply::{self, Reply};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::Policy;
@@ -125,28 +125,43 @@ impl Checker {
             .flatten()
     }
 
-    /// The first of `zones` (DNS blocklists, RFC 5782) that lists `ip`, looked up all at once;
-    /// `None` when none does, or a lookup fails or times out (a blocklist that does not
-    /// answer lets the client pass). Answers outside 127.0.0.0/8, and 127.255.255.0/24 (the
-    /// "query refused" codes of some lists), are not listings.
-    pub async fn dnsbl(&self, ip: IpAddr, zones: &[String]) -> Option<String> {
+    /// The DNS blocklists (RFC 5782) that list `ip`, asked all at once, and whether their
+    /// weights reach `threshold` (postscreen's scoring). A list that fails or does not
+    /// answer within 5 s counts as not listing the client.
+    pub async fn dnsbl(&self, ip: IpAddr, zones: &[DnsblZone], threshold: i32) -> DnsblVerdict {
         let checks = zones.iter().map(|zone| async move {
-            let name = dnsbl_name(ip, zone);
+            let name = dnsbl_name(ip, &zone.zone);
             let found = tokio::time::timeout(
                 QUERY_TIMEOUT,
                 self.auth.ipv4_lookup(name.as_str(), None::<&NoV4>),
             )
             .await;
             match found {
-                Ok(Ok(r)) => r.rrset.iter().any(|a| {
-                    let o = a.octets();
-                    o[0] == 127 && !(o[1] == 255 && o[2] == 255)
-                }),
+                Ok(Ok(r)) => r.rrset.iter().any(|a| zone.lists(*a)),
                 _ => false,
             }
-            .then(|| zone.clone())
+            .then_some(zone)
         });
-        futures_first(checks).await
+        let listed: Vec<&DnsblZone> = join_all(checks).await.into_iter().flatten().collect();
+        let score = listed.iter().map(|z| z.weight).sum();
+        // The reply names the list that weighs most (the first of equals).
+        let blocked_by = (score >= threshold)
+            .then(|| {
+                listed
+                    .iter()
+                    .filter(|z| z.weight > 0)
+                    .fold(None::<&&DnsblZone>, |best, z| match best {
+                        Some(b) if b.weight >= z.weight => Some(b),
+                        _ => Some(z),
+                    })
+                    .map(|z| z.zone.clone())
+            })
+            .flatten();
+        DnsblVerdict {
+            listed: listed.iter().map(|z| z.zone.clone()).collect(),
+            score,
+            blocked_by,
+        }
     }
 
     /// SPF on the HELO and MAIL FROM identities (`sender` empty for the null sender).
@@ -391,16 +406,10 @@ type NoPtr = mail_auth::common::cache::NoCache<IpAddr, mail_auth::RecordSet<Box<
 type NoV4 = mail_auth::common::cache::NoCache<Box<str>, mail_auth::RecordSet<std::net::Ipv4Addr>>;
 type NoV6 = mail_auth::common::cache::NoCache<Box<str>, mail_auth::RecordSet<std::net::Ipv6Addr>>;
 
-/// The first `Some` of the answers, in the order of `checks`, all run at once.
-async fn futures_first<F>(checks: impl Iterator<Item = F>) -> Option<String>
-where
-    F: std::future::Future<Output = Option<String>>,
-{
-    let mut set = Vec::new();
-    for c in checks {
-        set.push(Box::pin(c));
-    }
-    let mut results: Vec<Option<Option<String>>> = vec![None; set.len()];
+/// The answers of `checks`, in their order, all run at once.
+async fn join_all<F: std::future::Future>(checks: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set: Vec<_> = checks.map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         for (i, f) in set.iter_mut().enumerate() {
             if results[i].is_none()
@@ -416,7 +425,18 @@ where
         }
     })
     .await;
-    results.into_iter().flatten().flatten().next()
+    results.into_iter().flatten().collect()
+}
+
+/// What the DNS blocklists say of a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsblVerdict {
+    /// The lists that list it, in configuration order.
+    pub listed: Vec<String>,
+    /// The sum of their weights.
+    pub score: i32,
+    /// When the score reaches the threshold: the list named in the refusal.
+    pub blocked_by: Option<String>,
 }
 
 /// The DNSBL query name of `ip` in `zone` (RFC 5782 §2.1, §2.4): the address's octets or
