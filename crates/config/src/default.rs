@@ -60,6 +60,7 @@ impl Config {
             mailboxes: Mailboxes::Any,
             catch_all: None,
             aliases: Default::default(),
+            delivery: DomainDelivery::Maildir,
         };
         Config {
             source: None,
@@ -147,6 +148,8 @@ impl Config {
             verify: VerifyConfig::default(),
             srs: None,
             antispam: AntispamConfig::default(),
+            milters: Vec::new(),
+            pipes: Default::default(),
             control: ControlConfig {
                 socket: data_dir.join("control.sock"),
                 submit_socket: data_dir.join("submit.sock"),

@@ -24,9 +24,10 @@ pub use default::system_hostname;
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{
     AntispamConfig, AuthConfig, CheckMode, Config, ControlConfig, DeliveryConfig, DkimAlgorithm,
-    DkimKeyConfig, DnsConfig, DnsblZone, Domain, ExpnMode, IpVersion, Limits, Listener,
-    ListenerKind, LogConfig, LogFormat, LogLevel, Mailboxes, MetricsConfig, NextHop, QueueConfig,
-    Rate, RelayConfig, SmarthostTls, SmtpConfig, SrsConfig, TlsConfig, VerifyConfig, VrfyMode,
+    DkimKeyConfig, DnsConfig, DnsblZone, Domain, DomainDelivery, ExpnMode, IpVersion, Limits,
+    Listener, ListenerKind, LogConfig, LogFormat, LogLevel, Mailboxes, MetricsConfig, MilterConfig,
+    MilterDefault, NextHop, PipeConfig, QueueConfig, Rate, RelayConfig, SmarthostTls, SmtpConfig,
+    SrsConfig, TlsConfig, VerifyConfig, VrfyMode,
 };
 
 impl Config {

@@ -73,6 +73,38 @@ pub(crate) struct RawConfig {
     /// `[antispam]`.
     #[serde(default)]
     pub antispam: RawAntispam,
+    /// `[[milter]]`, repeatable, called in order.
+    #[serde(default)]
+    pub milter: Vec<Spanned<RawMilter>>,
+    /// `[pipe.NAME]`: commands a domain can deliver to.
+    #[serde(default)]
+    pub pipe: BTreeMap<Spanned<String>, Spanned<RawPipe>>,
+}
+
+/// One `[[milter]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMilter {
+    /// `inet:host:port` or `unix:/path`.
+    pub address: Spanned<String>,
+    /// `accept` | `tempfail` | `reject` when the milter is down or times out.
+    pub default_action: Option<Spanned<String>>,
+    /// How long to wait for each answer.
+    pub timeout: Option<Spanned<DurationValue>>,
+    /// The listener kinds it applies to; absent: all.
+    pub listeners: Option<Vec<Spanned<String>>>,
+}
+
+/// One `[pipe.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPipe {
+    /// argv, with `{sender}`, `{recipient}`, `{user}`, `{domain}`, `{extension}`.
+    pub command: Spanned<Vec<Spanned<String>>>,
+    /// Run as this user (the server must be root to switch).
+    pub user: Option<Spanned<String>>,
+    /// How long the command may run.
+    pub timeout: Option<Spanned<DurationValue>>,
 }
 
 /// `[antispam]`.
@@ -212,6 +244,8 @@ pub(crate) struct RawDomain {
     pub catch_all: Option<Spanned<String>>,
     /// `[domain.aliases]`: local part → target or list of targets.
     pub aliases: Option<BTreeMap<Spanned<String>, Spanned<OneOrMany>>>,
+    /// `maildir` | `lmtp:unix:PATH` | `lmtp:inet:HOST:PORT` | `pipe:NAME`.
+    pub delivery: Option<Spanned<String>>,
 }
 
 /// `[delivery]`.

@@ -63,6 +63,60 @@ pub struct Config {
     pub srs: Option<SrsConfig>,
     /// Early refusals of abusive clients (`[antispam]`).
     pub antispam: AntispamConfig,
+    /// Filters asked before the 250 (`[[milter]]`), in order.
+    pub milters: Vec<MilterConfig>,
+    /// Commands local mail can be delivered to (`[pipe.NAME]`), by name.
+    pub pipes: BTreeMap<String, PipeConfig>,
+}
+
+/// One `[[milter]]`: a mail filter (rspamd, OpenDKIM, ClamAV…) spoken to with the milter
+/// protocol before a message is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MilterConfig {
+    /// `inet:host:port` or `unix:/path`, as written (checked).
+    pub address: String,
+    /// What happens to the mail when the milter cannot be reached, breaks the protocol or
+    /// does not answer in time.
+    pub default_action: MilterDefault,
+    /// How long each answer may take (the end-of-message answer too).
+    pub timeout: Duration,
+    /// The listener kinds whose mail it sees; `None`: all (and local submissions).
+    pub listeners: Option<Vec<ListenerKind>>,
+}
+
+/// `[[milter]] default_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MilterDefault {
+    /// Go on as if the milter had accepted (Postfix's `milter_default_action = accept`).
+    Accept,
+    /// `451 4.7.1`: the client tries again later (the default: nothing passes unfiltered).
+    Tempfail,
+    /// `550 5.7.1`.
+    Reject,
+}
+
+/// One `[pipe.NAME]`: a command a domain delivers to, the message on its standard input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipeConfig {
+    /// argv; each argument may hold `{sender}`, `{recipient}`, `{user}`, `{extension}`,
+    /// `{domain}`, `{original_recipient}`. Never run through a shell.
+    pub command: Vec<String>,
+    /// Run as this system user (needs the server to run as root); `None`: as the server.
+    pub user: Option<String>,
+    /// Killed after this long (a temporary failure); default 1000 s as Postfix's pipe.
+    pub timeout: Duration,
+}
+
+/// How a local domain's mail is delivered (`delivery` of a `[[domain]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DomainDelivery {
+    /// Into Maildir folders written by estafeta (`[delivery] maildir`).
+    #[default]
+    Maildir,
+    /// To an LMTP server: `unix:/path` or `inet:host:port`, as written (checked).
+    Lmtp(String),
+    /// To the command `[pipe.NAME]`.
+    Pipe(String),
 }
 
 /// `[antispam]`.
@@ -397,6 +451,8 @@ pub struct Domain {
     /// Local part (lower-cased) → targets (local parts of this domain or full addresses);
     /// never an empty list.
     pub aliases: BTreeMap<String, Vec<String>>,
+    /// How its mailboxes' mail is delivered.
+    pub delivery: DomainDelivery,
 }
 
 /// Which local parts of a domain exist, `domain.mailboxes`.

@@ -125,7 +125,9 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
             .collect(),
     };
 
-    let domains = v.domains(&raw.domain);
+    let pipes = v.pipes(&raw);
+    let domains = v.domains(&raw.domain, &pipes);
+    let milters = v.milters(&raw);
 
     let delivery = DeliveryConfig {
         maildir: match &raw.delivery.maildir {
@@ -267,6 +269,42 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
         verify,
         srs,
         antispam,
+        milters,
+        pipes,
+    }
+}
+
+const MILTER_DEFAULTS: &[(&str, MilterDefault)] = &[
+    ("accept", MilterDefault::Accept),
+    ("tempfail", MilterDefault::Tempfail),
+    ("reject", MilterDefault::Reject),
+];
+
+/// Checks a socket written as `inet:HOST:PORT` or `unix:/PATH` (milters, LMTP servers).
+pub(crate) fn check_socket_spec(text: &str) -> Result<(), String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!("the socket path {path:?} is not absolute"));
+        }
+        return Ok(());
+    }
+    let Some(rest) = text.strip_prefix("inet:") else {
+        return Err("it starts with neither \"inet:\" nor \"unix:\"".into());
+    };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, p) = v6
+            .split_once("]:")
+            .ok_or("an IPv6 address is written [ADDRESS]:PORT")?;
+        (h, p)
+    } else {
+        rest.rsplit_once(':').ok_or("the port is missing")?
+    };
+    if host.is_empty() {
+        return Err("the host is missing".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{port:?} is not a port number")),
     }
 }
 
@@ -732,7 +770,127 @@ impl Validator<'_, '_> {
         }
     }
 
-    fn domains(&mut self, list: &[RawDomain]) -> Vec<Domain> {
+    /// `[[milter]]`, in order.
+    fn milters(&mut self, raw: &RawConfig) -> Vec<MilterConfig> {
+        let mut out = Vec::new();
+        for m in &raw.milter {
+            let inner = m.get_ref();
+            let address = inner.address.get_ref().trim().to_owned();
+            if let Err(why) = check_socket_spec(&address) {
+                self.r.at(
+                    inner.address.span(),
+                    format!("invalid milter address {address:?}: {why}"),
+                    Some(
+                        "write \"inet:127.0.0.1:11332\" (host and port) or \"unix:/run/rspamd/milter.sock\""
+                            .to_owned(),
+                    ),
+                );
+            }
+            let default_action = self.enumerated(
+                inner.default_action.as_ref(),
+                MILTER_DEFAULTS,
+                MilterDefault::Tempfail,
+            );
+            let timeout = self.duration_min(
+                inner.timeout.as_ref(),
+                Duration::from_secs(1),
+                "a milter needs at least 1s to answer",
+                Duration::from_secs(30),
+            );
+            let listeners = inner.listeners.as_ref().map(|list| {
+                list.iter()
+                    .map(|k| self.enumerated(Some(k), LISTENER_KINDS, ListenerKind::Smtp))
+                    .collect()
+            });
+            out.push(MilterConfig {
+                address,
+                default_action,
+                timeout,
+                listeners,
+            });
+        }
+        out
+    }
+
+    /// `[pipe.NAME]`.
+    fn pipes(&mut self, raw: &RawConfig) -> BTreeMap<String, PipeConfig> {
+        let mut out = BTreeMap::new();
+        for (name, p) in &raw.pipe {
+            let inner = p.get_ref();
+            let n = name.get_ref().trim();
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            {
+                self.r.at(
+                    name.span(),
+                    format!("invalid pipe name {n:?}"),
+                    Some(
+                        "name it with letters, digits, '_', '-' or '.', e.g. [pipe.mailman]"
+                            .to_owned(),
+                    ),
+                );
+            }
+            let command: Vec<String> = inner
+                .command
+                .get_ref()
+                .iter()
+                .map(|a| a.get_ref().clone())
+                .collect();
+            if command.first().is_none_or(|c| !c.starts_with('/')) {
+                self.r.at(
+                    inner.command.span(),
+                    "the command must start with the program's absolute path".to_owned(),
+                    Some("write command = [\"/usr/bin/program\", \"{recipient}\"] (no shell is involved: each element is one argument)".to_owned()),
+                );
+            }
+            for a in inner.command.get_ref() {
+                let mut rest = a.get_ref().as_str();
+                while let Some(i) = rest.find('{') {
+                    let Some(j) = rest[i..].find('}') else { break };
+                    let var = &rest[i + 1..i + j];
+                    if !matches!(
+                        var,
+                        "sender"
+                            | "recipient"
+                            | "user"
+                            | "extension"
+                            | "domain"
+                            | "original_recipient"
+                    ) {
+                        self.r.at(
+                            a.span(),
+                            format!("unknown variable {{{var}}} in the pipe command"),
+                            Some("use {sender}, {recipient}, {user}, {extension}, {domain} or {original_recipient}".to_owned()),
+                        );
+                    }
+                    rest = &rest[i + j + 1..];
+                }
+            }
+            let user = inner
+                .user
+                .as_ref()
+                .and_then(|u| self.account_name(u, "user"));
+            let timeout = self.duration_min(
+                inner.timeout.as_ref(),
+                Duration::from_secs(1),
+                "a command needs at least 1s",
+                Duration::from_secs(1000),
+            );
+            out.insert(
+                n.to_owned(),
+                PipeConfig {
+                    command,
+                    user,
+                    timeout,
+                },
+            );
+        }
+        out
+    }
+
+    fn domains(&mut self, list: &[RawDomain], pipes: &BTreeMap<String, PipeConfig>) -> Vec<Domain> {
         let mut seen = HashSet::new();
         let mut domains = Vec::new();
         for raw in list {
@@ -772,14 +930,60 @@ impl Validator<'_, '_> {
                 }
             });
             let aliases = self.aliases(raw);
+            let delivery = match &raw.delivery {
+                None => DomainDelivery::Maildir,
+                Some(d) => self.domain_delivery(d, pipes),
+            };
             domains.push(Domain {
                 name,
                 mailboxes,
                 catch_all,
                 aliases,
+                delivery,
             });
         }
         domains
+    }
+
+    /// `delivery` of a `[[domain]]`.
+    fn domain_delivery(
+        &mut self,
+        d: &Spanned<String>,
+        pipes: &BTreeMap<String, PipeConfig>,
+    ) -> DomainDelivery {
+        let text = d.get_ref().trim();
+        let help = "write \"maildir\", \"lmtp:unix:/run/dovecot/lmtp\", \"lmtp:inet:127.0.0.1:24\" or \"pipe:NAME\" with a [pipe.NAME] section";
+        if text == "maildir" {
+            return DomainDelivery::Maildir;
+        }
+        if let Some(addr) = text.strip_prefix("lmtp:") {
+            if let Err(why) = check_socket_spec(addr) {
+                self.r.at(
+                    d.span(),
+                    format!("invalid LMTP server {addr:?}: {why}"),
+                    Some(help.to_owned()),
+                );
+            }
+            return DomainDelivery::Lmtp(addr.to_owned());
+        }
+        if let Some(name) = text.strip_prefix("pipe:") {
+            if !pipes.contains_key(name) {
+                self.r.at(
+                    d.span(),
+                    format!("delivery {text:?} names no [pipe.{name}] section"),
+                    Some(format!(
+                        "add [pipe.{name}] with command = [\"/path/to/program\", \"{{recipient}}\"], or fix the name"
+                    )),
+                );
+            }
+            return DomainDelivery::Pipe(name.to_owned());
+        }
+        self.r.at(
+            d.span(),
+            format!("invalid delivery {text:?}"),
+            Some(help.to_owned()),
+        );
+        DomainDelivery::Maildir
     }
 
     fn mailboxes(&mut self, m: &Spanned<OneOrMany>) -> Mailboxes {

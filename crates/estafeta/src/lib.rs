@@ -168,13 +168,6 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
     } else {
         Resolver::with_nameservers(&cfg.dns.nameservers)
     };
-    let routes = cfg
-        .relay
-        .routes
-        .iter()
-        .map(|(domain, h)| (domain.to_lowercase(), h.clone()))
-        .collect();
-    let smarthost = cfg.relay.smarthost.clone();
     let helo = cfg
         .relay
         .helo_name
@@ -212,8 +205,6 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
         resolver,
         client,
         smarthost_client,
-        routes,
-        smarthost,
         ip_version: cfg.relay.ip_version,
         local: LocalIdentity {
             hostnames: vec![cfg.hostname.to_lowercase(), helo.to_lowercase()],
@@ -308,11 +299,7 @@ fn build_policy(cfg: &Config, users: &Arc<estafeta_auth::Users>) -> Arc<Policy> 
 /// embedded development default, which never sends mail to other servers (CONFIG.md): what
 /// trusted clients send elsewhere waits in the queue, visible in `queue list`.
 fn build_router(cfg: &Config, policy: Arc<Policy>, syncer: Syncer) -> anyhow::Result<Router> {
-    let router = Router::new(
-        policy,
-        Maildir::new(syncer, &cfg.hostname),
-        cfg.delivery.maildir.clone(),
-    );
+    let router = Router::new(policy, Maildir::new(syncer, &cfg.hostname), cfg);
     Ok(if cfg.source.is_some() {
         router.with_remote(Arc::new(remote_delivery(cfg)?))
     } else {

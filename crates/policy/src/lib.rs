@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
-use estafeta_config::{Config, Mailboxes};
+use estafeta_config::{Config, DomainDelivery, Mailboxes, NextHop};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Domain, ForwardPath, ReversePath};
 use ipnet::IpNet;
@@ -112,8 +112,86 @@ pub enum Trust {
     None,
 }
 
+/// How one stored (already expanded) recipient is delivered: decided in one place,
+/// [`Policy::route`], for every delivery agent and for the queue's per-destination limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Into the mailbox's Maildir, written by estafeta.
+    Maildir(LocalMailbox),
+    /// To an LMTP server (`unix:/path` or `inet:host:port`).
+    Lmtp {
+        /// The mailbox (for logs and the RCPT address).
+        mailbox: LocalMailbox,
+        /// The server, as configured.
+        server: String,
+    },
+    /// To the command `[pipe.NAME]`.
+    Pipe {
+        /// The mailbox whose mail it is.
+        mailbox: LocalMailbox,
+        /// The pipe's name.
+        pipe: String,
+    },
+    /// To another server: the recipient domain's MX hosts, a `[relay.routes]` entry, or the
+    /// smarthost.
+    Relay {
+        /// The recipient domain (lower case, A-labels), or an address literal as written.
+        domain: String,
+        /// How it is reached.
+        via: Via,
+    },
+    /// In a local domain, but no mailbox can hold it (a user removed since it was queued,
+    /// or a local part unusable as a mailbox name).
+    Unknown,
+}
+
+/// How a relayed recipient's domain is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// Its MX records (or its address records), or its address literal.
+    Mx,
+    /// A `[relay.routes]` entry for the domain.
+    Route(NextHop),
+    /// The smarthost.
+    Smarthost(NextHop),
+}
+
+impl Route {
+    /// The delivery agent's name: the `transport` field of the maillog and a metrics label.
+    pub fn agent(&self) -> &'static str {
+        match self {
+            Route::Maildir(_) | Route::Unknown => "maildir",
+            Route::Lmtp { .. } => "lmtp",
+            Route::Pipe { .. } => "pipe",
+            Route::Relay { .. } => "smtp",
+        }
+    }
+
+    /// The destination counted against the queue's per-destination limit: the domain, the
+    /// route or smarthost host, the LMTP server, the pipe; `None` for Maildir.
+    pub fn destination(&self) -> Option<String> {
+        match self {
+            Route::Maildir(_) | Route::Unknown => None,
+            Route::Lmtp { server, .. } => Some(format!("lmtp {server}")),
+            Route::Pipe { pipe, .. } => Some(format!("pipe {pipe}")),
+            Route::Relay { domain, via } => Some(match via {
+                Via::Mx => domain.clone(),
+                Via::Route(h) => format!("route {}:{}", h.host, h.port),
+                Via::Smarthost(h) => format!("smarthost {}:{}", h.host, h.port),
+            }),
+        }
+    }
+
+    /// True for the agents that finish in a moment on this machine (Maildir): delivered
+    /// first, so that a crash during a slow delivery does not repeat them.
+    pub fn is_quick(&self) -> bool {
+        matches!(self, Route::Maildir(_) | Route::Unknown)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct LocalDomain {
+    delivery: DomainDelivery,
     mailboxes: Mailboxes,
     catch_all: Option<String>,
     /// `[domain.aliases]`: local part → targets (local parts of this domain or addresses).
@@ -136,6 +214,9 @@ pub struct Policy {
     /// The domain that bare `<Postmaster>` belongs to.
     postmaster_domain: Option<String>,
     subaddress_separator: Option<String>,
+    /// `[relay.routes]`, keys lower-cased.
+    routes: BTreeMap<String, NextHop>,
+    smarthost: Option<NextHop>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -185,6 +266,7 @@ impl Policy {
                 (
                     domain_key(&d.name),
                     LocalDomain {
+                        delivery: d.delivery.clone(),
                         mailboxes: d.mailboxes.clone(),
                         catch_all: d.catch_all.clone(),
                         aliases: d
@@ -212,6 +294,46 @@ impl Policy {
                 .subaddress_separator
                 .clone()
                 .filter(|s| !s.is_empty()),
+            routes: cfg.relay.routes.clone(),
+            smarthost: cfg.relay.smarthost.clone(),
+        }
+    }
+
+    /// How the stored recipient `rcpt` is delivered. Recipients are stored expanded
+    /// (aliases and catch-all applied before queueing), so a local one names its mailbox.
+    pub fn route(&self, rcpt: &ForwardPath) -> Route {
+        if let Some(mailbox) = self.mailbox_of(rcpt) {
+            return match &self.domains[&mailbox.domain].delivery {
+                DomainDelivery::Maildir => Route::Maildir(mailbox),
+                DomainDelivery::Lmtp(server) => Route::Lmtp {
+                    mailbox,
+                    server: server.clone(),
+                },
+                DomainDelivery::Pipe(pipe) => Route::Pipe {
+                    mailbox,
+                    pipe: pipe.clone(),
+                },
+            };
+        }
+        if self.local_address(rcpt).is_some() {
+            return Route::Unknown;
+        }
+        let domain = domain_key(&rcpt.mailbox.domain.key());
+        let via = match (self.routes.get(&domain), &self.smarthost) {
+            (Some(hop), _) => Via::Route(hop.clone()),
+            (None, Some(hop)) => Via::Smarthost(hop.clone()),
+            (None, None) => Via::Mx,
+        };
+        Route::Relay { domain, via }
+    }
+
+    /// The LMTP server of `domain` when its mail goes over LMTP and its mailboxes are `"*"`:
+    /// then each RCPT is verified live against that server.
+    pub fn lmtp_verified_domain(&self, domain: &str) -> Option<&str> {
+        let d = self.domains.get(&domain_key(domain))?;
+        match (&d.delivery, &d.mailboxes) {
+            (DomainDelivery::Lmtp(server), Mailboxes::Any) => Some(server),
+            _ => None,
         }
     }
 

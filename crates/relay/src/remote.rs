@@ -2,7 +2,6 @@
 //! the smarthost, an address literal, or the domain's MX hosts), then the hosts in order until
 //! one gives per-recipient answers.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +16,18 @@ use crate::resolve::{IpVersion, LocalIdentity, ResolveError, Resolver};
 /// them.
 pub use estafeta_config::NextHop;
 
+/// How a recipient domain is reached, as the policy's router decided it (`Policy::route`):
+/// the remote agent does not decide it again.
+#[derive(Debug, Clone, Copy)]
+pub enum Hop<'a> {
+    /// The domain's MX hosts (or address records, or its address literal).
+    Mx,
+    /// A `[relay.routes]` entry: the MX client settings.
+    Route(&'a NextHop),
+    /// The smarthost: its TLS policy and credentials.
+    Smarthost(&'a NextHop),
+}
+
 /// Everything remote delivery needs, built once from the configuration.
 pub struct Remote {
     /// MX and address lookups.
@@ -25,10 +36,6 @@ pub struct Remote {
     pub client: ClientConfig,
     /// The client settings for the smarthost (its TLS policy and credentials).
     pub smarthost_client: ClientConfig,
-    /// Per-domain next hops (lower-case domain → hop).
-    pub routes: HashMap<String, NextHop>,
-    /// Send everything remote through this host.
-    pub smarthost: Option<NextHop>,
     /// IPv4, IPv6 or both.
     pub ip_version: IpVersion,
     /// This server's names and addresses (mail loops back to myself).
@@ -105,8 +112,6 @@ impl ConnectionCache {
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Remote")
-            .field("routes", &self.routes)
-            .field("smarthost", &self.smarthost)
             .field("mx_port", &self.mx_port)
             .finish_non_exhaustive()
     }
@@ -117,12 +122,12 @@ impl Remote {
     async fn hops(
         &self,
         domain: &str,
+        hop: Hop<'_>,
     ) -> Result<(Vec<(String, Vec<IpAddr>, u16)>, &ClientConfig), Outcome> {
-        // A route for the domain wins over the smarthost (like Postfix's transport_maps over
-        // relayhost): internal domains can go direct while the rest leaves through the ISP.
-        let fixed = match self.routes.get(&domain.to_lowercase()) {
-            Some(h) => Some((h, &self.client)),
-            None => self.smarthost.as_ref().map(|h| (h, &self.smarthost_client)),
+        let fixed = match hop {
+            Hop::Route(h) => Some((h, &self.client)),
+            Hop::Smarthost(h) => Some((h, &self.smarthost_client)),
+            Hop::Mx => None,
         };
         if let Some((hop, cfg)) = fixed {
             let addrs: Vec<IpAddr> = match hop.host.parse::<IpAddr>() {
@@ -210,9 +215,14 @@ impl Remote {
     /// Delivers `msg` (whose recipients all belong to `domain`): one outcome per recipient, in
     /// order. Hosts are tried in order until one answers per recipient; if none does, the
     /// recipients fail temporarily (or permanently when every host refused for good).
-    pub async fn deliver(&self, domain: &str, msg: &OutboundMessage<'_>) -> Vec<Outcome> {
+    pub async fn deliver(
+        &self,
+        domain: &str,
+        hop: Hop<'_>,
+        msg: &OutboundMessage<'_>,
+    ) -> Vec<Outcome> {
         let n = msg.rcpts.len();
-        let (hops, cfg) = match self.hops(domain).await {
+        let (hops, cfg) = match self.hops(domain, hop).await {
             Ok(h) => h,
             Err(o) => return vec![o; n],
         };

@@ -2,7 +2,6 @@
 //! messages sent one after the other to the same host share one session, which is closed with
 //! QUIT once it has been idle for the cache's limit.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +9,7 @@ use std::time::{Duration, Instant};
 use estafeta_proto::{MailParams, RcptParams};
 use estafeta_queue::Outcome;
 use estafeta_relay::client::{ClientConfig, OutboundMessage, TlsPolicy};
-use estafeta_relay::remote::{ConnectionCache, NextHop, Remote};
+use estafeta_relay::remote::{ConnectionCache, Hop, NextHop, Remote};
 use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -76,6 +75,14 @@ async fn peer(hang_up: bool) -> (SocketAddr, Arc<Mutex<Seen>>) {
     (addr, seen)
 }
 
+/// The peer as the route of `remote.test`.
+fn hop(peer: SocketAddr) -> NextHop {
+    NextHop {
+        host: peer.ip().to_string(),
+        port: peer.port(),
+    }
+}
+
 fn remote(peer: SocketAddr) -> Remote {
     let mut client = ClientConfig::new("mx.local.test");
     client.tls = TlsPolicy::None;
@@ -83,14 +90,6 @@ fn remote(peer: SocketAddr) -> Remote {
         resolver: Resolver::with_nameservers(&["127.0.0.1:9".parse().unwrap()]),
         smarthost_client: client.clone(),
         client,
-        routes: HashMap::from([(
-            "remote.test".to_string(),
-            NextHop {
-                host: peer.ip().to_string(),
-                port: peer.port(),
-            },
-        )]),
-        smarthost: None,
         ip_version: IpVersion::Any,
         local: LocalIdentity {
             hostnames: vec!["mx.local.test".into()],
@@ -116,7 +115,9 @@ async fn messages_to_one_host_share_a_session_that_is_closed_when_idle() {
         needs_8bit: false,
     };
     for _ in 0..3 {
-        let out = remote.deliver("remote.test", &msg).await;
+        let out = remote
+            .deliver("remote.test", Hop::Route(&hop(addr)), &msg)
+            .await;
         assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
     }
     {
@@ -130,7 +131,9 @@ async fn messages_to_one_host_share_a_session_that_is_closed_when_idle() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The next message opens a new session.
-    let out = remote.deliver("remote.test", &msg).await;
+    let out = remote
+        .deliver("remote.test", Hop::Route(&hop(addr)), &msg)
+        .await;
     assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
     let s = seen.lock().unwrap();
     assert_eq!((s.sessions, s.messages), (2, 4), "{s:?}");
@@ -151,7 +154,9 @@ async fn a_session_the_peer_closed_while_idle_is_replaced() {
         needs_8bit: false,
     };
     for _ in 0..3 {
-        let out = remote.deliver("remote.test", &msg).await;
+        let out = remote
+            .deliver("remote.test", Hop::Route(&hop(addr)), &msg)
+            .await;
         assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

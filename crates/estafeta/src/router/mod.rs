@@ -1,195 +1,137 @@
-//! The transport the scheduler uses: it sends each recipient to its delivery agent: a local
-//! mailbox (Maildir), or remote delivery, one session per recipient domain.
+//! The transport the scheduler uses: a thin composite over the delivery agents. Each
+//! recipient's route is decided by one function, [`Policy::route`] (Maildir, LMTP, a pipe, or
+//! another server by MX, `[relay.routes]` or the smarthost); each agent implements the
+//! queue's [`Transport`] for the recipients routed to it.
+
+mod maildir;
+mod pipe;
+mod remote;
 
 use std::sync::Arc;
 
-use estafeta_maildir::{Maildir, Target, mailbox_path};
-use estafeta_policy::Policy;
-use estafeta_proto::reply;
-use estafeta_queue::{DeliveryJob, Failure, Outcome, Transport};
+use estafeta_config::Config;
+use estafeta_maildir::Maildir;
+use estafeta_policy::{Policy, Route};
+use estafeta_queue::{DeliveryJob, Outcome, Transport};
+
+pub use maildir::MaildirAgent;
+pub use pipe::PipeAgent;
+pub use remote::RemoteAgent;
 
 /// Routes recipients to delivery agents.
 #[derive(Debug)]
 pub struct Router {
     policy: Arc<Policy>,
-    maildir: Maildir,
-    template: String,
-    remote: Option<Arc<estafeta_relay::remote::Remote>>,
+    maildir: MaildirAgent,
+    remote: RemoteAgent,
+    pipe: PipeAgent,
+}
+
+/// The delivery agents, in the order a job's batches go to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agent {
+    Maildir,
+    Pipe,
+    Remote,
 }
 
 impl Router {
-    /// A router delivering local mail with `maildir` into folders named by `template`.
-    pub fn new(policy: Arc<Policy>, maildir: Maildir, template: String) -> Self {
+    /// A router delivering local mail with `maildir` into folders named by the configuration's
+    /// template, to the configuration's pipes, and (with [`Router::with_remote`]) elsewhere.
+    pub fn new(policy: Arc<Policy>, maildir: Maildir, cfg: &Config) -> Self {
         Router {
+            maildir: MaildirAgent {
+                policy: policy.clone(),
+                maildir,
+                template: cfg.delivery.maildir.clone(),
+            },
+            remote: RemoteAgent {
+                policy: policy.clone(),
+                remote: None,
+            },
+            pipe: PipeAgent {
+                policy: policy.clone(),
+                pipes: cfg.pipes.clone(),
+                separator: cfg.delivery.subaddress_separator.clone(),
+            },
             policy,
-            maildir,
-            template,
-            remote: None,
         }
     }
 
     /// The same router, delivering recipients elsewhere with `remote`.
     pub fn with_remote(mut self, remote: Arc<estafeta_relay::remote::Remote>) -> Self {
-        self.remote = Some(remote);
+        self.remote.remote = Some(remote);
         self
     }
 
-    /// Delivers the remote recipients `idx` (all of `domain`).
-    async fn deliver_remote(
-        &self,
-        remote: &estafeta_relay::remote::Remote,
-        job: &DeliveryJob,
-        domain: &str,
-        idx: &[usize],
-    ) -> Vec<(usize, Outcome)> {
-        let env = &job.envelope;
-        let rcpts: Vec<(String, estafeta_proto::RcptParams)> = idx
-            .iter()
-            .map(|&i| (env.rcpts[i].path.to_string(), env.rcpts[i].params.clone()))
-            .collect();
-        let from = env.from.to_string();
-        let content = job.content.as_bytes();
-        let msg = estafeta_relay::client::OutboundMessage {
-            from: &from,
-            params: &env.params,
-            rcpts: &rcpts,
-            content,
-            needs_smtputf8: env.params.smtputf8,
-            needs_8bit: env.params.body == Some(estafeta_proto::Body::EightBitMime)
-                || !content.is_ascii(),
-        };
-        let outcomes = remote.deliver(domain, &msg).await;
-        idx.iter().copied().zip(outcomes).collect()
+    fn route(&self, envelope: &estafeta_proto::Envelope, rcpt: usize) -> Route {
+        self.policy.route(&envelope.rcpts[rcpt].path)
     }
 
-    /// True when `rcpt` goes to remote delivery.
-    fn is_remote(&self, rcpt: &estafeta_proto::Recipient) -> bool {
-        self.remote.is_some()
-            && self.policy.mailbox_of(&rcpt.path).is_none()
-            && !self.policy.is_local_domain(&rcpt.path.mailbox.domain.key())
+    fn agent_of(route: &Route) -> Agent {
+        match route {
+            Route::Maildir(_) | Route::Unknown => Agent::Maildir,
+            Route::Pipe { .. } => Agent::Pipe,
+            Route::Lmtp { .. } | Route::Relay { .. } => Agent::Remote,
+        }
     }
 }
 
 impl Transport for Router {
-    /// The remote destinations of these recipients: their domains (each its own MX hosts), or
-    /// the smarthost when everything goes through it. Local mailboxes are not limited.
+    /// The destinations of these recipients, counted against the queue's per-destination
+    /// limit: each relayed domain (or its route or smarthost), each LMTP server, each pipe.
     fn destinations(&self, envelope: &estafeta_proto::Envelope, rcpts: &[usize]) -> Vec<String> {
-        let Some(remote) = &self.remote else {
-            return Vec::new();
-        };
         let mut dests: Vec<String> = Vec::new();
         for &i in rcpts {
-            let path = &envelope.rcpts[i].path;
-            let domain = estafeta_policy::domain_key(&path.mailbox.domain.key());
-            if self.policy.is_local_domain(&domain) {
-                continue;
-            }
-            let dest = match &remote.smarthost {
-                Some(h) if !remote.routes.contains_key(&domain) => {
-                    format!("smarthost {}:{}", h.host, h.port)
-                }
-                _ => domain,
-            };
-            if !dests.contains(&dest) {
-                dests.push(dest);
+            if let Some(d) = self.route(envelope, i).destination()
+                && !dests.contains(&d)
+            {
+                dests.push(d);
             }
         }
         dests
     }
 
-    /// `maildir` for a local recipient (a mailbox, or an unknown user of a local domain),
-    /// `smtp` for the others (remote delivery, or waiting for it while it is off).
     fn agent(&self, envelope: &estafeta_proto::Envelope, rcpt: usize) -> &'static str {
-        let path = &envelope.rcpts[rcpt].path;
-        if self.policy.mailbox_of(path).is_some()
-            || self.policy.is_local_domain(&path.mailbox.domain.key())
-        {
-            "maildir"
-        } else {
-            "smtp"
-        }
+        self.route(envelope, rcpt).agent()
     }
 
-    /// Local recipients first, then the remote ones: the scheduler records the local
-    /// deliveries before a remote delivery, which may take minutes, starts.
+    /// Quick local deliveries (Maildir) first, then the others: the scheduler records the
+    /// local deliveries before one that may take minutes starts.
     fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
-        let (remote, local): (Vec<usize>, Vec<usize>) = job
+        let (quick, slow): (Vec<usize>, Vec<usize>) = job
             .rcpts
             .iter()
-            .partition(|&&i| self.is_remote(&job.envelope.rcpts[i]));
-        if local.is_empty() || remote.is_empty() {
+            .partition(|&&i| self.route(&job.envelope, i).is_quick());
+        if quick.is_empty() || slow.is_empty() {
             return vec![job.rcpts.clone()];
         }
-        vec![local, remote]
+        vec![quick, slow]
     }
 
     async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
-        let mut outcomes = Vec::with_capacity(job.rcpts.len());
-        let mut local: Vec<(usize, Target)> = Vec::new();
-        let mut remote_groups: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut parts: Vec<(Agent, Vec<usize>)> = Vec::new();
         for &i in &job.rcpts {
-            let rcpt = &job.envelope.rcpts[i];
-            // Recipients were expanded (aliases, catch-all) before queueing: a local one is a
-            // mailbox.
-            let Some(mb) = self.policy.mailbox_of(&rcpt.path) else {
-                if self.policy.is_local_domain(&rcpt.path.mailbox.domain.key()) {
-                    let r = reply::user_unknown(&rcpt.path.to_string());
-                    outcomes.push((i, Outcome::PermFail(Failure::local(r))));
-                } else if self.remote.is_some() {
-                    let domain = estafeta_policy::domain_key(&rcpt.path.mailbox.domain.key());
-                    match remote_groups.iter_mut().find(|(d, _)| *d == domain) {
-                        Some((_, v)) => v.push(i),
-                        None => remote_groups.push((domain, vec![i])),
-                    }
-                } else {
-                    // Accepted for relay from a trusted client while remote delivery is off
-                    // (the embedded default). The message waits in the queue, never lost.
-                    let r = reply::remote_delivery_unavailable();
-                    outcomes.push((i, Outcome::TempFail(Failure::local(r))));
-                }
-                continue;
+            let agent = Self::agent_of(&self.route(&job.envelope, i));
+            match parts.iter_mut().find(|(a, _)| *a == agent) {
+                Some((_, v)) => v.push(i),
+                None => parts.push((agent, vec![i])),
+            }
+        }
+        let mut outcomes = Vec::with_capacity(job.rcpts.len());
+        for (agent, rcpts) in parts {
+            let part = DeliveryJob {
+                id: job.id,
+                envelope: job.envelope.clone(),
+                content: job.content.clone(),
+                rcpts,
+                recovered: job.recovered,
             };
-            match mailbox_path(&self.template, &mb.domain, &mb.user) {
-                Ok(maildir) => local.push((
-                    i,
-                    Target {
-                        maildir,
-                        delivered_to: mb.address(),
-                        // Named after the message and the recipient: a delivery repeated
-                        // after a crash finds the first one instead of making a second.
-                        key: Some(format!("E{}R{i}", job.id)),
-                        look_in_cur: job.recovered,
-                    },
-                )),
-                Err(e) => {
-                    let r = reply::user_unknown(&format!("{} ({e})", rcpt.path));
-                    outcomes.push((i, Outcome::PermFail(Failure::local(r))));
-                }
-            }
-        }
-        if !local.is_empty() {
-            let targets: Vec<Target> = local.iter().map(|(_, t)| t.clone()).collect();
-            let return_path = job.envelope.from.to_string();
-            let results = self
-                .maildir
-                .deliver(&targets, &return_path, job.content.as_bytes())
-                .await;
-            for ((i, _), r) in local.into_iter().zip(results) {
-                outcomes.push((
-                    i,
-                    match r {
-                        Ok(path) => Outcome::Delivered(format!("maildir {}", path.display())),
-                        Err(e) => Outcome::TempFail(Failure::local(reply::local_delivery_failed(
-                            &e.to_string(),
-                        ))),
-                    },
-                ));
-            }
-        }
-        if let Some(remote) = &self.remote {
-            for (domain, idx) in &remote_groups {
-                outcomes.extend(self.deliver_remote(remote, job, domain, idx).await);
-            }
+            outcomes.extend(match agent {
+                Agent::Maildir => self.maildir.deliver(&part).await,
+                Agent::Pipe => self.pipe.deliver(&part).await,
+                Agent::Remote => self.remote.deliver(&part).await,
+            });
         }
         outcomes
     }

@@ -1,0 +1,379 @@
+//! The pipe agent: delivery to a command (`[pipe.NAME]`, `delivery = "pipe:NAME"`), for
+//! mailing-list managers and scripts, as Postfix's pipe(8) does it.
+//!
+//! One process per recipient, never through a shell: the argv template's `{sender}`,
+//! `{recipient}`, `{user}`, `{extension}`, `{domain}` and `{original_recipient}` are replaced
+//! in each argument. The message goes to its standard input with `Return-Path:` and
+//! `Delivered-To:` on top (as local delivery writes them); the environment holds only `PATH`
+//! and those values (`SENDER`, `RECIPIENT`, `USER`, `EXTENSION`, `DOMAIN`,
+//! `ORIGINAL_RECIPIENT`). The exit status is read as sysexits.h says, with Postfix's table:
+//! 0 delivered; `EX_TEMPFAIL` (75), `EX_OSERR` (71), a signal or the time limit: try again;
+//! any other status: bounce, with the first lines the command printed.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use estafeta_config::PipeConfig;
+use estafeta_policy::{LocalMailbox, Policy, Route};
+use estafeta_proto::reply::{Reply, Status};
+use estafeta_proto::{Recipient, reply};
+use estafeta_queue::{DeliveryJob, Failure, Outcome, Transport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What a command may print that is kept for the log and the bounce.
+const OUTPUT_LIMIT: usize = 2048;
+
+/// Delivers recipients routed to a pipe.
+#[derive(Debug)]
+pub struct PipeAgent {
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) pipes: BTreeMap<String, PipeConfig>,
+    /// The server's separator of sub-addresses, for `{extension}`.
+    pub(crate) separator: Option<String>,
+}
+
+impl Transport for PipeAgent {
+    fn agent(&self, _: &estafeta_proto::Envelope, _: usize) -> &'static str {
+        "pipe"
+    }
+
+    async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        let mut outcomes = Vec::with_capacity(job.rcpts.len());
+        for &i in &job.rcpts {
+            let rcpt = &job.envelope.rcpts[i];
+            let outcome = match self.policy.route(&rcpt.path) {
+                Route::Pipe { mailbox, pipe } => match self.pipes.get(&pipe) {
+                    Some(cfg) => self.run(&pipe, cfg, job, rcpt, &mailbox).await,
+                    None => Outcome::TempFail(Failure::local(reply::local_delivery_failed(
+                        &format!("no [pipe.{pipe}] in the configuration"),
+                    ))),
+                },
+                _ => Outcome::PermFail(Failure::local(reply::user_unknown(&rcpt.path.to_string()))),
+            };
+            outcomes.push((i, outcome));
+        }
+        outcomes
+    }
+}
+
+/// The values a command's arguments and environment are given.
+struct Values {
+    sender: String,
+    recipient: String,
+    user: String,
+    extension: String,
+    domain: String,
+    original: String,
+}
+
+impl Values {
+    fn expand(&self, arg: &str) -> String {
+        arg.replace("{sender}", &self.sender)
+            .replace("{recipient}", &self.recipient)
+            .replace("{user}", &self.user)
+            .replace("{extension}", &self.extension)
+            .replace("{domain}", &self.domain)
+            .replace("{original_recipient}", &self.original)
+    }
+}
+
+impl PipeAgent {
+    fn values(&self, job: &DeliveryJob, rcpt: &Recipient, mb: &LocalMailbox) -> Values {
+        let recipient = mb.address();
+        // The address the client gave (kept as ORCPT when aliases or sub-addresses changed
+        // it), for the extension: `bob+lists@` → `lists`.
+        let original = rcpt
+            .params
+            .orcpt
+            .as_ref()
+            .and_then(|o| estafeta_proto::command::xtext_decode(&o.xtext))
+            .unwrap_or_else(|| rcpt.path.to_string());
+        let extension = self
+            .separator
+            .as_deref()
+            .and_then(|sep| {
+                let local = original.rsplit_once('@').map_or(original.as_str(), |p| p.0);
+                local.split_once(sep).map(|(_, ext)| ext.to_string())
+            })
+            .unwrap_or_default();
+        let sender = match job.envelope.from.to_string() {
+            s if s.is_empty() => "MAILER-DAEMON".to_string(),
+            s => s,
+        };
+        Values {
+            sender,
+            recipient,
+            user: mb.user.clone(),
+            extension,
+            domain: mb.domain.clone(),
+            original,
+        }
+    }
+
+    async fn run(
+        &self,
+        name: &str,
+        cfg: &PipeConfig,
+        job: &DeliveryJob,
+        rcpt: &Recipient,
+        mb: &LocalMailbox,
+    ) -> Outcome {
+        let v = self.values(job, rcpt, mb);
+        let argv: Vec<String> = cfg.command.iter().map(|a| v.expand(a)).collect();
+        let temp = |detail: String| {
+            Outcome::TempFail(Failure::local(Reply::new(
+                451,
+                Status::parse("4.3.0").expect("a status"),
+                format!("pipe {name}: {detail}"),
+            )))
+        };
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("SENDER", &v.sender)
+            .env("RECIPIENT", &v.recipient)
+            .env("USER", &v.user)
+            .env("EXTENSION", &v.extension)
+            .env("DOMAIN", &v.domain)
+            .env("ORIGINAL_RECIPIENT", &v.original)
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        if let Some(user) = &cfg.user {
+            match switch_to(user) {
+                Ok(Some((uid, gid))) => {
+                    cmd.uid(uid).gid(gid);
+                }
+                Ok(None) => {}
+                Err(e) => return temp(e),
+            }
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return temp(format!("cannot run {}: {e}", argv[0])),
+        };
+        let mut head = format!("Return-Path: <{}>\r\n", job.envelope.from).into_bytes();
+        head.extend_from_slice(format!("Delivered-To: {}\r\n", v.recipient).as_bytes());
+        let mut stdin = child.stdin.take().expect("piped");
+        let content = job.content.clone();
+        // Written concurrently with the reading of the output: a command that prints a lot
+        // before it reads its input must not deadlock with us.
+        let writer = async move {
+            // A command that exits without reading everything closes the pipe: its exit
+            // status says what happened, not the write error.
+            let _ = stdin.write_all(&head).await;
+            let _ = stdin.write_all(content.as_bytes()).await;
+            drop(stdin);
+        };
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let reader = async move {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let _ = tokio::join!(
+                read_bounded(&mut out, &mut a),
+                read_bounded(&mut err, &mut b)
+            );
+            a.extend_from_slice(&b);
+            a
+        };
+        let run = async {
+            let ((), output) = tokio::join!(writer, reader);
+            let status = child.wait().await;
+            (status, output)
+        };
+        let (status, output) = match tokio::time::timeout(cfg.timeout, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                kill_group(&child);
+                let _ = child.kill().await;
+                return temp(format!(
+                    "command time limit of {} s exceeded",
+                    cfg.timeout.as_secs()
+                ));
+            }
+        };
+        let output = summary(&output);
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => return temp(format!("cannot wait for the command: {e}")),
+        };
+        tracing::debug!(pipe = name, status = ?status, output = %output, "pipe command finished");
+        classify(name, status, &output)
+    }
+}
+
+/// Reads everything, keeping the first `OUTPUT_LIMIT` octets.
+async fn read_bounded(r: &mut (impl tokio::io::AsyncRead + Unpin), keep: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let room = OUTPUT_LIMIT.saturating_sub(keep.len());
+                keep.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+}
+
+/// The command's output on one line, for a reply.
+fn summary(output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    let mut s: String = text
+        .split(['\r', '\n'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    s.retain(|c| !c.is_control());
+    if s.len() > 400 {
+        let mut end = 400;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// The outcome of an exit status, by sysexits.h and Postfix's table of them.
+fn classify(name: &str, status: std::process::ExitStatus, output: &str) -> Outcome {
+    use std::os::unix::process::ExitStatusExt;
+    let said = if output.is_empty() {
+        String::new()
+    } else {
+        format!(": {output}")
+    };
+    let Some(code) = status.code() else {
+        let sig = status.signal().unwrap_or(0);
+        return Outcome::TempFail(Failure::local(Reply::new(
+            451,
+            Status::parse("4.3.0").expect("a status"),
+            format!("pipe {name}: command died with signal {sig}{said}"),
+        )));
+    };
+    if code == 0 {
+        return Outcome::Delivered(format!("pipe {name} (exit 0)"));
+    }
+    let (temporary, status) = match code {
+        64 => (false, "5.3.0"), // EX_USAGE
+        65 => (false, "5.6.0"), // EX_DATAERR
+        66 => (false, "5.3.0"), // EX_NOINPUT
+        67 => (false, "5.1.1"), // EX_NOUSER
+        68 => (false, "5.1.2"), // EX_NOHOST
+        69 => (false, "5.3.0"), // EX_UNAVAILABLE
+        70 => (false, "5.3.0"), // EX_SOFTWARE
+        71 => (true, "4.3.0"),  // EX_OSERR
+        72 => (false, "5.3.0"), // EX_OSFILE
+        73 => (false, "5.2.0"), // EX_CANTCREAT
+        74 => (false, "5.3.0"), // EX_IOERR
+        75 => (true, "4.3.0"),  // EX_TEMPFAIL
+        76 => (false, "5.5.0"), // EX_PROTOCOL
+        77 => (false, "5.7.0"), // EX_NOPERM
+        78 => (false, "5.3.5"), // EX_CONFIG
+        _ => (false, "5.3.0"),
+    };
+    let text = format!("pipe {name}: command exited with status {code}{said}");
+    let st = Status::parse(status).expect("a status");
+    if temporary {
+        Outcome::TempFail(Failure::local(Reply::new(451, st, text)))
+    } else {
+        Outcome::PermFail(Failure::local(Reply::new(550, st, text)))
+    }
+}
+
+/// The uid and gid to run a command as `user`: `None` when that is the server's own user
+/// already; an error when it is another user and the server cannot switch (not root).
+fn switch_to(user: &str) -> Result<Option<(u32, u32)>, String> {
+    let name = std::ffi::CString::new(user).map_err(|_| format!("invalid user name {user:?}"))?;
+    // SAFETY: getpwnam returns a pointer to static storage or null; it is read at once, and
+    // deliveries do not call other getpw* functions concurrently on this thread.
+    let (uid, gid) = unsafe {
+        let pw = libc::getpwnam(name.as_ptr());
+        if pw.is_null() {
+            return Err(format!("no such user {user:?} for the command"));
+        }
+        ((*pw).pw_uid, (*pw).pw_gid)
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if me == uid {
+        Ok(None)
+    } else if me == 0 {
+        Ok(Some((uid, gid)))
+    } else {
+        Err(format!(
+            "cannot run the command as {user:?}: the server runs as uid {me}, not root (leave `user` out, or set it to the server's user)"
+        ))
+    }
+}
+
+/// Kills the command and whatever it started (its process group).
+fn kill_group(child: &tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill has no memory-safety preconditions; the group is the child's own
+        // (process_group(0)), so nothing else is signalled.
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn exit(code: i32) -> std::process::ExitStatus {
+        std::process::ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn sysexits() {
+        assert!(matches!(classify("p", exit(0), ""), Outcome::Delivered(_)));
+        assert!(matches!(classify("p", exit(75), ""), Outcome::TempFail(_)));
+        assert!(matches!(classify("p", exit(71), ""), Outcome::TempFail(_)));
+        let Outcome::PermFail(f) = classify("p", exit(67), "no such list") else {
+            panic!()
+        };
+        assert_eq!(
+            f.reply.to_string(),
+            "550 5.1.1 pipe p: command exited with status 67: no such list"
+        );
+        assert!(matches!(classify("p", exit(1), ""), Outcome::PermFail(_)));
+        let killed = std::process::ExitStatus::from_raw(9);
+        assert!(matches!(classify("p", killed, ""), Outcome::TempFail(_)));
+    }
+
+    #[test]
+    fn output_summary() {
+        assert_eq!(
+            summary(b"line one\r\n\r\n  line two\n"),
+            "line one line two"
+        );
+        assert!(summary(&[b'x'; 1000]).chars().count() <= 401);
+    }
+
+    #[test]
+    fn expansion() {
+        let v = Values {
+            sender: "a@b.example".into(),
+            recipient: "list@lists.example".into(),
+            user: "list".into(),
+            extension: "bounces".into(),
+            domain: "lists.example".into(),
+            original: "list+bounces@lists.example".into(),
+        };
+        assert_eq!(
+            v.expand("--to={user}-{extension}@{domain}"),
+            "--to=list-bounces@lists.example"
+        );
+        assert_eq!(v.expand("{sender}"), "a@b.example");
+    }
+}
