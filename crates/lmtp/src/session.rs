@@ -430,3 +430,233 @@ async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Brok
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use estafeta_proto::Status;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    /// One step of a scripted server: wait for a line starting with `expect` (`""`: wait
+    /// for nothing; `"<data>"`: read content up to the final dot), then write `answer`
+    /// (`"<close>"`: hang up; `"<silent>"`: say nothing and wait for the client to go).
+    type Script = Vec<(&'static str, String)>;
+
+    async fn server(io: DuplexStream, script: Script) -> Vec<String> {
+        let mut r = BufReader::new(io);
+        let mut seen = Vec::new();
+        for (expect, answer) in script {
+            if expect == "<data>" {
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap() == 0 {
+                        return seen;
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                }
+                seen.push("<data>".to_string());
+            } else if !expect.is_empty() {
+                let mut line = String::new();
+                if r.read_line(&mut line).await.unwrap() == 0 {
+                    return seen;
+                }
+                assert!(
+                    line.starts_with(expect),
+                    "expected {expect:?}, got {line:?}"
+                );
+                seen.push(line.trim_end().to_string());
+            }
+            match answer.as_str() {
+                "<close>" => return seen,
+                "<silent>" => {
+                    let mut rest = Vec::new();
+                    let _ = r.read_to_end(&mut rest).await;
+                    return seen;
+                }
+                a => r.get_mut().write_all(a.as_bytes()).await.unwrap(),
+            }
+        }
+        seen
+    }
+
+    fn start_script(lhlo: &str) -> Script {
+        vec![
+            ("", "220 lmtp.test ready\r\n".to_string()),
+            ("LHLO mx.test", lhlo.to_string()),
+        ]
+    }
+
+    const PLAIN_LHLO: &str = "250-lmtp.test\r\n250 8BITMIME\r\n";
+    const PIPELINING_LHLO: &str = "250-lmtp.test\r\n250-8BITMIME\r\n250 PIPELINING\r\n";
+
+    async fn run(
+        script: Script,
+        timeouts: Timeouts,
+        rcpts: &[&str],
+    ) -> (Result<(Vec<Outcome>, bool), Failure>, Vec<String>) {
+        let (client, server_io) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(server(server_io, script));
+        let rcpts: Vec<(String, RcptParams)> = rcpts
+            .iter()
+            .map(|r| (r.to_string(), RcptParams::default()))
+            .collect();
+        let result = match Session::start(client, "mx.test", "unix:/x", timeouts).await {
+            Ok(mut s) => {
+                let r = s
+                    .deliver(
+                        "s@d",
+                        &MailParams::default(),
+                        &rcpts,
+                        b"Subject: x\r\n\r\nhi\r\n",
+                    )
+                    .await;
+                drop(s);
+                Ok(r)
+            }
+            Err(f) => Err(f),
+        };
+        (result, server.await.unwrap())
+    }
+
+    fn short() -> Timeouts {
+        Timeouts::all(Duration::from_millis(300))
+    }
+
+    #[tokio::test]
+    async fn without_pipelining_one_command_at_a_time_and_no_data_without_recipients() {
+        let mut script = start_script(PLAIN_LHLO);
+        script.extend([
+            ("MAIL FROM:<s@d>", "250 2.1.0 OK\r\n".to_string()),
+            (
+                "RCPT TO:<a@d>",
+                "550 5.1.1 <a@d> User doesn't exist\r\n".into(),
+            ),
+            ("RCPT TO:<b@d>", "450 4.2.1 <b@d> try later\r\n".into()),
+        ]);
+        let (r, seen) = run(script, short(), &["a@d", "b@d"]).await;
+        let (out, usable) = r.unwrap();
+        assert!(usable);
+        assert!(matches!(&out[0], Outcome::PermFail(f) if f.reply.code == 550));
+        assert!(matches!(&out[1], Outcome::TempFail(f) if f.reply.code == 450));
+        assert_eq!(seen.len(), 4, "no DATA: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn closed_after_the_first_final_reply() {
+        let mut script = start_script(PIPELINING_LHLO);
+        script.extend([
+            ("MAIL FROM:<s@d>", "250 2.1.0 OK\r\n".to_string()),
+            ("RCPT TO:<a@d>", "250 2.1.5 OK\r\n".into()),
+            ("RCPT TO:<b@d>", "250 2.1.5 OK\r\n".into()),
+            ("DATA", "354 OK\r\n".into()),
+            ("<data>", "250 2.0.0 <a@d> id Saved\r\n".into()),
+            ("", "<close>".into()),
+        ]);
+        let (r, _) = run(script, short(), &["a@d", "b@d"]).await;
+        let (out, usable) = r.unwrap();
+        assert!(!usable);
+        assert_eq!(
+            out[0],
+            Outcome::Delivered("lmtp unix:/x said: 250 2.0.0 <a@d> id Saved".into())
+        );
+        let Outcome::TempFail(f) = &out[1] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(f.reply.status, Some(Status::new(4, 4, 2)));
+        assert_eq!(f.command.as_deref(), Some("end of data"));
+        assert!(
+            f.reply
+                .text()
+                .contains("lost connection with LMTP server unix:/x"),
+            "{f}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out_for_the_recipients_left() {
+        let mut script = start_script(PIPELINING_LHLO);
+        script.extend([
+            ("MAIL FROM:<s@d>", "250 2.1.0 OK\r\n".to_string()),
+            ("RCPT TO:<a@d>", "250 2.1.5 OK\r\n".into()),
+            ("DATA", "354 OK\r\n".into()),
+            ("<data>", "<silent>".into()),
+        ]);
+        let started = std::time::Instant::now();
+        let (r, _) = run(script, short(), &["a@d"]).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let (out, usable) = r.unwrap();
+        assert!(!usable);
+        let Outcome::TempFail(f) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert!(f.reply.text().contains("timed out"), "{f}");
+    }
+
+    #[tokio::test]
+    async fn refused_greeting_and_malformed_or_endless_replies() {
+        let script = vec![("", "554 5.3.2 not now\r\n".to_string())];
+        let (r, _) = run(script, short(), &["a@d"]).await;
+        let f = r.unwrap_err();
+        assert_eq!(f.reply.code, 554);
+        assert_eq!(f.remote.as_deref(), Some("unix:/x"));
+
+        let script = vec![("", "220 ok\r\n".to_string()), ("LHLO", "hello\r\n".into())];
+        let f = run(script, short(), &["a@d"]).await.0.unwrap_err();
+        assert_eq!(f.reply.status, Some(Status::new(4, 5, 0)), "{f}");
+
+        let long = format!("220 {}\r\n", "x".repeat(MAX_REPLY_LINE));
+        let f = run(vec![("", long)], short(), &["a@d"])
+            .await
+            .0
+            .unwrap_err();
+        assert!(f.reply.text().contains("longer than"), "{f}");
+
+        let many = "220-x\r\n".repeat(crate::wire::MAX_REPLY_LINES + 1);
+        let f = run(vec![("", many)], short(), &["a@d"])
+            .await
+            .0
+            .unwrap_err();
+        assert!(f.reply.text().contains("lines"), "{f}");
+    }
+
+    #[tokio::test]
+    async fn probe_answers_and_keeps_the_session() {
+        let (client, server_io) = tokio::io::duplex(1 << 16);
+        let mut script = start_script(PIPELINING_LHLO);
+        script.extend([
+            ("MAIL FROM:<>", "250 2.1.0 OK\r\n".to_string()),
+            (
+                "RCPT TO:<x@d>",
+                "550 5.1.1 <x@d> User doesn't exist: x@d\r\n".into(),
+            ),
+            ("RSET", "250 2.0.0 OK\r\n".into()),
+            ("MAIL FROM:<>", "250 2.1.0 OK\r\n".into()),
+            ("RCPT TO:<a@d>", "250 2.1.5 OK\r\n".into()),
+            ("RSET", "250 2.0.0 OK\r\n".into()),
+            ("MAIL FROM:<>", "250 2.1.0 OK\r\n".into()),
+            (
+                "RCPT TO:<b@d>",
+                "451 4.3.0 <b@d> Temporary internal error\r\n".into(),
+            ),
+            ("RSET", "<close>".into()),
+        ]);
+        let server = tokio::spawn(server(server_io, script));
+        let mut s = Session::start(client, "mx.test", "unix:/x", short())
+            .await
+            .unwrap();
+        let (v, usable) = s.probe("x@d").await;
+        assert!(usable);
+        assert!(matches!(v, Verification::Unknown(r) if r.code == 550));
+        assert_eq!(s.probe("a@d").await, (Verification::Exists, true));
+        let (v, usable) = s.probe("b@d").await;
+        assert!(matches!(v, Verification::Unavailable(r) if r.code == 451));
+        assert!(!usable, "RSET was not answered");
+        let (v, usable) = s.probe("a\r\nRSET").await;
+        assert!(matches!(v, Verification::Unknown(r) if r.status == Some(Status::new(5, 1, 3))));
+        assert!(usable);
+        drop(s);
+        server.await.unwrap();
+    }
+}
