@@ -56,6 +56,15 @@ fn passwd_entry(pred: impl Fn(&[&str]) -> bool) -> Option<(u32, u32, String)> {
     })
 }
 
+/// The name of group `gid` in /etc/group.
+fn group_name(gid: u32) -> Option<String> {
+    let text = fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 3 && f[2] == gid.to_string()).then(|| f[0].to_string())
+    })
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -88,16 +97,32 @@ impl Dovecot {
         // Dovecot refuses mail access as root ("Mail access not allowed for root"): as root,
         // the mailboxes belong to nobody; otherwise to the running user, who also runs
         // Dovecot's internal processes.
-        let (internal_user, mail_uid, mail_gid) = if me == 0 {
+        // Without root, Dovecot's internal services run as the user too: their sockets get
+        // the user's group, and anvil cannot chroot.
+        let (internal, mail_uid, mail_gid) = if me == 0 {
             let Some((uid, gid, _)) = passwd_entry(|f| f[0] == "nobody") else {
                 return skip("running as root, and there is no user nobody for the mailboxes");
             };
-            ("root".to_string(), uid, gid)
+            (
+                "default_internal_user = root\ndefault_login_user = root".to_string(),
+                uid,
+                gid,
+            )
         } else {
             let Some((uid, gid, name)) = passwd_entry(|f| f[2] == me.to_string()) else {
                 return skip(&format!("uid {me} is not in /etc/passwd"));
             };
-            (name, uid, gid)
+            let Some(group) = group_name(gid) else {
+                return skip(&format!("gid {gid} is not in /etc/group"));
+            };
+            (
+                format!(
+                    "default_internal_user = {name}\ndefault_login_user = {name}\n\
+                     default_internal_group = {group}\nservice anvil {{\n  chroot =\n}}"
+                ),
+                uid,
+                gid,
+            )
         };
 
         for sub in [
@@ -153,8 +178,7 @@ info_log_path = {r}/dovecot.log
 protocols = lmtp
 ssl = no
 listen = 127.0.0.1
-default_internal_user = {internal_user}
-default_login_user = {internal_user}
+{internal}
 mail_uid = {mail_uid}
 mail_gid = {mail_gid}
 first_valid_uid = 1
