@@ -950,7 +950,7 @@ mod tests {
             b"\0\0\0\x03i\0\0",              // truncated index
             b"\0\0\0\x09m\0\0\0\x01\0v\0\0", // junk after value... and empty name
             b"\0\0\0\x02Z!",                 // unknown code
-            b"\0\0\0\x05y55\00",             // NUL inside the reply text
+            b"\0\0\0\x05y55\x000",           // NUL inside the reply text
             b"\0\0\0\x06O\0\0\0\x06\0",      // truncated negotiation
         ];
         for case in cases {

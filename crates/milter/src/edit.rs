@@ -143,12 +143,15 @@ pub fn apply(message: &[u8], mods: &[Modification]) -> Vec<u8> {
     out
 }
 
+/// A header field's name and value, borrowed from the message.
+pub type HeaderField<'a> = (&'a [u8], &'a [u8]);
+
 /// The header fields of `message` as a filter receives them in `SMFIC_HEADER` (sendmail's and
 /// Postfix's form without `SMFIP_HDR_LEADSPC`): the name without trailing blanks, the value
 /// without the blanks after the colon and without its final line break, inner folding (CRLF
 /// and the blank that starts the next line) kept. Lines without a colon are left out. Also
 /// returns the body: what follows the empty line (empty when there is none).
-pub fn header_fields(message: &[u8]) -> (Vec<(&[u8], &[u8])>, &[u8]) {
+pub fn header_fields(message: &[u8]) -> (Vec<HeaderField<'_>>, &[u8]) {
     let mut fields = Vec::new();
     let mut pos = 0;
     let mut body: &[u8] = &[];
