@@ -298,8 +298,13 @@ fn build_policy(cfg: &Config, users: &Arc<estafeta_auth::Users>) -> Arc<Policy> 
 /// The router of a configuration: local Maildirs, and remote delivery unless it is the
 /// embedded development default, which never sends mail to other servers (CONFIG.md): what
 /// trusted clients send elsewhere waits in the queue, visible in `queue list`.
-fn build_router(cfg: &Config, policy: Arc<Policy>, syncer: Syncer) -> anyhow::Result<Router> {
-    let router = Router::new(policy, Maildir::new(syncer, &cfg.hostname), cfg);
+fn build_router(
+    cfg: &Config,
+    policy: Arc<Policy>,
+    syncer: Syncer,
+    lmtp: router::LmtpClients,
+) -> anyhow::Result<Router> {
+    let router = Router::new(policy, Maildir::new(syncer, &cfg.hostname), cfg, lmtp);
     Ok(if cfg.source.is_some() {
         router.with_remote(Arc::new(remote_delivery(cfg)?))
     } else {
@@ -316,6 +321,7 @@ fn listener_context(
     auth: Arc<AuthContext>,
     kinds: &[ListenerKind],
     mail_auth: Arc<MailAuth>,
+    lmtp: router::LmtpClients,
 ) -> ListenerContext {
     let open_ranges = cfg.relay.open_relay_ranges();
     let open_relay = (!open_ranges.is_empty()).then(|| {
@@ -356,6 +362,8 @@ fn listener_context(
         mail_auth,
         greet_delay: cfg.limits.greet_delay,
         rates: Arc::new(estafeta_listener::rates::Rates::new(&cfg.limits)),
+        lmtp,
+        milters: estafeta_listener::milters::specs(&cfg.milters),
     }
 }
 
@@ -520,7 +528,13 @@ impl Server {
             tracing::warn!("{w}");
         }
         let policy = build_policy(&cfg, &users);
-        let router = Arc::new(LiveRouter::new(build_router(&cfg, policy.clone(), syncer)?));
+        let lmtp = router::lmtp_clients(&cfg);
+        let router = Arc::new(LiveRouter::new(build_router(
+            &cfg,
+            policy.clone(),
+            syncer,
+            lmtp.clone(),
+        )?));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         // TLS: the operator's certificate (read before privileges were dropped), or a
@@ -592,6 +606,7 @@ impl Server {
             auth.clone(),
             &kinds,
             mail_auth,
+            lmtp,
         );
         let local = LocalSpec {
             listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
@@ -738,7 +753,8 @@ impl Server {
         };
         let policy = build_policy(new, &users);
         let syncer = self.queue.spool().syncer().clone();
-        let router = build_router(new, policy.clone(), syncer)?;
+        let lmtp = router::lmtp_clients(new);
+        let router = build_router(new, policy.clone(), syncer, lmtp.clone())?;
         let tls = self.tls.clone().context("no TLS")?;
         let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
         let mail_auth = Arc::new(MailAuth::build(new).map_err(anyhow::Error::msg)?);
@@ -750,6 +766,7 @@ impl Server {
             auth.clone(),
             &kinds,
             mail_auth,
+            lmtp,
         );
         Ok((warnings, users, auth, router, ctx))
     }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use estafeta_config::ListenerKind;
+pub mod milters;
 pub mod rates;
 
 use estafeta_mailauth::MailAuth;
@@ -67,6 +68,11 @@ pub struct ListenerContext {
     pub greet_delay: Duration,
     /// Connection, message and recipient rates.
     pub rates: Arc<rates::Rates>,
+    /// The LMTP servers of domains delivered over LMTP, by server as configured: recipients
+    /// of such a domain with `mailboxes = "*"` are verified live against it at RCPT.
+    pub lmtp: Arc<HashMap<String, Arc<estafeta_lmtp::Lmtp>>>,
+    /// The mail filters (`[[milter]]`), in order.
+    pub milters: Vec<Arc<milters::MilterSpec>>,
 }
 
 /// The context new sessions start with. A reload stores a new one; sessions already open
@@ -823,6 +829,13 @@ pub async fn handle_connection(
     session.set_client_name(client_name);
     // Mail from outside is checked (SPF, DKIM, DMARC, ARC) on the MX port only.
     let inbound = kind == "smtp";
+    let listener_kind = [
+        ListenerKind::Smtp,
+        ListenerKind::Submission,
+        ListenerKind::Submissions,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == kind);
     drive(
         conn,
         session,
@@ -831,6 +844,7 @@ pub async fn handle_connection(
         shutdown,
         started,
         inbound,
+        listener_kind,
     )
     .await;
 }
@@ -863,6 +877,7 @@ pub async fn handle_local_connection(
         shutdown,
         started,
         false,
+        None,
     )
     .await;
 }
@@ -878,8 +893,11 @@ async fn drive(
     shutdown: &CancellationToken,
     started: Instant,
     inbound: bool,
+    kind: Option<ListenerKind>,
 ) {
     let mut out: Vec<u8> = Vec::new();
+    // The mail filters of this session, connected at its first RCPT.
+    let mut filters = milters::SessionMilters::new(&ctx.milters, kind);
     // SPF of the transaction in progress, looked up once (at its first RCPT, or at the end of
     // its data): the MAIL FROM it was checked for, and the results.
     // Boxed: most sessions never look SPF up, and an idle one should stay small.
@@ -913,7 +931,9 @@ async fn drive(
                         }
                         Some(Err(r)) => Err(r),
                         None => match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
-                            Verdict::Accept(_) => Ok(()),
+                            Verdict::Accept(targets) => {
+                                Box::pin(verify_lmtp(&ctx, &targets, &rcpt.path)).await
+                            }
                             Verdict::Reject(r) => Err(r),
                         },
                     };
@@ -927,6 +947,22 @@ async fn drive(
                         let results =
                             Box::pin(spf_of(&mut spf, checker, &session, peer.ip())).await;
                         verdict = checker.spf_verdict(results, peer.ip());
+                    }
+                    // The mail filters, after our own checks: a recipient we refuse is not
+                    // their business.
+                    if let Some(f) = filters.as_mut() {
+                        if session.rcpt_count() == 0 {
+                            f.new_transaction();
+                        }
+                        if verdict.is_ok()
+                            && let Some(from) = session.mail_from()
+                        {
+                            let info = session_info(&session, peer, ctx);
+                            if let Err(r) = Box::pin(f.rcpt(&info, from, &rcpt.path)).await {
+                                tracing::info!(target: "estafeta::maillog", client = %peer, to = %rcpt.path, reply = %r, "milter refused RCPT");
+                                verdict = Err(r);
+                            }
+                        }
                     }
                     // Message and recipient rates: the message counts at its first accepted
                     // recipient.
@@ -1054,17 +1090,39 @@ async fn drive(
                                 .map_or(0, |d| d.as_secs());
                             estafeta_mailauth::headers::add_missing(&mut body, &ma.hostname, now);
                         }
-                        if trust != Trust::None {
-                            match ma.signer.sign(&body) {
-                                Some(Ok(signed)) => {
-                                    tracing::debug!(client = %peer, keys = %signed.selectors.join(" "), "DKIM signed");
-                                    body.splice(0..0, signed.fields.into_bytes());
-                                }
-                                Some(Err(e)) => {
-                                    tracing::warn!(client = %peer, error = %e, "cannot DKIM-sign the message: sent unsigned");
-                                }
-                                None => {}
+                    }
+                    // The mail filters see the message with our Authentication-Results, and
+                    // may change it; what they leave is what is signed and queued.
+                    let mut quarantine = None;
+                    if let Some(f) = filters.as_mut() {
+                        let info = session_info(&session, peer, ctx);
+                        match Box::pin(f.message(&info, &mut envelope, &mut body)).await {
+                            milters::MessageVerdict::Accept => {}
+                            milters::MessageVerdict::Refuse(r) => {
+                                tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, reply = %r, status = r.status.map(tracing::field::display), "reject DATA: milter");
+                                session.enqueued(Err(r));
+                                continue;
                             }
+                            milters::MessageVerdict::Discard => {
+                                tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, "discarded by a milter");
+                                session.enqueued(Ok("discarded".into()));
+                                continue;
+                            }
+                            milters::MessageVerdict::Quarantine(reason) => {
+                                quarantine = Some(reason);
+                            }
+                        }
+                    }
+                    if trust != Trust::None {
+                        match ma.signer.sign(&body) {
+                            Some(Ok(signed)) => {
+                                tracing::debug!(client = %peer, keys = %signed.selectors.join(" "), "DKIM signed");
+                                body.splice(0..0, signed.fields.into_bytes());
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(client = %peer, error = %e, "cannot DKIM-sign the message: sent unsigned");
+                            }
+                            None => {}
                         }
                     }
                     // Bounces to our SRS addresses go back to the original sender.
@@ -1122,7 +1180,16 @@ async fn drive(
                     let nrcpt = envelope.rcpts.len();
                     let size = body.len();
                     let message_id = message_id(&body);
-                    let result = ctx.queue.submit(*envelope, body).await;
+                    let result = match &quarantine {
+                        None => ctx.queue.submit(*envelope, body).await,
+                        Some(reason) => {
+                            let r = ctx.queue.submit_held(*envelope, body).await;
+                            if let Ok(id) = &r {
+                                tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, reason = %reason, "quarantined by a milter (held)");
+                            }
+                            r
+                        }
+                    };
                     let answer = match result {
                         Ok(id) => {
                             messages += 1;
@@ -1268,5 +1335,60 @@ mod message_id_tests {
             message_id(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n"),
             None
         );
+    }
+}
+
+/// Recipients of a domain delivered over LMTP with `mailboxes = "*"`: each mailbox the RCPT
+/// leads to is asked of the LMTP server (a cached probe), so that unknown users are refused
+/// now rather than bounced later (no backscatter). A server that cannot answer gets the
+/// client a temporary refusal, as Postfix's `reject_unverified_recipient` does.
+async fn verify_lmtp(
+    ctx: &ListenerContext,
+    targets: &[estafeta_policy::Target],
+    rcpt: &estafeta_proto::ForwardPath,
+) -> Result<(), Reply> {
+    for t in targets {
+        let estafeta_policy::Target::Local(mb) = t else {
+            continue;
+        };
+        let Some(server) = ctx.policy.lmtp_verified_domain(&mb.domain) else {
+            continue;
+        };
+        let Some(client) = ctx.lmtp.get(server) else {
+            continue;
+        };
+        match client.verify(&mb.address()).await {
+            estafeta_lmtp::Verification::Exists => {}
+            estafeta_lmtp::Verification::Unknown(said) => {
+                tracing::debug!(to = %rcpt, server, said = %said, "LMTP server does not know the recipient");
+                return Err(reply::user_unknown(&rcpt.to_string()));
+            }
+            estafeta_lmtp::Verification::Unavailable(said) => {
+                return Err(reply::recipient_unverified(
+                    &rcpt.to_string(),
+                    &said.to_string(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the mail filters are told about the session.
+fn session_info<'a>(
+    session: &'a Session,
+    peer: &Peer,
+    ctx: &'a ListenerContext,
+) -> milters::SessionInfo<'a> {
+    milters::SessionInfo {
+        client_name: session.client_name(),
+        peer: match peer {
+            Peer::Tcp(a) => Some((a.ip(), a.port())),
+            Peer::Local(_) => None,
+        },
+        hostname: &ctx.mail_auth.hostname,
+        helo: session.helo_name(),
+        auth_user: session.auth_user(),
+        tls: session.is_tls(),
     }
 }

@@ -762,6 +762,16 @@ pub fn relay_denied(address: &str) -> Reply {
     )
 }
 
+/// `450 4.1.1 <addr>: Recipient address rejected: unverified address: …`: the server that
+/// keeps the mailbox (LMTP) could not say whether it exists; the client tries again later.
+pub fn recipient_unverified(address: &str, why: &str) -> Reply {
+    Reply::new(
+        450,
+        st(4, 1, 1),
+        format!("<{address}>: Recipient address rejected: unverified address: {why}"),
+    )
+}
+
 /// `550 5.1.1 <addr>: Recipient address rejected: User unknown`.
 pub fn user_unknown(address: &str) -> Reply {
     Reply::new(

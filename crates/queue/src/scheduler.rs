@@ -136,6 +136,21 @@ impl QueueHandle {
         Ok(id)
     }
 
+    /// Stores a message durably and held (a milter's quarantine): it is kept, visible in
+    /// `estafeta queue list`, and never attempted until `estafeta queue release`.
+    pub async fn submit_held(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueueId> {
+        let mut msg = self.spool.put(envelope, body).await?;
+        msg.held = true;
+        if let Err(e) = self.spool.write_status(&mut msg).await {
+            // Not recorded held: it must not be delivered, so it is not acknowledged.
+            let _ = self.spool.remove(&msg);
+            return Err(e);
+        }
+        let id = msg.id;
+        let _ = self.tx.send(Event::New(msg));
+        Ok(id)
+    }
+
     /// Asks the scheduler to try every deferred message now.
     pub fn flush(&self) {
         let _ = self.tx.send(Event::Flush);
@@ -310,7 +325,7 @@ impl<T: Transport> Scheduler<T> {
                 _ = shutdown.cancelled() => break,
                 ev = rx.recv() => match ev {
                     None => break,
-                    Some(Event::New(m)) => self.ready.push_back(m),
+                    Some(Event::New(m)) => self.schedule(m),
                     Some(Event::Done(id, m)) => self.done(id, m, true).await,
                     Some(Event::Flush) => {
                         self.flush(&Selection::All);

@@ -3,6 +3,7 @@
 //! another server by MX, `[relay.routes]` or the smarthost); each agent implements the
 //! queue's [`Transport`] for the recipients routed to it.
 
+mod lmtp;
 mod maildir;
 mod pipe;
 mod remote;
@@ -14,6 +15,7 @@ use estafeta_maildir::Maildir;
 use estafeta_policy::{Policy, Route};
 use estafeta_queue::{DeliveryJob, Outcome, Transport};
 
+pub use lmtp::{LmtpAgent, LmtpClients, lmtp_clients};
 pub use maildir::MaildirAgent;
 pub use pipe::PipeAgent;
 pub use remote::RemoteAgent;
@@ -25,12 +27,14 @@ pub struct Router {
     maildir: MaildirAgent,
     remote: RemoteAgent,
     pipe: PipeAgent,
+    lmtp: LmtpAgent,
 }
 
 /// The delivery agents, in the order a job's batches go to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Agent {
     Maildir,
+    Lmtp,
     Pipe,
     Remote,
 }
@@ -38,7 +42,7 @@ enum Agent {
 impl Router {
     /// A router delivering local mail with `maildir` into folders named by the configuration's
     /// template, to the configuration's pipes, and (with [`Router::with_remote`]) elsewhere.
-    pub fn new(policy: Arc<Policy>, maildir: Maildir, cfg: &Config) -> Self {
+    pub fn new(policy: Arc<Policy>, maildir: Maildir, cfg: &Config, lmtp: LmtpClients) -> Self {
         Router {
             maildir: MaildirAgent {
                 policy: policy.clone(),
@@ -53,6 +57,10 @@ impl Router {
                 policy: policy.clone(),
                 pipes: cfg.pipes.clone(),
                 separator: cfg.delivery.subaddress_separator.clone(),
+            },
+            lmtp: LmtpAgent {
+                policy: policy.clone(),
+                clients: lmtp,
             },
             policy,
         }
@@ -71,8 +79,9 @@ impl Router {
     fn agent_of(route: &Route) -> Agent {
         match route {
             Route::Maildir(_) | Route::Unknown => Agent::Maildir,
+            Route::Lmtp { .. } => Agent::Lmtp,
             Route::Pipe { .. } => Agent::Pipe,
-            Route::Lmtp { .. } | Route::Relay { .. } => Agent::Remote,
+            Route::Relay { .. } => Agent::Remote,
         }
     }
 }
@@ -129,6 +138,7 @@ impl Transport for Router {
             };
             outcomes.extend(match agent {
                 Agent::Maildir => self.maildir.deliver(&part).await,
+                Agent::Lmtp => self.lmtp.deliver(&part).await,
                 Agent::Pipe => self.pipe.deliver(&part).await,
                 Agent::Remote => self.remote.deliver(&part).await,
             });
