@@ -100,9 +100,20 @@ impl Users {
     }
 
     /// The password hash (PHC string) of `address`, compared case-insensitively; `None` for an
-    /// unknown user. May `stat` (and then read) the file: call it from blocking code.
+    /// unknown user. Reads the users as last published (at open, then by [`Users::check`],
+    /// which the server's watcher calls every second): no I/O, no lock held while reading
+    /// the file, so that the RCPT and AUTH paths never wait for the disk.
     pub fn lookup(&self, address: &str) -> Option<String> {
-        self.lookup_at(address, Instant::now())
+        self.snapshot()
+            .hashes
+            .get(&address.to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// Looks at the file and publishes a new snapshot when it changed (at most once a
+    /// second): the owner's watcher calls it, from blocking code (it may `stat` and read).
+    pub fn check(&self) {
+        self.refresh(Instant::now());
     }
 
     /// Whether `address` is a user (case-insensitive).
@@ -124,6 +135,7 @@ impl Users {
         self.snapshot().warnings.clone()
     }
 
+    #[cfg(test)]
     pub(crate) fn lookup_at(&self, address: &str, now: Instant) -> Option<String> {
         self.refresh(now);
         self.snapshot()

@@ -288,6 +288,24 @@ fn create_dirs(dir: &Path, mode: u32, created: &mut Vec<PathBuf>) -> anyhow::Res
 
 /// The policy of a configuration, with the users file as the mailbox list of domains that
 /// name none.
+/// The owner of the users file's watch: every second, off the async threads, the file is
+/// looked at and a changed one published. Stops once the users are out of service (a reload
+/// opened another file, or the server stopped).
+fn watch_users(users: &Arc<estafeta_auth::Users>) {
+    let weak = Arc::downgrade(users);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(users) = weak.upgrade() else {
+                return;
+            };
+            let _ = tokio::task::spawn_blocking(move || users.check()).await;
+        }
+    });
+}
+
 fn build_policy(cfg: &Config, users: &Arc<estafeta_auth::Users>) -> Arc<Policy> {
     let directory = users.clone();
     Arc::new(
@@ -518,12 +536,14 @@ impl Server {
         // recovered. Not starting without it: the queue commands would take the server for
         // stopped and edit the spool under it. Removed again if the start fails below.
         let control = control::bind(&cfg.control.socket)?;
-        // Users: the file is re-read by itself when it changes. It also lists the mailboxes
-        // of domains that do not list theirs.
+        // Users: a watcher re-reads the file when it changes and publishes the new users;
+        // AUTH and the policy (the file also lists the mailboxes of domains that do not list
+        // theirs) only read what was published.
         let users = Arc::new(
             estafeta_auth::Users::open(&cfg.auth.users_file)
                 .with_context(|| format!("users file {}", cfg.auth.users_file.display()))?,
         );
+        watch_users(&users);
         for w in users.warnings() {
             tracing::warn!("{w}");
         }
@@ -743,6 +763,7 @@ impl Server {
                     estafeta_auth::Users::open(&new.auth.users_file)
                         .with_context(|| format!("users file {}", new.auth.users_file.display()))?,
                 );
+                watch_users(&users);
                 let auth = Arc::new(AuthContext {
                     verifier: estafeta_auth::Verifier::new(users.clone()),
                     throttle: estafeta_auth::Throttle::new(),
