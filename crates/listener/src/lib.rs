@@ -906,6 +906,9 @@ async fn drive(
     // for: rewritten at the end of data to exactly what was checked (an address that expired
     // in between would otherwise be relayed to our own SRS domain).
     let mut srs_rcpts: Vec<(String, String)> = Vec::new();
+    // Where each recipient accepted in this transaction goes (aliases resolved at its RCPT),
+    // used as it is when the message is queued.
+    let mut rcpt_targets: Vec<(String, Vec<estafeta_policy::Target>)> = Vec::new();
     let mut tls_buf: Vec<u8> = Vec::new();
     let mut messages = 0u32;
     let mut stopping = false;
@@ -932,7 +935,15 @@ async fn drive(
                         Some(Err(r)) => Err(r),
                         None => match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
                             Verdict::Accept(targets) => {
-                                Box::pin(verify_lmtp(&ctx, &targets, &rcpt.path)).await
+                                if session.rcpt_count() == 0 {
+                                    rcpt_targets.clear();
+                                }
+                                let checked =
+                                    Box::pin(verify_lmtp(ctx, &targets, &rcpt.path)).await;
+                                if checked.is_ok() {
+                                    rcpt_targets.push((rcpt.path.to_string(), targets));
+                                }
+                                checked
                             }
                             Verdict::Reject(r) => Err(r),
                         },
@@ -1144,9 +1155,14 @@ async fn drive(
                         .iter()
                         .map(|r| r.path.to_string().to_lowercase())
                         .collect();
-                    envelope.rcpts = ctx
-                        .policy
-                        .expand_recipients(std::mem::take(&mut envelope.rcpts));
+                    let known = std::mem::take(&mut rcpt_targets);
+                    envelope.rcpts = ctx.policy.expand_recipients_with(
+                        std::mem::take(&mut envelope.rcpts),
+                        |path| {
+                            let p = path.to_string();
+                            known.iter().find(|(a, _)| *a == p).map(|(_, t)| t.clone())
+                        },
+                    );
                     // Forwarded to another domain: the sender is rewritten (SRS) so that the next
                     // hop's SPF check passes.
                     if let Some(srs) = &ma.srs

@@ -579,10 +579,26 @@ impl Policy {
         &self,
         rcpts: Vec<estafeta_proto::Recipient>,
     ) -> Vec<estafeta_proto::Recipient> {
+        self.expand_recipients_with(rcpts, |_| None)
+    }
+
+    /// As [`Policy::expand_recipients`], with the targets already decided for a recipient at
+    /// its RCPT (`known`, from [`Verdict::Accept`]) used as they are: aliases are resolved
+    /// once per recipient, when the client names it.
+    pub fn expand_recipients_with(
+        &self,
+        rcpts: Vec<estafeta_proto::Recipient>,
+        known: impl Fn(&ForwardPath) -> Option<Vec<Target>>,
+    ) -> Vec<estafeta_proto::Recipient> {
         let mut out: Vec<estafeta_proto::Recipient> = Vec::with_capacity(rcpts.len());
         let mut seen: HashSet<String> = HashSet::new();
         for r in rcpts {
-            let Some(targets) = self.resolve_recipient(&r.path) else {
+            let targets = if self.local_address(&r.path).is_some() {
+                known(&r.path).or_else(|| self.resolve_recipient(&r.path))
+            } else {
+                None
+            };
+            let Some(targets) = targets else {
                 // Not local: relayed as given.
                 if seen.insert(r.path.to_string().to_lowercase()) {
                     out.push(r);
