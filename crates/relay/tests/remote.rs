@@ -83,7 +83,7 @@ fn hop(peer: SocketAddr) -> NextHop {
     }
 }
 
-fn remote(peer: SocketAddr) -> Remote {
+fn remote() -> Remote {
     let mut client = ClientConfig::new("mx.local.test");
     client.tls = TlsPolicy::None;
     Remote {
@@ -103,7 +103,7 @@ fn remote(peer: SocketAddr) -> Remote {
 #[tokio::test]
 async fn messages_to_one_host_share_a_session_that_is_closed_when_idle() {
     let (addr, seen) = peer(false).await;
-    let remote = remote(addr);
+    let remote = remote();
     let params = MailParams::default();
     let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
     let msg = OutboundMessage {
@@ -142,7 +142,7 @@ async fn messages_to_one_host_share_a_session_that_is_closed_when_idle() {
 #[tokio::test]
 async fn a_session_the_peer_closed_while_idle_is_replaced() {
     let (addr, seen) = peer(true).await;
-    let remote = remote(addr);
+    let remote = remote();
     let params = MailParams::default();
     let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
     let msg = OutboundMessage {
