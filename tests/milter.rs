@@ -4,6 +4,7 @@
 //! modification, quarantine, custom replies, discard, tempfail; and a filter that is down.
 
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,8 +17,13 @@ struct Filter {
 }
 
 impl Drop for Filter {
+    /// Kills the filter and whatever it started (rspamd's workers): its process group.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill has no memory-safety preconditions; the group is the filter's own
+        // (process_group(0) at spawn).
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
@@ -45,6 +51,7 @@ fn filter(mode: &str) -> Option<Filter> {
         .arg(mode)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("python3");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -334,4 +341,117 @@ fn a_milter_that_is_down_gets_its_default_action() {
         "",
     );
     assert_eq!(rcpts[0], "550 5.7.1 Command rejected");
+}
+
+/// rspamd 3.4 (Debian's) as the milter, its proxy worker in milter mode scanning by itself,
+/// from a private configuration that includes the system's rules: GTUBE is refused with
+/// rspamd's own reply, a clean message is delivered with its X-Spam headers.
+#[test]
+fn rspamd_refuses_gtube_and_marks_clean_mail() {
+    const RSPAMD: &str = "/usr/bin/rspamd";
+    if !Path::new(RSPAMD).exists() {
+        skip("rspamd is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rs = dir.path().join("rspamd");
+    std::fs::create_dir_all(rs.join("local.d")).unwrap();
+    std::fs::create_dir_all(rs.join("db")).unwrap();
+    let port = free_port();
+    std::fs::write(
+        rs.join("rspamd.conf"),
+        format!(
+            r#".include "$CONFDIR/common.conf"
+options {{
+    pidfile = "$RUNDIR/rspamd.pid";
+    .include "$CONFDIR/options.inc"
+    dns {{ nameserver = ["127.0.0.1:53"]; timeout = 1s; retransmits = 1; }}
+}}
+logging {{ type = "console"; level = "error"; }}
+worker "rspamd_proxy" {{
+    bind_socket = "127.0.0.1:{port}";
+    milter = yes;
+    timeout = 120s;
+    count = 1;
+    upstream "local" {{
+        default = yes;
+        self_scan = yes;
+    }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        rs.join("local.d/milter_headers.conf"),
+        "use = [\"x-spamd-result\", \"x-spam-status\"];\nskip_local = false;\nskip_authenticated = false;\n",
+    )
+    .unwrap();
+    let d = rs.display().to_string();
+    let mut cmd = Command::new(RSPAMD);
+    cmd.arg("-f").arg("-c").arg(rs.join("rspamd.conf"));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.args(["-u", "root", "-g", "root"]);
+    }
+    for (var, value) in [
+        ("CONFDIR", "/etc/rspamd".to_string()),
+        ("LOCAL_CONFDIR", d.clone()),
+        ("DBDIR", format!("{d}/db")),
+        ("RUNDIR", d.clone()),
+        ("LOGDIR", d.clone()),
+    ] {
+        cmd.arg("--var").arg(format!("{var}={value}"));
+    }
+    let child = cmd
+        .current_dir(&rs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("rspamd");
+    let rspamd = Filter { child, port };
+    // A fresh database: rspamd compiles its rules first.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "rspamd did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let (server, addr, _) = serve(
+        dir.path(),
+        &format!(
+            "[[milter]]\naddress = \"inet:127.0.0.1:{}\"\ntimeout = \"60s\"\n",
+            rspamd.port
+        ),
+    );
+    let gtube = "Subject: test\r\n\r\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n";
+    let (_, end) = send(
+        addr,
+        "mail.example.net",
+        "sender@example.net",
+        &["bob@example.org"],
+        gtube,
+    );
+    assert_eq!(end, "554 5.7.1 Gtube pattern", "{}", server.log_text());
+    let clean = "From: Sender <sender@example.net>\r\nTo: bob@example.org\r\nSubject: lunch\r\nDate: Wed, 02 Dec 2026 12:00:00 +0000\r\nMessage-ID: <lunch@example.net>\r\n\r\nShall we have lunch on Friday?\r\n";
+    let (_, end) = send(
+        addr,
+        "mail.example.net",
+        "sender@example.net",
+        &["bob@example.org"],
+        clean,
+    );
+    assert!(end.starts_with("250 "), "{end}\n{}", server.log_text());
+    let got = maildir_new(
+        &dir.path().join("data"),
+        "example.org",
+        "bob",
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(got.len(), 1, "{}", server.log_text());
+    let text = String::from_utf8_lossy(&got[0]).into_owned();
+    assert!(text.contains("X-Spamd-Result: default: False"), "{text}");
+    assert!(text.contains("X-Spam-Status: No"), "{text}");
 }
