@@ -333,13 +333,12 @@ fn build_router(
 /// The context new sessions start with.
 fn listener_context(
     cfg: &Config,
-    policy: Arc<Policy>,
+    router: &Router,
     queue: QueueHandle,
     tls: &Arc<Tls>,
     auth: Arc<AuthContext>,
     kinds: &[ListenerKind],
     mail_auth: Arc<MailAuth>,
-    lmtp: router::LmtpClients,
 ) -> ListenerContext {
     let open_ranges = cfg.relay.open_relay_ranges();
     let open_relay = (!open_ranges.is_empty()).then(|| {
@@ -366,7 +365,7 @@ fn listener_context(
         sessions.insert(kind, Arc::new(session_config(cfg, l, true)));
     }
     ListenerContext {
-        policy,
+        policy: router.policy().clone(),
         queue,
         tls: Some(tls.clone()),
         auth: Some(auth),
@@ -380,7 +379,7 @@ fn listener_context(
         mail_auth,
         greet_delay: cfg.limits.greet_delay,
         rates: Arc::new(estafeta_listener::rates::Rates::new(&cfg.limits)),
-        lmtp,
+        lmtp: router.lmtp_clients().clone(),
         milters: estafeta_listener::milters::specs(&cfg.milters),
     }
 }
@@ -548,13 +547,8 @@ impl Server {
             tracing::warn!("{w}");
         }
         let policy = build_policy(&cfg, &users);
-        let lmtp = router::lmtp_clients(&cfg);
-        let router = Arc::new(LiveRouter::new(build_router(
-            &cfg,
-            policy.clone(),
-            syncer,
-            lmtp.clone(),
-        )?));
+        let first_router = build_router(&cfg, policy, syncer, router::lmtp_clients(&cfg))?;
+        let router = Arc::new(LiveRouter::new(first_router));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         // TLS: the operator's certificate (read before privileges were dropped), or a
@@ -620,13 +614,12 @@ impl Server {
         }
         let ctx = listener_context(
             &cfg,
-            policy,
+            &router.current(),
             queue.clone(),
             &tls,
             auth.clone(),
             &kinds,
             mail_auth,
-            lmtp,
         );
         let local = LocalSpec {
             listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
@@ -774,20 +767,18 @@ impl Server {
         };
         let policy = build_policy(new, &users);
         let syncer = self.queue.spool().syncer().clone();
-        let lmtp = router::lmtp_clients(new);
-        let router = build_router(new, policy.clone(), syncer, lmtp.clone())?;
+        let router = build_router(new, policy, syncer, router::lmtp_clients(new))?;
         let tls = self.tls.clone().context("no TLS")?;
         let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
         let mail_auth = Arc::new(MailAuth::build(new).map_err(anyhow::Error::msg)?);
         let ctx = listener_context(
             new,
-            policy,
+            &router,
             self.queue.clone(),
             &tls,
             auth.clone(),
             &kinds,
             mail_auth,
-            lmtp,
         );
         Ok((warnings, users, auth, router, ctx))
     }

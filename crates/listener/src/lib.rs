@@ -827,8 +827,6 @@ pub async fn handle_connection(
     };
     let mut session = session;
     session.set_client_name(client_name);
-    // Mail from outside is checked (SPF, DKIM, DMARC, ARC) on the MX port only.
-    let inbound = kind == "smtp";
     let listener_kind = [
         ListenerKind::Smtp,
         ListenerKind::Submission,
@@ -843,7 +841,6 @@ pub async fn handle_connection(
         ctx,
         shutdown,
         started,
-        inbound,
         listener_kind,
     )
     .await;
@@ -876,7 +873,6 @@ pub async fn handle_local_connection(
         ctx,
         shutdown,
         started,
-        false,
         None,
     )
     .await;
@@ -892,9 +888,10 @@ async fn drive(
     ctx: &ListenerContext,
     shutdown: &CancellationToken,
     started: Instant,
-    inbound: bool,
     kind: Option<ListenerKind>,
 ) {
+    // Mail from outside is checked (SPF, DKIM, DMARC, ARC) on the MX port only.
+    let inbound = kind == Some(ListenerKind::Smtp);
     let mut out: Vec<u8> = Vec::new();
     // The mail filters of this session, connected at its first RCPT.
     let mut filters = milters::SessionMilters::new(&ctx.milters, kind);
@@ -1333,27 +1330,6 @@ async fn drive(
     );
 }
 
-#[cfg(test)]
-mod message_id_tests {
-    use super::message_id;
-
-    #[test]
-    fn finds_the_header_field_only() {
-        assert_eq!(
-            message_id(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nbody"),
-            Some("<a@b>".into())
-        );
-        assert_eq!(
-            message_id(b"message-id:\r\n <folded@b>\r\nTo: y\r\n\r\n"),
-            Some("<folded@b>".into())
-        );
-        assert_eq!(
-            message_id(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n"),
-            None
-        );
-    }
-}
-
 /// Recipients of a domain delivered over LMTP with `mailboxes = "*"`: each mailbox the RCPT
 /// leads to is asked of the LMTP server (a cached probe), so that unknown users are refused
 /// now rather than bounced later (no backscatter). A server that cannot answer gets the
@@ -1406,5 +1382,26 @@ fn session_info<'a>(
         helo: session.helo_name(),
         auth_user: session.auth_user(),
         tls: session.is_tls(),
+    }
+}
+
+#[cfg(test)]
+mod message_id_tests {
+    use super::message_id;
+
+    #[test]
+    fn finds_the_header_field_only() {
+        assert_eq!(
+            message_id(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nbody"),
+            Some("<a@b>".into())
+        );
+        assert_eq!(
+            message_id(b"message-id:\r\n <folded@b>\r\nTo: y\r\n\r\n"),
+            Some("<folded@b>".into())
+        );
+        assert_eq!(
+            message_id(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n"),
+            None
+        );
     }
 }

@@ -72,6 +72,16 @@ impl Router {
         self
     }
 
+    /// The policy whose `route` this router follows.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// The LMTP clients, shared with the listener's RCPT verification.
+    pub fn lmtp_clients(&self) -> &LmtpClients {
+        &self.lmtp.clients
+    }
+
     fn route(&self, envelope: &estafeta_proto::Envelope, rcpt: usize) -> Route {
         self.policy.route(&envelope.rcpts[rcpt].path)
     }
