@@ -24,6 +24,7 @@ f="{out}/$1-$2"
 case "$1" in
   exit*) echo "no such list here" >&2; exit "${{1#exit}}" ;;
   slow) sleep 30 ;;
+  bg) sleep 30 & ;;
 esac
 exit 0
 "#,
@@ -129,7 +130,7 @@ timeout = "2s"
             .count()
             >= 2
     });
-    // Over the time limit: killed, deferred.
+    // Over the time limit: killed and returned, as Postfix's pipe does.
     submit(
         addr,
         "alice@example.test",
@@ -137,7 +138,30 @@ timeout = "2s"
         b"Subject: z\r\n\r\nz\r\n",
     );
     wait_for("the time limit", &server, |log| {
-        log.contains("pipe lists: command time limit of 2 s exceeded")
+        log.contains("550 5.3.0 pipe lists: command time limit of 2 s exceeded")
+    });
+    // A command that exits 0 leaving a background process that holds its output: delivered
+    // at its exit, not held until the background process ends.
+    let started = Instant::now();
+    submit(
+        addr,
+        "alice@example.test",
+        &["bg@lists.test"],
+        b"Subject: bg\r\n\r\nbg\r\n",
+    );
+    wait_for("the background case", &server, |log| {
+        log.matches("pipe lists (exit 0)").count() >= 2
+    });
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // An address that starts with '-' never reaches a command (it would read as an option).
+    submit(
+        addr,
+        "-oQ/tmp/x@example.test",
+        &["list@lists.test"],
+        b"Subject: dash\r\n\r\n-\r\n",
+    );
+    wait_for("the refusal", &server, |log| {
+        log.contains("550 5.1.3 pipe lists: an address or extension that begins with '-'")
     });
 }
 

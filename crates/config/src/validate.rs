@@ -295,15 +295,27 @@ pub(crate) fn check_socket_spec(text: &str) -> Result<(), String> {
         let (h, p) = v6
             .split_once("]:")
             .ok_or("an IPv6 address is written [ADDRESS]:PORT")?;
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "{h:?} in brackets is not an IPv6 address (write an IPv4 address or a host name without brackets)"
+            ));
+        }
         (h, p)
     } else {
-        rest.rsplit_once(':').ok_or("the port is missing")?
+        let (h, p) = rest.rsplit_once(':').ok_or("the port is missing")?;
+        if h.contains(':') {
+            return Err("an IPv6 address is written in brackets: inet:[::1]:PORT".into());
+        }
+        (h, p)
     };
     if host.is_empty() {
         return Err("the host is missing".into());
     }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("the host {host:?} holds spaces"));
+    }
     match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
         _ => Err(format!("{port:?} is not a port number")),
     }
 }

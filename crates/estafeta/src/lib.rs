@@ -322,7 +322,8 @@ fn build_router(
     syncer: Syncer,
     lmtp: router::LmtpClients,
 ) -> anyhow::Result<Router> {
-    let router = Router::new(policy, Maildir::new(syncer, &cfg.hostname), cfg, lmtp);
+    let router = Router::new(policy, Maildir::new(syncer, &cfg.hostname), cfg, lmtp)
+        .map_err(anyhow::Error::msg)?;
     Ok(if cfg.source.is_some() {
         router.with_remote(Arc::new(remote_delivery(cfg)?))
     } else {
@@ -339,7 +340,7 @@ fn listener_context(
     auth: Arc<AuthContext>,
     kinds: &[ListenerKind],
     mail_auth: Arc<MailAuth>,
-) -> ListenerContext {
+) -> Result<ListenerContext, String> {
     let open_ranges = cfg.relay.open_relay_ranges();
     let open_relay = (!open_ranges.is_empty()).then(|| {
         open_ranges
@@ -364,7 +365,7 @@ fn listener_context(
             .unwrap_or(&fallback);
         sessions.insert(kind, Arc::new(session_config(cfg, l, true)));
     }
-    ListenerContext {
+    Ok(ListenerContext {
         policy: router.policy().clone(),
         queue,
         tls: Some(tls.clone()),
@@ -379,9 +380,9 @@ fn listener_context(
         mail_auth,
         greet_delay: cfg.limits.greet_delay,
         rates: Arc::new(estafeta_listener::rates::Rates::new(&cfg.limits)),
-        lmtp: router.lmtp_clients().clone(),
-        milters: estafeta_listener::milters::specs(&cfg.milters),
-    }
+        lmtp: router::lmtp_verifiers(cfg)?,
+        milters: estafeta_listener::milters::specs(&cfg.milters)?,
+    })
 }
 
 fn tls_settings(cfg: &Config) -> TlsSettings {
@@ -547,7 +548,8 @@ impl Server {
             tracing::warn!("{w}");
         }
         let policy = build_policy(&cfg, &users);
-        let first_router = build_router(&cfg, policy, syncer, router::lmtp_clients(&cfg))?;
+        let lmtp = router::lmtp_clients(&cfg).map_err(anyhow::Error::msg)?;
+        let first_router = build_router(&cfg, policy, syncer, lmtp)?;
         let router = Arc::new(LiveRouter::new(first_router));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -620,7 +622,8 @@ impl Server {
             auth.clone(),
             &kinds,
             mail_auth,
-        );
+        )
+        .map_err(anyhow::Error::msg)?;
         let local = LocalSpec {
             listener: tokio::net::UnixListener::from_std(submit).context("submit socket")?,
             path: cfg.control.submit_socket.clone(),
@@ -767,7 +770,8 @@ impl Server {
         };
         let policy = build_policy(new, &users);
         let syncer = self.queue.spool().syncer().clone();
-        let router = build_router(new, policy, syncer, router::lmtp_clients(new))?;
+        let lmtp = router::lmtp_clients(new).map_err(anyhow::Error::msg)?;
+        let router = build_router(new, policy, syncer, lmtp)?;
         let tls = self.tls.clone().context("no TLS")?;
         let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
         let mail_auth = Arc::new(MailAuth::build(new).map_err(anyhow::Error::msg)?);
@@ -779,7 +783,8 @@ impl Server {
             auth.clone(),
             &kinds,
             mail_auth,
-        );
+        )
+        .map_err(anyhow::Error::msg)?;
         Ok((warnings, users, auth, router, ctx))
     }
 

@@ -921,6 +921,10 @@ async fn drive(
                 Action::Send(r) => r.write_to(&mut out),
                 Action::CheckRcpt(rcpt) => {
                     let client = peer.client(&session);
+                    if session.rcpt_count() == 0 {
+                        // A new transaction: what the previous one resolved is gone.
+                        rcpt_targets.clear();
+                    }
                     let mut verdict = match srs_recipient(&ctx.mail_auth, &rcpt.path) {
                         // A bounce to one of our SRS addresses: accepted when genuine, whoever
                         // sends it (it goes back to the original sender only).
@@ -932,9 +936,6 @@ async fn drive(
                         Some(Err(r)) => Err(r),
                         None => match ctx.policy.rcpt_verdict(&client, &rcpt.path) {
                             Verdict::Accept(targets) => {
-                                if session.rcpt_count() == 0 {
-                                    rcpt_targets.clear();
-                                }
                                 let checked =
                                     Box::pin(verify_lmtp(ctx, &targets, &rcpt.path)).await;
                                 if checked.is_ok() {
@@ -1328,6 +1329,9 @@ async fn drive(
         reason = %reason,
         "disconnect"
     );
+    if let Some(f) = filters {
+        f.quit().await;
+    }
 }
 
 /// Recipients of a domain delivered over LMTP with `mailboxes = "*"`: each mailbox the RCPT
@@ -1347,7 +1351,10 @@ async fn verify_lmtp(
             continue;
         };
         let Some(client) = ctx.lmtp.get(server) else {
-            continue;
+            return Err(reply::recipient_unverified(
+                &rcpt.to_string(),
+                &format!("no LMTP client for {server}"),
+            ));
         };
         match client.verify(&mb.address()).await {
             estafeta_lmtp::Verification::Exists => {}
@@ -1381,7 +1388,6 @@ fn session_info<'a>(
         hostname: &ctx.mail_auth.hostname,
         helo: session.helo_name(),
         auth_user: session.auth_user(),
-        tls: session.is_tls(),
     }
 }
 

@@ -26,20 +26,19 @@ pub struct MilterSpec {
     pub address: Address,
 }
 
-/// The filters of a configuration, each with its address parsed (the configuration checked
-/// the syntax; an entry that still does not parse is left out with an error in the log).
-pub fn specs(milters: &[MilterConfig]) -> Vec<Arc<MilterSpec>> {
+/// The filters of a configuration, each with its address parsed. An address the milter
+/// client cannot use is an error (the start stops, a reload is refused): a filter silently
+/// left out would let mail through unfiltered.
+pub fn specs(milters: &[MilterConfig]) -> Result<Vec<Arc<MilterSpec>>, String> {
     milters
         .iter()
-        .filter_map(|m| match m.address.parse::<Address>() {
-            Ok(address) => Some(Arc::new(MilterSpec {
+        .enumerate()
+        .map(|(i, m)| match m.address.parse::<Address>() {
+            Ok(address) => Ok(Arc::new(MilterSpec {
                 cfg: m.clone(),
                 address,
             })),
-            Err(e) => {
-                tracing::error!(milter = %m.address, error = %e, "milter left out");
-                None
-            }
+            Err(e) => Err(format!("milter[{i}].address: {e}")),
         })
         .collect()
 }
@@ -87,8 +86,6 @@ pub struct SessionInfo<'a> {
     pub helo: Option<&'a str>,
     /// The authenticated user.
     pub auth_user: Option<&'a str>,
-    /// The session is under TLS.
-    pub tls: bool,
 }
 
 fn fail_reply(default: MilterDefault) -> Option<Reply> {
@@ -147,11 +144,7 @@ fn macros(info: &SessionInfo<'_>) -> Vec<(String, String)> {
         m.push(("{client_name}".into(), name.to_string()));
     }
     if let Some(u) = info.auth_user {
-        m.push(("{auth_type}".into(), "PLAIN".into()));
         m.push(("{auth_authen}".into(), u.to_string()));
-    }
-    if info.tls {
-        m.push(("{tls_version}".into(), "TLSv1.3".into()));
     }
     m
 }
@@ -231,7 +224,12 @@ impl SessionMilters {
         for conn in self.conns.iter_mut().filter(|c| !c.off) {
             conn.mail_sent = false;
             let Some(milter) = conn.milter.as_mut() else {
-                continue;
+                // It failed earlier in this transaction (with tempfail or reject: an
+                // `accept` one is off): the message was never shown to it.
+                match fail_reply(conn.spec.cfg.default_action) {
+                    Some(r) => return MessageVerdict::Refuse(r),
+                    None => continue,
+                }
             };
             let (verdict, mods) = match milter.message(body, &m).await {
                 Ok(r) => r,

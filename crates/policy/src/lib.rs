@@ -181,12 +181,6 @@ impl Route {
             }),
         }
     }
-
-    /// True for the agents that finish in a moment on this machine (Maildir): delivered
-    /// first, so that a crash during a slow delivery does not repeat them.
-    pub fn is_quick(&self) -> bool {
-        matches!(self, Route::Maildir(_) | Route::Unknown)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -303,7 +297,13 @@ impl Policy {
     /// (aliases and catch-all applied before queueing), so a local one names its mailbox.
     pub fn route(&self, rcpt: &ForwardPath) -> Route {
         if let Some(mailbox) = self.mailbox_of(rcpt) {
-            return match &self.domains[&mailbox.domain].delivery {
+            let d = &self.domains[&mailbox.domain];
+            // A mailbox that does not exist (any more, or added by a milter): returned as
+            // unknown, never a Maildir made for it.
+            if !self.mailbox_exists(d, &mailbox.user, &mailbox.domain) {
+                return Route::Unknown;
+            }
+            return match &d.delivery {
                 DomainDelivery::Maildir => Route::Maildir(mailbox),
                 DomainDelivery::Lmtp(server) => Route::Lmtp {
                     mailbox,

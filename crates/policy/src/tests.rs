@@ -320,3 +320,76 @@ mailboxes = ["bob"]
     assert!(verdict(&p, &c, "<bob@cafe.example>").starts_with("554 5.7.1"));
     assert_eq!(domain_key("Example.ORG"), "example.org");
 }
+
+/// `route`: the one decision of how a stored recipient is delivered.
+#[test]
+fn routes() {
+    let cfg = Config::parse(
+        r#"
+hostname = "mail.example.org"
+[relay]
+smarthost = "smtp.isp.example:587"
+[relay.routes]
+"partner.example" = "[192.0.2.7]:2525"
+[[domain]]
+name = "example.org"
+mailboxes = ["alice"]
+[[domain]]
+name = "dove.example"
+mailboxes = "*"
+delivery = "lmtp:unix:/run/dovecot/lmtp"
+[[domain]]
+name = "lists.example"
+mailboxes = "*"
+delivery = "pipe:mailman"
+[pipe.mailman]
+command = ["/usr/bin/true", "{user}"]
+"#,
+        std::path::Path::new("t.toml"),
+    )
+    .unwrap();
+    let p = Policy::new(&cfg);
+    let route = |a: &str| p.route(&parse_forward_path(&format!("<{a}>")).unwrap().0);
+    let mb = |user: &str, domain: &str| LocalMailbox {
+        domain: domain.into(),
+        user: user.into(),
+    };
+    assert_eq!(
+        route("Alice+tag@Example.ORG"),
+        Route::Maildir(mb("alice", "example.org"))
+    );
+    // Not a mailbox (any more): returned as unknown, no Maildir made for it.
+    assert_eq!(route("mallory@example.org"), Route::Unknown);
+    assert_eq!(
+        route("postmaster@example.org"),
+        Route::Maildir(mb("postmaster", "example.org"))
+    );
+    assert_eq!(
+        route("bob@dove.example"),
+        Route::Lmtp {
+            mailbox: mb("bob", "dove.example"),
+            server: "unix:/run/dovecot/lmtp".into()
+        }
+    );
+    assert_eq!(
+        route("announce@lists.example"),
+        Route::Pipe {
+            mailbox: mb("announce", "lists.example"),
+            pipe: "mailman".into()
+        }
+    );
+    // A route wins over the smarthost; everything else goes through the smarthost.
+    let partner = route("x@Partner.example");
+    assert_eq!(
+        partner.destination().as_deref(),
+        Some("route 192.0.2.7:2525")
+    );
+    assert_eq!(partner.agent(), "smtp");
+    assert_eq!(
+        route("x@elsewhere.example").destination().as_deref(),
+        Some("smarthost smtp.isp.example:587")
+    );
+    assert_eq!(route("bob@dove.example").agent(), "lmtp");
+    assert_eq!(route("a@lists.example").agent(), "pipe");
+    assert_eq!(route("alice@example.org").destination(), None);
+}

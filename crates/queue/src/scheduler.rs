@@ -139,13 +139,7 @@ impl QueueHandle {
     /// Stores a message durably and held (a milter's quarantine): it is kept, visible in
     /// `estafeta queue list`, and never attempted until `estafeta queue release`.
     pub async fn submit_held(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueueId> {
-        let mut msg = self.spool.put(envelope, body).await?;
-        msg.held = true;
-        if let Err(e) = self.spool.write_status(&mut msg).await {
-            // Not recorded held: it must not be delivered, so it is not acknowledged.
-            let _ = self.spool.remove(&msg);
-            return Err(e);
-        }
+        let msg = self.spool.put_held(envelope, body).await?;
         let id = msg.id;
         let _ = self.tx.send(Event::New(msg));
         Ok(id)

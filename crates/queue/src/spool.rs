@@ -270,6 +270,57 @@ impl Spool {
         })
     }
 
+    /// Stores a message durably and held (a milter's quarantine). The held mark (`ID.st`) is
+    /// durable before the message file exists: a crash can leave a mark without its message
+    /// (ignored at start), never a message without its mark, which would be delivered
+    /// unfiltered while the client, never told 250, sends it again.
+    pub async fn put_held(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueuedMessage> {
+        let arrival = unix_now();
+        let id = self.ids.next();
+        let mut msg = QueuedMessage {
+            id,
+            arrival,
+            status: vec![RcptStatus::pending(); envelope.rcpts.len()],
+            envelope,
+            size: 0,
+            next_attempt: 0,
+            has_status_file: false,
+            delay_warned: false,
+            held: true,
+            content: None,
+            recovered: false,
+        };
+        self.write_status(&mut msg).await?;
+        let env = msg.envelope.clone();
+        let dir = self.dir.clone();
+        let hostname = self.hostname.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            write_file(&dir, &hostname, id, &env, &body, arrival)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        let synced = match written {
+            Ok((buf, start, file)) => self
+                .syncer
+                .sync(vec![file], vec![self.dir.clone()])
+                .await
+                .map(|()| (buf, start)),
+            Err(e) => Err(e),
+        };
+        match synced {
+            Ok((buf, start)) => {
+                msg.size = (buf.len() - start) as u64;
+                Ok(msg)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(self.path(id));
+                let _ = fs::remove_file(self.status_path(id));
+                Err(e)
+            }
+        }
+    }
+
     fn write_new(
         &self,
         env: &Envelope,

@@ -13,20 +13,34 @@ use estafeta_queue::{DeliveryJob, Failure, Outcome, Transport};
 /// The LMTP clients of a configuration, by server as written in `delivery = "lmtp:…"`.
 pub type LmtpClients = Arc<HashMap<String, Arc<Lmtp>>>;
 
-/// One client (with its pool of sessions and its verification cache) per LMTP server the
-/// configuration's domains name.
-pub fn lmtp_clients(cfg: &Config) -> LmtpClients {
+/// One client (with its pool of sessions) per LMTP server the configuration's domains name,
+/// with the delivery timeouts (Postfix's lmtp_* values). An address the client cannot use is
+/// an error naming the domain: the start stops, a reload is refused.
+pub fn lmtp_clients(cfg: &Config) -> Result<LmtpClients, String> {
+    clients(cfg, Timeouts::default())
+}
+
+/// The clients the listener verifies RCPTs with: their own pools and cache, and short
+/// timeouts, so that a hung LMTP server holds a RCPT for seconds (then `450 4.1.1`), not for
+/// the minutes a delivery may take.
+pub fn lmtp_verifiers(cfg: &Config) -> Result<LmtpClients, String> {
+    clients(cfg, Timeouts::all(std::time::Duration::from_secs(10)))
+}
+
+fn clients(cfg: &Config, timeouts: Timeouts) -> Result<LmtpClients, String> {
     let mut clients = HashMap::new();
     for d in &cfg.domains {
         if let DomainDelivery::Lmtp(server) = &d.delivery
             && !clients.contains_key(server)
-            && let Ok(address) = server.parse::<Address>()
         {
-            let client = Lmtp::new(address, cfg.hostname.clone(), Timeouts::default());
+            let address = server
+                .parse::<Address>()
+                .map_err(|e| format!("domain {}: delivery lmtp:{server}: {e}", d.name))?;
+            let client = Lmtp::new(address, cfg.hostname.clone(), timeouts);
             clients.insert(server.clone(), Arc::new(client));
         }
     }
-    Arc::new(clients)
+    Ok(Arc::new(clients))
 }
 
 /// Delivers recipients routed to an LMTP server: one transaction per server, one reply per

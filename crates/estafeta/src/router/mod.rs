@@ -15,9 +15,9 @@ use estafeta_maildir::Maildir;
 use estafeta_policy::{Policy, Route};
 use estafeta_queue::{DeliveryJob, Outcome, Transport};
 
-pub use lmtp::{LmtpAgent, LmtpClients, lmtp_clients};
+pub use lmtp::{LmtpAgent, LmtpClients, lmtp_clients, lmtp_verifiers};
 pub use maildir::MaildirAgent;
-pub use pipe::PipeAgent;
+pub use pipe::{PipeAgent, pipe_users};
 pub use remote::RemoteAgent;
 
 /// Routes recipients to delivery agents.
@@ -31,7 +31,7 @@ pub struct Router {
 }
 
 /// The delivery agents, in the order a job's batches go to them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Agent {
     Maildir,
     Lmtp,
@@ -42,8 +42,14 @@ enum Agent {
 impl Router {
     /// A router delivering local mail with `maildir` into folders named by the configuration's
     /// template, to the configuration's pipes, and (with [`Router::with_remote`]) elsewhere.
-    pub fn new(policy: Arc<Policy>, maildir: Maildir, cfg: &Config, lmtp: LmtpClients) -> Self {
-        Router {
+    /// Fails when a pipe's `user` cannot be used.
+    pub fn new(
+        policy: Arc<Policy>,
+        maildir: Maildir,
+        cfg: &Config,
+        lmtp: LmtpClients,
+    ) -> Result<Self, String> {
+        Ok(Router {
             maildir: MaildirAgent {
                 policy: policy.clone(),
                 maildir,
@@ -57,13 +63,14 @@ impl Router {
                 policy: policy.clone(),
                 pipes: cfg.pipes.clone(),
                 separator: cfg.delivery.subaddress_separator.clone(),
+                users: pipe_users(&cfg.pipes)?,
             },
             lmtp: LmtpAgent {
                 policy: policy.clone(),
                 clients: lmtp,
             },
             policy,
-        }
+        })
     }
 
     /// The same router, delivering recipients elsewhere with `remote`.
@@ -75,11 +82,6 @@ impl Router {
     /// The policy whose `route` this router follows.
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
-    }
-
-    /// The LMTP clients, shared with the listener's RCPT verification.
-    pub fn lmtp_clients(&self) -> &LmtpClients {
-        &self.lmtp.clients
     }
 
     fn route(&self, envelope: &estafeta_proto::Envelope, rcpt: usize) -> Route {
@@ -115,17 +117,24 @@ impl Transport for Router {
         self.route(envelope, rcpt).agent()
     }
 
-    /// Quick local deliveries (Maildir) first, then the others: the scheduler records the
-    /// local deliveries before one that may take minutes starts.
+    /// One batch per agent, quick local deliveries (Maildir) first, then LMTP, pipes and
+    /// other servers: the scheduler records what each batch delivered before the next one
+    /// starts, so a crash or a stop during a slow remote delivery repeats no LMTP or pipe
+    /// delivery that was already done (those, unlike Maildir, cannot look for the first copy).
     fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
-        let (quick, slow): (Vec<usize>, Vec<usize>) = job
-            .rcpts
-            .iter()
-            .partition(|&&i| self.route(&job.envelope, i).is_quick());
-        if quick.is_empty() || slow.is_empty() {
+        let mut parts: Vec<(Agent, Vec<usize>)> = Vec::new();
+        for &i in &job.rcpts {
+            let agent = Self::agent_of(&self.route(&job.envelope, i));
+            match parts.iter_mut().find(|(a, _)| *a == agent) {
+                Some((_, v)) => v.push(i),
+                None => parts.push((agent, vec![i])),
+            }
+        }
+        if parts.len() <= 1 {
             return vec![job.rcpts.clone()];
         }
-        vec![quick, slow]
+        parts.sort_by_key(|(a, _)| *a);
+        parts.into_iter().map(|(_, v)| v).collect()
     }
 
     async fn deliver(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {

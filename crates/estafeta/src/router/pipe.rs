@@ -7,12 +7,14 @@
 //! `Delivered-To:` on top (as local delivery writes them); the environment holds only `PATH`
 //! and those values (`SENDER`, `RECIPIENT`, `USER`, `EXTENSION`, `DOMAIN`,
 //! `ORIGINAL_RECIPIENT`). The exit status is read as sysexits.h says, with Postfix's table:
-//! 0 delivered; `EX_TEMPFAIL` (75), `EX_OSERR` (71), a signal or the time limit: try again;
-//! any other status: bounce, with the first lines the command printed.
+//! 0 delivered; `EX_TEMPFAIL` (75), `EX_OSERR` (71) or a signal: try again; any other
+//! status: bounce, with the first lines the command printed. Over its time limit the command
+//! and its process group are killed and the message returned (5.3.0), as Postfix does.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Duration;
 
 use estafeta_config::PipeConfig;
 use estafeta_policy::{LocalMailbox, Policy, Route};
@@ -31,6 +33,9 @@ pub struct PipeAgent {
     pub(crate) pipes: BTreeMap<String, PipeConfig>,
     /// The server's separator of sub-addresses, for `{extension}`.
     pub(crate) separator: Option<String>,
+    /// The uid and gid each pipe runs as, resolved when the router is built (`None`: the
+    /// server's own).
+    pub(crate) users: BTreeMap<String, Option<(u32, u32)>>,
 }
 
 impl Transport for PipeAgent {
@@ -68,14 +73,60 @@ struct Values {
 }
 
 impl Values {
+    /// The argument with each `{name}` replaced, in one pass: a value that holds `{…}`
+    /// itself (a sender can write anything) is not expanded again.
     fn expand(&self, arg: &str) -> String {
-        arg.replace("{sender}", &self.sender)
-            .replace("{recipient}", &self.recipient)
-            .replace("{user}", &self.user)
-            .replace("{extension}", &self.extension)
-            .replace("{domain}", &self.domain)
-            .replace("{original_recipient}", &self.original)
+        let mut out = String::with_capacity(arg.len());
+        let mut rest = arg;
+        while let Some(i) = rest.find('{') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i..];
+            let var = after.find('}').map(|j| (&after[1..j], j));
+            let value = var.and_then(|(name, _)| match name {
+                "sender" => Some(&self.sender),
+                "recipient" => Some(&self.recipient),
+                "user" => Some(&self.user),
+                "extension" => Some(&self.extension),
+                "domain" => Some(&self.domain),
+                "original_recipient" => Some(&self.original),
+                _ => None,
+            });
+            match (value, var) {
+                (Some(v), Some((_, j))) => {
+                    out.push_str(v);
+                    rest = &after[j + 1..];
+                }
+                _ => {
+                    out.push('{');
+                    rest = &after[1..];
+                }
+            }
+        }
+        out.push_str(rest);
+        out
     }
+
+    /// Why these values must not reach a command, if they must not: an address that starts
+    /// with `-` would be read as an option by many programs (Postfix refuses such addresses
+    /// at MAIL and RCPT, `allow_min_user = no`).
+    fn refusal(&self) -> Option<&'static str> {
+        [
+            &self.sender,
+            &self.recipient,
+            &self.original,
+            &self.extension,
+        ]
+        .iter()
+        .any(|v| v.starts_with('-'))
+        .then_some("an address or extension that begins with '-'")
+    }
+}
+
+/// Control characters (a NUL would make the command impossible to start) replaced by `_`.
+fn clean(v: &str) -> String {
+    v.chars()
+        .map(|c| if c.is_control() { '_' } else { c })
+        .collect()
 }
 
 impl PipeAgent {
@@ -102,12 +153,12 @@ impl PipeAgent {
             s => s,
         };
         Values {
-            sender,
-            recipient,
-            user: mb.user.clone(),
-            extension,
-            domain: mb.domain.clone(),
-            original,
+            sender: clean(&sender),
+            recipient: clean(&recipient),
+            user: clean(&mb.user),
+            extension: clean(&extension),
+            domain: clean(&mb.domain),
+            original: clean(&original),
         }
     }
 
@@ -120,6 +171,13 @@ impl PipeAgent {
         mb: &LocalMailbox,
     ) -> Outcome {
         let v = self.values(job, rcpt, mb);
+        if let Some(why) = v.refusal() {
+            return Outcome::PermFail(Failure::local(Reply::new(
+                550,
+                Status::parse("5.1.3").expect("a status"),
+                format!("pipe {name}: {why} is not given to a command"),
+            )));
+        }
         let argv: Vec<String> = cfg.command.iter().map(|a| v.expand(a)).collect();
         let temp = |detail: String| {
             Outcome::TempFail(Failure::local(Reply::new(
@@ -144,14 +202,8 @@ impl PipeAgent {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        if let Some(user) = &cfg.user {
-            match switch_to(user) {
-                Ok(Some((uid, gid))) => {
-                    cmd.uid(uid).gid(gid);
-                }
-                Ok(None) => {}
-                Err(e) => return temp(e),
-            }
+        if let Some((uid, gid)) = self.users.get(name).copied().flatten() {
+            cmd.uid(uid).gid(gid);
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -161,18 +213,18 @@ impl PipeAgent {
         head.extend_from_slice(format!("Delivered-To: {}\r\n", v.recipient).as_bytes());
         let mut stdin = child.stdin.take().expect("piped");
         let content = job.content.clone();
-        // Written concurrently with the reading of the output: a command that prints a lot
-        // before it reads its input must not deadlock with us.
-        let writer = async move {
+        // Written and read in tasks of their own, while the command's exit is awaited: a
+        // command that prints a lot before it reads its input cannot deadlock with us, and
+        // one that exits leaving a background process holding its output is not waited for.
+        let writer = tokio::spawn(async move {
             // A command that exits without reading everything closes the pipe: its exit
             // status says what happened, not the write error.
             let _ = stdin.write_all(&head).await;
             let _ = stdin.write_all(content.as_bytes()).await;
-            drop(stdin);
-        };
+        });
         let mut out = child.stdout.take().expect("piped");
         let mut err = child.stderr.take().expect("piped");
-        let reader = async move {
+        let mut reader = tokio::spawn(async move {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             let _ = tokio::join!(
                 read_bounded(&mut out, &mut a),
@@ -180,21 +232,33 @@ impl PipeAgent {
             );
             a.extend_from_slice(&b);
             a
-        };
-        let run = async {
-            let ((), output) = tokio::join!(writer, reader);
-            let status = child.wait().await;
-            (status, output)
-        };
-        let (status, output) = match tokio::time::timeout(cfg.timeout, run).await {
-            Ok(r) => r,
+        });
+        let status = match tokio::time::timeout(cfg.timeout, child.wait()).await {
+            Ok(s) => s,
             Err(_) => {
                 kill_group(&child);
                 let _ = child.kill().await;
-                return temp(format!(
-                    "command time limit of {} s exceeded",
-                    cfg.timeout.as_secs()
-                ));
+                writer.abort();
+                reader.abort();
+                // As Postfix's pipe: a command that never finishes would never finish at the
+                // next attempt either; the message is returned.
+                return Outcome::PermFail(Failure::local(Reply::new(
+                    550,
+                    Status::parse("5.3.0").expect("a status"),
+                    format!(
+                        "pipe {name}: command time limit of {} s exceeded",
+                        cfg.timeout.as_secs()
+                    ),
+                )));
+            }
+        };
+        writer.abort();
+        // What it printed: whatever arrives within a moment of its exit.
+        let output = match tokio::time::timeout(Duration::from_secs(2), &mut reader).await {
+            Ok(Ok(o)) => o,
+            _ => {
+                reader.abort();
+                Vec::new()
             }
         };
         let output = summary(&output);
@@ -288,19 +352,48 @@ fn classify(name: &str, status: std::process::ExitStatus, output: &str) -> Outco
     }
 }
 
+/// The uid and gid each configured pipe runs as: `None` for the server's own user; an
+/// error naming the pipe when its user does not exist, or is another user while the server
+/// cannot switch (not root). Checked when the configuration is put in service, not at the
+/// first delivery.
+pub fn pipe_users(
+    pipes: &BTreeMap<String, PipeConfig>,
+) -> Result<BTreeMap<String, Option<(u32, u32)>>, String> {
+    let mut out = BTreeMap::new();
+    for (name, p) in pipes {
+        let ids = match &p.user {
+            None => None,
+            Some(user) => switch_to(user).map_err(|e| format!("pipe.{name}.user: {e}"))?,
+        };
+        out.insert(name.clone(), ids);
+    }
+    Ok(out)
+}
+
 /// The uid and gid to run a command as `user`: `None` when that is the server's own user
 /// already; an error when it is another user and the server cannot switch (not root).
 fn switch_to(user: &str) -> Result<Option<(u32, u32)>, String> {
     let name = std::ffi::CString::new(user).map_err(|_| format!("invalid user name {user:?}"))?;
-    // SAFETY: getpwnam returns a pointer to static storage or null; it is read at once, and
-    // deliveries do not call other getpw* functions concurrently on this thread.
-    let (uid, gid) = unsafe {
-        let pw = libc::getpwnam(name.as_ptr());
-        if pw.is_null() {
-            return Err(format!("no such user {user:?} for the command"));
-        }
-        ((*pw).pw_uid, (*pw).pw_gid)
+    // SAFETY: passwd is plain old data (integers and pointers); all zeroes is a valid value,
+    // overwritten by getpwnam_r below.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pw` and `buf`, both ours and large enough (ERANGE
+    // otherwise), and sets `found` to `&pw` or null; nothing is shared with other threads.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
     };
+    if rc != 0 || found.is_null() {
+        return Err(format!("no such user {user:?} on this system"));
+    }
+    let (uid, gid) = (pw.pw_uid, pw.pw_gid);
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if me == uid {
@@ -375,5 +468,19 @@ mod tests {
             "--to=list-bounces@lists.example"
         );
         assert_eq!(v.expand("{sender}"), "a@b.example");
+        assert_eq!(v.expand("{nope} {user"), "{nope} {user");
+        // A value holding a placeholder is not expanded again.
+        let tricky = Values {
+            sender: "{recipient}@evil.example".into(),
+            ..v
+        };
+        assert_eq!(tricky.expand("{sender}"), "{recipient}@evil.example");
+        assert!(tricky.refusal().is_none());
+        let dash = Values {
+            sender: "-oQ/tmp@evil.example".into(),
+            ..tricky
+        };
+        assert!(dash.refusal().is_some());
+        assert_eq!(clean("a\0b\nc"), "a_b_c");
     }
 }
