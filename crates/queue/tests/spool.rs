@@ -79,6 +79,32 @@ async fn put_load_recover_round_trip() {
     assert!(!s2.dir().join("000000000001.tmp").exists());
 }
 
+/// A milter's quarantine: the message is stored held, and still held after a restart. The
+/// mark is written first, so a crash can never leave the message without it.
+#[tokio::test]
+async fn a_held_message_is_held_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spool(dir.path());
+    let m = s
+        .put_held(
+            envelope(&["bob@localhost"]),
+            b"Subject: q\r\n\r\nq\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(m.held && m.has_status_file);
+    assert!(
+        s.read_content(m.id)
+            .unwrap()
+            .as_bytes()
+            .ends_with(b"Subject: q\r\n\r\nq\r\n")
+    );
+    let all = spool(dir.path()).recover().unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(all[0].held);
+    assert_eq!(all[0].id, m.id);
+}
+
 #[tokio::test]
 async fn status_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
