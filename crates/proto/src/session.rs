@@ -478,7 +478,7 @@ impl Session {
                 }
                 // A refused recipient is a policy answer, not a protocol error: it does not
                 // count towards max_errors (probing for users has its own limit above).
-                self.send(r)
+                self.send_closing(r)
             }
         }
     }
@@ -518,7 +518,17 @@ impl Session {
         self.txn = None;
         match result {
             Ok(id) => self.send(reply::queued(&id)),
-            Err(r) => self.send(r),
+            Err(r) => self.send_closing(r),
+        }
+    }
+
+    /// Sends a refusal given by the driver; a `421` (a milter that asks to end the
+    /// connection, for example) closes the session, as RFC 5321 §3.8 says it does.
+    fn send_closing(&mut self, r: Reply) {
+        let closing = r.code == 421;
+        self.send(r);
+        if closing {
+            self.close();
         }
     }
 

@@ -534,6 +534,36 @@ fn header_section_is_limited() {
     assert_eq!(h.queued.len(), 1);
 }
 
+/// A driver's 421 (a milter's SHUTDOWN) ends the session after the reply.
+#[test]
+fn a_421_from_the_driver_closes() {
+    let mut h = ready();
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    // The harness queues every message; answer this one by hand.
+    h.session.feed(b"x\r\n.\r\n");
+    let mut enqueue = false;
+    while let Some(a) = h.session.poll() {
+        enqueue |= matches!(a, Action::Enqueue(..));
+    }
+    assert!(enqueue);
+    h.session.enqueued(Err(Reply::new(
+        421,
+        estafeta_proto::Status::new(4, 7, 0),
+        "closing",
+    )));
+    let mut closed = false;
+    let mut out = String::new();
+    while let Some(a) = h.session.poll() {
+        match a {
+            Action::Send(r) => out.push_str(&String::from_utf8_lossy(&r.to_bytes())),
+            Action::Close => closed = true,
+            _ => {}
+        }
+    }
+    assert_eq!(out, "421 4.7.0 closing\r\n");
+    assert!(closed);
+}
+
 #[test]
 fn http_is_refused_and_closed() {
     let (mut h, _) = Harness::new(config());
