@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use estafeta_config::{MilterConfig, MilterDefault};
 use estafeta_milter::{Address, Milter, Modification, Timeouts, Verdict};
-use estafeta_proto::reply::{Reply, Status};
+use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Envelope, ForwardPath, ReversePath};
 
 /// One configured filter, its address parsed.
@@ -91,41 +91,17 @@ pub struct SessionInfo<'a> {
 fn fail_reply(default: MilterDefault) -> Option<Reply> {
     match default {
         MilterDefault::Accept => None,
-        MilterDefault::Tempfail => Some(Reply::new(
-            451,
-            Status::parse("4.7.1").expect("a status"),
-            "Service unavailable - try again later",
-        )),
-        MilterDefault::Reject => Some(Reply::new(
-            550,
-            Status::parse("5.7.1").expect("a status"),
-            "Command rejected",
-        )),
+        MilterDefault::Tempfail => Some(reply::milter_tempfail()),
+        MilterDefault::Reject => Some(reply::milter_reject()),
     }
 }
 
 /// The reply for a filter's reject or tempfail without its own text (Postfix's).
 fn verdict_reply(v: &Verdict) -> Option<Reply> {
     match v {
-        Verdict::Reject(r) => Some(r.clone().unwrap_or_else(|| {
-            Reply::new(
-                550,
-                Status::parse("5.7.1").expect("a status"),
-                "Command rejected",
-            )
-        })),
-        Verdict::TempFail(r) => Some(r.clone().unwrap_or_else(|| {
-            Reply::new(
-                451,
-                Status::parse("4.7.1").expect("a status"),
-                "Service unavailable - try again later",
-            )
-        })),
-        Verdict::Shutdown => Some(Reply::new(
-            421,
-            Status::parse("4.7.0").expect("a status"),
-            "Service unavailable - closing connection",
-        )),
+        Verdict::Reject(r) => Some(r.clone().unwrap_or_else(reply::milter_reject)),
+        Verdict::TempFail(r) => Some(r.clone().unwrap_or_else(reply::milter_tempfail)),
+        Verdict::Shutdown => Some(reply::milter_shutdown()),
         _ => None,
     }
 }

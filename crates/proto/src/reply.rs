@@ -762,6 +762,36 @@ pub fn relay_denied(address: &str) -> Reply {
     )
 }
 
+/// `451 4.7.1 Service unavailable - try again later`: a milter's tempfail without its own
+/// text, or `default_action = "tempfail"` for a milter that is down (Postfix's wording).
+pub fn milter_tempfail() -> Reply {
+    Reply::new(451, st(4, 7, 1), "Service unavailable - try again later")
+}
+
+/// `550 5.7.1 Command rejected`: a milter's reject without its own text, or
+/// `default_action = "reject"` (Postfix's wording).
+pub fn milter_reject() -> Reply {
+    Reply::new(550, st(5, 7, 1), "Command rejected")
+}
+
+/// `421 4.7.0 Service unavailable - closing connection`: a milter asked to end the
+/// connection (SMFIR_SHUTDOWN).
+pub fn milter_shutdown() -> Reply {
+    Reply::new(421, st(4, 7, 0), "Service unavailable - closing connection")
+}
+
+/// `451 4.3.0 pipe NAME: …`: delivery to a command failed for now (it could not be started,
+/// died of a signal, or said EX_TEMPFAIL/EX_OSERR).
+pub fn pipe_temporary(pipe: &str, detail: &str) -> Reply {
+    Reply::new(451, st(4, 3, 0), format!("pipe {pipe}: {detail}"))
+}
+
+/// `550 <status> pipe NAME: …`: delivery to a command failed for good; `status` is the
+/// enhanced code its exit status stands for (sysexits.h, as Postfix reads it).
+pub fn pipe_permanent(pipe: &str, status: Status, detail: &str) -> Reply {
+    Reply::new(550, status, format!("pipe {pipe}: {detail}"))
+}
+
 /// `450 4.1.1 <addr>: Recipient address rejected: unverified address: …`: the server that
 /// keeps the mailbox (LMTP) could not say whether it exists; the client tries again later.
 pub fn recipient_unverified(address: &str, why: &str) -> Reply {

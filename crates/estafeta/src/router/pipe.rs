@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use estafeta_config::PipeConfig;
 use estafeta_policy::{LocalMailbox, Policy, Route};
-use estafeta_proto::reply::{Reply, Status};
+use estafeta_proto::reply::Status;
 use estafeta_proto::{Recipient, reply};
 use estafeta_queue::{DeliveryJob, Failure, Outcome, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -172,19 +172,15 @@ impl PipeAgent {
     ) -> Outcome {
         let v = self.values(job, rcpt, mb);
         if let Some(why) = v.refusal() {
-            return Outcome::PermFail(Failure::local(Reply::new(
-                550,
-                Status::parse("5.1.3").expect("a status"),
-                format!("pipe {name}: {why} is not given to a command"),
+            return Outcome::PermFail(Failure::local(reply::pipe_permanent(
+                name,
+                Status::new(5, 1, 3),
+                &format!("{why} is not given to a command"),
             )));
         }
         let argv: Vec<String> = cfg.command.iter().map(|a| v.expand(a)).collect();
         let temp = |detail: String| {
-            Outcome::TempFail(Failure::local(Reply::new(
-                451,
-                Status::parse("4.3.0").expect("a status"),
-                format!("pipe {name}: {detail}"),
-            )))
+            Outcome::TempFail(Failure::local(reply::pipe_temporary(name, &detail)))
         };
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -242,13 +238,10 @@ impl PipeAgent {
                 reader.abort();
                 // As Postfix's pipe: a command that never finishes would never finish at the
                 // next attempt either; the message is returned.
-                return Outcome::PermFail(Failure::local(Reply::new(
-                    550,
-                    Status::parse("5.3.0").expect("a status"),
-                    format!(
-                        "pipe {name}: command time limit of {} s exceeded",
-                        cfg.timeout.as_secs()
-                    ),
+                return Outcome::PermFail(Failure::local(reply::pipe_permanent(
+                    name,
+                    Status::new(5, 3, 0),
+                    &format!("command time limit of {} s exceeded", cfg.timeout.as_secs()),
                 )));
             }
         };
@@ -316,10 +309,9 @@ fn classify(name: &str, status: std::process::ExitStatus, output: &str) -> Outco
     };
     let Some(code) = status.code() else {
         let sig = status.signal().unwrap_or(0);
-        return Outcome::TempFail(Failure::local(Reply::new(
-            451,
-            Status::parse("4.3.0").expect("a status"),
-            format!("pipe {name}: command died with signal {sig}{said}"),
+        return Outcome::TempFail(Failure::local(reply::pipe_temporary(
+            name,
+            &format!("command died with signal {sig}{said}"),
         )));
     };
     if code == 0 {
@@ -343,12 +335,12 @@ fn classify(name: &str, status: std::process::ExitStatus, output: &str) -> Outco
         78 => (false, "5.3.5"), // EX_CONFIG
         _ => (false, "5.3.0"),
     };
-    let text = format!("pipe {name}: command exited with status {code}{said}");
-    let st = Status::parse(status).expect("a status");
+    let text = format!("command exited with status {code}{said}");
     if temporary {
-        Outcome::TempFail(Failure::local(Reply::new(451, st, text)))
+        Outcome::TempFail(Failure::local(reply::pipe_temporary(name, &text)))
     } else {
-        Outcome::PermFail(Failure::local(Reply::new(550, st, text)))
+        let st = Status::parse(status).expect("a status from the table above");
+        Outcome::PermFail(Failure::local(reply::pipe_permanent(name, st, &text)))
     }
 }
 
