@@ -169,4 +169,60 @@ fn an_unwritable_maildir_is_retried_and_the_rest_of_the_queue_moves() {
     let got =
         estafeta_e2e::maildir_new(&data, "example.test", "blocked", 1, Duration::from_secs(15));
     assert_eq!(got.len(), 1, "{}", server.log_text());
+    // The recipient delivered before the 250 was recorded as done in the spool with the
+    // blocked one: the retries never delivered it a second time.
+    let fine = estafeta_e2e::maildir_new(&data, "example.test", "fine", 1, Duration::from_secs(1));
+    assert_eq!(fine.len(), 1, "{}", server.log_text());
+}
+
+/// Mail for local mailboxes only is in its Maildir when the client hears 250 (delivered
+/// before the acknowledgement, no spool file); the log says "queued" before "delivered".
+/// With NOTIFY=SUCCESS the message goes through the queue, which sends the success report.
+#[test]
+fn local_mail_is_in_the_maildir_when_the_client_hears_250() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, test_config(&data, port, "")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = Process::serve(&config, addr, &dir.path().join("log"));
+    let r = send(addr, b"Subject: now\r\n\r\nx\r\n");
+    assert!(r.starts_with("250 "), "{r}");
+    // No waiting: the file is there already.
+    assert_eq!(maildir_count(&data), 1, "{}", server.log_text());
+    let id = r.split_whitespace().last().unwrap().to_string();
+    let log = server.log_text();
+    let queued = log.find(&format!("queued id={id}")).expect(&log);
+    let delivered = log.find(&format!("delivered id={id}")).expect(&log);
+    assert!(queued < delivered, "{log}");
+    assert!(
+        log[delivered..].contains(&format!("removed id={id}")),
+        "{log}"
+    );
+    let spooled: Vec<_> = std::fs::read_dir(data.join("queue"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(spooled.is_empty(), "{spooled:?}");
+
+    // NOTIFY=SUCCESS: queued, delivered by the scheduler, and the sender gets its report.
+    let mut c = Client::connect(addr);
+    c.reply();
+    c.cmd("EHLO client.example");
+    assert!(c.cmd("MAIL FROM:<alice@example.test>").starts_with("250"));
+    assert!(
+        c.cmd("RCPT TO:<bob@example.test> NOTIFY=SUCCESS")
+            .starts_with("250")
+    );
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(b"Subject: tell me\r\n\r\nx\r\n.\r\n");
+    assert!(c.last().starts_with("250 "));
+    let report =
+        estafeta_e2e::maildir_new(&data, "example.test", "alice", 1, Duration::from_secs(10));
+    assert_eq!(report.len(), 1, "{}", server.log_text());
+    let text = String::from_utf8_lossy(&report[0]);
+    assert!(text.contains("Action: delivered"), "{text}");
 }

@@ -1194,12 +1194,24 @@ async fn drive(
                     let nrcpt = envelope.rcpts.len();
                     let size = body.len();
                     let message_id = message_id(&body);
+                    let auth_user = session.auth_user().unwrap_or("");
+                    // The "queued" line, logged as soon as the message is durable: before the
+                    // lines of a delivery made before the acknowledgement.
+                    let log_queued = |id: estafeta_queue::QueueId| match peer {
+                        Peer::Local(l) => {
+                            tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, message_id = ?message_id.as_deref().unwrap_or(""), uid = l.uid, user = l.user.as_deref().unwrap_or(""), "queued")
+                        }
+                        Peer::Tcp(_) => {
+                            tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, message_id = ?message_id.as_deref().unwrap_or(""), user = auth_user, "queued")
+                        }
+                    };
                     let result = match &quarantine {
-                        None => ctx.queue.submit(*envelope, body).await,
+                        None => ctx.queue.submit_then(*envelope, body, log_queued).await,
                         Some(reason) => {
                             let r = ctx.queue.submit_held(*envelope, body).await;
                             if let Ok(id) = &r {
                                 tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, reason = %reason, "quarantined by a milter (held)");
+                                log_queued(*id);
                             }
                             r
                         }
@@ -1207,14 +1219,6 @@ async fn drive(
                     let answer = match result {
                         Ok(id) => {
                             messages += 1;
-                            match peer {
-                                Peer::Local(l) => {
-                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, message_id = ?message_id.as_deref().unwrap_or(""), uid = l.uid, user = l.user.as_deref().unwrap_or(""), "queued")
-                                }
-                                Peer::Tcp(_) => {
-                                    tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, from = %from, size, nrcpt, message_id = ?message_id.as_deref().unwrap_or(""), user = session.auth_user().unwrap_or(""), "queued")
-                                }
-                            }
                             Ok(id.to_string())
                         }
                         Err(e) => {

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{AdminAction, AdminReport, Selection, has_pending_in};
 use crate::id::QueueId;
-use crate::spool::{QueuedMessage, RcptState, Spool, unix_now};
+use crate::spool::{QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
 use crate::transport::{DeliveryJob, Failure, Outcome, Transport};
 
 /// The scheduler's settings.
@@ -107,11 +107,50 @@ pub(crate) enum Event {
 }
 
 /// The handle sessions use to queue messages.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct QueueHandle {
     spool: Arc<Spool>,
     tx: mpsc::UnboundedSender<Event>,
     heartbeat: Arc<Heartbeat>,
+    /// The scheduler's transport, for the deliveries made before the acknowledgement.
+    direct: Arc<dyn Direct>,
+}
+
+impl std::fmt::Debug for QueueHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueHandle")
+            .field("spool", &self.spool)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The transport as the handle uses it: [`Transport`] without its type, for the deliveries
+/// made in the session's task before the `250`.
+trait Direct: Send + Sync {
+    fn immediate(&self, envelope: &Envelope) -> bool;
+    fn agent(&self, envelope: &Envelope, rcpt: usize) -> &'static str;
+    fn deliver<'a>(
+        &'a self,
+        job: &'a DeliveryJob,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>;
+}
+
+impl<T: Transport> Direct for Arc<T> {
+    fn immediate(&self, envelope: &Envelope) -> bool {
+        (**self).immediate(envelope)
+    }
+
+    fn agent(&self, envelope: &Envelope, rcpt: usize) -> &'static str {
+        (**self).agent(envelope, rcpt)
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        job: &'a DeliveryJob,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>
+    {
+        Box::pin((**self).deliver(job))
+    }
 }
 
 impl std::fmt::Debug for Event {
@@ -130,9 +169,99 @@ impl std::fmt::Debug for Event {
 impl QueueHandle {
     /// Stores a message durably, then schedules it. Returns its ID once it is durable.
     pub async fn submit(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueueId> {
+        self.submit_then(envelope, body, |_| {}).await
+    }
+
+    /// Like [`QueueHandle::submit`], calling `queued` with the ID as soon as the message is
+    /// durable and before any of its deliveries is logged (the session's "queued" line).
+    ///
+    /// When the transport can deliver every recipient at once ([`Transport::immediate`]:
+    /// local Maildirs) and no recipient asked for a success notification, the message is
+    /// delivered here, before the acknowledgement, and no spool file is written: the
+    /// delivery is durable (file flushed, renamed into `new/`, rename flushed) before this
+    /// returns, so the client's `250` still means "on stable storage", now where the
+    /// message belongs. The recipients that were not delivered (a full disk, a folder that
+    /// cannot be written) are spooled with the others marked done, and the scheduler takes
+    /// them from there: they are retried or bounced as usual.
+    pub async fn submit_then(
+        &self,
+        envelope: Envelope,
+        body: Vec<u8>,
+        queued: impl FnOnce(QueueId) + Send,
+    ) -> io::Result<QueueId> {
+        if self.direct.immediate(&envelope)
+            && !envelope
+                .rcpts
+                .iter()
+                .any(|r| crate::dsn::wants_dsn(r.params.notify, crate::dsn::DsnAction::Delivered))
+        {
+            return self.deliver_now(envelope, body, queued).await;
+        }
         let msg = self.spool.put(envelope, body).await?;
         let id = msg.id;
+        queued(id);
         let _ = self.tx.send(Event::New(msg));
+        Ok(id)
+    }
+
+    /// The delivery before the acknowledgement ([`QueueHandle::submit_then`]).
+    async fn deliver_now(
+        &self,
+        envelope: Envelope,
+        body: Vec<u8>,
+        queued: impl FnOnce(QueueId) + Send,
+    ) -> io::Result<QueueId> {
+        let (id, arrival, content) = self.spool.prepare(&envelope, &body);
+        drop(body);
+        let n = envelope.rcpts.len();
+        let job = DeliveryJob {
+            id,
+            envelope,
+            content,
+            rcpts: (0..n).collect(),
+            recovered: false,
+        };
+        let outcomes = self.direct.deliver(&job).await;
+        let mut status = vec![RcptStatus::pending(); n];
+        let mut done: Vec<(usize, String)> = Vec::with_capacity(n);
+        for (i, outcome) in outcomes {
+            if let (Outcome::Delivered(detail) | Outcome::Relayed { detail, .. }, Some(s)) =
+                (outcome, status.get_mut(i))
+                && s.state == RcptState::Pending
+            {
+                s.state = RcptState::Delivered;
+                s.attempts = 1;
+                done.push((i, detail));
+            }
+        }
+        let DeliveryJob {
+            envelope, content, ..
+        } = job;
+        let all = done.len() == n;
+        let rest = if all {
+            queued(id);
+            None
+        } else {
+            // What was not delivered goes to the spool, the rest marked done; this attempt's
+            // failures are the scheduler's to retry or bounce (at once: it is due now).
+            let msg = self
+                .spool
+                .put_prepared(id, arrival, envelope.clone(), content, status)
+                .await?;
+            queued(id);
+            Some(msg)
+        };
+        for (i, detail) in &done {
+            let to = &envelope.rcpts[*i].path;
+            let agent = self.direct.agent(&envelope, *i);
+            tracing::info!(target: "estafeta::maillog", id = %id, to = %to, status = "sent", delay_s = 0, transport = agent, %detail, "delivered");
+        }
+        match rest {
+            None => tracing::info!(target: "estafeta::maillog", id = %id, "removed"),
+            Some(msg) => {
+                let _ = self.tx.send(Event::New(msg));
+            }
+        }
         Ok(id)
     }
 
@@ -232,6 +361,7 @@ pub fn start<T: Transport>(
         spool: spool.clone(),
         tx: tx.clone(),
         heartbeat: heartbeat.clone(),
+        direct: Arc::new(transport.clone()),
     };
     let sched = Scheduler {
         spool,

@@ -61,7 +61,8 @@ pub struct RcptStatus {
 }
 
 impl RcptStatus {
-    fn pending() -> Self {
+    /// Not attempted yet.
+    pub fn pending() -> Self {
         RcptStatus {
             state: RcptState::Pending,
             attempts: 0,
@@ -319,6 +320,61 @@ impl Spool {
                 Err(e)
             }
         }
+    }
+
+    /// A new queue ID and the content a message is delivered with (our Received header first),
+    /// for a delivery made before the message is acknowledged ([`QueueHandle::submit`] when
+    /// the transport can deliver every recipient at once): nothing is written here.
+    ///
+    /// [`QueueHandle::submit`]: crate::QueueHandle::submit
+    pub fn prepare(&self, envelope: &Envelope, body: &[u8]) -> (QueueId, u64, Content) {
+        let arrival = unix_now();
+        let id = self.ids.next();
+        let received = received_header(&self.hostname, envelope, &id.to_string(), arrival);
+        let mut data = Vec::with_capacity(received.len() + body.len());
+        data.extend_from_slice(received.as_bytes());
+        data.extend_from_slice(body);
+        (id, arrival, Content::from_vec(data))
+    }
+
+    /// Stores durably a message [`Spool::prepare`]d and partly delivered already: `status`
+    /// says which recipients are done. When this returns `Ok`, the message and that state are
+    /// on stable storage.
+    pub async fn put_prepared(
+        &self,
+        id: QueueId,
+        arrival: u64,
+        envelope: Envelope,
+        content: Content,
+        status: Vec<RcptStatus>,
+    ) -> io::Result<QueuedMessage> {
+        let (_, _, file) = write_parts(&self.dir, id, &envelope, &[content.as_bytes()], arrival)?;
+        if let Err(e) = self.syncer.sync(vec![file], vec![self.dir.clone()]).await {
+            let _ = fs::remove_file(self.path(id));
+            return Err(e);
+        }
+        let mut msg = QueuedMessage {
+            id,
+            arrival,
+            envelope,
+            size: content.as_bytes().len() as u64,
+            status,
+            next_attempt: 0,
+            has_status_file: false,
+            delay_warned: false,
+            held: false,
+            content: Some(content),
+            recovered: false,
+        };
+        if msg.status.iter().any(|s| s.state != RcptState::Pending)
+            && let Err(e) = self.write_status(&mut msg).await
+        {
+            // Without its state the file would deliver the done recipients again: it is
+            // taken back, and the client, told 451, sends the message again.
+            let _ = self.remove(&msg);
+            return Err(e);
+        }
+        Ok(msg)
     }
 
     fn write_new(
@@ -594,24 +650,36 @@ fn write_file(
     body: &[u8],
     arrival: u64,
 ) -> io::Result<(Vec<u8>, usize, File)> {
+    let received = received_header(hostname, env, &id.to_string(), arrival);
+    write_parts(dir, id, env, &[received.as_bytes(), body], arrival)
+}
+
+/// Writes the spool file of `id` whose content is the concatenation of `parts`; returns the
+/// file's bytes, where the content starts in them, and the open file (for the syncer).
+fn write_parts(
+    dir: &Path,
+    id: QueueId,
+    env: &Envelope,
+    parts: &[&[u8]],
+    arrival: u64,
+) -> io::Result<(Vec<u8>, usize, File)> {
     let final_path = dir.join(id.to_string());
     let tmp = dir.join(format!("{id}.tmp"));
     let mut header = serialize_envelope(env, id, arrival);
-    let received = received_header(hostname, env, &id.to_string(), arrival);
     // The content's length and checksum: recovery tells a whole file from one a crash cut.
     let mut crc = crc32fast::Hasher::new();
-    crc.update(received.as_bytes());
-    crc.update(body);
-    header.push_str(&format!(
-        "content {} {:08x}\n",
-        received.len() + body.len(),
-        crc.finalize()
-    ));
+    let mut len = 0;
+    for part in parts {
+        crc.update(part);
+        len += part.len();
+    }
+    header.push_str(&format!("content {len} {:08x}\n", crc.finalize()));
     header.push('\n');
-    let mut buf = Vec::with_capacity(header.len() + received.len() + body.len());
+    let mut buf = Vec::with_capacity(header.len() + len);
     buf.extend_from_slice(header.as_bytes());
-    buf.extend_from_slice(received.as_bytes());
-    buf.extend_from_slice(body);
+    for part in parts {
+        buf.extend_from_slice(part);
+    }
     let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
     let result = f
         .write_all(&buf)

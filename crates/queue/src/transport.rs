@@ -103,6 +103,16 @@ pub trait Transport: Send + Sync + 'static {
         "other"
     }
 
+    /// Whether every recipient of `envelope` can be delivered before the message is
+    /// acknowledged, in place of its spool file: a quick local agent (Maildir) whose delivery
+    /// is as durable as the spool. [`QueueHandle::submit`](crate::QueueHandle::submit) then
+    /// delivers at once and writes a spool file only for the recipients that were not
+    /// delivered. The default is false: spooled first, delivered by the scheduler.
+    fn immediate(&self, envelope: &Envelope) -> bool {
+        let _ = envelope;
+        false
+    }
+
     /// Splits the recipients of an attempt into batches that the scheduler delivers one after
     /// the other, recording the recipients each batch delivered in the spool before the next
     /// batch starts. Quick local deliveries go first, so that a crash during a slow remote one

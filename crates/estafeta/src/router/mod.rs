@@ -117,6 +117,14 @@ impl Transport for Router {
         self.route(envelope, rcpt).agent()
     }
 
+    /// Every recipient goes to a Maildir estafeta writes itself: delivered before the `250`,
+    /// without a spool file (the Maildir delivery is as durable as the spool's).
+    fn immediate(&self, envelope: &estafeta_proto::Envelope) -> bool {
+        !envelope.rcpts.is_empty()
+            && (0..envelope.rcpts.len())
+                .all(|i| matches!(self.route(envelope, i), Route::Maildir(_)))
+    }
+
     /// One batch per agent, quick local deliveries (Maildir) first, then LMTP, pipes and
     /// other servers: the scheduler records what each batch delivered before the next one
     /// starts, so a crash or a stop during a slow remote delivery repeats no LMTP or pipe
@@ -199,6 +207,10 @@ impl Transport for LiveRouter {
 
     fn destinations(&self, envelope: &estafeta_proto::Envelope, rcpts: &[usize]) -> Vec<String> {
         self.current().destinations(envelope, rcpts)
+    }
+
+    fn immediate(&self, envelope: &estafeta_proto::Envelope) -> bool {
+        self.current().immediate(envelope)
     }
 
     fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
