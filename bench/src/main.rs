@@ -1,25 +1,33 @@
 //! estafeta-bench: an SMTP load generator and benchmark. Works against any SMTP server; prints
 //! figures (a human-readable block and one `RESULT key=value ...` line).
 
+mod compare;
+mod deliver;
 mod idle;
 mod load;
 mod message;
 mod probe;
+mod report;
+mod servers;
 mod smtp;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "SMTP load generator and benchmark (works against any SMTP server)"
+    about = "SMTP load generator and benchmark (works against any SMTP server)",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+
     /// Server address (host:port).
     #[arg(long, default_value = "127.0.0.1:2525")]
     addr: String,
@@ -89,6 +97,13 @@ struct Args {
     timeout: Duration,
 }
 
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Side by side: smtp-sink (the ceiling), estafeta and a private Postfix instance, same
+    /// workload, rounds interleaved; prints a table and RESULT lines.
+    Compare(compare::CompareArgs),
+}
+
 /// `500ms`, `30s`, `2m`, or a plain number of seconds (fractions allowed).
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -109,12 +124,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let nofile = probe::raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    if let Some(Cmd::Compare(c)) = args.command.take() {
+        // Interrupted: the comparison's future is dropped, which stops every server it started.
+        return rt.block_on(async {
+            tokio::select! {
+                r = compare::run(c) => r,
+                sig = compare::interrupted() => bail!("interrupted by {sig}; servers stopped"),
+            }
+        });
+    }
     rt.block_on(async {
         let addr = resolve(&args.addr).await?;
         match args.idle {
@@ -150,8 +174,9 @@ fn rate(n: u64, d: Duration) -> f64 {
 
 async fn run_load(args: &Args, addr: SocketAddr) -> anyhow::Result<()> {
     let pipelining = !args.no_pipelining;
-    let baseline = match &args.maildir_root {
-        Some(root) => Some(count_blocking(root).await),
+    let mut counter = args.maildir_root.clone().map(deliver::Counter::Maildir);
+    let baseline = match &mut counter {
+        Some(c) => Some(c.count().await),
         None => None,
     };
     let start = Instant::now();
@@ -171,9 +196,10 @@ async fn run_load(args: &Args, addr: SocketAddr) -> anyhow::Result<()> {
     .await;
     let st = &out.stats;
 
-    let delivered = match (&args.maildir_root, baseline) {
-        (Some(root), Some(base)) => {
-            Some(wait_delivered(root, base, st.accepted, start, args.deliver_timeout).await)
+    let delivered = match (&mut counter, baseline) {
+        (Some(c), Some(base)) => {
+            let d = deliver::wait(c, base, st.accepted, start, args.deliver_timeout).await;
+            Some((d.count, d.elapsed, d.complete))
         }
         _ => None,
     };
@@ -280,42 +306,6 @@ async fn run_load(args: &Args, addr: SocketAddr) -> anyhow::Result<()> {
     }
     println!("{r}");
     Ok(())
-}
-
-async fn count_blocking(root: &Path) -> u64 {
-    let root = root.to_path_buf();
-    tokio::task::spawn_blocking(move || probe::count_maildir(&root))
-        .await
-        .unwrap_or(0)
-}
-
-/// Polls the Maildirs every 20 ms until `target` new messages are there or `limit` has passed.
-/// Returns (delivered, time from `start` to the poll that last saw the count grow, complete).
-async fn wait_delivered(
-    root: &Path,
-    baseline: u64,
-    target: u64,
-    start: Instant,
-    limit: Duration,
-) -> (u64, Duration, bool) {
-    let deadline = Instant::now() + limit;
-    let mut seen = 0;
-    let mut last_growth = start;
-    loop {
-        let n = count_blocking(root).await.saturating_sub(baseline);
-        let now = Instant::now();
-        if n > seen {
-            seen = n;
-            last_growth = now;
-        }
-        if seen >= target {
-            return (seen, last_growth - start, true);
-        }
-        if now >= deadline {
-            return (seen, last_growth - start, false);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn run_idle(
