@@ -64,6 +64,10 @@ pub struct Target {
     /// Also look in `cur/` for a delivery made before a crash (a reader may have moved it
     /// there meanwhile): a directory listing, so only for recovered messages.
     pub look_in_cur: bool,
+    /// No earlier attempt can have written this delivery (the message's first attempt): the
+    /// look for it in `new/` is skipped. A name found taken anyway (another message's, after
+    /// the clock was set back) is never replaced: the file gets a fresh unique name.
+    pub fresh: bool,
 }
 
 /// The Maildir delivery agent.
@@ -116,39 +120,56 @@ impl Maildir {
         return_path: &str,
         content: &[u8],
     ) -> Vec<io::Result<PathBuf>> {
-        let mut files = Vec::new();
+        let mut dirs: Vec<PathBuf> = Vec::new();
         // Already delivered before a crash (the same name is in new/, or in cur/): reported
         // delivered, not written again.
-        let done: Vec<Option<PathBuf>> = targets.iter().map(|t| self.already(t)).collect();
+        let done: Vec<Option<PathBuf>> = targets
+            .iter()
+            .map(|t| if t.fresh { None } else { self.already(t) })
+            .collect();
         let mut staged: Vec<io::Result<(PathBuf, PathBuf)>> = targets
             .iter()
             .zip(&done)
             .map(|(t, done)| match done {
                 Some(path) => Ok((PathBuf::new(), path.clone())),
-                None => self
-                    .write_tmp(t, return_path, content)
-                    .map(|(tmp, new, f)| {
-                        files.push(f);
-                        (tmp, new)
-                    }),
+                None => self.write_tmp(t, return_path, content).map(|(tmp, new)| {
+                    // The syncer is given the folder, not the file: one syncfs of its file
+                    // system covers the file's data, and the folder's device is known to
+                    // the syncer by its path (no fstat per file).
+                    if let Some(dir) = tmp.parent()
+                        && !dirs.iter().any(|d| d == dir)
+                    {
+                        dirs.push(dir.to_path_buf());
+                    }
+                    (tmp, new)
+                }),
             })
             .collect();
         // The data of every tmp/ file is durable before any of them appears in new/.
-        if let Err(e) = self.syncer.sync(files, Vec::new()).await {
+        if !dirs.is_empty()
+            && let Err(e) = self
+                .syncer
+                .sync(Vec::new(), std::mem::take(&mut dirs))
+                .await
+        {
             return fail_all(&staged, &e);
         }
-        let mut dirs: Vec<PathBuf> = Vec::new();
         for s in staged.iter_mut() {
             if let Ok((tmp, new)) = s
                 && !tmp.as_os_str().is_empty()
             {
-                if let Err(e) = fs::rename(&*tmp, &*new) {
-                    let _ = fs::remove_file(&*tmp);
-                    *s = Err(e);
-                } else if let Some(dir) = new.parent()
-                    && !dirs.iter().any(|d| d == dir)
-                {
-                    dirs.push(dir.to_path_buf());
+                match self.rename_into_new(tmp, new) {
+                    Ok(()) => {
+                        if let Some(dir) = new.parent()
+                            && !dirs.iter().any(|d| d == dir)
+                        {
+                            dirs.push(dir.to_path_buf());
+                        }
+                    }
+                    Err(e) => {
+                        let _ = fs::remove_file(&*tmp);
+                        *s = Err(e);
+                    }
                 }
             }
         }
@@ -157,6 +178,21 @@ impl Maildir {
             return fail_all(&staged, &e);
         }
         staged.into_iter().map(|s| s.map(|(_, new)| new)).collect()
+    }
+
+    /// Renames `tmp` into `new` without ever replacing a file there: a name already taken
+    /// (by another message, after the clock was set back and a queue ID came again) gets a
+    /// unique one instead, and `new` is updated to it.
+    fn rename_into_new(&self, tmp: &Path, new: &mut PathBuf) -> io::Result<()> {
+        match estafeta_queue::rename_noreplace(tmp, new) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let other = new.with_file_name(self.unique_name());
+                estafeta_queue::rename_noreplace(tmp, &other)?;
+                *new = other;
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// The file name of a delivery to `target`.
@@ -191,13 +227,13 @@ impl Maildir {
         None
     }
 
-    /// Creates the folders if needed and writes `tmp/NAME`. Returns (tmp path, new path, device).
+    /// Creates the folders if needed and writes `tmp/NAME`. Returns (tmp path, new path).
     fn write_tmp(
         &self,
         target: &Target,
         return_path: &str,
         content: &[u8],
-    ) -> io::Result<(PathBuf, PathBuf, std::fs::File)> {
+    ) -> io::Result<(PathBuf, PathBuf)> {
         let root = &target.maildir;
         let name = self.name(target);
         let tmp = root.join("tmp").join(&name);
@@ -206,9 +242,6 @@ impl Maildir {
             "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
             return_path, target.delivered_to
         );
-        let mut data = Vec::with_capacity(head.len() + content.len());
-        data.extend_from_slice(head.as_bytes());
-        data.extend_from_slice(content);
         let known = self.is_known(root);
         let open = || {
             OpenOptions::new()
@@ -247,12 +280,13 @@ impl Maildir {
                 }
             }
         }
-        match f.write_all(&data) {
+        // The added header and the message in one write, without copying the message.
+        match write_all_vectored(&mut f, &[head.as_bytes(), content]) {
             Ok(()) => {
                 if !known {
                     self.remember(root);
                 }
-                Ok((tmp, new, f))
+                Ok((tmp, new))
             }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -274,6 +308,30 @@ impl Maildir {
         }
         known.insert(root.to_path_buf());
     }
+}
+
+/// Writes every part, in order, with as few `writev` calls as the kernel allows.
+fn write_all_vectored(f: &mut std::fs::File, parts: &[&[u8]]) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<io::IoSlice<'_>> =
+            parts[first..].iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut n = match f.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while first < parts.len() && n >= parts[first].len() {
+            n -= parts[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            parts[first] = &parts[first][n..];
+        }
+    }
+    Ok(())
 }
 
 fn fail_all<T>(staged: &[io::Result<T>], e: &io::Error) -> Vec<io::Result<PathBuf>> {
@@ -310,12 +368,14 @@ mod tests {
                 delivered_to: "a@example.test".into(),
                 key: None,
                 look_in_cur: false,
+                fresh: false,
             },
             Target {
                 maildir: dir.path().join("b/Maildir"),
                 delivered_to: "b@example.test".into(),
                 key: None,
                 look_in_cur: false,
+                fresh: false,
             },
         ];
         let results = md
@@ -349,12 +409,14 @@ mod tests {
                 delivered_to: "x@y".into(),
                 key: None,
                 look_in_cur: false,
+                fresh: false,
             },
             Target {
                 maildir: dir.path().join("ok/Maildir"),
                 delivered_to: "z@y".into(),
                 key: None,
                 look_in_cur: false,
+                fresh: false,
             },
         ];
         let r = md.deliver(&targets, "", b"x\r\n").await;
@@ -374,6 +436,7 @@ mod tests {
             delivered_to: "a@y".into(),
             key: Some("E0123456789ABR0".into()),
             look_in_cur: false,
+            fresh: false,
         };
         let first = md.deliver(std::slice::from_ref(&t), "", b"x\r\n").await;
         let first = first[0].as_ref().unwrap().clone();
@@ -402,6 +465,31 @@ mod tests {
             fs::read(other).unwrap(),
             b"Return-Path: <>\r\nDelivered-To: a@y\r\nx\r\n"
         );
+        assert_eq!(fs::read_dir(t.maildir.join("tmp")).unwrap().count(), 0);
+    }
+
+    /// A first attempt does not look for an earlier delivery, and never replaces a file that
+    /// has its name (another message's, the clock having been set back): it takes another.
+    #[tokio::test]
+    async fn a_fresh_delivery_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = Maildir::new(Syncer::start().unwrap(), "mx");
+        let t = Target {
+            maildir: dir.path().join("a/Maildir"),
+            delivered_to: "a@y".into(),
+            key: Some("E0123456789ABR0".into()),
+            look_in_cur: false,
+            fresh: true,
+        };
+        let first = md.deliver(std::slice::from_ref(&t), "", b"one\r\n").await;
+        let first = first[0].as_ref().unwrap().clone();
+        assert!(first.ends_with("new/E0123456789ABR0.mx"));
+        let second = md.deliver(std::slice::from_ref(&t), "", b"two\r\n").await;
+        let second = second[0].as_ref().unwrap().clone();
+        assert_ne!(second, first);
+        assert!(second.starts_with(t.maildir.join("new")));
+        assert!(fs::read(&first).unwrap().ends_with(b"one\r\n"));
+        assert!(fs::read(&second).unwrap().ends_with(b"two\r\n"));
         assert_eq!(fs::read_dir(t.maildir.join("tmp")).unwrap().count(), 0);
     }
 }

@@ -16,6 +16,6 @@ pub use admin::{AdminAction, AdminReport, Selection, apply_offline};
 pub use dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn, may_bounce, wants_dsn};
 pub use id::{IdGenerator, QueueId};
 pub use scheduler::{QueueHandle, QueueStats, SchedulerConfig, start};
-pub use spool::{Content, QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
+pub use spool::{Content, QueuedMessage, RcptState, RcptStatus, Spool, rename_noreplace, unix_now};
 pub use sync::Syncer;
 pub use transport::{DeliveryJob, Failure, Outcome, Transport};

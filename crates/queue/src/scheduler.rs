@@ -220,18 +220,30 @@ impl QueueHandle {
             content,
             rcpts: (0..n).collect(),
             recovered: false,
+            fresh: true,
         };
         let outcomes = self.direct.deliver(&job).await;
-        let mut status = vec![RcptStatus::pending(); n];
+        // Every recipient was attempted once: a later attempt looks for a delivery this one
+        // may have made before it failed (a rename done, its flush failed).
+        let mut status = vec![
+            RcptStatus {
+                attempts: 1,
+                ..RcptStatus::pending()
+            };
+            n
+        ];
         let mut done: Vec<(usize, String)> = Vec::with_capacity(n);
         for (i, outcome) in outcomes {
-            if let (Outcome::Delivered(detail) | Outcome::Relayed { detail, .. }, Some(s)) =
-                (outcome, status.get_mut(i))
-                && s.state == RcptState::Pending
-            {
-                s.state = RcptState::Delivered;
-                s.attempts = 1;
-                done.push((i, detail));
+            let Some(s) = status.get_mut(i) else { continue };
+            if s.state != RcptState::Pending {
+                continue;
+            }
+            match outcome {
+                Outcome::Delivered(detail) | Outcome::Relayed { detail, .. } => {
+                    s.state = RcptState::Delivered;
+                    done.push((i, detail));
+                }
+                Outcome::TempFail(f) | Outcome::PermFail(f) => s.last_error = Some(f.to_string()),
             }
         }
         let DeliveryJob {
@@ -856,6 +868,7 @@ async fn attempt<T: Transport>(
         content,
         rcpts: pending.clone(),
         recovered: m.recovered,
+        fresh: !m.recovered && pending.iter().all(|&i| m.status[i].attempts == 0),
     };
     let (outcomes, notified) =
         deliver_in_batches(spool, transport, cfg, Some(tx), &job, &mut m).await;
@@ -1220,6 +1233,7 @@ async fn deliver_in_batches<T: Transport>(
             content: job.content.clone(),
             rcpts,
             recovered: job.recovered,
+            fresh: job.fresh,
         };
         let got = transport.deliver(&part).await;
         let mut delivered = false;

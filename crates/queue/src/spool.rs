@@ -219,6 +219,14 @@ impl Spool {
         &self.syncer
     }
 
+    /// Makes a file written in the spool directory, and the directory's entries, durable.
+    /// The syncer is given the directory only: one syncfs of its file system covers the file,
+    /// and the directory's device is known to the syncer by its path (no fstat per file).
+    async fn sync_dir_of(&self, file: File) -> io::Result<()> {
+        drop(file);
+        self.syncer.sync(Vec::new(), vec![self.dir.clone()]).await
+    }
+
     fn path(&self, id: QueueId) -> PathBuf {
         self.dir.join(id.to_string())
     }
@@ -244,7 +252,7 @@ impl Spool {
             .await
             .map_err(io::Error::other)??
         };
-        if let Err(e) = self.syncer.sync(vec![file], vec![self.dir.clone()]).await {
+        if let Err(e) = self.sync_dir_of(file).await {
             // Never acknowledged: it must not be delivered at the next start while the client,
             // told 451, sends it again.
             let _ = fs::remove_file(self.path(id));
@@ -302,11 +310,7 @@ impl Spool {
         .map_err(io::Error::other)
         .and_then(|r| r);
         let synced = match written {
-            Ok((buf, start, file)) => self
-                .syncer
-                .sync(vec![file], vec![self.dir.clone()])
-                .await
-                .map(|()| (buf, start)),
+            Ok((buf, start, file)) => self.sync_dir_of(file).await.map(|()| (buf, start)),
             Err(e) => Err(e),
         };
         match synced {
@@ -349,7 +353,7 @@ impl Spool {
         status: Vec<RcptStatus>,
     ) -> io::Result<QueuedMessage> {
         let (_, _, file) = write_parts(&self.dir, id, &envelope, &[content.as_bytes()], arrival)?;
-        if let Err(e) = self.syncer.sync(vec![file], vec![self.dir.clone()]).await {
+        if let Err(e) = self.sync_dir_of(file).await {
             let _ = fs::remove_file(self.path(id));
             return Err(e);
         }
@@ -577,7 +581,7 @@ impl Spool {
         f.write_all(text.as_bytes())?;
         fs::rename(&tmp, self.status_path(msg.id))?;
         msg.has_status_file = true;
-        self.syncer.sync(vec![f], vec![self.dir.clone()]).await
+        self.sync_dir_of(f).await
     }
 
     /// Removes a message whose recipients are all done. Not synced: should the removal be
@@ -692,7 +696,7 @@ fn write_parts(
 
 /// `rename(2)` that fails with `AlreadyExists` instead of replacing `to` (renameat2
 /// RENAME_NOREPLACE; a check then a rename where the file system lacks it).
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let f = CString::new(from.as_os_str().as_bytes()).map_err(io::Error::other)?;

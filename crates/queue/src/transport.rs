@@ -21,6 +21,9 @@ pub struct DeliveryJob {
     /// The message was recovered at start: a delivery of it may have happened before the
     /// crash without being recorded (local delivery looks for it before repeating it).
     pub recovered: bool,
+    /// The first attempt for these recipients (never attempted before, not recovered): no
+    /// earlier delivery of it can exist, so local delivery does not look for one.
+    pub fresh: bool,
 }
 
 /// Why an attempt did not deliver, with what is needed for logs and bounces.

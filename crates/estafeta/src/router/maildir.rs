@@ -45,6 +45,7 @@ impl Transport for MaildirAgent {
                         // after a crash finds the first one instead of making a second.
                         key: Some(format!("E{}R{i}", job.id)),
                         look_in_cur: job.recovered,
+                        fresh: job.fresh,
                     },
                 )),
                 Err(e) => {

@@ -154,6 +154,15 @@ impl Transport for Router {
                 None => parts.push((agent, vec![i])),
             }
         }
+        if let [(agent, _)] = parts.as_slice() {
+            // One agent for every recipient (the usual case): the job as it is.
+            return match agent {
+                Agent::Maildir => self.maildir.deliver(job).await,
+                Agent::Lmtp => self.lmtp.deliver(job).await,
+                Agent::Pipe => self.pipe.deliver(job).await,
+                Agent::Remote => self.remote.deliver(job).await,
+            };
+        }
         let mut outcomes = Vec::with_capacity(job.rcpts.len());
         for (agent, rcpts) in parts {
             let part = DeliveryJob {
@@ -162,6 +171,7 @@ impl Transport for Router {
                 content: job.content.clone(),
                 rcpts,
                 recovered: job.recovered,
+                fresh: job.fresh,
             };
             outcomes.extend(match agent {
                 Agent::Maildir => self.maildir.deliver(&part).await,
