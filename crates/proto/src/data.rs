@@ -103,10 +103,7 @@ impl DataReceiver {
                 State::Done => return DataStatus::Done(i),
                 State::Middle => {
                     // Fast path: copy the run up to the next CR or LF in one go.
-                    let run = input[i..]
-                        .iter()
-                        .position(|&b| b == b'\r' || b == b'\n')
-                        .unwrap_or(input.len() - i);
+                    let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
                     if run > 0 {
                         self.emit(out, &input[i..i + run]);
                         i += run;
@@ -124,19 +121,22 @@ impl DataReceiver {
                 }
                 State::LineStartReal | State::LineStartBare => {
                     let real = self.state == State::LineStartReal;
-                    let b = input[i];
-                    i += 1;
-                    match b {
-                        b'.' => self.state = State::Dot { real },
-                        b'\r' => self.state = State::Cr,
+                    match input[i] {
+                        b'.' => {
+                            i += 1;
+                            self.state = State::Dot { real };
+                        }
+                        b'\r' => {
+                            i += 1;
+                            self.state = State::Cr;
+                        }
                         b'\n' => {
+                            i += 1;
                             self.emit(out, b"\r\n");
                             self.state = State::LineStartBare;
                         }
-                        _ => {
-                            self.emit(out, &[b]);
-                            self.state = State::Middle;
-                        }
+                        // Any other byte starts the line's run, copied with it.
+                        _ => self.state = State::Middle,
                     }
                 }
                 State::Cr => {

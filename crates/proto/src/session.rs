@@ -626,11 +626,7 @@ impl Session {
     fn step_command(&mut self) -> bool {
         let pending = &self.buf[self.pos..];
         let from = self.scanned.min(pending.len());
-        let Some(lf) = pending[from..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|i| from + i)
-        else {
+        let Some(lf) = memchr::memchr(b'\n', &pending[from..]).map(|i| from + i) else {
             self.scanned = pending.len();
             if pending.len() > AUTH_LINE_LIMIT {
                 // RFC 5321 §4.5.3.1.4: too long. Drop what we have and the rest of the line.

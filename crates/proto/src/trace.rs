@@ -143,7 +143,7 @@ pub fn header_stats(message: &[u8]) -> HeaderStats {
         if rest.len() >= 9 && rest[..9].eq_ignore_ascii_case(b"received:") {
             received += 1;
         }
-        match rest.iter().position(|&b| b == b'\n') {
+        match memchr::memchr(b'\n', rest) {
             Some(i) => rest = &rest[i + 1..],
             None => {
                 rest = &[];
