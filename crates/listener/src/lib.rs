@@ -1206,9 +1206,11 @@ async fn drive(
                         }
                     };
                     let result = match &quarantine {
-                        None => ctx.queue.submit_then(*envelope, body, log_queued).await,
+                        // Boxed: a delivery made before the acknowledgement is a large
+                        // future, which an idle connection's task would otherwise carry.
+                        None => Box::pin(ctx.queue.submit_then(*envelope, body, log_queued)).await,
                         Some(reason) => {
-                            let r = ctx.queue.submit_held(*envelope, body).await;
+                            let r = Box::pin(ctx.queue.submit_held(*envelope, body)).await;
                             if let Ok(id) = &r {
                                 tracing::info!(target: "estafeta::maillog", id = %id, client = %peer, reason = %reason, "quarantined by a milter (held)");
                                 log_queued(*id);
