@@ -124,15 +124,16 @@ impl std::fmt::Debug for QueueHandle {
     }
 }
 
+/// An attempt's outcomes, boxed (the future of [`Direct::deliver`]).
+type Outcomes<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>;
+
 /// The transport as the handle uses it: [`Transport`] without its type, for the deliveries
 /// made in the session's task before the `250`.
 trait Direct: Send + Sync {
     fn immediate(&self, envelope: &Envelope) -> bool;
     fn agent(&self, envelope: &Envelope, rcpt: usize) -> &'static str;
-    fn deliver<'a>(
-        &'a self,
-        job: &'a DeliveryJob,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>;
+    fn deliver<'a>(&'a self, job: &'a DeliveryJob) -> Outcomes<'a>;
 }
 
 impl<T: Transport> Direct for Arc<T> {
@@ -144,11 +145,7 @@ impl<T: Transport> Direct for Arc<T> {
         (**self).agent(envelope, rcpt)
     }
 
-    fn deliver<'a>(
-        &'a self,
-        job: &'a DeliveryJob,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>
-    {
+    fn deliver<'a>(&'a self, job: &'a DeliveryJob) -> Outcomes<'a> {
         Box::pin((**self).deliver(job))
     }
 }
