@@ -120,37 +120,36 @@ impl Maildir {
         return_path: &str,
         content: &[u8],
     ) -> Vec<io::Result<PathBuf>> {
+        let mut files = Vec::new();
         let mut dirs: Vec<PathBuf> = Vec::new();
         // Already delivered before a crash (the same name is in new/, or in cur/): reported
-        // delivered, not written again.
+        // delivered, not written again — and its folder flushed with the renames below, since
+        // the attempt that renamed it may have failed before its own flush.
         let done: Vec<Option<PathBuf>> = targets
             .iter()
             .map(|t| if t.fresh { None } else { self.already(t) })
             .collect();
+        for dir in done.iter().flatten().filter_map(|p| p.parent()) {
+            if !dirs.iter().any(|d| d == dir) {
+                dirs.push(dir.to_path_buf());
+            }
+        }
         let mut staged: Vec<io::Result<(PathBuf, PathBuf)>> = targets
             .iter()
             .zip(&done)
             .map(|(t, done)| match done {
                 Some(path) => Ok((PathBuf::new(), path.clone())),
-                None => self.write_tmp(t, return_path, content).map(|(tmp, new)| {
-                    // The syncer is given the folder, not the file: one syncfs of its file
-                    // system covers the file's data, and the folder's device is known to
-                    // the syncer by its path (no fstat per file).
-                    if let Some(dir) = tmp.parent()
-                        && !dirs.iter().any(|d| d == dir)
-                    {
-                        dirs.push(dir.to_path_buf());
-                    }
-                    (tmp, new)
-                }),
+                None => self
+                    .write_tmp(t, return_path, content)
+                    .map(|(tmp, new, f)| {
+                        files.push(f);
+                        (tmp, new)
+                    }),
             })
             .collect();
         // The data of every tmp/ file is durable before any of them appears in new/.
-        if !dirs.is_empty()
-            && let Err(e) = self
-                .syncer
-                .sync(Vec::new(), std::mem::take(&mut dirs))
-                .await
+        if !files.is_empty()
+            && let Err(e) = self.syncer.sync(files, Vec::new()).await
         {
             return fail_all(&staged, &e);
         }
@@ -174,7 +173,9 @@ impl Maildir {
             }
         }
         // Then the renames into new/ are durable before the delivery is reported.
-        if let Err(e) = self.syncer.sync(Vec::new(), dirs).await {
+        if !dirs.is_empty()
+            && let Err(e) = self.syncer.sync(Vec::new(), dirs).await
+        {
             return fail_all(&staged, &e);
         }
         staged.into_iter().map(|s| s.map(|(_, new)| new)).collect()
@@ -227,13 +228,14 @@ impl Maildir {
         None
     }
 
-    /// Creates the folders if needed and writes `tmp/NAME`. Returns (tmp path, new path).
+    /// Creates the folders if needed and writes `tmp/NAME`. Returns (tmp path, new path, the
+    /// file, for the syncer).
     fn write_tmp(
         &self,
         target: &Target,
         return_path: &str,
         content: &[u8],
-    ) -> io::Result<(PathBuf, PathBuf)> {
+    ) -> io::Result<(PathBuf, PathBuf, std::fs::File)> {
         let root = &target.maildir;
         let name = self.name(target);
         let tmp = root.join("tmp").join(&name);
@@ -286,7 +288,7 @@ impl Maildir {
                 if !known {
                     self.remember(root);
                 }
-                Ok((tmp, new))
+                Ok((tmp, new, f))
             }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);

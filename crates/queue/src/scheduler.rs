@@ -124,6 +124,11 @@ impl std::fmt::Debug for QueueHandle {
     }
 }
 
+/// The most a delivery before the acknowledgement writes (message size × recipients): a
+/// larger one is queued first, so that the client does not wait for many copies of a big
+/// message, and the blocking pool writes the spool file.
+const IMMEDIATE_LIMIT: usize = 4 * 1024 * 1024;
+
 /// An attempt's outcomes, boxed (the future of [`Direct::deliver`]).
 type Outcomes<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>;
@@ -146,7 +151,7 @@ impl<T: Transport> Direct for Arc<T> {
     }
 
     fn deliver<'a>(&'a self, job: &'a DeliveryJob) -> Outcomes<'a> {
-        Box::pin((**self).deliver(job))
+        Box::pin((**self).deliver_immediate(job))
     }
 }
 
@@ -186,7 +191,8 @@ impl QueueHandle {
         body: Vec<u8>,
         queued: impl FnOnce(QueueId) + Send,
     ) -> io::Result<QueueId> {
-        if self.direct.immediate(&envelope)
+        if body.len().saturating_mul(envelope.rcpts.len()) <= IMMEDIATE_LIMIT
+            && self.direct.immediate(&envelope)
             && !envelope
                 .rcpts
                 .iter()
@@ -230,6 +236,7 @@ impl QueueHandle {
             n
         ];
         let mut done: Vec<(usize, String)> = Vec::with_capacity(n);
+        let mut failed: Vec<(usize, Failure)> = Vec::new();
         for (i, outcome) in outcomes {
             let Some(s) = status.get_mut(i) else { continue };
             if s.state != RcptState::Pending {
@@ -240,12 +247,22 @@ impl QueueHandle {
                     s.state = RcptState::Delivered;
                     done.push((i, detail));
                 }
-                Outcome::TempFail(f) | Outcome::PermFail(f) => s.last_error = Some(f.to_string()),
+                Outcome::TempFail(f) | Outcome::PermFail(f) => {
+                    s.last_error = Some(f.to_string());
+                    failed.push((i, f));
+                }
             }
         }
         let DeliveryJob {
             envelope, content, ..
         } = job;
+        let log_delivered = |done: &[(usize, String)]| {
+            for (i, detail) in done {
+                let to = &envelope.rcpts[*i].path;
+                let agent = self.direct.agent(&envelope, *i);
+                tracing::info!(target: "estafeta::maillog", id = %id, to = %to, status = "sent", delay_s = 0, transport = agent, %detail, "delivered");
+            }
+        };
         let all = done.len() == n;
         let rest = if all {
             queued(id);
@@ -253,17 +270,28 @@ impl QueueHandle {
         } else {
             // What was not delivered goes to the spool, the rest marked done; this attempt's
             // failures are the scheduler's to retry or bounce (at once: it is due now).
-            let msg = self
+            let put = self
                 .spool
                 .put_prepared(id, arrival, envelope.clone(), content, status)
-                .await?;
+                .await;
+            let msg = match put {
+                Ok(msg) => msg,
+                Err(e) => {
+                    // Not acknowledged: the client sends the message again, and the
+                    // recipients delivered here get it twice. Their copies are logged.
+                    log_delivered(&done);
+                    tracing::error!(target: "estafeta::maillog", id = %id, delivered = done.len(), nrcpt = n, error = %e, "not acknowledged: delivered to some recipients, the others could not be queued");
+                    return Err(e);
+                }
+            };
             queued(id);
             Some(msg)
         };
-        for (i, detail) in &done {
+        log_delivered(&done);
+        for (i, f) in &failed {
             let to = &envelope.rcpts[*i].path;
             let agent = self.direct.agent(&envelope, *i);
-            tracing::info!(target: "estafeta::maillog", id = %id, to = %to, status = "sent", delay_s = 0, transport = agent, %detail, "delivered");
+            tracing::info!(target: "estafeta::maillog", id = %id, to = %to, status = "deferred", delay_s = 0, transport = agent, dsn = f.reply.status.map(tracing::field::display), relay = f.remote.as_deref(), reason = %f, "deferred");
         }
         match rest {
             None => tracing::info!(target: "estafeta::maillog", id = %id, "removed"),

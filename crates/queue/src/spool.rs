@@ -220,11 +220,8 @@ impl Spool {
     }
 
     /// Makes a file written in the spool directory, and the directory's entries, durable.
-    /// The syncer is given the directory only: one syncfs of its file system covers the file,
-    /// and the directory's device is known to the syncer by its path (no fstat per file).
     async fn sync_dir_of(&self, file: File) -> io::Result<()> {
-        drop(file);
-        self.syncer.sync(Vec::new(), vec![self.dir.clone()]).await
+        self.syncer.sync(vec![file], vec![self.dir.clone()]).await
     }
 
     fn path(&self, id: QueueId) -> PathBuf {

@@ -52,8 +52,10 @@ impl Syncer {
         Ok(Syncer { tx })
     }
 
-    /// Makes the data of `files` and the entries of `dirs` durable. The files are closed
-    /// afterwards.
+    /// Makes the data of `files` and the entries of `dirs` durable: everything written on
+    /// their file systems before the call is (one `syncfs` per file system). Give the files
+    /// just written, not only their directories: a write-back error of their data is reported
+    /// through a handle opened before it was written. The files are closed afterwards.
     pub async fn sync(&self, files: Vec<File>, dirs: Vec<PathBuf>) -> io::Result<()> {
         let (done, wait) = oneshot::channel();
         self.tx
@@ -98,12 +100,18 @@ fn run(rx: mpsc::Receiver<Request>) {
                 if done.contains_key(dev) {
                     continue;
                 }
-                let r = match fs_handles.get(dev).or_else(|| round_handles.get(dev)) {
+                // Through a file of the round when there is one: it was opened before its
+                // data was written, so a write-back error of that data is reported to it
+                // even if another handle saw the error first (syncfs reports an error once
+                // per open file description).
+                let r = match round_handles.get(dev).or_else(|| fs_handles.get(dev)) {
                     Some(f) => syncfs(f),
                     None => Err(io::Error::other("no handle for file system")),
                 };
                 if r.is_err() {
+                    // Opened again by the next request that names a directory on it.
                     fs_handles.remove(dev);
+                    dir_devs.retain(|_, d| d != dev);
                 }
                 done.insert(*dev, r.map_err(|e| (e.kind(), e.to_string())));
             }
@@ -136,9 +144,7 @@ fn devices(
     let mut devs = Vec::with_capacity(1);
     for f in &req.files {
         let dev = f.metadata()?.dev();
-        if !fs_handles.contains_key(&dev)
-            && let std::collections::hash_map::Entry::Vacant(e) = round_handles.entry(dev)
-        {
+        if let std::collections::hash_map::Entry::Vacant(e) = round_handles.entry(dev) {
             e.insert(f.try_clone()?);
         }
         if !devs.contains(&dev) {

@@ -116,6 +116,17 @@ pub trait Transport: Send + Sync + 'static {
         false
     }
 
+    /// Delivers an [`immediate`](Transport::immediate) message before its acknowledgement.
+    /// A recipient that no longer qualifies (a reload changed its route since `immediate`
+    /// was asked) must come back as a temporary failure, and is queued: only quick local
+    /// deliveries may happen while the client waits. The default is [`Transport::deliver`].
+    fn deliver_immediate(
+        &self,
+        job: &DeliveryJob,
+    ) -> impl Future<Output = Vec<(usize, Outcome)>> + Send {
+        self.deliver(job)
+    }
+
     /// Splits the recipients of an attempt into batches that the scheduler delivers one after
     /// the other, recording the recipients each batch delivered in the spool before the next
     /// batch starts. Quick local deliveries go first, so that a crash during a slow remote one

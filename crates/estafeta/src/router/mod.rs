@@ -117,6 +117,36 @@ impl Transport for Router {
         self.route(envelope, rcpt).agent()
     }
 
+    /// Only the recipients routed to a Maildir (with this router: the one `immediate`
+    /// asked may have been replaced by a reload since); any other is a temporary failure,
+    /// queued by the caller.
+    async fn deliver_immediate(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        let (local, other): (Vec<usize>, Vec<usize>) = job
+            .rcpts
+            .iter()
+            .partition(|&&i| matches!(self.route(&job.envelope, i), Route::Maildir(_)));
+        let mut outcomes = if other.is_empty() {
+            self.maildir.deliver(job).await
+        } else if local.is_empty() {
+            Vec::new()
+        } else {
+            let part = DeliveryJob {
+                id: job.id,
+                envelope: job.envelope.clone(),
+                content: job.content.clone(),
+                rcpts: local,
+                recovered: job.recovered,
+                fresh: job.fresh,
+            };
+            self.maildir.deliver(&part).await
+        };
+        for i in other {
+            let reply = estafeta_proto::reply::local_error();
+            outcomes.push((i, Outcome::TempFail(estafeta_queue::Failure::local(reply))));
+        }
+        outcomes
+    }
+
     /// Every recipient goes to a Maildir estafeta writes itself: delivered before the `250`,
     /// without a spool file (the Maildir delivery is as durable as the spool's).
     fn immediate(&self, envelope: &estafeta_proto::Envelope) -> bool {
@@ -221,6 +251,11 @@ impl Transport for LiveRouter {
 
     fn immediate(&self, envelope: &estafeta_proto::Envelope) -> bool {
         self.current().immediate(envelope)
+    }
+
+    async fn deliver_immediate(&self, job: &DeliveryJob) -> Vec<(usize, Outcome)> {
+        let router = self.current();
+        router.deliver_immediate(job).await
     }
 
     fn batches(&self, job: &DeliveryJob) -> Vec<Vec<usize>> {
