@@ -225,4 +225,28 @@ fn local_mail_is_in_the_maildir_when_the_client_hears_250() {
     assert_eq!(report.len(), 1, "{}", server.log_text());
     let text = String::from_utf8_lossy(&report[0]);
     assert!(text.contains("Action: delivered"), "{text}");
+
+    // Over 4 MiB of writing (here 3 MiB × 2 recipients): queued first, then delivered, the
+    // same bytes into both mailboxes.
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    while big.len() < 3 * 1024 * 1024 {
+        big.extend_from_slice(&[b'y'; 998]);
+        big.extend_from_slice(b"\r\n");
+    }
+    let mut c = Client::connect(addr);
+    c.reply();
+    c.cmd("EHLO client.example");
+    assert!(c.cmd("MAIL FROM:<alice@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<carol@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<dave@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.write(&big);
+    c.write(b".\r\n");
+    assert!(c.last().starts_with("250 "));
+    for user in ["carol", "dave"] {
+        let got =
+            estafeta_e2e::maildir_new(&data, "example.test", user, 1, Duration::from_secs(20));
+        assert_eq!(got.len(), 1, "{}", server.log_text());
+        assert!(got[0].ends_with(&big), "{user}: the message differs");
+    }
 }
