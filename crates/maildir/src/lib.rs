@@ -127,7 +127,13 @@ impl Maildir {
         // the attempt that renamed it may have failed before its own flush.
         let done: Vec<Option<PathBuf>> = targets
             .iter()
-            .map(|t| if t.fresh { None } else { self.already(t) })
+            .map(|t| {
+                if t.fresh {
+                    None
+                } else {
+                    self.already(t, content)
+                }
+            })
             .collect();
         for dir in done.iter().flatten().filter_map(|p| p.parent()) {
             if !dirs.iter().any(|d| d == dir) {
@@ -205,13 +211,15 @@ impl Maildir {
     }
 
     /// Where the delivery to `target` already is, when a crash came after it and before its
-    /// record: `new/NAME`, or `cur/NAME:2,…` when `look_in_cur`.
-    fn already(&self, target: &Target) -> Option<PathBuf> {
+    /// record: `new/NAME`, or `cur/NAME:2,…` when `look_in_cur` — provided the file holds
+    /// this message: a file of that name from another message (its queue ID came again after
+    /// the clock was set back) is not taken for this delivery.
+    fn already(&self, target: &Target, content: &[u8]) -> Option<PathBuf> {
         let key = target.key.as_ref()?;
         let name = format!("{key}.{}", self.host);
         let new = target.maildir.join("new").join(&name);
         if new.exists() {
-            return Some(new);
+            return holds(&new, content).then_some(new);
         }
         if target.look_in_cur {
             let prefix = format!("{name}:");
@@ -223,7 +231,8 @@ impl Maildir {
                     let n = n.to_string_lossy();
                     n == name || n.starts_with(&prefix)
                 })?;
-            return Some(found.path());
+            let path = found.path();
+            return holds(&path, content).then_some(path);
         }
         None
     }
@@ -310,6 +319,19 @@ impl Maildir {
         }
         known.insert(root.to_path_buf());
     }
+}
+
+/// Whether the Maildir file at `path` holds `content`: its first bytes (our Received header,
+/// with the queue ID, the date and the client) follow the `Return-Path:` and `Delivered-To:`
+/// lines the delivery added. Read errors count as "no".
+fn holds(path: &Path, content: &[u8]) -> bool {
+    use std::io::Read;
+    const HEAD: usize = 2048;
+    let probe = &content[..content.len().min(256)];
+    let mut buf = Vec::with_capacity(HEAD + probe.len());
+    let read = fs::File::open(path)
+        .and_then(|f| f.take((HEAD + probe.len()) as u64).read_to_end(&mut buf));
+    read.is_ok() && (probe.is_empty() || buf.windows(probe.len()).any(|w| w == probe))
 }
 
 /// Writes every part, in order, with as few `writev` calls as the kernel allows.
@@ -468,6 +490,51 @@ mod tests {
             b"Return-Path: <>\r\nDelivered-To: a@y\r\nx\r\n"
         );
         assert_eq!(fs::read_dir(t.maildir.join("tmp")).unwrap().count(), 0);
+    }
+
+    /// A retry that finds a file of its name holding another message (a queue ID that came
+    /// again after the clock was set back) does not take it for its own delivery: it delivers,
+    /// under another name, and leaves that file alone.
+    #[tokio::test]
+    async fn a_file_of_the_same_name_from_another_message_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = Maildir::new(Syncer::start().unwrap(), "mx");
+        let t = Target {
+            maildir: dir.path().join("a/Maildir"),
+            delivered_to: "a@y".into(),
+            key: Some("E0123456789ABR0".into()),
+            look_in_cur: false,
+            fresh: false,
+        };
+        let old = md
+            .deliver(
+                std::slice::from_ref(&t),
+                "",
+                b"Received: old\r\n\r\nold\r\n",
+            )
+            .await;
+        let old = old[0].as_ref().unwrap().clone();
+        let new = md
+            .deliver(
+                std::slice::from_ref(&t),
+                "",
+                b"Received: new\r\n\r\nnew\r\n",
+            )
+            .await;
+        let new = new[0].as_ref().unwrap().clone();
+        assert_ne!(new, old);
+        assert!(fs::read(&old).unwrap().ends_with(b"old\r\n"));
+        assert!(fs::read(&new).unwrap().ends_with(b"new\r\n"));
+        // The same message again is found, not written a second time.
+        let again = md
+            .deliver(
+                std::slice::from_ref(&t),
+                "",
+                b"Received: old\r\n\r\nold\r\n",
+            )
+            .await;
+        assert_eq!(again[0].as_ref().unwrap(), &old);
+        assert_eq!(fs::read_dir(t.maildir.join("new")).unwrap().count(), 2);
     }
 
     /// A first attempt does not look for an earlier delivery, and never replaces a file that
