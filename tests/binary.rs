@@ -217,8 +217,8 @@ fn spool_files(data: &Path) -> Vec<String> {
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                // The spool's lock file is not a message.
-                .filter(|name| name != ".lock")
+                // The spool's lock file and its pool of emptied files are not messages.
+                .filter(|name| name != ".lock" && name != "free")
                 .collect()
         })
         .unwrap_or_default();

@@ -110,7 +110,7 @@ fn spool_empty(data: &Path) -> bool {
         .map(|rd| {
             rd.flatten().all(|e| {
                 let n = e.file_name().to_string_lossy().into_owned();
-                n == ".lock" || n == "damaged"
+                n == ".lock" || n == "damaged" || n == "free"
             })
         })
         .unwrap_or(true)

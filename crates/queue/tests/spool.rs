@@ -609,3 +609,57 @@ async fn a_damaged_status_file_means_every_recipient_pending() {
         assert_eq!(back[0].pending(), vec![0, 1], "{damage:?}");
     }
 }
+
+/// A removed message's file is emptied and kept in `free/`, and the next message reuses it
+/// (the same inode: no inode freed and allocated per message); `free/` survives a restart,
+/// holds no message, and recovery never takes it for one.
+#[tokio::test]
+async fn removed_files_are_emptied_and_reused() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("queue");
+    let s = spool(dir.path());
+    let first = s
+        .put(
+            envelope(&["bob@localhost"]),
+            b"Subject: one\r\n\r\nsecret\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    let path = q.join(first.id.to_string());
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    s.remove(&first).unwrap();
+    assert!(!path.exists());
+    let free: Vec<_> = std::fs::read_dir(q.join("free"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(free.len(), 1);
+    assert_eq!(std::fs::metadata(&free[0]).unwrap().len(), 0, "emptied");
+
+    // After a restart the pool is read again and used by the next message.
+    drop(s);
+    let s = spool(dir.path());
+    assert!(s.recover().unwrap().is_empty());
+    let second = s
+        .put(
+            envelope(&["carol@localhost"]),
+            b"Subject: two\r\n\r\nx\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    let path = q.join(second.id.to_string());
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        ino,
+        "the file was reused"
+    );
+    assert_eq!(std::fs::read_dir(q.join("free")).unwrap().count(), 0);
+    let loaded = s.load(second.id).unwrap();
+    assert_eq!(loaded.envelope.rcpts[0].path.to_string(), "carol@localhost");
+    let content = s.read_content(second.id).unwrap();
+    let text = String::from_utf8_lossy(content.as_bytes());
+    assert!(text.ends_with("Subject: two\r\n\r\nx\r\n"), "{text}");
+    assert!(!text.contains("secret"));
+}
