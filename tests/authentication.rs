@@ -191,13 +191,32 @@ fn our_signatures_verify_with_dkimpy_and_opendkim() {
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
 
+    // A large message (3 MB: written to a file as it arrives, signed in two parts).
+    let r = send(
+        addr,
+        "client.test",
+        "alice@signer.test",
+        "dave@example.test",
+        &format!(
+            "From: Alice <alice@signer.test>\r\nTo: dave@example.test\r\nSubject: large\r\nDate: Wed, 2 Dec 2026 12:00:00 +0000\r\nMessage-ID: <2@signer.test>\r\n\r\nHello\r\n{}",
+            "One line of a large message, signed without being held whole.\r\n".repeat(50_000)
+        ),
+    );
+    assert!(r.starts_with("250 "), "{r}");
+
     let bob = maildir_new(&data, "example.test", "bob", 1, Duration::from_secs(10));
     let carol = maildir_new(&data, "example.test", "carol", 1, Duration::from_secs(10));
-    assert_eq!((bob.len(), carol.len()), (1, 1), "{}", server.log_text());
+    let dave = maildir_new(&data, "example.test", "dave", 1, Duration::from_secs(10));
+    assert_eq!(
+        (bob.len(), carol.len(), dave.len()),
+        (1, 1, 1),
+        "{}",
+        server.log_text()
+    );
     let carol_text = String::from_utf8_lossy(&carol[0]).into_owned();
     assert!(carol_text.contains("\r\nDate: "), "{carol_text}");
     assert!(carol_text.contains("\r\nMessage-ID: <"), "{carol_text}");
-    for (name, msg) in [("bob", &bob[0]), ("carol", &carol[0])] {
+    for (name, msg) in [("bob", &bob[0]), ("carol", &carol[0]), ("dave", &dave[0])] {
         let text = String::from_utf8_lossy(msg);
         assert_eq!(text.matches("DKIM-Signature:").count(), 2, "{text}");
         assert!(
@@ -531,30 +550,45 @@ fn dmarc_reject_quarantine_dkimpy_signatures_and_dns_failures() {
         "Authentication-Results: mx.test.example; dmarc=pass header.from=bank.test\r\n{}",
         message("x@signed.test", "dkimpy")
     );
-    let mut child = Command::new(python)
-        .arg(script())
-        .args(["sign", "py", "signed.test"])
-        .arg(&key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), original.as_bytes()).unwrap();
-    drop(child.stdin.take());
-    let signed = child.wait_with_output().unwrap();
-    assert!(signed.status.success());
-    let signed = String::from_utf8(signed.stdout)
-        .unwrap()
-        .replace("\r\n", "\n")
-        .replace('\n', "\r\n");
-    let r = send(
-        addr,
-        "client.test",
-        "x@signed.test",
-        "bob@example.test",
-        &signed,
+    // The same for a large message (3 MB: written to a file as it arrives, checked through
+    // a mapping of it).
+    let large = format!(
+        "Authentication-Results: mx.test.example; dmarc=pass header.from=bank.test\r\n{}",
+        message("x@signed.test", "dkimpy-large").replace(
+            "Hello.\r\n",
+            &"Hello, this is one line of a large message.\r\n".repeat(70_000)
+        )
     );
-    assert!(r.starts_with("250 "), "{r}\n{}", server.log_text());
+    for original in [&original, &large] {
+        let mut child = Command::new(python)
+            .arg(script())
+            .args(["sign", "py", "signed.test"])
+            .arg(&key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = original.clone();
+        let feeder = std::thread::spawn(move || {
+            std::io::Write::write_all(&mut stdin, input.as_bytes()).unwrap()
+        });
+        let signed = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        assert!(signed.status.success());
+        let signed = String::from_utf8(signed.stdout)
+            .unwrap()
+            .replace("\r\n", "\n")
+            .replace('\n', "\r\n");
+        let r = send(
+            addr,
+            "client.test",
+            "x@signed.test",
+            "bob@example.test",
+            &signed,
+        );
+        assert!(r.starts_with("250 "), "{r}\n{}", server.log_text());
+    }
 
     // RFC 8463's ed25519 example message, with its published key.
     let rfc8463 = "DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed;\r\n d=football.example.com; i=@football.example.com;\r\n q=dns/txt; s=brisbane; t=1528637909; h=from : to :\r\n subject : date : message-id : from : subject : date;\r\n bh=2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8=;\r\n b=/gCrinpcQOoIfuHNQIbq4pgh9kyIK3AQUdt9OdqQehSwhEIug4D11Bus\r\n Fa3bT3FY5OsU7ZbnKELq+eXdp1Q1Dw==\r\nFrom: Joe SixPack <joe@football.example.com>\r\nTo: Suzie Q <suzie@shopping.example.net>\r\nSubject: Is dinner ready?\r\nDate: Fri, 11 Jul 2003 21:00:37 -0700 (PDT)\r\nMessage-ID: <20030712040037.46341.5F8J@football.example.com>\r\n\r\nHi.\r\n\r\nWe lost the game.  Are you hungry yet?\r\n\r\nJoe.\r\n";
@@ -567,8 +601,8 @@ fn dmarc_reject_quarantine_dkimpy_signatures_and_dns_failures() {
     );
     assert!(r.starts_with("250 "), "{r}");
 
-    let got = maildir_new(&data, "example.test", "bob", 3, Duration::from_secs(10));
-    assert_eq!(got.len(), 3, "{}", server.log_text());
+    let got = maildir_new(&data, "example.test", "bob", 4, Duration::from_secs(10));
+    assert_eq!(got.len(), 4, "{}", server.log_text());
     let find = |needle: &str| {
         got.iter()
             .find(|m| String::from_utf8_lossy(m).contains(needle))
@@ -582,14 +616,18 @@ fn dmarc_reject_quarantine_dkimpy_signatures_and_dns_failures() {
     );
     assert!(ar[0].contains("spf=fail"), "{ar:?}");
 
-    let ar = auth_results(find("Subject: dkimpy\r\n"));
-    assert_eq!(ar.len(), 1, "the forged result was kept: {ar:?}");
-    assert!(
-        ar[0].contains("dkim=pass header.i=@signed.test header.s=py"),
-        "{ar:?}"
-    );
-    assert!(ar[0].contains("dmarc=pass"), "{ar:?}");
-    assert!(!ar[0].contains("bank.test"), "{ar:?}");
+    for subject in ["Subject: dkimpy\r\n", "Subject: dkimpy-large\r\n"] {
+        let ar = auth_results(find(subject));
+        assert_eq!(ar.len(), 1, "the forged result was kept: {ar:?}");
+        assert!(
+            ar[0].contains("dkim=pass header.i=@signed.test header.s=py"),
+            "{subject}: {ar:?}"
+        );
+        assert!(ar[0].contains("dmarc=pass"), "{ar:?}");
+        assert!(!ar[0].contains("bank.test"), "{ar:?}");
+    }
+    let large_copy = find("Subject: dkimpy-large\r\n");
+    assert!(large_copy.len() > 3_000_000, "{}", large_copy.len());
 
     let ar = auth_results(find("Subject: Is dinner ready?"));
     assert!(

@@ -243,6 +243,31 @@ fn a_milter_changes_holds_refuses_and_discards() {
     assert!(end.starts_with("250 "), "{end}");
     wait_log(&server, "discarded by a milter");
     assert!(maildir_new(&data, "example.org", "erin", 1, Duration::from_millis(500)).is_empty());
+    // A large message (3 MB, written to a file as it arrives): the milter sees all of its
+    // body, and its header changes land above the body, which arrives whole.
+    let body = "A line of a large message for the milter to read.\r\n".repeat(60_000);
+    let (_, end) = send(
+        addr,
+        "client.example",
+        "a@example.test",
+        &["frank@example.org"],
+        &format!("Subject: large\r\n\r\n{body}"),
+    );
+    assert!(end.starts_with("250 "), "{end}");
+    let frank = maildir_new(&data, "example.org", "frank", 1, Duration::from_secs(20));
+    assert_eq!(frank.len(), 1, "{}", server.log_text());
+    let (head, got) = frank[0]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (&frank[0][..i + 4], &frank[0][i + 4..]))
+        .unwrap();
+    let head = String::from_utf8_lossy(head);
+    assert!(
+        head.contains(&format!("X-Seen-Body: {} bytes in ", body.len())),
+        "{head}"
+    );
+    assert!(head.contains("Subject: large\r\n"), "{head}");
+    assert!(got == body.as_bytes(), "the body changed on the way");
     // Refused at HELO: the transaction's recipients are refused.
     let (rcpts, _) = send(
         addr,

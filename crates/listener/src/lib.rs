@@ -27,7 +27,7 @@ use estafeta_mailauth::verify::SpfResults;
 use estafeta_policy::{Client, Policy, Trust, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Action, Session, SessionConfig, Timeout};
-use estafeta_queue::QueueHandle;
+use estafeta_queue::{MessageBody, QueueHandle, Spilled};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -473,6 +473,53 @@ pub fn user_name(uid: u32) -> Option<String> {
     }
 }
 
+/// The reply when a message cannot be stored: a full disk is 452 4.3.1 (RFC 3463), the
+/// client comes back later; anything else 451.
+fn storage_reply(e: &io::Error) -> Reply {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) {
+        reply::insufficient_storage()
+    } else {
+        reply::queue_error()
+    }
+}
+
+/// Appends a block of a large message to its spill file (created with the first block), from
+/// the blocking pool: a write the kernel throttles must not stall the other sessions.
+async fn spill_block(
+    queue: &QueueHandle,
+    spill: &mut Option<Box<(std::fs::File, u64)>>,
+    chunk: Vec<u8>,
+) -> io::Result<()> {
+    let (file, len) = match spill.take() {
+        Some(b) => *b,
+        None => (queue.spill_file()?, 0),
+    };
+    let (file, n) = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        (&file)
+            .write_all(&chunk)
+            .map(|()| (file, chunk.len() as u64))
+    })
+    .await
+    .map_err(io::Error::other)??;
+    *spill = Some(Box::new((file, len + n)));
+    Ok(())
+}
+
+/// A large message once it is all received: its spill file with the last octets appended.
+async fn spilled(file: std::fs::File, len: u64, tail: Vec<u8>) -> io::Result<Spilled> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        (&file).write_all(&tail)?;
+        Spilled::new(file, len + tail.len() as u64)
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
 async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, r: Reply) {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&r.to_bytes())).await;
     let _ = stream.shutdown().await;
@@ -907,6 +954,9 @@ async fn drive(
     // used as it is when the message is queued.
     let mut rcpt_targets: Vec<(String, Vec<estafeta_policy::Target>)> = Vec::new();
     let mut tls_buf: Vec<u8> = Vec::new();
+    // A large message's content received so far (the session's taken blocks) and its length.
+    let mut spill: Option<Box<(std::fs::File, u64)>> = None;
+    let mut spill_failed: Option<io::Error> = None;
     let mut messages = 0u32;
     let mut stopping = false;
     // When the client was last answered: a command (or a whole DATA transfer, or a BDAT
@@ -1059,7 +1109,30 @@ async fn drive(
                         }
                     }
                 }
-                Action::Enqueue(mut envelope, mut body) => {
+                Action::Enqueue(mut envelope, tail) => {
+                    // A large message: what was taken is in the spill file, the tail joins it.
+                    let taken = session.body_taken();
+                    let failed = spill_failed.take();
+                    let mut body = match spill.take() {
+                        _ if taken == 0 => MessageBody::Memory(tail),
+                        Some(b) if b.1 == taken && failed.is_none() => {
+                            let (file, len) = *b;
+                            match Box::pin(spilled(file, len, tail)).await {
+                                Ok(s) => MessageBody::Spilled(s),
+                                Err(e) => {
+                                    tracing::error!(client = %peer, error = %e, "cannot write a large message to the spool directory");
+                                    session.enqueued(Err(storage_reply(&e)));
+                                    continue;
+                                }
+                            }
+                        }
+                        // A block could not be written: the message is not whole.
+                        _ => {
+                            let e = failed.unwrap_or_else(|| io::Error::other("lost"));
+                            session.enqueued(Err(storage_reply(&e)));
+                            continue;
+                        }
+                    };
                     let client = peer.client(&session);
                     let trust = ctx.policy.trust(&client);
                     let ma = &ctx.mail_auth;
@@ -1075,29 +1148,59 @@ async fn drive(
                             Some((from, results)) if from == sender => Some(results),
                             _ => None,
                         };
-                        let result = Box::pin(checker.check_message(
-                            peer.ip(),
-                            &envelope.client.helo,
-                            &sender,
-                            session.client_name(),
-                            cached,
-                            &mut body,
-                        ))
-                        .await;
+                        let result = match &mut body {
+                            MessageBody::Memory(v) => {
+                                Box::pin(checker.check_message(
+                                    peer.ip(),
+                                    &envelope.client.helo,
+                                    &sender,
+                                    session.client_name(),
+                                    cached,
+                                    v,
+                                ))
+                                .await
+                            }
+                            MessageBody::Spilled(s) => match s.map_received() {
+                                Ok(map) => {
+                                    Box::pin(checker.check_parts(
+                                        peer.ip(),
+                                        &envelope.client.helo,
+                                        &sender,
+                                        session.client_name(),
+                                        cached,
+                                        s.head_mut(),
+                                        &map,
+                                    ))
+                                    .await
+                                }
+                                Err(e) => {
+                                    tracing::error!(client = %peer, error = %e, "cannot read a large message back");
+                                    session.enqueued(Err(reply::queue_error()));
+                                    continue;
+                                }
+                            },
+                        };
                         tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, results = %result.summary, dmarc_policy = result.dmarc_policy.unwrap_or(""), "checked");
                         if let Err(r) = result.verdict {
                             tracing::info!(target: "estafeta::maillog", client = %peer, from = %envelope.from, reply = %r, status = r.status.map(tracing::field::display), "reject DATA");
                             session.enqueued(Err(r));
                             continue;
                         }
-                        body.splice(0..0, result.header.into_bytes());
+                        body.prepend(result.header.as_bytes());
                     } else {
-                        estafeta_mailauth::headers::strip_our_results(&mut body, &ma.hostname);
+                        estafeta_mailauth::headers::strip_our_results(
+                            body.head_mut(),
+                            &ma.hostname,
+                        );
                         if matches!(trust, Trust::Authenticated(_) | Trust::Local(_)) {
                             let now = std::time::SystemTime::now()
                                 .duration_since(std::time::UNIX_EPOCH)
                                 .map_or(0, |d| d.as_secs());
-                            estafeta_mailauth::headers::add_missing(&mut body, &ma.hostname, now);
+                            estafeta_mailauth::headers::add_missing(
+                                body.head_mut(),
+                                &ma.hostname,
+                                now,
+                            );
                         }
                     }
                     // The mail filters see the message with our Authentication-Results, and
@@ -1123,10 +1226,19 @@ async fn drive(
                         }
                     }
                     if trust != Trust::None {
-                        match ma.signer.sign(&body) {
+                        let signed = match &body {
+                            MessageBody::Memory(v) => ma.signer.sign(v),
+                            MessageBody::Spilled(s) => match s.map_received() {
+                                Ok(map) => ma
+                                    .signer
+                                    .sign_parts(s.fields(), s.separator_and_body_of(&map)),
+                                Err(e) => Some(Err(e.to_string())),
+                            },
+                        };
+                        match signed {
                             Some(Ok(signed)) => {
                                 tracing::debug!(client = %peer, keys = %signed.selectors.join(" "), "DKIM signed");
-                                body.splice(0..0, signed.fields.into_bytes());
+                                body.prepend(signed.fields.as_bytes());
                             }
                             Some(Err(e)) => {
                                 tracing::warn!(client = %peer, error = %e, "cannot DKIM-sign the message: sent unsigned");
@@ -1193,7 +1305,7 @@ async fn drive(
                     let from = envelope.from.to_string();
                     let nrcpt = envelope.rcpts.len();
                     let size = body.len();
-                    let message_id = message_id(&body);
+                    let message_id = message_id(body.head());
                     let auth_user = session.auth_user().unwrap_or("");
                     // The "queued" line, logged as soon as the message is durable: before the
                     // lines of a delivery made before the acknowledgement.
@@ -1225,15 +1337,7 @@ async fn drive(
                         }
                         Err(e) => {
                             tracing::error!(client = %peer, error = %e, "cannot queue message");
-                            // A full disk: 452 4.3.1 (RFC 3463), the client comes back later.
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-                            ) {
-                                Err(reply::insufficient_storage())
-                            } else {
-                                Err(reply::queue_error())
-                            }
+                            Err(storage_reply(&e))
                         }
                     };
                     session.enqueued(answer);
@@ -1269,6 +1373,22 @@ async fn drive(
                     tokio::time::sleep(d).await;
                 }
                 Action::Close => close = true,
+            }
+        }
+        // A large message goes to a file as it arrives, a block at a time.
+        let before = session.body_taken();
+        if let Some(chunk) = session.take_body(estafeta_queue::SPILL_AT) {
+            if before == 0 {
+                // The first block of this transaction: what an earlier one left goes.
+                spill = None;
+                spill_failed = None;
+            }
+            if spill_failed.is_some() {
+                // An earlier block failed: the message will be refused, the rest dropped.
+            } else if let Err(e) = Box::pin(spill_block(&ctx.queue, &mut spill, chunk)).await {
+                tracing::error!(client = %peer, error = %e, "cannot write a large message to the spool directory");
+                spill = None;
+                spill_failed = Some(e);
             }
         }
         if !out.is_empty() {

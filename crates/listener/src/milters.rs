@@ -16,6 +16,7 @@ use estafeta_config::{MilterConfig, MilterDefault};
 use estafeta_milter::{Address, Milter, Modification, Timeouts, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Envelope, ForwardPath, ReversePath};
+use estafeta_queue::MessageBody;
 
 /// One configured filter, its address parsed.
 #[derive(Debug)]
@@ -193,7 +194,7 @@ impl SessionMilters {
         &mut self,
         info: &SessionInfo<'_>,
         envelope: &mut Envelope,
-        body: &mut Vec<u8>,
+        body: &mut MessageBody,
     ) -> MessageVerdict {
         let m = macros(info);
         let mut quarantine: Option<String> = None;
@@ -207,7 +208,17 @@ impl SessionMilters {
                     None => continue,
                 }
             };
-            let (verdict, mods) = match milter.message(body, &m).await {
+            let sent = match &*body {
+                MessageBody::Memory(v) => milter.message(v, &m).await,
+                MessageBody::Spilled(s) => match s.map_received() {
+                    Ok(map) => milter.message_parts(s.head(), s.body_of(&map), &m).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the message for the milters");
+                        return MessageVerdict::Refuse(reply::queue_error());
+                    }
+                },
+            };
+            let (verdict, mods) = match sent {
                 Ok(r) => r,
                 Err(e) => match failed(conn, &e) {
                     Some(r) => return MessageVerdict::Refuse(r),
@@ -224,7 +235,21 @@ impl SessionMilters {
             }
             if !mods.is_empty() {
                 tracing::debug!(milter = %conn.spec.cfg.address, changes = mods.len(), "milter modifications");
-                *body = estafeta_milter::apply(body, &mods);
+                match body {
+                    MessageBody::Memory(v) => *v = estafeta_milter::apply(v, &mods),
+                    MessageBody::Spilled(s) => {
+                        // The header section is edited apart; a new body replaces the file.
+                        let edited = estafeta_milter::apply(s.head(), &mods);
+                        if mods
+                            .iter()
+                            .any(|m| matches!(m, Modification::ReplaceBody(_)))
+                        {
+                            *body = MessageBody::Memory(edited);
+                        } else {
+                            *s.head_mut() = edited;
+                        }
+                    }
+                }
             }
             for change in mods {
                 match change {

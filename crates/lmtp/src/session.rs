@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use estafeta_proto::data::stuff;
+use estafeta_proto::data::Stuffer;
 use estafeta_proto::reply as replies;
 use estafeta_proto::{MailParams, RcptParams, Reply};
 use estafeta_queue::{Failure, Outcome};
@@ -169,11 +169,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if open.is_empty() {
             return Ok(Step::Done);
         }
-        let mut wire = Vec::new();
-        stuff(content, &mut wire);
-        // The size of the content as the server stores it (without the stuffing and the
-        // end marker, approximately): what SIZE= announces.
-        let size = wire.len().saturating_sub(3);
+        // The size of the content as the server stores it: what SIZE= announces.
+        let size = content.len();
         let mail = mail_command(from, params, &self.ext, size);
         let mail_name = format!("MAIL FROM:<{from}>");
         let commands: Vec<String> = open
@@ -253,10 +250,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if step != Step::Continue {
             return Ok(step);
         }
-        for block in wire.chunks(DATA_BLOCK) {
-            self.write(block, t.command)
+        // Stuffed a block at a time: a large message is never copied whole.
+        let mut wire = Vec::with_capacity(DATA_BLOCK + DATA_BLOCK / 32 + 8);
+        let mut stuffer = Stuffer::default();
+        let mut blocks = estafeta_queue::blocks(content, DATA_BLOCK).peekable();
+        loop {
+            wire.clear();
+            if let Some(block) = blocks.next() {
+                stuffer.feed(block, &mut wire);
+            }
+            let last = blocks.peek().is_none();
+            if last {
+                stuffer.finish(&mut wire);
+            }
+            self.write(&wire, t.command)
                 .await
                 .map_err(|b| self.broken(b, "sending the message content", Some("DATA")))?;
+            if last {
+                break;
+            }
         }
         // RFC 2033 §4.2: one reply per accepted recipient, in the order of the RCPTs.
         for _ in 0..tx.accepted().len() {

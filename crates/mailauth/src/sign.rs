@@ -86,6 +86,17 @@ impl Signer {
     /// message whose author domain has keys; `None` when it has none. Errors are the signing
     /// library's (a message without any of the signed fields).
     pub fn sign(&self, message: &[u8]) -> Option<Result<Signed, String>> {
+        self.sign_input(message, None)
+    }
+
+    /// [`Signer::sign`] for a message given in two parts: `fields`, its header fields, then
+    /// `rest`, the empty line that ends them and the body. A large message's body, mapped
+    /// from its file, is not copied behind its edited header section.
+    pub fn sign_parts(&self, fields: &[u8], rest: &[u8]) -> Option<Result<Signed, String>> {
+        self.sign_input(fields, Some(rest))
+    }
+
+    fn sign_input(&self, message: &[u8], rest: Option<&[u8]>) -> Option<Result<Signed, String>> {
         // No key at all (most servers until they set DKIM up): not even the header is read.
         if self.keys.is_empty() {
             return None;
@@ -110,8 +121,13 @@ impl Signer {
                 .selector(k.config.selector.clone())
                 .headers(headers.iter().copied())
                 .header_canonicalization(Canonicalization::Relaxed)
-                .body_canonicalization(Canonicalization::Relaxed)
-                .sign(message);
+                .body_canonicalization(Canonicalization::Relaxed);
+            // Chained, the library reads the header fields of each part in turn and the body
+            // of the last: the fields, then a part whose header section is empty.
+            let signature = match rest {
+                None => signature.sign(message),
+                Some(rest) => signature.sign_chained([message, rest]),
+            };
             match signature {
                 Ok(s) => {
                     out.fields.push_str(&s.to_header());

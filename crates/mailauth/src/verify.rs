@@ -228,6 +228,38 @@ impl Checker {
         message: &mut Vec<u8>,
     ) -> Inbound {
         strip_our_results(message, &self.hostname);
+        self.check_timed(ip, helo, sender, client_name, spf, message)
+            .await
+    }
+
+    /// [`Checker::check_message`] for a large message: `head` is its header section (the
+    /// `Authentication-Results:` claiming our name are taken from it), `received` the whole
+    /// message as it arrived (mapped from its file), which the checks read.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn check_parts(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+        client_name: Option<&str>,
+        spf: Option<SpfResults>,
+        head: &mut Vec<u8>,
+        received: &[u8],
+    ) -> Inbound {
+        strip_our_results(head, &self.hostname);
+        self.check_timed(ip, helo, sender, client_name, spf, received)
+            .await
+    }
+
+    async fn check_timed(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+        client_name: Option<&str>,
+        spf: Option<SpfResults>,
+        message: &[u8],
+    ) -> Inbound {
         let checks = self.check(ip, helo, sender, client_name, spf, message);
         match tokio::time::timeout(CHECK_TIMEOUT, checks).await {
             Ok(inbound) => inbound,

@@ -132,6 +132,45 @@ fn our_signatures_verify_and_a_change_breaks_them() {
 }
 
 #[test]
+fn a_message_signed_in_two_parts_verifies_whole() {
+    // A large message is signed as its header section and its body apart (the body mapped
+    // from its spill file): the signature is the one over the whole message.
+    let ed = key(DkimAlgorithm::Ed25519, "ed");
+    let mut published = Published::default();
+    published.add(
+        "ed._domainkey.example.org",
+        &keys::txt_record(DkimAlgorithm::Ed25519, &ed.public),
+    );
+    let signer = Signer::new(vec![ed]);
+    let big_body = "A line of a large body.\r\n".repeat(50_000);
+    let fields = MESSAGE.split_once("\r\n\r\n").unwrap().0.to_string() + "\r\n";
+    let rest = format!("\r\n{big_body}");
+    let signed = signer
+        .sign_parts(fields.as_bytes(), rest.as_bytes())
+        .unwrap()
+        .unwrap();
+    let message = format!("{}{fields}{rest}", signed.fields);
+    // The same signature as over the message whole (ed25519 is deterministic; same second).
+    let whole = signer
+        .sign(format!("{fields}{rest}").as_bytes())
+        .unwrap()
+        .unwrap();
+    let bh = |f: &str| {
+        f.split("bh=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(bh(&signed.fields), bh(&whole.fields));
+    assert_eq!(verify(&published, message.as_bytes()), [DkimResult::Pass]);
+    let changed = message.replace("large body.\r\nA line", "large body.\r\nA lime");
+    assert_ne!(verify(&published, changed.as_bytes()), [DkimResult::Pass]);
+}
+
+#[test]
 fn mail_of_other_domains_is_not_signed() {
     let signer = Signer::new(vec![key(DkimAlgorithm::Ed25519, "ed")]);
     let other = MESSAGE.replace("alice@example.org", "alice@example.com");

@@ -291,8 +291,16 @@ impl Maildir {
                 }
             }
         }
-        // The added header and the message in one write, without copying the message.
-        match write_all_vectored(&mut f, &[head.as_bytes(), content]) {
+        // The added header and the message in one write, without copying the message; a
+        // large (mapped) message a block at a time, its pages let go as they are written.
+        let written = if content.len() > LARGE {
+            f.write_all(head.as_bytes()).and_then(|()| {
+                estafeta_queue::blocks(content, LARGE).try_for_each(|b| f.write_all(b))
+            })
+        } else {
+            write_all_vectored(&mut f, &[head.as_bytes(), content])
+        };
+        match written {
             Ok(()) => {
                 if !known {
                     self.remember(root);
@@ -335,6 +343,9 @@ fn holds(path: &Path, content: &[u8]) -> bool {
 }
 
 /// Writes every part, in order, with as few `writev` calls as the kernel allows.
+/// Messages above this size are written in blocks of it.
+const LARGE: usize = 1 << 20;
+
 fn write_all_vectored(f: &mut std::fs::File, parts: &[&[u8]]) -> io::Result<()> {
     let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
     let mut first = 0;

@@ -757,6 +757,43 @@ impl Milter {
             return early(v);
         }
         let (fields, body) = crate::edit::header_fields(content);
+        self.send_message(fields, body, macros).await
+    }
+
+    /// [`Client::message`] for a message given as its header section (with the empty line
+    /// after it) and its body apart: a large message's body, mapped from its file, is sent in
+    /// chunks without being copied.
+    pub async fn message_parts(
+        &mut self,
+        head: &[u8],
+        body: &[u8],
+        macros: &[(String, String)],
+    ) -> Result<(Verdict, Vec<Modification>), Error> {
+        if let Some(v) = self
+            .session_verdict
+            .as_ref()
+            .or(self.message_verdict.as_ref())
+        {
+            return Ok((v.clone(), Vec::new()));
+        }
+        let flags = (proto::NODATA, proto::NR_DATA);
+        let v = self
+            .step("DATA", Stage::Data, Command::Data, flags, macros)
+            .await?;
+        if v != Verdict::Continue {
+            return Ok((v, Vec::new()));
+        }
+        let (fields, _) = crate::edit::header_fields(head);
+        self.send_message(fields, body, macros).await
+    }
+
+    async fn send_message(
+        &mut self,
+        fields: Vec<crate::edit::HeaderField<'_>>,
+        body: &[u8],
+        macros: &[(String, String)],
+    ) -> Result<(Verdict, Vec<Modification>), Error> {
+        let early = |v: Verdict| Ok((v, Vec::new()));
         if !self.has(proto::NOHDRS) {
             if self.has(proto::NR_HDR) {
                 let mut out = Vec::new();

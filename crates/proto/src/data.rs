@@ -207,41 +207,113 @@ impl DataReceiver {
 /// dot (RFC 5321 §4.5.2). Content that does not end with a line break gets one.
 pub fn stuff(content: &[u8], out: &mut Vec<u8>) {
     out.reserve(content.len() + content.len() / 64 + 5);
-    let mut line_start = true;
-    let mut i = 0;
-    while i < content.len() {
-        let b = content[i];
-        match b {
-            b'\r' => {
-                out.extend_from_slice(b"\r\n");
-                if content.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-                line_start = true;
-            }
-            b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                line_start = true;
-            }
-            _ => {
-                if line_start && b == b'.' {
-                    out.push(b'.');
-                }
-                out.push(b);
-                line_start = false;
-            }
+    let mut s = Stuffer::default();
+    s.feed(content, out);
+    s.finish(out);
+}
+
+/// [`stuff`] in pieces: the content fed block by block (a large message is never copied
+/// whole), then [`Stuffer::finish`] for the end marker. The output is the same as `stuff`'s
+/// on the concatenated blocks, wherever they are cut.
+#[derive(Debug, Clone)]
+pub struct Stuffer {
+    line_start: bool,
+    /// The last block ended with a CR, already sent as CRLF: an LF opening the next is
+    /// its pair.
+    after_cr: bool,
+}
+
+impl Default for Stuffer {
+    fn default() -> Self {
+        Stuffer {
+            line_start: true,
+            after_cr: false,
         }
-        i += 1;
     }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
+}
+
+impl Stuffer {
+    /// Appends the stuffed form of `content` (the next block of the message) to `out`.
+    pub fn feed(&mut self, content: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        if self.after_cr && content.first() == Some(&b'\n') {
+            i = 1;
+        }
+        if !content.is_empty() {
+            self.after_cr = false;
+        }
+        while i < content.len() {
+            let b = content[i];
+            match b {
+                b'\r' => {
+                    out.extend_from_slice(b"\r\n");
+                    match content.get(i + 1) {
+                        Some(&b'\n') => i += 1,
+                        None => self.after_cr = true,
+                        Some(_) => {}
+                    }
+                    self.line_start = true;
+                }
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    self.line_start = true;
+                }
+                _ => {
+                    if self.line_start && b == b'.' {
+                        out.push(b'.');
+                    }
+                    // The run up to the next line break in one go.
+                    let run =
+                        memchr::memchr2(b'\r', b'\n', &content[i..]).unwrap_or(content.len() - i);
+                    out.extend_from_slice(&content[i..i + run]);
+                    i += run;
+                    self.line_start = false;
+                    continue;
+                }
+            }
+            i += 1;
+        }
     }
-    out.extend_from_slice(b".\r\n");
+
+    /// Ends the content: a final line break when it lacks one, then the end marker.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stuffing_in_blocks_is_stuffing_whole() {
+        let samples: [&[u8]; 6] = [
+            b"a\r\n.b\r\n",
+            b"x\ry\nz\r\n\r\n..\r\n.",
+            b".\r",
+            b"\r\n.\n.\r.",
+            b"no end",
+            b"",
+        ];
+        for sample in samples {
+            let mut whole = Vec::new();
+            stuff(sample, &mut whole);
+            for cut in 0..=sample.len() {
+                for cut2 in cut..=sample.len() {
+                    let mut s = Stuffer::default();
+                    let mut out = Vec::new();
+                    s.feed(&sample[..cut], &mut out);
+                    s.feed(&sample[cut..cut2], &mut out);
+                    s.feed(&sample[cut2..], &mut out);
+                    s.finish(&mut out);
+                    assert_eq!(out, whole, "{sample:?} cut at {cut} and {cut2}");
+                }
+            }
+        }
+    }
 
     /// Feeds the whole input at once and one byte at a time; both must agree.
     fn run(input: &[u8]) -> (Vec<u8>, Option<usize>) {

@@ -19,7 +19,7 @@ use crate::command::{Body, Command, MailParams, RcptParams, parse_command};
 use crate::data::{DataReceiver, DataStatus};
 use crate::envelope::{ClientInfo, Envelope, Recipient};
 use crate::reply::{self, Reply};
-use crate::trace::header_stats;
+use crate::trace::{HeaderStats, header_stats};
 
 /// RFC 5321 §4.5.3.1.4 allows 512 octets for a command line, and each extension adds what its
 /// parameters need: SIZE (RFC 1870 §3: +26), BODY (+16), SMTPUTF8 (+9), RET and ENVID
@@ -188,8 +188,12 @@ struct Transaction {
     rcpts: Vec<Recipient>,
     /// RCPT commands tried, accepted or not (to tell "need RCPT" from "no valid recipients").
     rcpt_attempts: usize,
-    /// The content received so far.
+    /// The content received so far (since the last [`Session::take_body`]).
     body: Vec<u8>,
+    /// Octets of content handed to the driver by [`Session::take_body`].
+    taken: u64,
+    /// The header section's figures, read before the first [`Session::take_body`].
+    head: Option<HeaderStats>,
     /// True once a BDAT chunk was received (DATA is then out of sequence).
     chunking: bool,
 }
@@ -306,6 +310,36 @@ impl Session {
     /// The reverse path of the transaction in progress (after MAIL FROM).
     pub fn mail_from(&self) -> Option<&crate::ReversePath> {
         self.txn.as_ref().map(|t| &t.from)
+    }
+
+    /// The content received so far, once at least `min` octets of it wait: the driver writes
+    /// them to a file, so that a large message is never whole in memory. The content that
+    /// arrives afterwards, up to the end of the message, is what [`Action::Enqueue`] carries;
+    /// the message is the concatenation of what was taken, in order, and that.
+    ///
+    /// Nothing is taken before the header section is complete (or over its limit, and the
+    /// message refused), so that the session can still judge it (hop count, size).
+    pub fn take_body(&mut self, min: usize) -> Option<Vec<u8>> {
+        let txn = self.txn.as_mut()?;
+        if txn.body.len() < min.max(1) {
+            return None;
+        }
+        if txn.head.is_none() {
+            let stats = header_stats(&txn.body);
+            if stats.size >= txn.body.len() && txn.body.len() <= MAX_HEADER_SIZE {
+                // The empty line after the header section has not arrived yet.
+                return None;
+            }
+            txn.head = Some(stats);
+        }
+        txn.taken += txn.body.len() as u64;
+        Some(std::mem::take(&mut txn.body))
+    }
+
+    /// Octets of the transaction's content handed over by [`Session::take_body`] so far: 0
+    /// in a new transaction (what the driver holds from an earlier one is not this one's).
+    pub fn body_taken(&self) -> u64 {
+        self.txn.as_ref().map_or(0, |t| t.taken)
     }
 
     /// Recipients accepted so far in the transaction in progress.
@@ -946,6 +980,8 @@ impl Session {
             rcpts: Vec::new(),
             rcpt_attempts: 0,
             body: Vec::new(),
+            taken: 0,
+            head: None,
             chunking: false,
         }));
         self.send(reply::mail_ok());
@@ -1035,7 +1071,7 @@ impl Session {
                 reply::bad_sequence("need RCPT command")
             });
         }
-        if (txn.body.len() as u64).saturating_add(size) > self.cfg.max_message_size {
+        if (txn.taken + txn.body.len() as u64).saturating_add(size) > self.cfg.max_message_size {
             return Err(reply::message_too_big());
         }
         Ok(())
@@ -1070,7 +1106,7 @@ impl Session {
         let Some(txn) = self.txn.as_mut() else {
             return;
         };
-        let stats = header_stats(&txn.body);
+        let stats = txn.head.unwrap_or_else(|| header_stats(&txn.body));
         if stats.received > self.cfg.max_received_headers {
             self.txn = None;
             self.send(reply::too_many_hops(stats.received));

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use estafeta_proto::address::{parse_forward_path, parse_reverse_path};
 use estafeta_proto::command::parse_command;
-use estafeta_proto::data::{DataReceiver, DataStatus, stuff};
+use estafeta_proto::data::{DataReceiver, DataStatus, Stuffer, stuff};
 use estafeta_proto::{Action, Session, SessionConfig, VrfyMode};
 use proptest::prelude::*;
 
@@ -78,6 +78,28 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Stuffing a message block by block (a large message is sent that way) gives what
+    /// stuffing it whole gives, wherever the blocks are cut.
+    #[test]
+    fn stuffing_in_blocks_is_stuffing_whole(
+        content in smtpish(),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
+        let mut whole = Vec::new();
+        stuff(&content, &mut whole);
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(content.len() + 1)).collect();
+        at.sort_unstable();
+        let mut s = Stuffer::default();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for cut in at.into_iter().chain([content.len()]) {
+            s.feed(&content[from..cut], &mut out);
+            from = cut;
+        }
+        s.finish(&mut out);
+        prop_assert_eq!(out, whole);
+    }
 
     #[test]
     fn command_parser_never_panics(line in smtpish()) {

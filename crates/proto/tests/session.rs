@@ -901,3 +901,103 @@ fn etrn_starts_the_queue_for_a_domain() {
         "503 5.5.1 Error: MAIL transaction in progress\r\n"
     );
 }
+
+/// Feeds `input` in pieces of `piece` octets as a driver does, taking the content whenever
+/// `min` octets of it wait (a large message written to a file as it arrives); returns the
+/// blocks taken and the `body_taken` the session reported when the message was queued.
+fn feed_taking(h: &mut Harness, input: &[u8], piece: usize, min: usize) -> (Vec<Vec<u8>>, String) {
+    let mut blocks = Vec::new();
+    let mut replies = String::new();
+    for p in input.chunks(piece) {
+        h.session.feed(p);
+        replies.push_str(&h.drive());
+        if let Some(b) = h.session.take_body(min) {
+            blocks.push(b);
+        }
+    }
+    (blocks, replies)
+}
+
+#[test]
+fn large_content_is_handed_over_in_blocks_and_joins_whole() {
+    let (mut h, _) = Harness::new(SessionConfig {
+        max_message_size: 10 << 20,
+        ..config()
+    });
+    h.c("EHLO client.example\r\n");
+    let line = "x".repeat(998) + "\r\n";
+    let content = format!(
+        "Subject: large\r\n\r\n{}..dot\r\nend\r\n",
+        line.repeat(3000)
+    );
+    let expected = content.replace("\r\n..dot", "\r\n.dot");
+
+    // DATA, in 16 KiB reads, taken by the MiB.
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    let input = format!("{content}.\r\n");
+    let (blocks, replies) = feed_taking(&mut h, input.as_bytes(), 16 * 1024, 1 << 20);
+    assert_eq!(replies, "250 2.0.0 Ok: queued as 000000000001\r\n");
+    assert!(blocks.len() >= 2, "{} blocks", blocks.len());
+    assert!(blocks.iter().all(|b| b.len() >= 1 << 20));
+    let mut whole = blocks.concat();
+    whole.extend_from_slice(&h.queued[0].1);
+    assert_eq!(whole, expected.as_bytes());
+
+    // BDAT, the same content in two chunks: the same message.
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n");
+    let e = expected.as_bytes();
+    let (first, second) = e.split_at(e.len() / 3);
+    let mut input = format!("BDAT {}\r\n", first.len()).into_bytes();
+    input.extend_from_slice(first);
+    input.extend_from_slice(format!("BDAT {} LAST\r\n", second.len()).as_bytes());
+    input.extend_from_slice(second);
+    let (blocks, replies) = feed_taking(&mut h, &input, 16 * 1024, 1 << 20);
+    assert!(
+        replies.ends_with("250 2.0.0 Ok: queued as 000000000002\r\n"),
+        "{replies}"
+    );
+    let mut whole = blocks.concat();
+    whole.extend_from_slice(&h.queued[1].1);
+    assert_eq!(whole, e);
+
+    // A new transaction starts from nothing taken.
+    h.c("MAIL FROM:<a@example.test>\r\n");
+    assert_eq!(h.session.body_taken(), 0);
+}
+
+/// Taking blocks early changes nothing the session judges on the header section: the hop
+/// count and the header limit still refuse, and nothing is taken before the header ends.
+#[test]
+fn taken_content_is_still_judged_by_its_header_section() {
+    let (mut h, _) = Harness::new(SessionConfig {
+        max_message_size: 10 << 20,
+        ..config()
+    });
+    h.c("EHLO client.example\r\n");
+    let body = ("b".repeat(998) + "\r\n").repeat(2000);
+
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    let hops = "Received: from a\r\n".repeat(4);
+    let input = format!("{hops}\r\n{body}.\r\n");
+    let (blocks, replies) = feed_taking(&mut h, input.as_bytes(), 64 * 1024, 1 << 20);
+    assert!(!blocks.is_empty());
+    assert!(replies.starts_with("554 5.4.6 Too many hops"), "{replies}");
+
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    let many: String = (0..200_000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let input = format!("{many}\r\n{body}.\r\n");
+    let (_, replies) = feed_taking(&mut h, input.as_bytes(), 64 * 1024, 1 << 20);
+    assert_eq!(
+        replies,
+        "552 5.3.4 Error: message header too big (over 1048576 octets)\r\n"
+    );
+
+    // Below 1 MiB of header, nothing is taken until its empty line arrives.
+    h.c("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    h.c("Subject: slow\r\nX-Long: ");
+    h.c(&"y".repeat(600 * 1024));
+    assert!(h.session.take_body(1).is_none());
+    h.c("\r\n\r\nbody\r\n");
+    assert!(h.session.take_body(1).is_some());
+    assert!(h.queued.is_empty());
+}

@@ -385,23 +385,31 @@ fn header_section(msg: &[u8]) -> &[u8] {
 /// 998 octets.
 fn is_8bit_clean(msg: &[u8]) -> bool {
     let mut line = 0usize;
-    let mut i = 0;
-    while i < msg.len() {
-        match msg[i] {
-            b'\r' if msg.get(i + 1) == Some(&b'\n') => {
+    let mut cr = false;
+    // In blocks: a large (mapped) message's pages are let go as they are read.
+    for block in crate::body::blocks(msg, 1 << 20) {
+        for &b in block {
+            if cr {
+                if b != b'\n' {
+                    return false;
+                }
+                cr = false;
                 line = 0;
-                i += 2;
                 continue;
             }
-            b'\r' | b'\n' | 0 => return false,
-            _ => line += 1,
+            match b {
+                b'\r' => cr = true,
+                b'\n' | 0 => return false,
+                _ => {
+                    line += 1;
+                    if line > MAX_LINE {
+                        return false;
+                    }
+                }
+            }
         }
-        if line > MAX_LINE {
-            return false;
-        }
-        i += 1;
     }
-    true
+    !cr
 }
 
 /// Makes text safe to send as 8bit: bare CR and LF become CRLF, NUL is dropped, lines over

@@ -5,6 +5,7 @@
 //! [`scheduler`] hands due messages to a transport and records each recipient's outcome.
 
 pub mod admin;
+pub mod body;
 pub mod dsn;
 pub mod id;
 pub mod scheduler;
@@ -13,6 +14,7 @@ pub mod sync;
 pub mod transport;
 
 pub use admin::{AdminAction, AdminReport, Selection, apply_offline};
+pub use body::{MessageBody, SPILL_AT, Spilled, blocks};
 pub use dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn, may_bounce, wants_dsn};
 pub use id::{IdGenerator, QueueId};
 pub use scheduler::{QueueHandle, QueueStats, SchedulerConfig, start};

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{AdminAction, AdminReport, Selection, has_pending_in};
+use crate::body::MessageBody;
 use crate::id::QueueId;
 use crate::spool::{QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
 use crate::transport::{DeliveryJob, Failure, Outcome, Transport};
@@ -169,6 +170,12 @@ impl std::fmt::Debug for Event {
 }
 
 impl QueueHandle {
+    /// An unnamed file in the spool directory for a large message's content while it
+    /// arrives ([`Spool::spill_file`]).
+    pub fn spill_file(&self) -> io::Result<std::fs::File> {
+        self.spool.spill_file()
+    }
+
     /// Stores a message durably, then schedules it. Returns its ID once it is durable.
     pub async fn submit(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueueId> {
         self.submit_then(envelope, body, |_| {}).await
@@ -185,12 +192,25 @@ impl QueueHandle {
     /// message belongs. The recipients that were not delivered (a full disk, a folder that
     /// cannot be written) are spooled with the others marked done, and the scheduler takes
     /// them from there: they are retried or bounced as usual.
+    ///
+    /// A large message written to a file while it arrived ([`MessageBody::Spilled`]) is
+    /// always spooled, copied from that file in blocks.
     pub async fn submit_then(
         &self,
         envelope: Envelope,
-        body: Vec<u8>,
+        body: impl Into<MessageBody>,
         queued: impl FnOnce(QueueId) + Send,
     ) -> io::Result<QueueId> {
+        let body = match body.into() {
+            MessageBody::Memory(v) => v,
+            spilled => {
+                let msg = self.spool.put_body(envelope, spilled).await?;
+                let id = msg.id;
+                queued(id);
+                let _ = self.tx.send(Event::New(msg));
+                return Ok(id);
+            }
+        };
         if body.len().saturating_mul(envelope.rcpts.len()) <= IMMEDIATE_LIMIT
             && self.direct.immediate(&envelope)
             && !envelope
@@ -304,8 +324,12 @@ impl QueueHandle {
 
     /// Stores a message durably and held (a milter's quarantine): it is kept, visible in
     /// `estafeta queue list`, and never attempted until `estafeta queue release`.
-    pub async fn submit_held(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueueId> {
-        let msg = self.spool.put_held(envelope, body).await?;
+    pub async fn submit_held(
+        &self,
+        envelope: Envelope,
+        body: impl Into<MessageBody>,
+    ) -> io::Result<QueueId> {
+        let msg = self.spool.put_held(envelope, body.into()).await?;
         let id = msg.id;
         let _ = self.tx.send(Event::New(msg));
         Ok(id)

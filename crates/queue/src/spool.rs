@@ -29,6 +29,7 @@ use estafeta_proto::command::{Body, MailParams, Notify, Orcpt, RcptParams, Ret};
 use estafeta_proto::trace::received_header;
 use estafeta_proto::{ClientInfo, Envelope, Recipient};
 
+use crate::body::{COPY_BLOCK, Mapped, MessageBody, SPILL_AT, Spilled};
 use crate::id::{IdGenerator, QueueId};
 use crate::sync::Syncer;
 
@@ -106,20 +107,31 @@ pub struct QueuedMessage {
 /// starts in them.
 #[derive(Debug, Clone)]
 pub struct Content {
-    data: std::sync::Arc<Vec<u8>>,
+    data: std::sync::Arc<Backing>,
     start: usize,
+}
+
+/// Where content's bytes are: read into memory, or (a large message) a mapping of its spool
+/// file, which is never changed while the message is queued.
+#[derive(Debug)]
+enum Backing {
+    Memory(Vec<u8>),
+    Mapped(Mapped),
 }
 
 impl Content {
     /// The message as it is delivered (our Received header first).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.data[self.start..]
+        match &*self.data {
+            Backing::Memory(v) => &v[self.start..],
+            Backing::Mapped(m) => &m[self.start..],
+        }
     }
 
     /// Content held in a plain vector.
     pub fn from_vec(data: Vec<u8>) -> Content {
         Content {
-            data: std::sync::Arc::new(data),
+            data: std::sync::Arc::new(Backing::Memory(data)),
             start: 0,
         }
     }
@@ -254,7 +266,10 @@ impl Spool {
         // Moved out of the queue first, then emptied: a crash in between leaves a file in
         // `free/` with an old message, never an empty `ID` that recovery would report
         // damaged.
-        if let Some(name) = self.free.slot() {
+        // A large message's file may still be mapped by a delivery that is ending: it is never
+        // emptied (that would pull the pages from under the mapping), only unlinked.
+        let large = fs::metadata(path).map_or(true, |m| m.len() > SPILL_AT as u64);
+        if !large && let Some(name) = self.free.slot() {
             let kept = self.dir.join("free").join(&name);
             if rename_noreplace(path, &kept).is_ok() {
                 let emptied = OpenOptions::new()
@@ -357,7 +372,7 @@ impl Spool {
         let status = vec![RcptStatus::pending(); envelope.rcpts.len()];
         let size = (buf.len() - start) as u64;
         let content = (buf.len() <= KEEP_IN_MEMORY).then(|| Content {
-            data: std::sync::Arc::new(buf),
+            data: std::sync::Arc::new(Backing::Memory(buf)),
             start,
         });
         Ok(QueuedMessage {
@@ -379,7 +394,12 @@ impl Spool {
     /// durable before the message file exists: a crash can leave a mark without its message
     /// (ignored at start), never a message without its mark, which would be delivered
     /// unfiltered while the client, never told 250, sends it again.
-    pub async fn put_held(&self, envelope: Envelope, body: Vec<u8>) -> io::Result<QueuedMessage> {
+    pub async fn put_held(
+        &self,
+        envelope: Envelope,
+        body: impl Into<MessageBody>,
+    ) -> io::Result<QueuedMessage> {
+        let body = body.into();
         let arrival = unix_now();
         let id = self.ids.next();
         let mut msg = QueuedMessage {
@@ -400,19 +420,21 @@ impl Spool {
         let dir = self.dir.clone();
         let hostname = self.hostname.clone();
         let reuse = self.reusable();
-        let written = tokio::task::spawn_blocking(move || {
-            write_file(&dir, &hostname, id, &env, &body, arrival, reuse)
+        let written = tokio::task::spawn_blocking(move || match &body {
+            MessageBody::Memory(v) => write_file(&dir, &hostname, id, &env, v, arrival, reuse)
+                .map(|(buf, start, f)| ((buf.len() - start) as u64, f)),
+            MessageBody::Spilled(s) => write_spilled(&dir, &hostname, id, &env, s, arrival, reuse),
         })
         .await
         .map_err(io::Error::other)
         .and_then(|r| r);
         let synced = match written {
-            Ok((buf, start, file)) => self.sync_dir_of(file).await.map(|()| (buf, start)),
+            Ok((size, file)) => self.sync_dir_of(file).await.map(|()| size),
             Err(e) => Err(e),
         };
         match synced {
-            Ok((buf, start)) => {
-                msg.size = (buf.len() - start) as u64;
+            Ok(size) => {
+                msg.size = size;
                 Ok(msg)
             }
             Err(e) => {
@@ -508,16 +530,95 @@ impl Spool {
         }
     }
 
-    /// Reads the message content (what is delivered) of `id`.
+    /// Reads the message content (what is delivered) of `id`: a large message is mapped, not
+    /// read into memory (its spool file never changes while it is queued).
     pub fn read_content(&self, id: QueueId) -> io::Result<Content> {
-        let mut data = Vec::new();
-        File::open(self.path(id))?.read_to_end(&mut data)?;
-        let start = header_end(&data).ok_or_else(|| {
+        let mut file = File::open(self.path(id))?;
+        let len = file.metadata()?.len();
+        let data = if len > SPILL_AT as u64 {
+            Backing::Mapped(Mapped::new(&file, len)?)
+        } else {
+            let mut data = Vec::new();
+            file.read_to_end(&mut data)?;
+            Backing::Memory(data)
+        };
+        let bytes = match &data {
+            Backing::Memory(v) => &v[..],
+            Backing::Mapped(m) => &m[..],
+        };
+        let start = header_end(bytes).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "queue file has no header end")
         })?;
         Ok(Content {
             data: std::sync::Arc::new(data),
             start,
+        })
+    }
+
+    /// An unnamed file in the spool directory for a large message's content while it arrives
+    /// (`O_TMPFILE`: it vanishes with its last descriptor, a crash included).
+    pub fn spill_file(&self) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&self.dir)
+        {
+            Ok(f) => Ok(f),
+            // A file system without O_TMPFILE: a named file, unlinked at once.
+            Err(_) => {
+                let path = self.dir.join(format!("spill-{}.tmp", self.ids.next()));
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?;
+                fs::remove_file(&path)?;
+                Ok(f)
+            }
+        }
+    }
+
+    /// [`Spool::put`] for content in memory or written to a file while it arrived.
+    pub async fn put_body(
+        &self,
+        envelope: Envelope,
+        body: MessageBody,
+    ) -> io::Result<QueuedMessage> {
+        let spilled = match body {
+            MessageBody::Memory(v) => return self.put(envelope, v).await,
+            MessageBody::Spilled(s) => s,
+        };
+        let arrival = unix_now();
+        let env = envelope.clone();
+        let dir = self.dir.clone();
+        let hostname = self.hostname.clone();
+        let id = self.ids.next();
+        let reuse = self.reusable();
+        let (size, file) = tokio::task::spawn_blocking(move || {
+            write_spilled(&dir, &hostname, id, &env, &spilled, arrival, reuse)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        if let Err(e) = self.sync_dir_of(file).await {
+            let _ = fs::remove_file(self.path(id));
+            return Err(e);
+        }
+        Ok(QueuedMessage {
+            id,
+            arrival,
+            status: vec![RcptStatus::pending(); envelope.rcpts.len()],
+            envelope,
+            size,
+            next_attempt: 0,
+            has_status_file: false,
+            delay_warned: false,
+            held: false,
+            content: None,
+            recovered: false,
         })
     }
 
@@ -651,8 +752,14 @@ impl Spool {
     /// names. `InvalidData` when it does not (or has no header end); files written before the
     /// checksum existed pass.
     pub fn check(&self, id: QueueId) -> io::Result<()> {
+        let mut file = File::open(self.path(id))?;
+        let len = file.metadata()?.len();
+        if len > SPILL_AT as u64 {
+            // A large message: mapped and read in blocks, not read into memory.
+            return check_content(&Mapped::new(&file, len)?);
+        }
         let mut data = Vec::new();
-        File::open(self.path(id))?.read_to_end(&mut data)?;
+        file.read_to_end(&mut data)?;
         check_content(&data)
     }
 
@@ -748,7 +855,11 @@ fn check_content(data: &[u8]) -> io::Result<()> {
             content.len()
         )));
     }
-    if crc32fast::hash(content) != crc {
+    let mut hasher = crc32fast::Hasher::new();
+    for b in crate::body::blocks(content, COPY_BLOCK) {
+        hasher.update(b);
+    }
+    if hasher.finalize() != crc {
         return Err(bad("content does not match its checksum"));
     }
     Ok(())
@@ -756,7 +867,51 @@ fn check_content(data: &[u8]) -> io::Result<()> {
 
 /// The offset of the message content: just after the first empty line.
 fn header_end(data: &[u8]) -> Option<usize> {
-    data.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+    memchr::memmem::find(data, b"\n\n").map(|i| i + 2)
+}
+
+/// [`write_file`] for a large message: the content is copied from its spill file in blocks,
+/// its checksum computed on the way and written into the header last (fixed width).
+fn write_spilled(
+    dir: &Path,
+    hostname: &str,
+    id: QueueId,
+    env: &Envelope,
+    body: &Spilled,
+    arrival: u64,
+    reuse: Option<PathBuf>,
+) -> io::Result<(u64, File)> {
+    use std::os::unix::fs::FileExt;
+    let final_path = dir.join(id.to_string());
+    let tmp = dir.join(format!("{id}.tmp"));
+    let received = received_header(hostname, env, &id.to_string(), arrival);
+    let len = received.len() as u64 + body.len();
+    let mut header = serialize_envelope(env, id, arrival);
+    header.push_str(&format!("content {len} "));
+    let crc_at = header.len() as u64;
+    header.push_str("00000000\n\n");
+    let f = open_new(&tmp, reuse)?;
+    let result = (|| {
+        let mut crc = crc32fast::Hasher::new();
+        let mut w = io::BufWriter::with_capacity(COPY_BLOCK, &f);
+        w.write_all(header.as_bytes())?;
+        for part in [received.as_bytes(), body.head()] {
+            crc.update(part);
+            w.write_all(part)?;
+        }
+        body.for_each_body_block(|b| {
+            crc.update(b);
+            w.write_all(b)
+        })?;
+        w.flush()?;
+        drop(w);
+        f.write_all_at(format!("{:08x}", crc.finalize()).as_bytes(), crc_at)?;
+        rename_noreplace(&tmp, &final_path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| (len, f))
 }
 
 /// Writes `ID.tmp` and renames it to `ID` without replacing an existing file. Returns the

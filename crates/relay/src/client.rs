@@ -5,7 +5,7 @@
 //! the host name that led to it. A session runs: greeting, EHLO (HELO when EHLO is refused),
 //! STARTTLS as the [`TlsPolicy`] asks (then EHLO again), AUTH when credentials are configured,
 //! and then one transaction per message: MAIL, RCPT for each recipient, DATA, the content
-//! dot-stuffed by [`estafeta_proto::data::stuff`], the final reply. With PIPELINING (RFC 2920)
+//! dot-stuffed by [`estafeta_proto::data::Stuffer`] a block at a time, the final reply. With PIPELINING (RFC 2920)
 //! MAIL, every RCPT and DATA go out in one write and the replies are read in order.
 //!
 //! Errors are sorted in two places only:
@@ -29,7 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use estafeta_proto::data::stuff;
+use estafeta_proto::data::Stuffer;
 use estafeta_proto::reply::{self as replies};
 use estafeta_proto::{MailParams, RcptParams, Reply, Status};
 use estafeta_queue::{Failure, Outcome};
@@ -918,13 +918,25 @@ impl Connection {
             }
         }
 
-        // The content.
-        let mut wire = Vec::new();
-        stuff(msg.content, &mut wire);
-        for block in wire.chunks(DATA_BLOCK) {
-            self.write(block, t.data_block)
+        // The content, stuffed a block at a time: a large message is never copied whole.
+        let mut wire = Vec::with_capacity(DATA_BLOCK + DATA_BLOCK / 32 + 8);
+        let mut stuffer = Stuffer::default();
+        let mut blocks = estafeta_queue::blocks(msg.content, DATA_BLOCK).peekable();
+        loop {
+            wire.clear();
+            if let Some(block) = blocks.next() {
+                stuffer.feed(block, &mut wire);
+            }
+            let last = blocks.peek().is_none();
+            if last {
+                stuffer.finish(&mut wire);
+            }
+            self.write(&wire, t.data_block)
                 .await
                 .map_err(|b| self.broken_failure(b, "sending message body", Some("DATA")))?;
+            if last {
+                break;
+            }
         }
         let reply = self.read_reply(t.data_final).await.map_err(|b| {
             self.broken_failure(b, "receiving the end of DATA reply", Some("end of DATA"))

@@ -216,7 +216,12 @@ impl PipeAgent {
             // A command that exits without reading everything closes the pipe: its exit
             // status says what happened, not the write error.
             let _ = stdin.write_all(&head).await;
-            let _ = stdin.write_all(content.as_bytes()).await;
+            // A large (mapped) message a block at a time, its pages let go as they go.
+            for block in estafeta_queue::blocks(content.as_bytes(), 1 << 20) {
+                if stdin.write_all(block).await.is_err() {
+                    break;
+                }
+            }
         });
         let mut out = child.stdout.take().expect("piped");
         let mut err = child.stderr.take().expect("piped");

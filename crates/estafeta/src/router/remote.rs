@@ -62,7 +62,7 @@ impl Transport for RemoteAgent {
                 content,
                 needs_smtputf8: env.params.smtputf8,
                 needs_8bit: env.params.body == Some(estafeta_proto::Body::EightBitMime)
-                    || !content.is_ascii(),
+                    || !estafeta_queue::blocks(content, 1 << 20).all(<[u8]>::is_ascii),
             };
             let hop = match via {
                 Via::Mx => Hop::Mx,
