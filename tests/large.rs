@@ -28,7 +28,7 @@ fn message(size: usize, tag: &str) -> Vec<u8> {
     let mut i = 0u64;
     while m.len() < size {
         i += 1;
-        if i % 1000 == 0 {
+        if i.is_multiple_of(1000) {
             m.extend_from_slice(b".a line that starts with a dot\r\n");
         }
         let line = format!("{tag} {i:012} {}\r\n", "abcdefghij".repeat(6));
