@@ -268,6 +268,27 @@ fn a_milter_changes_holds_refuses_and_discards() {
     );
     assert!(head.contains("Subject: large\r\n"), "{head}");
     assert!(got == body.as_bytes(), "the body changed on the way");
+    // The same in BDAT, whose content keeps a bare LF: the empty line that ends the header
+    // section is where the milter's body starts, however it is written.
+    let content = format!("Subject: bdat\n\n{body}");
+    let mut c = Client::connect(addr);
+    c.set_timeout(Duration::from_secs(60));
+    c.reply();
+    c.cmd("EHLO client.example");
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<grace@example.org>").starts_with("250"));
+    c.write(format!("BDAT {} LAST\r\n", content.len()).as_bytes());
+    c.write(content.as_bytes());
+    let end = c.last();
+    assert!(end.starts_with("250 "), "{end}");
+    let grace = maildir_new(&data, "example.org", "grace", 1, Duration::from_secs(20));
+    assert_eq!(grace.len(), 1, "{}", server.log_text());
+    let text = String::from_utf8_lossy(&grace[0]);
+    assert!(
+        text.contains(&format!("X-Seen-Body: {} bytes in ", body.len())),
+        "{}",
+        &text[..2000]
+    );
     // Refused at HELO: the transaction's recipients are refused.
     let (rcpts, _) = send(
         addr,

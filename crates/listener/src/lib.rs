@@ -27,7 +27,7 @@ use estafeta_mailauth::verify::SpfResults;
 use estafeta_policy::{Client, Policy, Trust, Verdict};
 use estafeta_proto::reply::{self, Reply};
 use estafeta_proto::{Action, Session, SessionConfig, Timeout};
-use estafeta_queue::{MessageBody, QueueHandle, Spilled};
+use estafeta_queue::{MessageBody, QueueHandle, SpillWriter, Spilled};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -490,34 +490,25 @@ fn storage_reply(e: &io::Error) -> Reply {
 /// the blocking pool: a write the kernel throttles must not stall the other sessions.
 async fn spill_block(
     queue: &QueueHandle,
-    spill: &mut Option<Box<(std::fs::File, u64)>>,
+    spill: &mut Option<Box<SpillWriter>>,
     chunk: Vec<u8>,
 ) -> io::Result<()> {
-    let (file, len) = match spill.take() {
-        Some(b) => *b,
-        None => (queue.spill_file()?, 0),
+    let mut w = match spill.take() {
+        Some(w) => w,
+        None => Box::new(SpillWriter::new(queue.spill_file()?)),
     };
-    let (file, n) = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        (&file)
-            .write_all(&chunk)
-            .map(|()| (file, chunk.len() as u64))
-    })
-    .await
-    .map_err(io::Error::other)??;
-    *spill = Some(Box::new((file, len + n)));
+    let w = tokio::task::spawn_blocking(move || w.write_block(&chunk).map(|()| w))
+        .await
+        .map_err(io::Error::other)??;
+    *spill = Some(w);
     Ok(())
 }
 
 /// A large message once it is all received: its spill file with the last octets appended.
-async fn spilled(file: std::fs::File, len: u64, tail: Vec<u8>) -> io::Result<Spilled> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        (&file).write_all(&tail)?;
-        Spilled::new(file, len + tail.len() as u64)
-    })
-    .await
-    .map_err(io::Error::other)?
+async fn spilled(w: Box<SpillWriter>, tail: Vec<u8>) -> io::Result<Spilled> {
+    tokio::task::spawn_blocking(move || w.finish(&tail))
+        .await
+        .map_err(io::Error::other)?
 }
 
 async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, r: Reply) {
@@ -955,7 +946,7 @@ async fn drive(
     let mut rcpt_targets: Vec<(String, Vec<estafeta_policy::Target>)> = Vec::new();
     let mut tls_buf: Vec<u8> = Vec::new();
     // A large message's content received so far (the session's taken blocks) and its length.
-    let mut spill: Option<Box<(std::fs::File, u64)>> = None;
+    let mut spill: Option<Box<SpillWriter>> = None;
     let mut spill_failed: Option<io::Error> = None;
     let mut messages = 0u32;
     let mut stopping = false;
@@ -1115,9 +1106,8 @@ async fn drive(
                     let failed = spill_failed.take();
                     let mut body = match spill.take() {
                         _ if taken == 0 => MessageBody::Memory(tail),
-                        Some(b) if b.1 == taken && failed.is_none() => {
-                            let (file, len) = *b;
-                            match Box::pin(spilled(file, len, tail)).await {
+                        Some(w) if w.written() == taken && failed.is_none() => {
+                            match Box::pin(spilled(w, tail)).await {
                                 Ok(s) => MessageBody::Spilled(s),
                                 Err(e) => {
                                     tracing::error!(client = %peer, error = %e, "cannot write a large message to the spool directory");
@@ -1390,6 +1380,12 @@ async fn drive(
                 spill = None;
                 spill_failed = Some(e);
             }
+        }
+        if session.body_taken() == 0 {
+            // No transaction holds content any more (queued, refused, reset): an aborted
+            // message's file goes now, not when the client next sends one or leaves.
+            spill = None;
+            spill_failed = None;
         }
         if !out.is_empty() {
             if let Err(e) = conn.write_all(&out, ctx.command_timeout).await {

@@ -37,33 +37,97 @@ impl From<Vec<u8>> for MessageBody {
     }
 }
 
+/// Where a spill file's content starts: the space before it is left for the spool file's
+/// header, so that the spill file becomes the spool file without its content being copied
+/// ([`Spool::put_body`](crate::spool::Spool::put_body)).
+pub const RESERVED: u64 = 64 * 1024;
+
+/// A large message's content while it arrives: written to an unnamed file from [`RESERVED`]
+/// on, its body's checksum computed on the way (the spool file's header names it).
+#[derive(Debug)]
+pub struct SpillWriter {
+    file: File,
+    /// Octets written so far.
+    written: u64,
+    /// The length of the header section (with its empty line), known from the first block.
+    head_len: Option<u64>,
+    /// The CRC-32 of the body (what follows the header section).
+    body_crc: crc32fast::Hasher,
+}
+
+impl SpillWriter {
+    /// Writes to `file` (an empty file of the spool's file system).
+    pub fn new(file: File) -> SpillWriter {
+        SpillWriter {
+            file,
+            written: 0,
+            head_len: None,
+            body_crc: crc32fast::Hasher::new(),
+        }
+    }
+
+    /// Octets written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends the next block of the message (blocking). The first block holds the whole
+    /// header section (the session hands nothing over before it is complete).
+    pub fn write_block(&mut self, block: &[u8]) -> io::Result<()> {
+        let body = match self.head_len {
+            Some(_) => block,
+            None => {
+                // Where the session saw the header section end: at the first empty line,
+                // CRLF or (in BDAT content) a bare LF.
+                let end = head_end(block).unwrap_or(block.len());
+                self.head_len = Some(end as u64);
+                &block[end..]
+            }
+        };
+        self.file.write_all_at(block, RESERVED + self.written)?;
+        self.body_crc.update(body);
+        self.written += block.len() as u64;
+        Ok(())
+    }
+
+    /// The message once its last octets are written (blocking).
+    pub fn finish(mut self, tail: &[u8]) -> io::Result<Spilled> {
+        self.write_block(tail)?;
+        let head_len = self.head_len.unwrap_or(0);
+        let mut head = vec![0; head_len as usize];
+        self.file.read_exact_at(&mut head, RESERVED)?;
+        if head_end(&head) != Some(head.len()) {
+            // The session refuses such a message (a header section over its limit).
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a large message without the empty line that ends its header section",
+            ));
+        }
+        Ok(Spilled {
+            head,
+            received_head: head_len,
+            file: self.file,
+            len: RESERVED + self.written,
+            body_crc: self.body_crc,
+        })
+    }
+}
+
 /// A large message: `head` (the header section and the empty line after it, as edited) then
-/// the file's content from `body_start` on.
+/// the body, in its spill file from `RESERVED + received_head` to `len`.
 #[derive(Debug)]
 pub struct Spilled {
     head: Vec<u8>,
+    /// The length of the header section as it arrived.
+    received_head: u64,
     file: File,
-    body_start: u64,
+    /// Where the file's content ends.
     len: u64,
+    /// The CRC-32 of the body.
+    body_crc: crc32fast::Hasher,
 }
 
 impl Spilled {
-    /// The message whose content is the first `len` octets of `file` (as the session handed
-    /// them over); its header section is read into memory.
-    pub fn new(file: File, len: u64) -> io::Result<Spilled> {
-        let want = (len as usize).min(estafeta_proto::session::MAX_HEADER_SIZE + 4);
-        let mut head = vec![0; want];
-        file.read_exact_at(&mut head, 0)?;
-        let end = header_end(&head).unwrap_or(head.len());
-        head.truncate(end);
-        Ok(Spilled {
-            body_start: end as u64,
-            head,
-            file,
-            len,
-        })
-    }
-
     /// The header section (with the empty line after it), which may be edited.
     pub fn head_mut(&mut self) -> &mut Vec<u8> {
         &mut self.head
@@ -74,35 +138,56 @@ impl Spilled {
         &self.head
     }
 
-    /// Octets of the message as it stands.
-    pub fn len(&self) -> u64 {
-        self.head.len() as u64 + (self.len - self.body_start)
+    /// The header fields as they stand, without the empty line after them.
+    pub fn fields(&self) -> &[u8] {
+        &self.head[..self.head.len() - separator_len(&self.head)]
     }
 
-    /// Always false: a spilled message is large.
+    /// Where the body starts in the file.
+    pub(crate) fn body_start(&self) -> u64 {
+        RESERVED + self.received_head
+    }
+
+    /// Octets of the body.
+    pub(crate) fn body_len(&self) -> u64 {
+        self.len - self.body_start()
+    }
+
+    /// The CRC-32 of the body.
+    pub(crate) fn body_crc(&self) -> &crc32fast::Hasher {
+        &self.body_crc
+    }
+
+    /// The file (which becomes the spool file when it can).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Octets of the message as it stands.
+    pub fn len(&self) -> u64 {
+        self.head.len() as u64 + self.body_len()
+    }
+
+    /// True for a message of no octets (never, for a spilled one).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The file's content as it arrived, header section included (before any edit).
+    /// The message as it arrived, header section included (before any edit), mapped.
     pub fn map_received(&self) -> io::Result<Mapped> {
-        Mapped::new(&self.file, self.len)
+        Mapped::new(&self.file, RESERVED, self.len - RESERVED)
     }
 
-    /// The body (after the header section) within a mapping of [`Spilled::map_received`].
+    /// The body within a mapping of [`Spilled::map_received`].
     pub fn body_of<'a>(&self, map: &'a Mapped) -> &'a [u8] {
-        &map[self.body_start as usize..]
+        &map[self.received_head as usize..]
     }
 
     /// The empty line that ends the header section, then the body, within a mapping of
     /// [`Spilled::map_received`].
     pub fn separator_and_body_of<'a>(&self, map: &'a Mapped) -> &'a [u8] {
-        &map[(self.body_start as usize).saturating_sub(2)..]
-    }
-
-    /// The header fields as they stand, without the empty line after them.
-    pub fn fields(&self) -> &[u8] {
-        &self.head[..self.head.len().saturating_sub(2)]
+        let head = &map[..self.received_head as usize];
+        &map[head.len() - separator_len(head)..]
     }
 
     /// Calls `f` with the body in blocks of at most [`COPY_BLOCK`] octets, read from the file.
@@ -111,7 +196,7 @@ impl Spilled {
         mut f: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         let mut buf = vec![0; COPY_BLOCK];
-        let mut at = self.body_start;
+        let mut at = self.body_start();
         while at < self.len {
             let n = ((self.len - at) as usize).min(COPY_BLOCK);
             self.file.read_exact_at(&mut buf[..n], at)?;
@@ -159,12 +244,29 @@ impl MessageBody {
     }
 }
 
-/// The index just after the empty line that ends the header section, if there is one.
-pub(crate) fn header_end(message: &[u8]) -> Option<usize> {
-    if message.starts_with(b"\r\n") {
-        return Some(2);
+/// The index just after the empty line (CRLF or a bare LF, as the session reads it) that ends
+/// the header section, if there is one.
+pub(crate) fn head_end(message: &[u8]) -> Option<usize> {
+    let stats = estafeta_proto::trace::header_stats(message);
+    let rest = &message[stats.size..];
+    if rest.starts_with(b"\r\n") {
+        Some(stats.size + 2)
+    } else if rest.starts_with(b"\n") {
+        Some(stats.size + 1)
+    } else {
+        None
     }
-    memchr::memmem::find(message, b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// The length of the empty line that ends `head` (a header section with it).
+fn separator_len(head: &[u8]) -> usize {
+    if head.ends_with(b"\r\n") && (head.len() == 2 || head.ends_with(b"\n\r\n")) {
+        2
+    } else if head.ends_with(b"\n") {
+        1
+    } else {
+        0
+    }
 }
 
 /// A read-only, private mapping of the start of a file: its octets without reading them into
@@ -182,8 +284,8 @@ unsafe impl Send for Mapped {}
 unsafe impl Sync for Mapped {}
 
 impl Mapped {
-    /// Maps the first `len` octets of `file`.
-    pub fn new(file: &File, len: u64) -> io::Result<Mapped> {
+    /// Maps `len` octets of `file` from `offset` (a multiple of the page size).
+    pub fn new(file: &File, offset: u64, len: u64) -> io::Result<Mapped> {
         if len == 0 {
             return Ok(Mapped {
                 ptr: std::ptr::null_mut(),
@@ -200,7 +302,7 @@ impl Mapped {
                 libc::PROT_READ,
                 libc::MAP_PRIVATE,
                 file.as_raw_fd(),
-                0,
+                libc::off_t::try_from(offset).map_err(io::Error::other)?,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -315,14 +417,22 @@ mod tests {
 
     #[test]
     fn a_spilled_message_is_its_edited_head_then_its_body() {
-        let mut f = tempfile::tempfile().unwrap();
         let msg = b"Subject: big\r\nFrom: a@b\r\n\r\nline one\r\nline two\r\n";
-        f.write_all(msg).unwrap();
-        let s = Spilled::new(f, msg.len() as u64).unwrap();
+        let mut w = SpillWriter::new(tempfile::tempfile().unwrap());
+        w.write_block(&msg[..30]).unwrap();
+        let s = w.finish(&msg[30..]).unwrap();
         assert_eq!(s.head(), b"Subject: big\r\nFrom: a@b\r\n\r\n");
         let map = s.map_received().unwrap();
         assert_eq!(&map[..], &msg[..]);
         assert_eq!(s.body_of(&map), b"line one\r\nline two\r\n");
+        assert_eq!(
+            s.separator_and_body_of(&map),
+            b"\r\nline one\r\nline two\r\n"
+        );
+        assert_eq!(
+            s.body_crc().clone().finalize(),
+            crc32fast::hash(b"line one\r\nline two\r\n")
+        );
         let mut body = MessageBody::Spilled(s);
         body.prepend(b"X-Added: 1\r\n");
         assert_eq!(body.len(), msg.len() as u64 + 12);
@@ -347,7 +457,7 @@ mod tests {
         for _ in 0..64 {
             f.write_all(&block).unwrap();
         }
-        let map = Mapped::new(&f, 64 << 20).unwrap();
+        let map = Mapped::new(&f, 0, 64 << 20).unwrap();
         let before = rss_file_kib();
         let mut sum = 0u64;
         for b in blocks(&map, 256 * 1024) {
@@ -377,12 +487,39 @@ mod tests {
             .unwrap()
     }
 
+    /// BDAT content keeps bare line feeds: the header section ends where the session saw it
+    /// end, at the first empty line of either kind, not at the first CRLF CRLF.
     #[test]
-    fn a_message_without_a_body_is_all_head() {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(b"\r\nbody only\r\n").unwrap();
-        let s = Spilled::new(f, 13).unwrap();
+    fn a_bare_lf_empty_line_ends_the_header_section() {
+        for (msg, head, rest) in [
+            (
+                &b"Subject: x\n\nbody\r\n\r\nmore\r\n"[..],
+                &b"Subject: x\n\n"[..],
+                &b"\nbody\r\n\r\nmore\r\n"[..],
+            ),
+            (
+                b"Subject: x\n\r\nbody\r\n\r\nmore\r\n",
+                b"Subject: x\n\r\n",
+                b"\r\nbody\r\n\r\nmore\r\n",
+            ),
+        ] {
+            let w = SpillWriter::new(tempfile::tempfile().unwrap());
+            let s = w.finish(msg).unwrap();
+            assert_eq!(s.head(), head);
+            assert_eq!(s.fields(), b"Subject: x\n");
+            let map = s.map_received().unwrap();
+            assert_eq!(s.separator_and_body_of(&map), rest);
+        }
+        let w = SpillWriter::new(tempfile::tempfile().unwrap());
+        assert!(w.finish(b"Subject: no end\r\n").is_err());
+    }
+
+    #[test]
+    fn a_message_without_header_fields_is_all_body() {
+        let w = SpillWriter::new(tempfile::tempfile().unwrap());
+        let s = w.finish(b"\r\nbody only\r\n").unwrap();
         assert_eq!(s.head(), b"\r\n");
+        assert_eq!(s.fields(), b"");
         assert_eq!(s.len(), 13);
     }
 }

@@ -14,7 +14,7 @@ pub mod sync;
 pub mod transport;
 
 pub use admin::{AdminAction, AdminReport, Selection, apply_offline};
-pub use body::{MessageBody, SPILL_AT, Spilled, blocks};
+pub use body::{MessageBody, SPILL_AT, SpillWriter, Spilled, blocks};
 pub use dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn, may_bounce, wants_dsn};
 pub use id::{IdGenerator, QueueId};
 pub use scheduler::{QueueHandle, QueueStats, SchedulerConfig, start};

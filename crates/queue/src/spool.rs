@@ -419,11 +419,13 @@ impl Spool {
         let env = msg.envelope.clone();
         let dir = self.dir.clone();
         let hostname = self.hostname.clone();
-        let reuse = self.reusable();
+        let reuse = matches!(body, MessageBody::Memory(_))
+            .then(|| self.reusable())
+            .flatten();
         let written = tokio::task::spawn_blocking(move || match &body {
             MessageBody::Memory(v) => write_file(&dir, &hostname, id, &env, v, arrival, reuse)
                 .map(|(buf, start, f)| ((buf.len() - start) as u64, f)),
-            MessageBody::Spilled(s) => write_spilled(&dir, &hostname, id, &env, s, arrival, reuse),
+            MessageBody::Spilled(s) => store_spilled(&dir, &hostname, id, &env, s, arrival),
         })
         .await
         .map_err(io::Error::other)
@@ -536,7 +538,7 @@ impl Spool {
         let mut file = File::open(self.path(id))?;
         let len = file.metadata()?.len();
         let data = if len > SPILL_AT as u64 {
-            Backing::Mapped(Mapped::new(&file, len)?)
+            Backing::Mapped(Mapped::new(&file, 0, len)?)
         } else {
             let mut data = Vec::new();
             file.read_to_end(&mut data)?;
@@ -597,9 +599,8 @@ impl Spool {
         let dir = self.dir.clone();
         let hostname = self.hostname.clone();
         let id = self.ids.next();
-        let reuse = self.reusable();
         let (size, file) = tokio::task::spawn_blocking(move || {
-            write_spilled(&dir, &hostname, id, &env, &spilled, arrival, reuse)
+            store_spilled(&dir, &hostname, id, &env, &spilled, arrival)
         })
         .await
         .map_err(io::Error::other)??;
@@ -756,7 +757,7 @@ impl Spool {
         let len = file.metadata()?.len();
         if len > SPILL_AT as u64 {
             // A large message: mapped and read in blocks, not read into memory.
-            return check_content(&Mapped::new(&file, len)?);
+            return check_content(&Mapped::new(&file, 0, len)?);
         }
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
@@ -868,6 +869,87 @@ fn check_content(data: &[u8]) -> io::Result<()> {
 /// The offset of the message content: just after the first empty line.
 fn header_end(data: &[u8]) -> Option<usize> {
     memchr::memmem::find(data, b"\n\n").map(|i| i + 2)
+}
+
+/// Makes a large message's spill file its spool file, without copying its content: the
+/// header (envelope, `content LEN CRC`, a `pad` line of the length that makes it fit), our
+/// Received field and the edited header section are written into the space left before the
+/// body ([`RESERVED`](crate::body::RESERVED)), then the file is linked into the spool
+/// directory. `None` when that cannot be done (the header does not fit, or the file cannot be
+/// linked): the caller copies instead.
+fn link_spilled(
+    dir: &Path,
+    hostname: &str,
+    id: QueueId,
+    env: &Envelope,
+    body: &Spilled,
+    arrival: u64,
+) -> io::Result<Option<(u64, File)>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let received = received_header(hostname, env, &id.to_string(), arrival);
+    let len = received.len() as u64 + body.len();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(received.as_bytes());
+    crc.update(body.head());
+    crc.combine(body.body_crc());
+    let mut prefix = serialize_envelope(env, id, arrival);
+    prefix.push_str(&format!("content {len} {:08x}\n", crc.finalize()));
+    let fixed = prefix.len() + "pad \n\n".len() + received.len() + body.head().len();
+    let Some(pad) = (body.body_start() as usize).checked_sub(fixed) else {
+        return Ok(None);
+    };
+    prefix.push_str("pad ");
+    prefix.extend(std::iter::repeat_n('-', pad));
+    prefix.push_str("\n\n");
+    prefix.push_str(&received);
+    let mut bytes = prefix.into_bytes();
+    bytes.extend_from_slice(body.head());
+    debug_assert_eq!(bytes.len() as u64, body.body_start());
+    let file = body.file();
+    file.write_all_at(&bytes, 0)?;
+    // An O_TMPFILE file gets its name through /proc (linkat with AT_EMPTY_PATH needs a
+    // privilege); a file that cannot be linked is copied.
+    let tmp = dir.join(format!("{id}.tmp"));
+    let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(io::Error::other)?;
+    let target = std::ffi::CString::new(tmp.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Ok(None);
+    }
+    if let Err(e) = rename_noreplace(&tmp, &dir.join(id.to_string())) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Some((len, file.try_clone()?)))
+}
+
+/// A large message into the spool: its spill file linked when it can be
+/// ([`link_spilled`]), copied otherwise ([`write_spilled`], into a new file: a file of the
+/// reuse pool would stay taken when the link works).
+fn store_spilled(
+    dir: &Path,
+    hostname: &str,
+    id: QueueId,
+    env: &Envelope,
+    body: &Spilled,
+    arrival: u64,
+) -> io::Result<(u64, File)> {
+    match link_spilled(dir, hostname, id, env, body, arrival)? {
+        Some(done) => Ok(done),
+        None => write_spilled(dir, hostname, id, env, body, arrival, None),
+    }
 }
 
 /// [`write_file`] for a large message: the content is copied from its spill file in blocks,

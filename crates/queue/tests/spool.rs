@@ -663,3 +663,51 @@ async fn removed_files_are_emptied_and_reused() {
     assert!(text.ends_with("Subject: two\r\n\r\nx\r\n"), "{text}");
     assert!(!text.contains("secret"));
 }
+
+/// A large message written to a spill file while it arrived: the spill file becomes the spool
+/// file (its header written into the space left before the content, no copy), or, when the
+/// edited header section does not fit there, the content is copied. Either way the file
+/// reads back as the message, passes recovery's checksum, and is mapped when delivered.
+#[tokio::test]
+async fn a_large_message_s_spill_file_becomes_its_spool_file() {
+    use estafeta_queue::{MessageBody, SpillWriter};
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let s = spool(dir.path());
+    let body = "A line of a large message.\r\n".repeat(100_000);
+    let received = format!("Subject: large\r\nX-Note: as received\r\n\r\n{body}");
+    for added in [
+        "X-Edited: a header added by a check\r\n".to_string(),
+        // Larger than the space left before the content: copied.
+        format!("X-Huge: {}\r\n", "h".repeat(70_000)),
+    ] {
+        let file = s.spill_file().unwrap();
+        let inode = file.metadata().unwrap().ino();
+        let mut w = SpillWriter::new(file);
+        for block in received.as_bytes().chunks(1 << 20) {
+            w.write_block(block).unwrap();
+        }
+        let mut spilled = w.finish(b"").unwrap();
+        spilled.head_mut().splice(0..0, added.bytes());
+        let m = s
+            .put_body(envelope(&["bob@localhost"]), MessageBody::Spilled(spilled))
+            .await
+            .unwrap();
+        let path = s.dir().join(m.id.to_string());
+        let linked = std::fs::metadata(&path).unwrap().ino() == inode;
+        assert_eq!(linked, added.len() < 1000, "linked: {linked}");
+        s.check(m.id).unwrap();
+        let content = s.read_content(m.id).unwrap();
+        let text = content.as_bytes();
+        assert_eq!(m.size, text.len() as u64);
+        let expected = format!("{added}{received}");
+        assert!(text.ends_with(expected.as_bytes()), "content differs");
+        // Only our Received field comes before the message.
+        let pre = &text[..text.len() - expected.len()];
+        assert!(pre.starts_with(b"Received: ") && pre.ends_with(b"\r\n"));
+        assert!(!pre.windows(4).any(|w| w == b"\r\n\r\n"));
+    }
+    // Both survive a restart (their checksums hold).
+    let back = spool(dir.path()).recover().unwrap();
+    assert_eq!(back.len(), 2);
+}
