@@ -417,6 +417,18 @@ fn the_server_makes_only_system_calls_the_unit_allows() {
         &["bob@example.test"],
         b"Subject: one\r\n\r\nhi\r\n",
     );
+    // A large message: written to a file as it arrives, linked into the spool, mapped for
+    // delivery (O_TMPFILE, linkat, mmap, madvise).
+    submit(
+        addr,
+        "a@example.test",
+        &["dave@example.test"],
+        format!(
+            "Subject: large\r\n\r\n{}",
+            "a large line\r\n".repeat(200_000)
+        )
+        .as_bytes(),
+    );
     let script = r#"
 import smtplib, ssl, sys
 ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
@@ -435,7 +447,7 @@ s.quit()
         .output()
         .unwrap();
     assert!(out.status.success(), "{}\n{}", text(&out), read(&log));
-    for user in ["bob", "carol"] {
+    for user in ["bob", "carol", "dave"] {
         let got = maildir_new(&data, "example.test", user, 1, Duration::from_secs(20));
         assert_eq!(got.len(), 1, "{user}: {}", read(&log));
     }
