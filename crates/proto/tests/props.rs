@@ -29,6 +29,12 @@ fn smtpish() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    run_session_taking(chunks, None)
+}
+
+/// [`run_session`], taking the content whenever `take` octets of it wait, as the listener
+/// does with a large message (the blocks taken joined to what `Enqueue` carries).
+fn run_session_taking(chunks: &[&[u8]], take: Option<usize>) -> (Vec<u8>, Vec<Vec<u8>>) {
     let cfg = SessionConfig {
         hostname: "mx.test".into(),
         banner: "ESMTP".into(),
@@ -49,6 +55,7 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
     let mut s = Session::new(Arc::new(cfg), "127.0.0.1:1".parse().unwrap());
     let mut out = Vec::new();
     let mut msgs = Vec::new();
+    let mut taken: Vec<u8> = Vec::new();
     let mut drive = |s: &mut Session, out: &mut Vec<u8>| {
         while let Some(a) = s.poll() {
             match a {
@@ -61,11 +68,30 @@ fn run_session(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
                 Action::Etrn(d) => s.etrn_done(estafeta_proto::reply::etrn_started(&d, 0)),
                 Action::Pause(_) => {}
                 Action::Enqueue(_, body) => {
-                    msgs.push(body);
+                    let mut whole = if s.body_taken() > 0 {
+                        assert_eq!(s.body_taken(), taken.len() as u64);
+                        std::mem::take(&mut taken)
+                    } else {
+                        Vec::new()
+                    };
+                    whole.extend_from_slice(&body);
+                    msgs.push(whole);
                     s.enqueued(Ok("X".into()));
                 }
                 Action::Close => {}
             }
+        }
+        if let Some(min) = take {
+            let before = s.body_taken();
+            if let Some(block) = s.take_body(min) {
+                if before == 0 {
+                    taken.clear();
+                }
+                taken.extend_from_slice(&block);
+            }
+        }
+        if s.body_taken() == 0 {
+            taken.clear();
         }
     };
     drive(&mut s, &mut out);
@@ -154,6 +180,38 @@ proptest! {
         let mut again = Vec::new();
         stuff(&back, &mut again);
         prop_assert_eq!(wire, again);
+    }
+
+    /// Taking a message's content in blocks while it arrives (a large message written to a
+    /// file) changes neither the replies nor the messages, however the input is cut.
+    #[test]
+    fn taking_content_in_blocks_changes_nothing(
+        body in smtpish(),
+        body2 in smtpish(),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+        min in 1usize..64,
+    ) {
+        let mut full = b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n".to_vec();
+        full.extend_from_slice(b"Subject: one\r\nReceived: x\r\n\r\n");
+        full.extend_from_slice(&body);
+        full.extend_from_slice(b"\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n");
+        let content2 = [b"Subject: two\n\n".as_slice(), &body2].concat();
+        full.extend_from_slice(format!("BDAT {} LAST\r\n", content2.len()).as_bytes());
+        full.extend_from_slice(&content2);
+        full.extend_from_slice(b"RSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n");
+        full.extend_from_slice(b"Subject: aborted\r\n\r\n");
+        full.extend_from_slice(&body2);
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(full.len() + 1)).collect();
+        at.sort_unstable();
+        let mut chunks: Vec<&[u8]> = Vec::new();
+        let mut from = 0;
+        for cut in at.into_iter().chain([full.len()]) {
+            chunks.push(&full[from..cut]);
+            from = cut;
+        }
+        let plain = run_session_taking(&chunks, None);
+        let taking = run_session_taking(&chunks, Some(min));
+        prop_assert_eq!(plain, taking);
     }
 
     #[test]
