@@ -28,6 +28,57 @@ impl Status {
         }
     }
 
+    /// `2.0.0` Other undefined status: success (RFC 3463 §3.1).
+    pub const SUCCESS: Status = Status::new(2, 0, 0);
+    /// `4.0.0` Other undefined status, temporary: a failure that says no more.
+    pub const TEMPORARY: Status = Status::new(4, 0, 0);
+    /// `5.0.0` Other undefined status, permanent: a failure that says no more.
+    pub const PERMANENT: Status = Status::new(5, 0, 0);
+    /// `5.1.1` Bad destination mailbox address (RFC 3463 §3.2).
+    pub const BAD_MAILBOX: Status = Status::new(5, 1, 1);
+    /// `5.1.2` Bad destination system address: no such domain (RFC 3463 §3.2).
+    pub const BAD_SYSTEM: Status = Status::new(5, 1, 2);
+    /// `5.1.3` Bad destination mailbox address syntax (RFC 3463 §3.2).
+    pub const BAD_MAILBOX_SYNTAX: Status = Status::new(5, 1, 3);
+    /// `5.1.10` Recipient address has null MX (RFC 7505 §4.2).
+    pub const NULL_MX: Status = Status::new(5, 1, 10);
+    /// `5.2.0` Other or undefined mailbox status (RFC 3463 §3.3).
+    pub const MAILBOX_OTHER: Status = Status::new(5, 2, 0);
+    /// `4.3.0` Other or undefined mail system status, temporary (RFC 3463 §3.4).
+    pub const SYSTEM_TEMPORARY: Status = Status::new(4, 3, 0);
+    /// `5.3.0` Other or undefined mail system status (RFC 3463 §3.4).
+    pub const SYSTEM_OTHER: Status = Status::new(5, 3, 0);
+    /// `5.3.5` System incorrectly configured (RFC 3463 §3.4).
+    pub const SYSTEM_MISCONFIGURED: Status = Status::new(5, 3, 5);
+    /// `4.4.3` Directory server failure: DNS could not answer (RFC 3463 §3.5).
+    pub const DIRECTORY_FAILURE: Status = Status::new(4, 4, 3);
+    /// `5.4.4` Unable to route (RFC 3463 §3.5).
+    pub const UNABLE_TO_ROUTE: Status = Status::new(5, 4, 4);
+    /// `5.4.6` Routing loop detected (RFC 3463 §3.5).
+    pub const ROUTING_LOOP: Status = Status::new(5, 4, 6);
+    /// `5.4.7` Delivery time expired (RFC 3463 §3.5).
+    pub const EXPIRED: Status = Status::new(5, 4, 7);
+    /// `5.5.0` Other or undefined protocol status (RFC 3463 §3.6).
+    pub const PROTOCOL_OTHER: Status = Status::new(5, 5, 0);
+    /// `5.6.0` Other or undefined media error: the content (RFC 3463 §3.7).
+    pub const MEDIA_OTHER: Status = Status::new(5, 6, 0);
+    /// `4.7.0` Other or undefined security status, temporary (RFC 3463 §3.8).
+    pub const SECURITY_TEMPORARY: Status = Status::new(4, 7, 0);
+    /// `4.7.10` Encryption needed, temporary (RFC 5248's registry, from RFC 4954 §6).
+    pub const ENCRYPTION_NEEDED_TEMPORARY: Status = Status::new(4, 7, 10);
+    /// `5.7.0` Other or undefined security status (RFC 3463 §3.8).
+    pub const SECURITY_OTHER: Status = Status::new(5, 7, 0);
+
+    /// The undefined status of a reply code's class (`4.0.0` for a 4xx, `5.0.0` otherwise):
+    /// what a failure reply without an enhanced status code stands for.
+    pub fn of_code(code: u16) -> Status {
+        match code / 100 {
+            2 => Status::SUCCESS,
+            4 => Status::TEMPORARY,
+            _ => Status::PERMANENT,
+        }
+    }
+
     /// Parses `"4.7.0"`-style text.
     pub fn parse(text: &str) -> Option<Status> {
         let mut it = text.split('.');
@@ -40,6 +91,25 @@ impl Status {
         Some(Status::new(class, subject, detail))
     }
 }
+
+impl std::str::FromStr for Status {
+    type Err = InvalidStatus;
+    fn from_str(s: &str) -> Result<Status, InvalidStatus> {
+        Status::parse(s).ok_or(InvalidStatus)
+    }
+}
+
+/// Text that is not an enhanced status code (`class.subject.detail`, class 2, 4 or 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidStatus;
+
+impl fmt::Display for InvalidStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not an enhanced status code (class.subject.detail)")
+    }
+}
+
+impl std::error::Error for InvalidStatus {}
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -926,9 +996,8 @@ pub fn no_route(domain: &str) -> Reply {
 
 /// A permanent DNS verdict on a domain: `556 5.1.10` for a null MX (RFC 7505 §4.2), else
 /// `550` with the resolver's status (5.1.2 no such domain, 5.4.6 mail loops back to myself…).
-pub fn undeliverable_domain(status: &str, reason: &str) -> Reply {
-    let status = Status::parse(status).unwrap_or(st(5, 1, 2));
-    let code = if status == st(5, 1, 10) { 556 } else { 550 };
+pub fn undeliverable_domain(status: Status, reason: &str) -> Reply {
+    let code = if status == Status::NULL_MX { 556 } else { 550 };
     Reply::new(code, status, reason.to_string())
 }
 
@@ -972,6 +1041,15 @@ mod tests {
         assert_eq!(Status::parse("4.7.0"), Some(Status::new(4, 7, 0)));
         assert_eq!(Status::parse("3.1.0"), None);
         assert_eq!(Status::parse("5.1"), None);
+        assert_eq!("5.1.10".parse::<Status>(), Ok(Status::NULL_MX));
+        assert_eq!("5.1.10.1".parse::<Status>(), Err(InvalidStatus));
+        assert_eq!(Status::EXPIRED.to_string(), "5.4.7");
+        assert_eq!(Status::of_code(421), Status::TEMPORARY);
+        assert_eq!(Status::of_code(554), Status::PERMANENT);
+        assert_eq!(Status::of_code(250), Status::SUCCESS);
+        // The null MX verdict is the only 556 (RFC 7505 §4.2).
+        assert_eq!(undeliverable_domain(Status::NULL_MX, "x").code, 556);
+        assert_eq!(undeliverable_domain(Status::ROUTING_LOOP, "x").code, 550);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use std::fmt::Write;
 
+use estafeta_proto::reply::Status;
 use estafeta_proto::trace::rfc5322_date;
 use estafeta_proto::{Notify, ReversePath};
 
@@ -66,7 +67,7 @@ pub struct DsnRecipient {
     /// What happened.
     pub action: DsnAction,
     /// The status code, e.g. `5.1.1`, `4.4.1`, `2.0.0`.
-    pub status: String,
+    pub status: Status,
     /// The remote MTA with its type, e.g. `dns; mx1.example.net`.
     pub remote_mta: Option<String>,
     /// The diagnostic with its type, e.g. `smtp; 550 5.1.1 <x@y>: User unknown`.
@@ -87,11 +88,10 @@ impl DsnRecipient {
         action: DsnAction,
         failure: &Failure,
     ) -> Self {
-        let status = match failure.reply.status {
-            Some(s) => s.to_string(),
-            None if failure.reply.code / 100 == 4 => "4.0.0".to_string(),
-            None => "5.0.0".to_string(),
-        };
+        let status = failure
+            .reply
+            .status
+            .unwrap_or_else(|| Status::of_code(failure.reply.code));
         let remote_mta = failure.remote.as_deref().map(|r| {
             // "mx.example.net[192.0.2.1]" → "mx.example.net"
             let host = r.split('[').next().unwrap_or(r).trim();
@@ -540,7 +540,7 @@ fn delivery_status(input: &DsnInput, mta: &str) -> String {
             &format!("{}; {}", addr_type(&r.final_recipient), r.final_recipient),
         );
         field(&mut out, "Action", r.action.as_str());
-        field(&mut out, "Status", &r.status);
+        field(&mut out, "Status", &r.status.to_string());
         if let Some(remote) = &r.remote_mta {
             field(&mut out, "Remote-MTA", remote);
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use estafeta_proto::Envelope;
-use estafeta_proto::reply;
+use estafeta_proto::reply::{self, Status};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -953,11 +953,7 @@ async fn attempt<T: Transport>(
                 status.state = RcptState::Failed;
                 status.last_error = Some(f.to_string());
                 tracing::info!(target: "estafeta::maillog", id = %m.id, to = %to, status = "bounced", delay_s = delay, transport = agent, dsn = f.reply.status.map(tracing::field::display), relay = f.remote.as_deref(), reason = %f, "failed");
-                let code = f
-                    .reply
-                    .status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "5.0.0".into());
+                let code = f.reply.status.unwrap_or(Status::PERMANENT);
                 notices
                     .failed
                     .push((i, code, f.remote.clone(), format!("{}", f.reply)));
@@ -982,7 +978,7 @@ async fn attempt<T: Transport>(
             );
             tracing::info!(target: "estafeta::maillog", id = %m.id, to = %m.envelope.rcpts[i].path, status = "expired", delay_s = delay, transport = transport.agent(&m.envelope, i), reason = %why, "failed");
             m.status[i].last_error = Some(why.clone());
-            notices.failed.push((i, "5.4.7".into(), None, why));
+            notices.failed.push((i, Status::EXPIRED, None, why));
         }
     } else if let Some(warn) = cfg.delay_warning
         && !m.delay_warned
@@ -991,7 +987,7 @@ async fn attempt<T: Transport>(
         let until = m.arrival + cfg.max_lifetime.as_secs();
         for i in m.pending() {
             let last = m.status[i].last_error.clone().unwrap_or_default();
-            notices.delayed.push((i, "4.0.0".into(), None, last));
+            notices.delayed.push((i, Status::TEMPORARY, None, last));
         }
         notices.retry_until = Some(until);
         m.delay_warned = true;
@@ -1022,10 +1018,10 @@ const NOTICE_PROTOCOL: &str = "local";
 /// diagnostic) for each kind.
 #[derive(Default)]
 struct Notices {
-    failed: Vec<(usize, String, Option<String>, String)>,
-    delayed: Vec<(usize, String, Option<String>, String)>,
-    delivered: Vec<(usize, String, Option<String>, String)>,
-    relayed: Vec<(usize, String, Option<String>, String)>,
+    failed: Vec<(usize, Status, Option<String>, String)>,
+    delayed: Vec<(usize, Status, Option<String>, String)>,
+    delivered: Vec<(usize, Status, Option<String>, String)>,
+    relayed: Vec<(usize, Status, Option<String>, String)>,
     retry_until: Option<u64>,
 }
 
@@ -1038,12 +1034,14 @@ impl Notices {
         match outcome {
             Outcome::Delivered(detail) => {
                 self.delivered
-                    .push((i, "2.0.0".into(), None, detail.clone()))
+                    .push((i, Status::SUCCESS, None, detail.clone()))
             }
             Outcome::Relayed {
                 detail,
                 dsn_passed: false,
-            } => self.relayed.push((i, "2.0.0".into(), None, detail.clone())),
+            } => self
+                .relayed
+                .push((i, Status::SUCCESS, None, detail.clone())),
             _ => {}
         }
     }
@@ -1211,7 +1209,9 @@ pub(crate) async fn bounce_now(
         m.status[i].state = RcptState::Failed;
         m.status[i].last_error = Some(text.clone());
         tracing::info!(target: "estafeta::maillog", id = %m.id, to = %m.envelope.rcpts[i].path, status = "bounced", delay_s = now.saturating_sub(m.arrival), reason = %text, "failed");
-        notices.failed.push((i, "5.0.0".into(), None, text.clone()));
+        notices
+            .failed
+            .push((i, Status::PERMANENT, None, text.clone()));
     }
     send_notices(spool, cfg, tx, &m, &content, notices, now).await;
     match spool.remove(&m) {

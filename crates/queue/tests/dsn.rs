@@ -23,7 +23,7 @@ fn failed(addr: &str) -> DsnRecipient {
         final_recipient: addr.to_string(),
         original_recipient: None,
         action: DsnAction::Failed,
-        status: "5.1.1".into(),
+        status: Status::BAD_MAILBOX,
         remote_mta: Some("dns; mx1.remote.example".into()),
         diagnostic: Some(format!("smtp; 550 5.1.1 <{addr}>: User unknown")),
         last_attempt: Some(NOW - 10),
@@ -361,7 +361,7 @@ fn a_delay_warning_says_until_when() {
         final_recipient: "dave@slow.example".into(),
         original_recipient: None,
         action: DsnAction::Delayed,
-        status: "4.4.1".into(),
+        status: Status::new(4, 4, 1),
         remote_mta: None,
         diagnostic: Some("smtp; 421 4.4.1 connection timed out".into()),
         last_attempt: Some(NOW - 60),
@@ -394,7 +394,7 @@ fn a_success_report() {
         final_recipient: "erin@example.test".into(),
         original_recipient: Some("erin@example.test".into()),
         action: DsnAction::Delivered,
-        status: "2.0.0".into(),
+        status: Status::SUCCESS,
         remote_mta: None,
         diagnostic: None,
         last_attempt: Some(NOW),
@@ -463,7 +463,7 @@ fn a_recipient_from_a_transport_failure() {
         command: Some("RCPT TO".into()),
     };
     let r = DsnRecipient::from_failure("bob@remote.example", DsnAction::Failed, &f);
-    assert_eq!(r.status, "5.1.1");
+    assert_eq!(r.status, Status::BAD_MAILBOX);
     assert_eq!(r.remote_mta.as_deref(), Some("dns; mx1.remote.example"));
     assert_eq!(
         r.diagnostic.as_deref(),
@@ -471,7 +471,7 @@ fn a_recipient_from_a_transport_failure() {
     );
     let local = Failure::local(Reply::plain(451, vec!["local problem".into()]));
     let r = DsnRecipient::from_failure("x@y.example", DsnAction::Delayed, &local);
-    assert_eq!(r.status, "4.0.0");
+    assert_eq!(r.status, Status::TEMPORARY);
     assert_eq!(r.remote_mta, None);
 }
 

@@ -637,7 +637,7 @@ impl Connection {
         if !self.tls {
             return Err(fail(
                 &self.peer,
-                Status::new(4, 7, 10),
+                Status::ENCRYPTION_NEEDED_TEMPORARY,
                 "AUTH credentials are configured, but the session is not encrypted; they are not sent in clear",
             ));
         }
@@ -679,7 +679,7 @@ impl Connection {
         } else {
             return Err(fail(
                 &self.peer,
-                Status::new(4, 7, 0),
+                Status::SECURITY_TEMPORARY,
                 "AUTH credentials are configured, but the server offers neither PLAIN nor LOGIN",
             ));
         };

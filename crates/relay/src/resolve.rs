@@ -28,6 +28,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use estafeta_proto::reply::Status;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
@@ -77,8 +78,8 @@ pub enum ResolveError {
     /// no MX host has an address.
     #[error("{reason} ({status})")]
     Permanent {
-        /// Enhanced status code, e.g. `"5.1.10"`.
-        status: &'static str,
+        /// Enhanced status code, e.g. [`Status::NULL_MX`].
+        status: Status,
         /// Human reason, e.g. "domain example.test does not accept mail (null MX)".
         reason: String,
     },
@@ -99,10 +100,10 @@ impl ResolveError {
 
     /// The RFC 3463 enhanced status code (`4.4.3` "directory server failure" for temporary
     /// errors).
-    pub fn status(&self) -> &'static str {
+    pub fn status(&self) -> Status {
         match self {
-            ResolveError::Permanent { status, .. } => status,
-            ResolveError::Temporary { .. } => "4.4.3",
+            ResolveError::Permanent { status, .. } => *status,
+            ResolveError::Temporary { .. } => Status::DIRECTORY_FAILURE,
         }
     }
 
@@ -213,7 +214,7 @@ impl Resolver {
         }
 
         let name = fqdn(&domain).ok_or_else(|| ResolveError::Permanent {
-            status: "5.1.2",
+            status: Status::BAD_SYSTEM,
             reason: format!("{domain:?} is not a valid domain name"),
         })?;
 
@@ -230,7 +231,7 @@ impl Resolver {
                     .collect();
                 if mxs.len() == 1 && mxs[0].1.is_root() {
                     return Err(ResolveError::Permanent {
-                        status: "5.1.10",
+                        status: Status::NULL_MX,
                         reason: format!("domain {domain} does not accept mail (null MX)"),
                     });
                 }
@@ -255,7 +256,7 @@ impl Resolver {
             Err(err) => match classify(&err) {
                 Negative::NxDomain => {
                     return Err(ResolveError::Permanent {
-                        status: "5.1.2",
+                        status: Status::BAD_SYSTEM,
                         reason: format!("domain {domain} does not exist (NXDOMAIN)"),
                     });
                 }
@@ -316,7 +317,7 @@ impl Resolver {
             let best = hosts.iter().map(|(p, _, _)| *p).min().unwrap_or(own);
             if own <= best {
                 return Err(ResolveError::Permanent {
-                    status: "5.4.6",
+                    status: Status::ROUTING_LOOP,
                     reason: format!("mail for {domain} loops back to myself"),
                 });
             }
@@ -363,7 +364,7 @@ impl Resolver {
             IpVersion::Ipv6 => " IPv6",
         };
         Err(ResolveError::Permanent {
-            status: "5.4.4",
+            status: Status::UNABLE_TO_ROUTE,
             reason: if implicit {
                 format!("no MX and no usable{family} address for {domain}")
             } else {
@@ -403,13 +404,13 @@ fn literal_destination(
     };
     if !allowed {
         return Err(ResolveError::Permanent {
-            status: "5.4.4",
+            status: Status::UNABLE_TO_ROUTE,
             reason: format!("address literal {domain} is excluded by ip_version"),
         });
     }
     if local.addrs.contains(&ip) {
         return Err(ResolveError::Permanent {
-            status: "5.4.6",
+            status: Status::ROUTING_LOOP,
             reason: format!("mail for {domain} loops back to myself"),
         });
     }
@@ -611,7 +612,7 @@ mod tests {
             .destinations("[192.0.2.7]", IpVersion::Any, &me)
             .await
             .unwrap_err();
-        assert_eq!(err.status(), "5.4.6");
+        assert_eq!(err.status(), Status::ROUTING_LOOP);
     }
 
     #[tokio::test]
@@ -629,6 +630,6 @@ mod tests {
             .destinations("", IpVersion::Any, &LocalIdentity::default())
             .await
             .unwrap_err();
-        assert_eq!(err.status(), "5.1.2");
+        assert_eq!(err.status(), Status::BAD_SYSTEM);
     }
 }

@@ -107,9 +107,10 @@ fn hosts(dest: &[Destination]) -> Vec<&str> {
     dest.iter().map(|d| d.host.as_str()).collect()
 }
 
-fn permanent_status(result: Result<Vec<Destination>, ResolveError>) -> (&'static str, String) {
+/// The status as it is written (`5.1.10`) and the reason of a permanent error.
+fn permanent_status(result: Result<Vec<Destination>, ResolveError>) -> (String, String) {
     match result {
-        Err(ResolveError::Permanent { status, reason }) => (status, reason),
+        Err(ResolveError::Permanent { status, reason }) => (status.to_string(), reason),
         other => panic!("expected a permanent error, got {other:?}"),
     }
 }

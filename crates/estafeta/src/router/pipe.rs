@@ -174,7 +174,7 @@ impl PipeAgent {
         if let Some(why) = v.refusal() {
             return Outcome::PermFail(Failure::local(reply::pipe_permanent(
                 name,
-                Status::new(5, 1, 3),
+                Status::BAD_MAILBOX_SYNTAX,
                 &format!("{why} is not given to a command"),
             )));
         }
@@ -245,7 +245,7 @@ impl PipeAgent {
                 // next attempt either; the message is returned.
                 return Outcome::PermFail(Failure::local(reply::pipe_permanent(
                     name,
-                    Status::new(5, 3, 0),
+                    Status::SYSTEM_OTHER,
                     &format!("command time limit of {} s exceeded", cfg.timeout.as_secs()),
                 )));
             }
@@ -322,30 +322,29 @@ fn classify(name: &str, status: std::process::ExitStatus, output: &str) -> Outco
     if code == 0 {
         return Outcome::Delivered(format!("pipe {name} (exit 0)"));
     }
-    let (temporary, status) = match code {
-        64 => (false, "5.3.0"), // EX_USAGE
-        65 => (false, "5.6.0"), // EX_DATAERR
-        66 => (false, "5.3.0"), // EX_NOINPUT
-        67 => (false, "5.1.1"), // EX_NOUSER
-        68 => (false, "5.1.2"), // EX_NOHOST
-        69 => (false, "5.3.0"), // EX_UNAVAILABLE
-        70 => (false, "5.3.0"), // EX_SOFTWARE
-        71 => (true, "4.3.0"),  // EX_OSERR
-        72 => (false, "5.3.0"), // EX_OSFILE
-        73 => (false, "5.2.0"), // EX_CANTCREAT
-        74 => (false, "5.3.0"), // EX_IOERR
-        75 => (true, "4.3.0"),  // EX_TEMPFAIL
-        76 => (false, "5.5.0"), // EX_PROTOCOL
-        77 => (false, "5.7.0"), // EX_NOPERM
-        78 => (false, "5.3.5"), // EX_CONFIG
-        _ => (false, "5.3.0"),
+    let status = match code {
+        64 => Status::SYSTEM_OTHER,         // EX_USAGE
+        65 => Status::MEDIA_OTHER,          // EX_DATAERR
+        66 => Status::SYSTEM_OTHER,         // EX_NOINPUT
+        67 => Status::BAD_MAILBOX,          // EX_NOUSER
+        68 => Status::BAD_SYSTEM,           // EX_NOHOST
+        69 => Status::SYSTEM_OTHER,         // EX_UNAVAILABLE
+        70 => Status::SYSTEM_OTHER,         // EX_SOFTWARE
+        71 => Status::SYSTEM_TEMPORARY,     // EX_OSERR
+        72 => Status::SYSTEM_OTHER,         // EX_OSFILE
+        73 => Status::MAILBOX_OTHER,        // EX_CANTCREAT
+        74 => Status::SYSTEM_OTHER,         // EX_IOERR
+        75 => Status::SYSTEM_TEMPORARY,     // EX_TEMPFAIL
+        76 => Status::PROTOCOL_OTHER,       // EX_PROTOCOL
+        77 => Status::SECURITY_OTHER,       // EX_NOPERM
+        78 => Status::SYSTEM_MISCONFIGURED, // EX_CONFIG
+        _ => Status::SYSTEM_OTHER,
     };
     let text = format!("command exited with status {code}{said}");
-    if temporary {
+    if status.class == 4 {
         Outcome::TempFail(Failure::local(reply::pipe_temporary(name, &text)))
     } else {
-        let st = Status::parse(status).expect("a status from the table above");
-        Outcome::PermFail(Failure::local(reply::pipe_permanent(name, st, &text)))
+        Outcome::PermFail(Failure::local(reply::pipe_permanent(name, status, &text)))
     }
 }
 
