@@ -1190,11 +1190,14 @@ impl Validator<'_, '_> {
             ),
             double_bounce_to: q.double_bounce_to.as_ref().and_then(|v| {
                 let text = v.get_ref().trim();
+                // The server reads it with the RCPT TO parser: what it would drop is refused
+                // here, with the line.
                 let ok = match text.rsplit_once('@') {
                     Some((local, domain)) => {
                         !local.is_empty()
-                            && !local.contains(char::is_whitespace)
                             && check_domain(&normalize_domain(domain)).is_ok()
+                            && estafeta_proto::address::parse_forward_path(&format!("<{text}>"))
+                                .is_ok()
                     }
                     None => false,
                 };

@@ -195,28 +195,22 @@ pub enum Command {
     Http,
 }
 
-/// How a line failed to parse: the reply, and whether the session should close after it.
+/// How a line failed to parse: the reply to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
-    /// The reply to send.
+    /// The reply to send (a recognised verb with bad arguments or an unknown verb: both
+    /// count as errors of the session).
     pub reply: Reply,
-    /// True when the error is a recognised verb with bad arguments (a syntax error), false for
-    /// an unknown verb. Both count as errors of the session.
-    pub known_verb: bool,
 }
 
 fn syntax_err(text: &str) -> ParseError {
     ParseError {
         reply: reply::syntax(text),
-        known_verb: true,
     }
 }
 
 fn param_err(reply: Reply) -> ParseError {
-    ParseError {
-        reply,
-        known_verb: true,
-    }
+    ParseError { reply }
 }
 
 /// RFC 5321 `esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")`.
@@ -463,12 +457,10 @@ fn bracket(path: &str) -> std::borrow::Cow<'_, str> {
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     let line = std::str::from_utf8(line).map_err(|_| ParseError {
         reply: reply::bad_encoding(),
-        known_verb: false,
     })?;
     if line.chars().any(|c| c.is_control() && c != '\t') {
         return Err(ParseError {
             reply: reply::syntax("control characters are not allowed in commands"),
-            known_verb: false,
         });
     }
     let (verb, arg) = match line.split_once(' ') {
@@ -588,7 +580,6 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "GET" | "POST" | "PUT" | "HEAD" | "CONNECT" | "OPTIONS" | "DELETE" => Ok(Command::Http),
         _ => Err(ParseError {
             reply: reply::unknown_command(),
-            known_verb: false,
         }),
     }
 }
