@@ -65,6 +65,19 @@ fn group_name(gid: u32) -> Option<String> {
     })
 }
 
+/// True when a TCP socket listens on `port` (IPv4, any address), by /proc/net/tcp.
+fn tcp_listening(port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+        table.lines().skip(1).any(|l| {
+            let mut fields = l.split_whitespace();
+            let local = fields.nth(1).unwrap_or("");
+            let state = fields.nth(1).unwrap_or("");
+            local.ends_with(&port) && state == "0A"
+        })
+    })
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -253,11 +266,11 @@ plugin {{
             .expect("spawn dovecot");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
-        // The master binds every listener before it forks any service, so the socket file
-        // says the TCP port is bound too. (No test connection: the tests count Dovecot's
-        // "Connect from" lines.)
+        // Ready when the Unix socket exists and the TCP port listens: the kernel's socket
+        // table says so without a test connection (the tests count Dovecot's "Connect from"
+        // lines). The socket file alone was once not enough on a loaded machine.
         loop {
-            if self.socket.exists() {
+            if self.socket.exists() && tcp_listening(self.port) {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
