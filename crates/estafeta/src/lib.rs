@@ -68,6 +68,8 @@ pub struct Server {
     live: Arc<Live>,
     router: Arc<LiveRouter>,
     queue: QueueHandle,
+    /// Idle outbound sessions (the relay's connection cache).
+    idle: estafeta_relay::remote::ConnectionCache,
     running: Mutex<Running>,
     reloads: Option<tokio::sync::mpsc::Receiver<control::ReloadRequest>>,
 }
@@ -158,7 +160,10 @@ pub fn local_session_config(cfg: &Config) -> SessionConfig {
 const MX_PORT: u16 = 25;
 
 /// Remote delivery from the configuration: `[dns]`, `[relay.routes]`, the smarthost.
-fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remote> {
+fn remote_delivery(
+    cfg: &Config,
+    idle: estafeta_relay::remote::ConnectionCache,
+) -> anyhow::Result<estafeta_relay::remote::Remote> {
     use estafeta_relay::client::ClientConfig;
     use estafeta_relay::client::TlsPolicy;
     use estafeta_relay::remote::Remote;
@@ -211,7 +216,7 @@ fn remote_delivery(cfg: &Config) -> anyhow::Result<estafeta_relay::remote::Remot
             addrs,
         },
         mx_port: MX_PORT,
-        idle: Default::default(),
+        idle,
     })
 }
 
@@ -321,11 +326,12 @@ fn build_router(
     policy: Arc<Policy>,
     syncer: Syncer,
     lmtp: router::LmtpClients,
+    idle: &estafeta_relay::remote::ConnectionCache,
 ) -> anyhow::Result<Router> {
     let router = Router::new(policy, Maildir::new(syncer, &cfg.hostname), cfg, lmtp)
         .map_err(anyhow::Error::msg)?;
     Ok(if cfg.source.is_some() {
-        router.with_remote(Arc::new(remote_delivery(cfg)?))
+        router.with_remote(Arc::new(remote_delivery(cfg, idle.clone())?))
     } else {
         router
     })
@@ -549,7 +555,10 @@ impl Server {
         }
         let policy = build_policy(&cfg, &users);
         let lmtp = router::lmtp_clients(&cfg).map_err(anyhow::Error::msg)?;
-        let first_router = build_router(&cfg, policy, syncer, lmtp)?;
+        // One cache of idle outbound sessions for the server's life, across reloads: closed
+        // with QUIT at shutdown.
+        let idle = estafeta_relay::remote::ConnectionCache::default();
+        let first_router = build_router(&cfg, policy, syncer, lmtp, &idle)?;
         let router = Arc::new(LiveRouter::new(first_router));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -657,6 +666,7 @@ impl Server {
             live,
             router,
             queue,
+            idle,
             running: Mutex::new(Running { cfg, users, auth }),
             reloads: Some(reload_rx),
         })
@@ -771,7 +781,7 @@ impl Server {
         let policy = build_policy(new, &users);
         let syncer = self.queue.spool().syncer().clone();
         let lmtp = router::lmtp_clients(new).map_err(anyhow::Error::msg)?;
-        let router = build_router(new, policy, syncer, lmtp)?;
+        let router = build_router(new, policy, syncer, lmtp, &self.idle)?;
         let tls = self.tls.clone().context("no TLS")?;
         let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
         let mail_auth = Arc::new(MailAuth::build(new).map_err(anyhow::Error::msg)?);
@@ -816,8 +826,11 @@ impl Server {
     /// Waits until every task has stopped, at most `grace`.
     pub async fn wait(self, grace: Duration) -> bool {
         self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait())
+        let done = tokio::time::timeout(grace, self.tracker.wait())
             .await
-            .is_ok()
+            .is_ok();
+        // The deliveries are over: the idle outbound sessions get their QUIT.
+        self.idle.close(Duration::from_secs(2)).await;
+        done
     }
 }

@@ -48,10 +48,32 @@ pub struct Remote {
 
 /// Open sessions waiting for the next message to the same host (Postfix's connection cache):
 /// messages queued together for one destination travel in one session. A session is kept
-/// [`ConnectionCache::IDLE_LIMIT`] after its last message, then closed with QUIT.
-#[derive(Clone, Default)]
+/// [`ConnectionCache::IDLE_LIMIT`] after its last message, then closed with QUIT. The tasks
+/// that close them are tracked: [`ConnectionCache::close`] (at shutdown) says QUIT to every
+/// idle session at once and waits for them.
+#[derive(Clone)]
 pub struct ConnectionCache {
     inner: Arc<Mutex<Vec<Idle>>>,
+    tasks: tokio_util::task::TaskTracker,
+    closing: tokio_util::sync::CancellationToken,
+}
+
+impl std::fmt::Debug for ConnectionCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionCache")
+            .field("idle", &self.idle_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ConnectionCache {
+    fn default() -> Self {
+        ConnectionCache {
+            inner: Arc::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            closing: tokio_util::sync::CancellationToken::new(),
+        }
+    }
 }
 
 struct Idle {
@@ -77,6 +99,11 @@ impl ConnectionCache {
     }
 
     fn put(&self, key: (SocketAddr, String, bool), conn: client::Connection) {
+        if self.closing.is_cancelled() {
+            // Shutting down: nothing is kept for a next message.
+            self.tasks.spawn(conn.quit());
+            return;
+        }
         let extra = {
             let mut idle = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             idle.push(Idle {
@@ -88,11 +115,16 @@ impl ConnectionCache {
             idle.drain(..over).map(|e| e.conn).collect::<Vec<_>>()
         };
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        let closing = self.closing.clone();
+        self.tasks.spawn(async move {
             for conn in extra {
                 conn.quit().await;
             }
-            tokio::time::sleep(Self::IDLE_LIMIT).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Self::IDLE_LIMIT) => {}
+                // close() takes every idle session itself.
+                _ = closing.cancelled() => return,
+            }
             let expired: Vec<client::Connection> = {
                 let mut idle = inner.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
@@ -106,6 +138,29 @@ impl ConnectionCache {
                 conn.quit().await;
             }
         });
+    }
+}
+
+impl ConnectionCache {
+    /// Closes every idle session with QUIT (all at once) and waits for them and for the
+    /// cache's other tasks, at most `limit`; sessions handed back afterwards are closed at
+    /// once. For the server's shutdown, after the last delivery.
+    pub async fn close(&self, limit: Duration) {
+        self.closing.cancel();
+        let idle: Vec<client::Connection> = {
+            let mut idle = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            idle.drain(..).map(|e| e.conn).collect()
+        };
+        for conn in idle {
+            self.tasks.spawn(conn.quit());
+        }
+        self.tasks.close();
+        let _ = tokio::time::timeout(limit, self.tasks.wait()).await;
+    }
+
+    /// Idle sessions kept now.
+    pub fn idle_count(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 

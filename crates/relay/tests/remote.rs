@@ -163,3 +163,52 @@ async fn a_session_the_peer_closed_while_idle_is_replaced() {
     let s = seen.lock().unwrap();
     assert_eq!((s.sessions, s.messages), (3, 3), "{s:?}");
 }
+
+/// At shutdown the idle sessions are not dropped: `close` says QUIT to each at once (well
+/// before the idle limit) and waits for them; a session handed back afterwards is closed too.
+#[tokio::test]
+async fn close_says_quit_to_every_idle_session() {
+    let (a, seen_a) = peer(false).await;
+    let (b, seen_b) = peer(false).await;
+    let remote = remote();
+    let params = MailParams::default();
+    let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
+    let msg = OutboundMessage {
+        from: "alice@local.test",
+        params: &params,
+        rcpts: &rcpts,
+        content: b"Subject: hi\r\n\r\nhello\r\n",
+        needs_smtputf8: false,
+        needs_8bit: false,
+    };
+    for addr in [a, b] {
+        let out = remote
+            .deliver("remote.test", Hop::Route(&hop(addr)), &msg)
+            .await;
+        assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
+    }
+    assert_eq!(remote.idle.idle_count(), 2);
+    let started = Instant::now();
+    remote.idle.close(Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < ConnectionCache::IDLE_LIMIT,
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(remote.idle.idle_count(), 0);
+    for seen in [&seen_a, &seen_b] {
+        let s = seen.lock().unwrap();
+        assert_eq!((s.sessions, s.messages, s.quits), (1, 1, 1), "{s:?}");
+    }
+    // After close, a delivery still works, and its session is not kept.
+    let out = remote
+        .deliver("remote.test", Hop::Route(&hop(a)), &msg)
+        .await;
+    assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen_a.lock().unwrap().quits < 2 {
+        assert!(Instant::now() < deadline, "{:?}", seen_a.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(remote.idle.idle_count(), 0);
+}
