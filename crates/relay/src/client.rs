@@ -33,6 +33,9 @@ use estafeta_proto::data::Stuffer;
 use estafeta_proto::reply::{self as replies};
 use estafeta_proto::{MailParams, RcptParams, Reply, Status};
 use estafeta_queue::{Failure, Outcome};
+
+pub use crate::transaction::{RcptResult, classify, rcpt_result};
+use crate::transaction::{Step, Transaction, Wait};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -200,15 +203,6 @@ pub struct OutboundMessage<'a> {
     pub needs_8bit: bool,
 }
 
-/// What the RCPT reply said about one recipient.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RcptResult {
-    /// 2yz: the recipient is accepted; its outcome comes from the end of the content.
-    Accepted,
-    /// Refused (temporarily or permanently, as [`classify`] said).
-    Rejected(Outcome),
-}
-
 /// The session could not be set up, so no recipient was decided: connection refused or
 /// timed out, greeting or EHLO refused, TLS required but not achieved, AUTH failed. The
 /// caller tries the next MX host (or, when `permanent`, may give up on this one).
@@ -240,51 +234,6 @@ impl SessionError {
                 SessionError::temporary(Failure::local(replies::unexpected_success(&text)))
             }
         }
-    }
-}
-
-/// THE classification of a reply to a command that concerns recipients, as one exhaustive
-/// match on the reply code:
-///
-/// - 2yz: delivered (or, for RCPT, accepted); the text is `remote said: <reply>`;
-/// - 421 on any command: temporary (and the session is over: the caller marks every
-///   recipient still open with it);
-/// - 552 on RCPT: temporary — RFC 5321 §4.5.3.1.10 asks for 452 "too many recipients", but
-///   old servers say 552 (RFC 5321 §4.5.3.1.10, last paragraph);
-/// - any other 4yz: temporary;
-/// - 5yz: permanent;
-/// - 3yz where a final reply was expected, and codes outside 200–599: temporary (the peer
-///   does not speak the protocol; another attempt may reach a better one). A reply that does
-///   not parse at all never becomes a [`Reply`]; the client turns it into a temporary
-///   failure before classification.
-///
-/// The enhanced status code is carried along but does not decide: the basic code is what
-/// RFC 5321 defines the client's behaviour by.
-pub fn classify(reply: &Reply, command: &str, remote: &str) -> Outcome {
-    let failure = || Failure {
-        reply: reply.clone(),
-        remote: Some(remote.to_string()),
-        command: Some(command.to_string()),
-    };
-    let is_rcpt = command
-        .get(..4)
-        .is_some_and(|c| c.eq_ignore_ascii_case("RCPT"));
-    match (reply.code / 100, reply.code) {
-        (2, _) => Outcome::Delivered(format!("{remote} said: {reply}")),
-        (4, 421) => Outcome::TempFail(failure()),
-        (5, 552) if is_rcpt => Outcome::TempFail(failure()),
-        (4, _) => Outcome::TempFail(failure()),
-        (5, _) => Outcome::PermFail(failure()),
-        (3, _) => Outcome::TempFail(failure()),
-        (0 | 1 | 6.., _) => Outcome::TempFail(failure()),
-    }
-}
-
-/// The [`RcptResult`] of a reply to RCPT, from [`classify`].
-pub fn rcpt_result(reply: &Reply, command: &str, remote: &str) -> RcptResult {
-    match classify(reply, command, remote) {
-        Outcome::Delivered(_) | Outcome::Relayed { .. } => RcptResult::Accepted,
-        other => RcptResult::Rejected(other),
     }
 }
 
@@ -759,15 +708,9 @@ impl Connection {
         self.dead = Some(failure);
     }
 
-    /// Sets every undecided recipient to `outcome`.
-    fn decide_all(out: &mut [Option<Outcome>], outcome: &Outcome) {
-        for o in out.iter_mut().filter(|o| o.is_none()) {
-            *o = Some(outcome.clone());
-        }
-    }
-
-    /// Runs MAIL … end of content. `Err` means the session is over (421 or broken), with
-    /// the failure for the recipients still undecided.
+    /// Runs MAIL … end of content ([`Transaction`], which decides; this only reads and
+    /// writes). `Err` means the session is over (421 or broken), with the failure for the
+    /// recipients still undecided.
     async fn transaction(
         &mut self,
         msg: &OutboundMessage<'_>,
@@ -776,152 +719,78 @@ impl Connection {
         if let Some(failure) = &self.dead {
             return Err(failure.clone());
         }
-        let t = self.timeouts;
-        if msg.needs_smtputf8 && !self.ext.smtputf8 {
-            let outcome =
-                Outcome::PermFail(Failure::local(replies::smtputf8_not_offered(&self.peer)));
-            Self::decide_all(out, &outcome);
-            return Ok(());
-        }
-        let size = msg.content.len() as u64;
-        if let Some(limit) = self.ext.size
-            && limit > 0
-            && size > limit
-        {
-            let outcome = Outcome::PermFail(Failure::local(replies::too_big_for_peer(
-                size, limit, &self.peer,
-            )));
-            Self::decide_all(out, &outcome);
-            return Ok(());
-        }
-        if self.needs_rset {
-            self.write(b"RSET\r\n", t.ehlo)
-                .await
-                .map_err(|b| self.broken_failure(b, "sending RSET", Some("RSET")))?;
-            let reply = self
-                .read_reply(t.ehlo)
-                .await
-                .map_err(|b| self.broken_failure(b, "receiving the RSET reply", Some("RSET")))?;
-            if reply.code / 100 != 2 {
-                return Err(Failure {
-                    reply,
-                    remote: Some(self.host.clone()),
-                    command: Some("RSET".to_string()),
-                });
+        let mut txn = Transaction::new(msg, &self.ext, self.needs_rset, &self.host, &self.peer);
+        let driven = self.drive(&mut txn, msg).await;
+        for (o, decided) in out.iter_mut().zip(txn.outcomes()) {
+            if o.is_none() {
+                o.clone_from(decided);
             }
-            self.needs_rset = false;
         }
+        self.needs_rset = txn.needs_rset();
+        driven?;
+        match txn.over() {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(()),
+        }
+    }
 
-        let mail = self.mail_command(msg);
-        let rcpts: Vec<String> = msg
-            .rcpts
-            .iter()
-            .map(|(addr, params)| self.rcpt_command(addr, params))
-            .collect();
-        let mail_name = format!("MAIL FROM:<{}>", msg.from);
-        let rcpt_name = |i: usize| format!("RCPT TO:<{}>", msg.rcpts[i].0);
-        let mut accepted: Vec<usize> = Vec::new();
-
-        if self.ext.pipelining {
-            // RFC 2920 §3.1: MAIL, every RCPT and DATA in one group, DATA last.
-            let mut batch = mail.clone();
-            for r in &rcpts {
-                batch.push_str(r);
-            }
-            batch.push_str("DATA\r\n");
-            self.write(batch.as_bytes(), t.mail)
-                .await
-                .map_err(|b| self.broken_failure(b, "sending MAIL FROM", Some(&mail_name)))?;
-            let reply = self.read_reply(t.mail).await.map_err(|b| {
-                self.broken_failure(b, "receiving the MAIL FROM reply", Some(&mail_name))
-            })?;
-            let mail_ok = self.after_mail(&reply, &mail_name, out)?;
-            for i in 0..msg.rcpts.len() {
-                let name = rcpt_name(i);
-                let reply = self.read_reply(t.rcpt).await.map_err(|b| {
-                    self.broken_failure(b, "receiving the RCPT TO reply", Some(&name))
-                })?;
-                if mail_ok {
-                    self.after_rcpt(i, &reply, &name, out, &mut accepted)?;
-                } else if reply.code == 421 {
-                    return Err(self.remote_failure(reply, &name));
-                }
-            }
-            let reply = self
-                .read_reply(t.data_init)
-                .await
-                .map_err(|b| self.broken_failure(b, "receiving the DATA reply", Some("DATA")))?;
-            if reply.code == 354 {
-                if accepted.is_empty() {
-                    // The group went out before the refusals came back; end the empty
-                    // content and forget the reply (RFC 2920 §3.1).
-                    self.write(b".\r\n", t.data_block)
+    /// Carries out `txn`'s steps on the connection.
+    async fn drive(
+        &mut self,
+        txn: &mut Transaction,
+        msg: &OutboundMessage<'_>,
+    ) -> Result<(), Failure> {
+        loop {
+            match txn.poll() {
+                Step::Send {
+                    bytes,
+                    wait,
+                    doing,
+                    command,
+                } => {
+                    let limit = self.wait(wait);
+                    self.write(&bytes, limit)
                         .await
-                        .map_err(|b| self.broken_failure(b, "sending end of DATA", Some("DATA")))?;
-                    let reply = self.read_reply(t.data_final).await.map_err(|b| {
-                        self.broken_failure(b, "receiving the end of DATA reply", Some("DATA"))
-                    })?;
-                    if reply.code == 421 {
-                        return Err(self.remote_failure(reply, "end of DATA"));
-                    }
-                    self.needs_rset = true;
-                    return Ok(());
+                        .map_err(|b| self.broken_failure(b, doing, Some(&command)))?;
                 }
-            } else {
-                if reply.code == 421 {
-                    return Err(self.remote_failure(reply, "DATA"));
+                Step::SendContent => self.send_content(msg.content).await?,
+                Step::Receive {
+                    wait,
+                    doing,
+                    command,
+                } => {
+                    let limit = self.wait(wait);
+                    let reply = self
+                        .read_reply(limit)
+                        .await
+                        .map_err(|b| self.broken_failure(b, doing, Some(&command)))?;
+                    txn.reply(reply);
                 }
-                self.needs_rset = true;
-                if !accepted.is_empty() {
-                    Self::decide_all(out, &classify(&reply, "DATA", &self.host));
-                }
-                return Ok(());
-            }
-        } else {
-            self.write(mail.as_bytes(), t.mail)
-                .await
-                .map_err(|b| self.broken_failure(b, "sending MAIL FROM", Some(&mail_name)))?;
-            let reply = self.read_reply(t.mail).await.map_err(|b| {
-                self.broken_failure(b, "receiving the MAIL FROM reply", Some(&mail_name))
-            })?;
-            if !self.after_mail(&reply, &mail_name, out)? {
-                return Ok(());
-            }
-            for (i, cmd) in rcpts.iter().enumerate() {
-                let name = rcpt_name(i);
-                self.write(cmd.as_bytes(), t.rcpt)
-                    .await
-                    .map_err(|b| self.broken_failure(b, "sending RCPT TO", Some(&name)))?;
-                let reply = self.read_reply(t.rcpt).await.map_err(|b| {
-                    self.broken_failure(b, "receiving the RCPT TO reply", Some(&name))
-                })?;
-                self.after_rcpt(i, &reply, &name, out, &mut accepted)?;
-            }
-            if accepted.is_empty() {
-                self.needs_rset = true;
-                return Ok(());
-            }
-            self.write(b"DATA\r\n", t.data_init)
-                .await
-                .map_err(|b| self.broken_failure(b, "sending DATA", Some("DATA")))?;
-            let reply = self
-                .read_reply(t.data_init)
-                .await
-                .map_err(|b| self.broken_failure(b, "receiving the DATA reply", Some("DATA")))?;
-            if reply.code != 354 {
-                if reply.code == 421 {
-                    return Err(self.remote_failure(reply, "DATA"));
-                }
-                self.needs_rset = true;
-                Self::decide_all(out, &classify(&reply, "DATA", &self.host));
-                return Ok(());
+                Step::Done => return Ok(()),
             }
         }
+    }
 
-        // The content, stuffed a block at a time: a large message is never copied whole.
+    /// The timeout of a step.
+    fn wait(&self, wait: Wait) -> Duration {
+        let t = self.timeouts;
+        match wait {
+            Wait::Rset => t.ehlo,
+            Wait::Mail => t.mail,
+            Wait::Rcpt => t.rcpt,
+            Wait::DataInit => t.data_init,
+            Wait::DataBlock => t.data_block,
+            Wait::DataFinal => t.data_final,
+        }
+    }
+
+    /// The content, dot-stuffed a block at a time (a large message is never copied whole),
+    /// and the end marker.
+    async fn send_content(&mut self, content: &[u8]) -> Result<(), Failure> {
+        let limit = self.timeouts.data_block;
         let mut wire = Vec::with_capacity(DATA_BLOCK + DATA_BLOCK / 32 + 8);
         let mut stuffer = Stuffer::default();
-        let mut blocks = estafeta_queue::blocks(msg.content, DATA_BLOCK).peekable();
+        let mut blocks = estafeta_queue::blocks(content, DATA_BLOCK).peekable();
         loop {
             wire.clear();
             if let Some(block) = blocks.next() {
@@ -931,119 +800,13 @@ impl Connection {
             if last {
                 stuffer.finish(&mut wire);
             }
-            self.write(&wire, t.data_block)
+            self.write(&wire, limit)
                 .await
                 .map_err(|b| self.broken_failure(b, "sending message body", Some("DATA")))?;
             if last {
-                break;
+                return Ok(());
             }
         }
-        let reply = self.read_reply(t.data_final).await.map_err(|b| {
-            self.broken_failure(b, "receiving the end of DATA reply", Some("end of DATA"))
-        })?;
-        if reply.code == 421 {
-            return Err(self.remote_failure(reply, "end of DATA"));
-        }
-        let outcome = classify(&reply, "end of DATA", &self.host);
-        let outcome = match outcome {
-            Outcome::Delivered(_) => Outcome::Relayed {
-                detail: format!("{} said: {reply}", self.peer),
-                dsn_passed: self.ext.dsn,
-            },
-            other => other,
-        };
-        Self::decide_all(out, &outcome);
-        Ok(())
-    }
-
-    /// Handles the MAIL reply: `Ok(true)` when accepted; otherwise every recipient is
-    /// decided by it.
-    fn after_mail(
-        &mut self,
-        reply: &Reply,
-        name: &str,
-        out: &mut [Option<Outcome>],
-    ) -> Result<bool, Failure> {
-        if reply.code == 421 {
-            return Err(self.remote_failure(reply.clone(), name));
-        }
-        match classify(reply, name, &self.host) {
-            Outcome::Delivered(_) | Outcome::Relayed { .. } => Ok(true),
-            refused => {
-                self.needs_rset = true;
-                Self::decide_all(out, &refused);
-                Ok(false)
-            }
-        }
-    }
-
-    /// Handles one RCPT reply.
-    fn after_rcpt(
-        &mut self,
-        i: usize,
-        reply: &Reply,
-        name: &str,
-        out: &mut [Option<Outcome>],
-        accepted: &mut Vec<usize>,
-    ) -> Result<(), Failure> {
-        if reply.code == 421 {
-            return Err(self.remote_failure(reply.clone(), name));
-        }
-        match rcpt_result(reply, name, &self.host) {
-            RcptResult::Accepted => accepted.push(i),
-            RcptResult::Rejected(outcome) => out[i] = Some(outcome),
-        }
-        Ok(())
-    }
-
-    fn remote_failure(&self, reply: Reply, command: &str) -> Failure {
-        Failure {
-            reply,
-            remote: Some(self.host.clone()),
-            command: Some(command.to_string()),
-        }
-    }
-
-    /// `MAIL FROM:<…> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET= ENVID=]\r\n`.
-    fn mail_command(&self, msg: &OutboundMessage<'_>) -> String {
-        let mut cmd = format!("MAIL FROM:<{}>", msg.from);
-        if self.ext.size.is_some() {
-            cmd.push_str(&format!(" SIZE={}", msg.content.len()));
-        }
-        if msg.needs_8bit && self.ext.eight_bit_mime {
-            cmd.push_str(" BODY=8BITMIME");
-        }
-        if msg.needs_smtputf8 {
-            cmd.push_str(" SMTPUTF8");
-        }
-        if self.ext.dsn {
-            if let Some(ret) = msg.params.ret {
-                cmd.push_str(" RET=");
-                cmd.push_str(ret.as_str());
-            }
-            if let Some(envid) = &msg.params.envid {
-                cmd.push_str(" ENVID=");
-                cmd.push_str(envid);
-            }
-        }
-        cmd.push_str("\r\n");
-        cmd
-    }
-
-    /// `RCPT TO:<…> [NOTIFY= ORCPT=]\r\n`.
-    fn rcpt_command(&self, addr: &str, params: &RcptParams) -> String {
-        let mut cmd = format!("RCPT TO:<{addr}>");
-        if self.ext.dsn {
-            if let Some(notify) = params.notify {
-                cmd.push_str(" NOTIFY=");
-                cmd.push_str(&notify.to_wire());
-            }
-            if let Some(orcpt) = &params.orcpt {
-                cmd.push_str(&format!(" ORCPT={};{}", orcpt.addr_type, orcpt.xtext));
-            }
-        }
-        cmd.push_str("\r\n");
-        cmd
     }
 
     /// Says QUIT (when the session is still usable), waits briefly for the reply and closes.

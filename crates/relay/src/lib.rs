@@ -4,3 +4,4 @@
 pub mod client;
 pub mod remote;
 pub mod resolve;
+pub mod transaction;
