@@ -219,6 +219,18 @@ impl Transaction {
         let Some(expect) = self.expect.pop_front() else {
             return;
         };
+        // RFC 5321 §3.8: a 421 to any command ends the session; the recipients still open
+        // get it (as a temporary failure) from the driver.
+        if reply.code == 421 {
+            let command = match expect {
+                Expect::Rset => "RSET".to_string(),
+                Expect::Mail => self.mail_name.clone(),
+                Expect::Rcpt(i) => self.rcpts[i].1.clone(),
+                Expect::Data => "DATA".to_string(),
+                Expect::EmptyEnd | Expect::Final => "end of DATA".to_string(),
+            };
+            return self.end_session(reply, &command);
+        }
         match expect {
             Expect::Rset => {
                 if reply.code / 100 == 2 {
@@ -229,9 +241,6 @@ impl Transaction {
                 }
             }
             Expect::Mail => {
-                if reply.code == 421 {
-                    return self.end_session(reply, &self.mail_name.clone());
-                }
                 match classify(&reply, &self.mail_name, &self.host) {
                     Outcome::Delivered(_) | Outcome::Relayed { .. } => {
                         self.mail_ok = true;
@@ -252,9 +261,6 @@ impl Transaction {
             }
             Expect::Rcpt(i) => {
                 let name = self.rcpts[i].1.clone();
-                if reply.code == 421 {
-                    return self.end_session(reply, &name);
-                }
                 if self.mail_ok {
                     match rcpt_result(&reply, &name, &self.host) {
                         RcptResult::Accepted => self.accepted.push(i),
@@ -305,9 +311,6 @@ impl Transaction {
                         );
                     }
                 } else {
-                    if reply.code == 421 {
-                        return self.end_session(reply, "DATA");
-                    }
                     self.needs_rset = true;
                     if !self.accepted.is_empty() {
                         let outcome = classify(&reply, "DATA", &self.host);
@@ -317,16 +320,10 @@ impl Transaction {
                 }
             }
             Expect::EmptyEnd => {
-                if reply.code == 421 {
-                    return self.end_session(reply, "end of DATA");
-                }
                 self.needs_rset = true;
                 self.finish();
             }
             Expect::Final => {
-                if reply.code == 421 {
-                    return self.end_session(reply, "end of DATA");
-                }
                 let outcome = match classify(&reply, "end of DATA", &self.host) {
                     Outcome::Delivered(_) => Outcome::Relayed {
                         detail: format!("{} said: {reply}", self.peer),
