@@ -31,9 +31,10 @@ use std::time::Duration;
 
 use estafeta_proto::data::Stuffer;
 use estafeta_proto::reply::{self as replies};
-use estafeta_proto::{MailParams, RcptParams, Reply, Status};
+use estafeta_proto::{MailParams, RcptParams, Reply};
 use estafeta_queue::{Failure, Outcome};
 
+use crate::opening::{OpenStep, Opening};
 pub use crate::transaction::{RcptResult, classify, rcpt_result};
 use crate::transaction::{Step, Transaction, Wait};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -223,7 +224,7 @@ impl SessionError {
         }
     }
 
-    fn from_outcome(outcome: Outcome) -> Self {
+    pub(crate) fn from_outcome(outcome: Outcome) -> Self {
         match outcome {
             Outcome::PermFail(failure) => SessionError {
                 permanent: true,
@@ -446,6 +447,8 @@ impl Connection {
         }
     }
 
+    /// Runs the session's [`Opening`] (greeting, EHLO, STARTTLS, AUTH): it decides, this
+    /// reads, writes and runs the TLS handshake.
     async fn setup(
         &mut self,
         addr: SocketAddr,
@@ -453,83 +456,43 @@ impl Connection {
         tls: TlsPolicy,
     ) -> Result<(), Setup> {
         let t = self.timeouts;
-        let greeting = self
-            .read_reply(t.greeting)
-            .await
-            .map_err(|b| self.setup_broken(b, "receiving the initial server greeting"))?;
-        if greeting.code != 220 {
-            return Err(self.refused(&greeting, "the initial server greeting"));
-        }
-        self.hello(&cfg.helo).await?;
-
-        let wants_tls = match tls {
-            TlsPolicy::None => false,
-            TlsPolicy::Opportunistic => self.ext.starttls,
-            TlsPolicy::Required | TlsPolicy::Verify => {
-                if !self.ext.starttls {
-                    return Err(Setup::Failed(SessionError::temporary(Failure::local(
-                        replies::tls_not_offered(&self.peer),
-                    ))));
+        let mut opening = Opening::new(
+            &cfg.helo,
+            tls,
+            cfg.credentials.clone(),
+            &self.host,
+            &self.peer,
+        );
+        loop {
+            match opening.poll() {
+                OpenStep::Send {
+                    bytes,
+                    doing,
+                    best_effort,
+                } => {
+                    let written = self.write(&bytes, t.ehlo).await;
+                    if !best_effort {
+                        written.map_err(|b| self.setup_broken(b, doing))?;
+                    }
                 }
-                true
-            }
-        };
-        if wants_tls {
-            self.write(b"STARTTLS\r\n", t.ehlo)
-                .await
-                .map_err(|b| self.setup_broken(b, "sending STARTTLS"))?;
-            let reply = self
-                .read_reply(t.ehlo)
-                .await
-                .map_err(|b| self.setup_broken(b, "receiving the STARTTLS reply"))?;
-            if reply.code == 220 {
-                self.start_tls(addr, cfg, tls).await?;
-                self.hello(&cfg.helo).await?;
-            } else if tls == TlsPolicy::Opportunistic && reply.code != 421 {
-                tracing::info!(peer = %self.peer, %reply, "STARTTLS refused; going on in plaintext");
-            } else {
-                return Err(Setup::Failed(SessionError::temporary(Failure {
-                    reply,
-                    remote: Some(self.host.clone()),
-                    command: Some("STARTTLS".to_string()),
-                })));
+                OpenStep::Receive { greeting, doing } => {
+                    let limit = if greeting { t.greeting } else { t.ehlo };
+                    let reply = self
+                        .read_reply(limit)
+                        .await
+                        .map_err(|b| self.setup_broken(b, doing))?;
+                    opening.reply(reply);
+                }
+                OpenStep::StartTls => {
+                    self.start_tls(addr, cfg, tls).await?;
+                    opening.tls_started();
+                }
+                OpenStep::Done => {
+                    self.ext = opening.extensions().clone();
+                    return opening.result().map_err(Setup::Failed);
+                }
             }
         }
-        if let Some((user, pass)) = &cfg.credentials {
-            self.auth(user, pass).await?;
-        }
-        Ok(())
-    }
-
-    /// EHLO, or HELO when EHLO gets a 5yz reply.
-    async fn hello(&mut self, name: &str) -> Result<(), Setup> {
-        let t = self.timeouts.ehlo;
-        self.write(format!("EHLO {name}\r\n").as_bytes(), t)
-            .await
-            .map_err(|b| self.setup_broken(b, "sending EHLO"))?;
-        let reply = self
-            .read_reply(t)
-            .await
-            .map_err(|b| self.setup_broken(b, "receiving the EHLO reply"))?;
-        if reply.code / 100 == 2 {
-            self.ext = Extensions::parse(&reply);
-            return Ok(());
-        }
-        if reply.code / 100 != 5 {
-            return Err(self.refused(&reply, "EHLO"));
-        }
-        self.write(format!("HELO {name}\r\n").as_bytes(), t)
-            .await
-            .map_err(|b| self.setup_broken(b, "sending HELO"))?;
-        let reply = self
-            .read_reply(t)
-            .await
-            .map_err(|b| self.setup_broken(b, "receiving the HELO reply"))?;
-        if reply.code / 100 == 2 {
-            self.ext = Extensions::default();
-            return Ok(());
-        }
-        Err(self.refused(&reply, "HELO"))
     }
 
     async fn start_tls(
@@ -574,88 +537,6 @@ impl Connection {
             Ok(Err(e)) => Err(handshake_failed(&self.peer, e.to_string())),
             Err(_) => Err(handshake_failed(&self.peer, "handshake timed out".into())),
         }
-    }
-
-    async fn auth(&mut self, user: &str, pass: &str) -> Result<(), Setup> {
-        let t = self.timeouts.ehlo;
-        let fail = |peer: &str, status: Status, text: &str| {
-            Setup::Failed(SessionError::temporary(Failure::local(
-                replies::client_auth_impossible(peer, status, text),
-            )))
-        };
-        if !self.tls {
-            return Err(fail(
-                &self.peer,
-                Status::ENCRYPTION_NEEDED_TEMPORARY,
-                "AUTH credentials are configured, but the session is not encrypted; they are not sent in clear",
-            ));
-        }
-        let plain = self.ext.auth.iter().any(|m| m == "PLAIN");
-        let login = self.ext.auth.iter().any(|m| m == "LOGIN");
-        let mut reply = if plain {
-            let mut token = Vec::with_capacity(user.len() + pass.len() + 2);
-            token.push(0);
-            token.extend_from_slice(user.as_bytes());
-            token.push(0);
-            token.extend_from_slice(pass.as_bytes());
-            self.write(format!("AUTH PLAIN {}\r\n", base64(&token)).as_bytes(), t)
-                .await
-                .map_err(|b| self.setup_broken(b, "sending AUTH"))?;
-            self.read_reply(t)
-                .await
-                .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?
-        } else if login {
-            self.write(b"AUTH LOGIN\r\n", t)
-                .await
-                .map_err(|b| self.setup_broken(b, "sending AUTH"))?;
-            let mut reply = self
-                .read_reply(t)
-                .await
-                .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?;
-            for secret in [user, pass] {
-                if reply.code != 334 {
-                    break;
-                }
-                self.write(format!("{}\r\n", base64(secret.as_bytes())).as_bytes(), t)
-                    .await
-                    .map_err(|b| self.setup_broken(b, "sending AUTH"))?;
-                reply = self
-                    .read_reply(t)
-                    .await
-                    .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?;
-            }
-            reply
-        } else {
-            return Err(fail(
-                &self.peer,
-                Status::SECURITY_TEMPORARY,
-                "AUTH credentials are configured, but the server offers neither PLAIN nor LOGIN",
-            ));
-        };
-        if reply.code == 334 {
-            // The server wants more than the mechanism gives: cancel (RFC 4954 §4).
-            let _ = self.write(b"*\r\n", t).await;
-            reply = self
-                .read_reply(t)
-                .await
-                .map_err(|b| self.setup_broken(b, "receiving the AUTH reply"))?;
-        }
-        if reply.code / 100 == 2 {
-            return Ok(());
-        }
-        // A refused login is a configuration problem here, not the message's: temporary.
-        Err(Setup::Failed(SessionError::temporary(Failure {
-            reply,
-            remote: Some(self.host.clone()),
-            command: Some("AUTH".to_string()),
-        })))
-    }
-
-    /// A refusal during setup, classified.
-    fn refused(&self, reply: &Reply, command: &str) -> Setup {
-        Setup::Failed(SessionError::from_outcome(classify(
-            reply, command, &self.host,
-        )))
     }
 
     fn setup_broken(&self, broken: Broken, doing: &str) -> Setup {
@@ -1056,7 +937,7 @@ impl ServerCertVerifier for AnyCertificate {
 }
 
 /// Standard base64 with padding (RFC 4648 §4), for AUTH.
-fn base64(input: &[u8]) -> String {
+pub(crate) fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
@@ -1092,7 +973,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.code, 550);
-        assert_eq!(r.status, Some(Status::new(5, 1, 1)));
+        assert_eq!(r.status, Some(estafeta_proto::Status::BAD_MAILBOX));
         assert_eq!(r.lines, vec!["first", "second"]);
     }
 
