@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use estafeta_proto::address::{parse_forward_path, parse_reverse_path};
-use estafeta_proto::command::{Body, MailParams, Notify, Orcpt, RcptParams, Ret};
+use estafeta_proto::command::{Body, MailParams, RcptParams, Ret};
 use estafeta_proto::trace::received_header;
 use estafeta_proto::{ClientInfo, Envelope, Recipient};
 
@@ -1143,14 +1143,7 @@ fn serialize_envelope(env: &Envelope, id: QueueId, arrival: u64) -> String {
         line("envid", envid);
     }
     for r in &env.rcpts {
-        let mut v = format!("<{}>", r.path);
-        if let Some(n) = r.params.notify {
-            v.push_str(&format!(" NOTIFY={}", n.to_wire()));
-        }
-        if let Some(o) = &r.params.orcpt {
-            v.push_str(&format!(" ORCPT={};{}", o.addr_type, o.xtext));
-        }
-        line("rcpt", &v);
+        line("rcpt", &format!("<{}>{}", r.path, r.params));
     }
     s
 }
@@ -1228,20 +1221,14 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
             "envid" => params.envid = Some(v.to_string()),
             "rcpt" => {
                 let (path, rest) = parse_forward_path(v).map_err(|_| bad("rcpt"))?;
-                let mut rp = RcptParams::default();
-                for p in rest.split(' ').filter(|p| !p.is_empty()) {
-                    if let Some(n) = p.strip_prefix("NOTIFY=") {
-                        rp.notify = Notify::parse(n);
-                    } else if let Some(o) = p.strip_prefix("ORCPT=")
-                        && let Some((t, x)) = o.split_once(';')
-                    {
-                        rp.orcpt = Some(Orcpt {
-                            addr_type: t.to_string(),
-                            xtext: x.to_string(),
-                        });
-                    }
-                }
-                rcpts.push(Recipient { path, params: rp });
+                // The RCPT TO parser's reading of what it accepted and the spool wrote. An
+                // acknowledged recipient is never dropped over its parameters: ones it cannot
+                // read (never written by this server) are left out, and said.
+                let params = rest.parse::<RcptParams>().unwrap_or_else(|e| {
+                    tracing::warn!(id = %id, rcpt = %path, error = %e.reply, "queue file: recipient parameters not understood; delivered without them");
+                    RcptParams::default()
+                });
+                rcpts.push(Recipient { path, params });
             }
             _ => {} // written by a newer version: ignored
         }

@@ -18,6 +18,19 @@ fn address() -> impl Strategy<Value = String> {
         .prop_map(|(l, d)| format!("{l}@{d}"))
 }
 
+/// `text` as RFC 3461 §4 xtext: `+` and `=` and what is not printable ASCII as `+XX`.
+fn xtext(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
 fn envelope() -> impl Strategy<Value = Envelope> {
     (
         "[a-zA-Z0-9.-]{1,30}",
@@ -79,9 +92,11 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                                     failure,
                                     delay,
                                 }),
+                                // As a client sends it (RFC 3461 §4: xtext), which is all
+                                // the RCPT TO parser accepts.
                                 orcpt: orcpt.map(|o| Orcpt {
                                     addr_type: "rfc822".into(),
-                                    xtext: o,
+                                    xtext: xtext(&o),
                                 }),
                             },
                         })

@@ -711,3 +711,33 @@ async fn a_large_message_s_spill_file_becomes_its_spool_file() {
     let back = spool(dir.path()).recover().unwrap();
     assert_eq!(back.len(), 2);
 }
+
+/// Recipient parameters are read with the RCPT TO parser; ones it refuses (never written by
+/// this server) are left out, and the recipient is still delivered: never set aside.
+#[tokio::test]
+async fn recipient_parameters_the_parser_refuses_do_not_lose_the_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spool(dir.path());
+    let m = s
+        .put(
+            envelope(&["bob@localhost"]),
+            b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    let path = s.dir().join(m.id.to_string());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("rcpt <bob@localhost> NOTIFY=SUCCESS,FAILURE\n"),
+        "{text}"
+    );
+    std::fs::write(
+        &path,
+        text.replace("NOTIFY=SUCCESS,FAILURE", "NOTIFY=SOMETIMES"),
+    )
+    .unwrap();
+    let back = spool(dir.path()).recover().unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].envelope.rcpts[0].path.to_string(), "bob@localhost");
+    assert_eq!(back[0].envelope.rcpts[0].params, RcptParams::default());
+}

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 
 use estafeta_proto::reply::{self as replies};
-use estafeta_proto::{RcptParams, Reply};
+use estafeta_proto::{Body, MailParams, RcptParams, Reply};
 use estafeta_queue::{Failure, Outcome};
 
 use crate::client::{Extensions, OutboundMessage};
@@ -449,50 +449,29 @@ impl Transaction {
 
 /// `MAIL FROM:<…> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET= ENVID=]\r\n`: what the peer offers.
 fn mail_command(msg: &OutboundMessage<'_>, ext: &Extensions) -> String {
-    let mut cmd = format!("MAIL FROM:<{}>", msg.from);
-    if ext.size.is_some() {
-        cmd.push_str(&format!(" SIZE={}", msg.content.len()));
-    }
-    if msg.needs_8bit && ext.eight_bit_mime {
-        cmd.push_str(" BODY=8BITMIME");
-    }
-    if msg.needs_smtputf8 {
-        cmd.push_str(" SMTPUTF8");
-    }
-    if ext.dsn {
-        if let Some(ret) = msg.params.ret {
-            cmd.push_str(" RET=");
-            cmd.push_str(ret.as_str());
-        }
-        if let Some(envid) = &msg.params.envid {
-            cmd.push_str(" ENVID=");
-            cmd.push_str(envid);
-        }
-    }
-    cmd.push_str("\r\n");
-    cmd
+    let params = MailParams {
+        size: ext.size.map(|_| msg.content.len() as u64),
+        body: (msg.needs_8bit && ext.eight_bit_mime).then_some(Body::EightBitMime),
+        smtputf8: msg.needs_smtputf8,
+        ret: msg.params.ret.filter(|_| ext.dsn),
+        envid: msg.params.envid.clone().filter(|_| ext.dsn),
+        auth: None,
+    };
+    format!("MAIL FROM:<{}>{params}\r\n", msg.from)
 }
 
 /// `RCPT TO:<…> [NOTIFY= ORCPT=]\r\n`: DSN's parameters only to a peer that offers DSN.
 fn rcpt_command(addr: &str, params: &RcptParams, ext: &Extensions) -> String {
-    let mut cmd = format!("RCPT TO:<{addr}>");
     if ext.dsn {
-        if let Some(notify) = params.notify {
-            cmd.push_str(" NOTIFY=");
-            cmd.push_str(&notify.to_wire());
-        }
-        if let Some(orcpt) = &params.orcpt {
-            cmd.push_str(&format!(" ORCPT={};{}", orcpt.addr_type, orcpt.xtext));
-        }
+        format!("RCPT TO:<{addr}>{params}\r\n")
+    } else {
+        format!("RCPT TO:<{addr}>\r\n")
     }
-    cmd.push_str("\r\n");
-    cmd
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use estafeta_proto::MailParams;
 
     fn reply(line: &str) -> Reply {
         let (code, rest) = line.split_at(3);
