@@ -469,8 +469,9 @@ impl Connection {
                     bytes,
                     doing,
                     best_effort,
+                    secret,
                 } => {
-                    let written = self.write(&bytes, t.ehlo).await;
+                    let written = self.write_traced(&bytes, t.ehlo, !secret).await;
                     if !best_effort {
                         written.map_err(|b| self.setup_broken(b, doing))?;
                     }
@@ -710,10 +711,20 @@ impl Connection {
     // ---- bytes -------------------------------------------------------------------------
 
     async fn write(&mut self, bytes: &[u8], limit: Duration) -> Result<(), Broken> {
+        self.write_traced(bytes, limit, true).await
+    }
+
+    /// [`Connection::write`], traced at TRACE level unless `trace` is false (credentials).
+    async fn write_traced(
+        &mut self,
+        bytes: &[u8],
+        limit: Duration,
+        trace: bool,
+    ) -> Result<(), Broken> {
         let Some(stream) = self.stream.as_mut() else {
             return Err(Broken::Closed);
         };
-        if tracing::enabled!(tracing::Level::TRACE) && !bytes.starts_with(b"AUTH") {
+        if trace && tracing::enabled!(tracing::Level::TRACE) {
             tracing::trace!(peer = %self.peer, out = %String::from_utf8_lossy(&bytes[..bytes.len().min(512)]));
         }
         let io = async {

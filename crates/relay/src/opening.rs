@@ -25,6 +25,8 @@ pub enum OpenStep {
         doing: &'static str,
         /// A failed write is ignored.
         best_effort: bool,
+        /// It carries credentials: never written to a log, even at TRACE level.
+        secret: bool,
     },
     /// Read one reply (the greeting under its own timeout, the others under EHLO's) and hand
     /// it to [`Opening::reply`].
@@ -176,7 +178,7 @@ impl Opening {
                 match secret {
                     Some(secret) if reply.code == 334 && n < 2 => {
                         let line = format!("{}\r\n", base64(secret.as_bytes()));
-                        self.send(line.into_bytes(), "sending AUTH");
+                        self.send_secret(line.into_bytes());
                         self.receive(Expect::Login(n + 1), false, "receiving the AUTH reply");
                     }
                     _ => self.auth_final(reply),
@@ -240,7 +242,7 @@ impl Opening {
             token.push(0);
             token.extend_from_slice(pass.as_bytes());
             let line = format!("AUTH PLAIN {}\r\n", base64(&token));
-            self.send(line.into_bytes(), "sending AUTH");
+            self.send_secret(line.into_bytes());
             self.receive(Expect::AuthFinal, false, "receiving the AUTH reply");
         } else if self.ext.auth.iter().any(|m| m == "LOGIN") {
             self.send(b"AUTH LOGIN\r\n".to_vec(), "sending AUTH");
@@ -263,6 +265,7 @@ impl Opening {
                 bytes: b"*\r\n".to_vec(),
                 doing: "sending AUTH",
                 best_effort: true,
+                secret: false,
             });
             self.receive(Expect::AuthCancelled, false, "receiving the AUTH reply");
         } else {
@@ -286,6 +289,17 @@ impl Opening {
             bytes,
             doing,
             best_effort: false,
+            secret: false,
+        });
+    }
+
+    /// A line that carries credentials (AUTH PLAIN's token, LOGIN's answers).
+    fn send_secret(&mut self, bytes: Vec<u8>) {
+        self.steps.push_back(OpenStep::Send {
+            bytes,
+            doing: "sending AUTH",
+            best_effort: false,
+            secret: true,
         });
     }
 
@@ -394,7 +408,19 @@ mod tests {
                 reply(421, &["bye"]),
             ],
         );
-        assert!(o.result().is_err());
+        let e = o.result().unwrap_err();
+        assert!(!e.permanent && e.failure.command.as_deref() == Some("STARTTLS"));
+        // TLS required and STARTTLS refused: no plaintext session.
+        let mut o = Opening::new("me.test", TlsPolicy::Required, None, "mx", "mx[1]:25");
+        run(
+            &mut o,
+            vec![
+                reply(220, &["hi"]),
+                reply(250, &["mx", "STARTTLS"]),
+                reply(454, &["no"]),
+            ],
+        );
+        assert_eq!(o.result().unwrap_err().failure.reply.code, 454);
     }
 
     #[test]
@@ -405,6 +431,18 @@ mod tests {
         let mut o = Opening::new("me.test", TlsPolicy::None, None, "mx", "mx[1]:25");
         run(&mut o, vec![reply(220, &["hi"]), reply(421, &["busy"])]);
         assert!(!o.result().unwrap_err().permanent);
+        // 5yz to EHLO and to HELO: permanent for this host.
+        let mut o = Opening::new("me.test", TlsPolicy::None, None, "mx", "mx[1]:25");
+        run(
+            &mut o,
+            vec![
+                reply(220, &["hi"]),
+                reply(500, &["no"]),
+                reply(550, &["no"]),
+            ],
+        );
+        let e = o.result().unwrap_err();
+        assert!(e.permanent && e.failure.command.as_deref() == Some("HELO"));
         // TLS required, not offered: temporary, nothing more sent.
         let mut o = Opening::new("me.test", TlsPolicy::Verify, None, "mx", "mx[1]:25");
         let sent = run(&mut o, vec![reply(220, &["hi"]), reply(250, &["mx"])]);
@@ -431,6 +469,35 @@ mod tests {
         );
         assert!(sent.ends_with("AUTH LOGIN\r\ndQ==\r\ncA==\r\n"), "{sent}");
         assert!(o.result().is_ok());
+        // What carries the credentials is marked, and never traced.
+        let mut o = Opening::new("me.test", TlsPolicy::Required, creds.clone(), "mx", "mx[1]");
+        let mut secrets = Vec::new();
+        let mut replies = vec![
+            reply(220, &["hi"]),
+            reply(250, &["mx", "STARTTLS"]),
+            reply(220, &["go"]),
+            reply(250, &["mx", "AUTH LOGIN"]),
+            reply(334, &["VXNlcm5hbWU6"]),
+            reply(334, &["UGFzc3dvcmQ6"]),
+            reply(235, &["ok"]),
+        ]
+        .into_iter();
+        loop {
+            match o.poll() {
+                OpenStep::Send { bytes, secret, .. } => {
+                    secrets.push((String::from_utf8(bytes).unwrap(), secret))
+                }
+                OpenStep::Receive { .. } => o.reply(replies.next().unwrap()),
+                OpenStep::StartTls => o.tls_started(),
+                OpenStep::Done => break,
+            }
+        }
+        let marked: Vec<&str> = secrets
+            .iter()
+            .filter(|(_, s)| *s)
+            .map(|(l, _)| l.as_str())
+            .collect();
+        assert_eq!(marked, ["dQ==\r\n", "cA==\r\n"]);
         // PLAIN answered with a 334: cancelled with "*", and the refusal is temporary.
         let mut o = Opening::new("me.test", TlsPolicy::Required, creds.clone(), "mx", "mx[1]");
         let sent = run(
@@ -447,6 +514,10 @@ mod tests {
         assert!(sent.ends_with("*\r\n"), "{sent}");
         let e = o.result().unwrap_err();
         assert_eq!(e.failure.command.as_deref(), Some("AUTH"));
+        assert!(
+            !e.permanent,
+            "a refused login is the configuration's problem: temporary"
+        );
         // Credentials over plaintext: never sent.
         let mut o = Opening::new("me.test", TlsPolicy::None, creds, "mx", "mx[1]");
         let sent = run(

@@ -244,7 +244,13 @@ impl Transaction {
                 match classify(&reply, &self.mail_name, &self.host) {
                     Outcome::Delivered(_) | Outcome::Relayed { .. } => {
                         self.mail_ok = true;
-                        if !self.pipelining {
+                        if self.pipelining {
+                            // The group's RCPT and DATA replies come next.
+                        } else if self.rcpts.is_empty() {
+                            // Nobody to send to: the transaction stays open.
+                            self.needs_rset = true;
+                            self.finish();
+                        } else {
                             self.next_rcpt(0);
                         }
                     }
@@ -628,6 +634,50 @@ mod tests {
         assert_eq!(t.over().unwrap().command.as_deref(), Some("end of DATA"));
     }
 
+    /// Each step says under which timeout it runs and what a failure is reported for.
+    #[test]
+    fn steps_carry_their_timeouts_and_names() {
+        let (r, p) = (rcpts(&["b@x.test"]), MailParams::default());
+        let mut t = Transaction::new(&msg(&r, &p), &ext(false), true, "mx", "mx[1]");
+        let mut seen = Vec::new();
+        let mut replies = ["250 Ok", "250 Ok", "250 Ok", "354 go", "250 Ok"].iter();
+        loop {
+            match t.poll() {
+                Step::Send {
+                    wait,
+                    doing,
+                    command,
+                    ..
+                } => seen.push(format!("{wait:?} {doing} / {command}")),
+                Step::SendContent => seen.push("content".into()),
+                Step::Receive {
+                    wait,
+                    doing,
+                    command,
+                } => {
+                    seen.push(format!("{wait:?} {doing} / {command}"));
+                    t.reply(reply(replies.next().unwrap()));
+                }
+                Step::Done => break,
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                "Rset sending RSET / RSET",
+                "Rset receiving the RSET reply / RSET",
+                "Mail sending MAIL FROM / MAIL FROM:<a@local.test>",
+                "Mail receiving the MAIL FROM reply / MAIL FROM:<a@local.test>",
+                "Rcpt sending RCPT TO / RCPT TO:<b@x.test>",
+                "Rcpt receiving the RCPT TO reply / RCPT TO:<b@x.test>",
+                "DataInit sending DATA / DATA",
+                "DataInit receiving the DATA reply / DATA",
+                "content",
+                "DataFinal receiving the end of DATA reply / end of DATA",
+            ]
+        );
+    }
+
     #[test]
     fn one_by_one_without_pipelining() {
         let (r, p) = (rcpts(&["b@x.test", "c@x.test"]), MailParams::default());
@@ -652,13 +702,19 @@ mod tests {
         let sent = run(&mut t, &["250 Ok", "550 no", "550 no"]);
         assert!(!sent.contains("DATA"), "{sent}");
         assert!(t.needs_rset());
-        // DATA refused: every accepted recipient gets its reply.
+        // DATA refused: the accepted recipient gets its reply, the refused one keeps its own.
         let mut t = Transaction::new(&msg(&r, &p), &ext(false), false, "mx", "mx[1]");
         run(
             &mut t,
-            &["250 Ok", "250 Ok", "550 no", "554 5.3.4 too much"],
+            &["250 Ok", "250 Ok", "450 later", "554 5.3.4 too much"],
         );
-        assert_eq!(kinds(&t), ["permanent", "permanent"]);
+        assert_eq!(kinds(&t), ["permanent", "temporary"]);
+        // No recipient at all: MAIL, then nothing; RSET next time.
+        let none = rcpts(&[]);
+        let mut t = Transaction::new(&msg(&none, &p), &ext(false), false, "mx", "mx[1]");
+        let sent = run(&mut t, &["250 Ok"]);
+        assert_eq!(sent, "MAIL FROM:<a@local.test> SIZE=18\r\n");
+        assert!(t.needs_rset());
     }
 
     #[test]
