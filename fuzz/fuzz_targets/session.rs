@@ -87,8 +87,8 @@ fn drive(s: &mut Session, actions: &mut Vec<Action>) {
                 }
             }
             Action::StartTls => s.tls_started("TLSv1.3 fuzz".into()),
-            Action::Authenticate { responses, .. } => {
-                if responses.first().is_some_and(|r| r.len() % 2 == 0) {
+            Action::Authenticate(answer) => {
+                if answer.responses().first().is_some_and(|r| r.len() % 2 == 0) {
                     s.auth_checked(Ok("user".into()));
                 } else {
                     s.auth_checked(Err(reply::auth_failed()));

@@ -26,7 +26,7 @@ use estafeta_mailauth::MailAuth;
 use estafeta_mailauth::verify::SpfResults;
 use estafeta_policy::{Client, Policy, Trust, Verdict};
 use estafeta_proto::reply::{self, Reply};
-use estafeta_proto::{Action, Session, SessionConfig, Timeout};
+use estafeta_proto::{Action, SaslAnswer, Session, SessionConfig, Timeout};
 use estafeta_queue::{MessageBody, QueueHandle, SpillWriter, Spilled};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -628,16 +628,14 @@ async fn handshake(
 async fn authenticate(
     auth: &AuthContext,
     peer: IpAddr,
-    mechanism: &str,
-    responses: &[String],
+    answer: &SaslAnswer,
 ) -> Result<String, Reply> {
     use estafeta_auth::sasl;
-    let decoded = match (mechanism, responses) {
-        ("PLAIN", [r]) => sasl::decode_plain(r).map(|p| (p.authcid, p.password)),
-        ("LOGIN", [u, p]) => {
-            sasl::decode_login_step(u).and_then(|u| sasl::decode_login_step(p).map(|p| (u, p)))
-        }
-        _ => return Err(reply::auth_bad_response()),
+    let mechanism = answer.mechanism().as_str();
+    let decoded = match answer {
+        SaslAnswer::Plain(r) => sasl::decode_plain(r).map(|p| (p.authcid, p.password)),
+        SaslAnswer::Login { user, password } => sasl::decode_login_step(user)
+            .and_then(|u| sasl::decode_login_step(password).map(|p| (u, p))),
     };
     // First the back-off this address has earned, then the check, whose failures all take
     // the same fixed time on top.
@@ -1063,12 +1061,9 @@ async fn drive(
                     };
                     session.mail_checked(verdict);
                 }
-                Action::Authenticate {
-                    mechanism,
-                    responses,
-                } => {
+                Action::Authenticate(answer) => {
                     let result = match &ctx.auth {
-                        Some(auth) => authenticate(auth, peer.ip(), &mechanism, &responses).await,
+                        Some(auth) => authenticate(auth, peer.ip(), &answer).await,
                         None => Err(reply::auth_temporary_failure()),
                     };
                     session.auth_checked(result);

@@ -17,4 +17,6 @@ pub use address::{Domain, ForwardPath, Mailbox, ReversePath};
 pub use command::{Body, Command, MailParams, Notify, Orcpt, RcptParams, Ret};
 pub use envelope::{ClientInfo, Envelope, Recipient};
 pub use reply::{Reply, Status};
-pub use session::{Action, AuthMode, Session, SessionConfig, Timeout, VrfyMode};
+pub use session::{
+    Action, AuthMode, Mechanism, SaslAnswer, Session, SessionConfig, Timeout, VrfyMode,
+};

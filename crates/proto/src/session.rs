@@ -119,15 +119,8 @@ pub enum Action {
     /// [`Session::tls_started`] (or close the connection if the handshake fails). Buffered
     /// plaintext has been discarded (RFC 3207 §6; the CVE-2011-0411 class).
     StartTls,
-    /// Check these SASL credentials and answer with [`Session::auth_checked`]. The responses
-    /// are the client's base64 strings as sent: PLAIN has one (`authzid\0authcid\0passwd`),
-    /// LOGIN two (user name, password).
-    Authenticate {
-        /// `PLAIN` or `LOGIN`.
-        mechanism: String,
-        /// The client's responses, still base64.
-        responses: Vec<String>,
-    },
+    /// Check these SASL credentials and answer with [`Session::auth_checked`].
+    Authenticate(SaslAnswer),
     /// Store this message durably and answer with [`Session::enqueued`].
     Enqueue(Box<Envelope>, Vec<u8>),
     /// Answer VRFY (`expn` false) or EXPN (`expn` true) for this argument and give the reply
@@ -149,6 +142,68 @@ pub enum Action {
     Close,
 }
 
+/// A SASL mechanism the session offers (RFC 4954).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// PLAIN (RFC 4616): one response.
+    Plain,
+    /// LOGIN (draft-murchison-sasl-login): the user name, then the password.
+    Login,
+}
+
+impl Mechanism {
+    /// The mechanism of `AUTH name`, case-insensitively; `None` for one not offered.
+    pub fn parse(name: &str) -> Option<Mechanism> {
+        if name.eq_ignore_ascii_case("PLAIN") {
+            Some(Mechanism::Plain)
+        } else if name.eq_ignore_ascii_case("LOGIN") {
+            Some(Mechanism::Login)
+        } else {
+            None
+        }
+    }
+
+    /// `PLAIN` or `LOGIN`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        }
+    }
+}
+
+/// What the client answered, as it sent it (base64), per mechanism.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaslAnswer {
+    /// PLAIN's response: `authzid NUL authcid NUL passwd` (RFC 4616 §2).
+    Plain(String),
+    /// LOGIN's two responses.
+    Login {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+}
+
+impl SaslAnswer {
+    /// The mechanism answered.
+    pub fn mechanism(&self) -> Mechanism {
+        match self {
+            SaslAnswer::Plain(_) => Mechanism::Plain,
+            SaslAnswer::Login { .. } => Mechanism::Login,
+        }
+    }
+
+    /// The responses in the order sent.
+    pub fn responses(&self) -> Vec<&str> {
+        match self {
+            SaslAnswer::Plain(r) => vec![r],
+            SaslAnswer::Login { user, password } => vec![user, password],
+        }
+    }
+}
+
 /// Which inactivity timeout applies now (RFC 5321 §4.5.3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timeout {
@@ -163,10 +218,11 @@ pub enum Timeout {
 enum Input {
     /// Command lines.
     Command,
-    /// SASL responses to `334` challenges (RFC 4954 §4).
+    /// SASL responses to `334` challenges (RFC 4954 §4): for LOGIN, the user name once it
+    /// came.
     Sasl {
-        mechanism: String,
-        responses: Vec<String>,
+        mechanism: Mechanism,
+        user: Option<String>,
     },
     /// The content of DATA.
     Data(DataReceiver),
@@ -705,10 +761,7 @@ impl Session {
 
     /// One line of a SASL exchange.
     fn sasl_response(&mut self, line: String) {
-        let Input::Sasl {
-            mechanism,
-            mut responses,
-        } = std::mem::replace(&mut self.input, Input::Command)
+        let Input::Sasl { mechanism, user } = std::mem::replace(&mut self.input, Input::Command)
         else {
             return;
         };
@@ -717,23 +770,24 @@ impl Session {
             self.send(reply::auth_aborted());
             return;
         }
-        responses.push(line);
-        if mechanism == "LOGIN" && responses.len() < 2 {
-            self.send(reply::auth_continue(LOGIN_PASSWORD_CHALLENGE));
-            self.input = Input::Sasl {
-                mechanism,
-                responses,
-            };
-            return;
+        match (mechanism, user) {
+            (Mechanism::Plain, _) => self.authenticate(SaslAnswer::Plain(line)),
+            (Mechanism::Login, None) => {
+                self.send(reply::auth_continue(LOGIN_PASSWORD_CHALLENGE));
+                self.input = Input::Sasl {
+                    mechanism,
+                    user: Some(line),
+                };
+            }
+            (Mechanism::Login, Some(user)) => self.authenticate(SaslAnswer::Login {
+                user,
+                password: line,
+            }),
         }
-        self.authenticate(mechanism, responses);
     }
 
-    fn authenticate(&mut self, mechanism: String, responses: Vec<String>) {
-        self.out.push_back(Action::Authenticate {
-            mechanism,
-            responses,
-        });
+    fn authenticate(&mut self, answer: SaslAnswer) {
+        self.out.push_back(Action::Authenticate(answer));
         self.waiting = Waiting::Auth;
     }
 
@@ -850,31 +904,31 @@ impl Session {
             },
             Command::Auth { mechanism, initial } => match self.check_auth(&mechanism) {
                 Err(r) => self.error(r),
-                Ok(()) => match (mechanism.as_str(), initial) {
+                Ok(mechanism) => match (mechanism, initial) {
                     // RFC 4954 §4: "=" is an empty initial response.
-                    ("PLAIN", Some(i)) => {
+                    (Mechanism::Plain, Some(i)) => {
                         let i = if i == "=" { String::new() } else { i };
-                        self.authenticate(mechanism, vec![i]);
+                        self.authenticate(SaslAnswer::Plain(i));
                     }
-                    ("PLAIN", None) => {
+                    (Mechanism::Plain, None) => {
                         self.send(reply::auth_continue(""));
                         self.input = Input::Sasl {
                             mechanism,
-                            responses: Vec::new(),
+                            user: None,
                         };
                     }
-                    (_, Some(user)) => {
+                    (Mechanism::Login, Some(user)) => {
                         self.send(reply::auth_continue(LOGIN_PASSWORD_CHALLENGE));
                         self.input = Input::Sasl {
                             mechanism,
-                            responses: vec![user],
+                            user: Some(user),
                         };
                     }
-                    (_, None) => {
+                    (Mechanism::Login, None) => {
                         self.send(reply::auth_continue(LOGIN_USERNAME_CHALLENGE));
                         self.input = Input::Sasl {
                             mechanism,
-                            responses: Vec::new(),
+                            user: None,
                         };
                     }
                 },
@@ -950,7 +1004,7 @@ impl Session {
         Ok(())
     }
 
-    fn check_auth(&self, mechanism: &str) -> Result<(), Reply> {
+    fn check_auth(&self, mechanism: &str) -> Result<Mechanism, Reply> {
         if self.cfg.auth == AuthMode::Never {
             return Err(reply::not_implemented());
         }
@@ -967,10 +1021,7 @@ impl Session {
         if !self.auth_offered() {
             return Err(reply::encryption_required());
         }
-        if mechanism != "PLAIN" && mechanism != "LOGIN" {
-            return Err(reply::auth_unknown_mechanism());
-        }
-        Ok(())
+        Mechanism::parse(mechanism).ok_or_else(reply::auth_unknown_mechanism)
     }
 
     fn start_transaction(&mut self, from: ReversePath, params: MailParams) {

@@ -104,11 +104,11 @@ impl Harness {
                     self.session
                         .tls_started("TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384".into());
                 }
-                Action::Authenticate {
-                    mechanism,
-                    responses,
-                } => {
-                    self.auth_attempts.push((mechanism, responses.clone()));
+                Action::Authenticate(answer) => {
+                    let responses: Vec<String> =
+                        answer.responses().iter().map(|r| r.to_string()).collect();
+                    self.auth_attempts
+                        .push((answer.mechanism().as_str().to_string(), responses.clone()));
                     // base64("\0alice@example.test\0secret") and LOGIN's two steps.
                     let good_plain = ["AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ="];
                     let good_login = ["YWxpY2VAZXhhbXBsZS50ZXN0", "c2VjcmV0"];
