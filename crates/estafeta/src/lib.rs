@@ -237,6 +237,7 @@ pub fn scheduler_config(cfg: &Config) -> SchedulerConfig {
                 .ok()
                 .map(|(p, _)| p.mailbox)
         }),
+        clock: estafeta_queue::Clock::System,
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod clock;
 pub mod dsn;
 pub mod id;
 pub mod scheduler;
@@ -15,6 +16,7 @@ pub mod transport;
 
 pub use admin::{AdminAction, AdminReport, Selection, apply_offline};
 pub use body::{MessageBody, SPILL_AT, SpillWriter, Spilled, blocks};
+pub use clock::Clock;
 pub use dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn, may_bounce, wants_dsn};
 pub use id::{IdGenerator, QueueId};
 pub use scheduler::{QueueHandle, QueueStats, SchedulerConfig, start};

@@ -7,18 +7,20 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use estafeta_proto::Envelope;
 use estafeta_proto::reply::{self, Status};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{AdminAction, AdminReport, Selection, has_pending_in};
 use crate::body::MessageBody;
+use crate::clock::Clock;
 use crate::id::QueueId;
-use crate::spool::{QueuedMessage, RcptState, RcptStatus, Spool, unix_now};
+use crate::spool::{QueuedMessage, RcptState, RcptStatus, Spool};
 use crate::transport::{DeliveryJob, Failure, Outcome, Transport};
 
 /// The scheduler's settings.
@@ -41,6 +43,9 @@ pub struct SchedulerConfig {
     /// Where a notification that cannot be delivered is reported (a double bounce), as a
     /// failure report of its own; `None`: only logged.
     pub double_bounce_to: Option<estafeta_proto::Mailbox>,
+    /// Where the time of day is read ([`Clock::System`] but in tests). Fixed at [`start`]: a
+    /// reconfiguration keeps the running scheduler's clock.
+    pub clock: Clock,
 }
 
 /// A snapshot of the queue, taken in the scheduler's loop ([`QueueHandle::stats`]).
@@ -63,14 +68,14 @@ pub struct QueueStats {
 /// milliseconds from `origin` (tokio's clock, so that tests on paused time see it move).
 #[derive(Debug)]
 struct Heartbeat {
-    origin: tokio::time::Instant,
+    origin: Instant,
     last_ms: AtomicU64,
 }
 
 impl Heartbeat {
     fn new() -> Self {
         Heartbeat {
-            origin: tokio::time::Instant::now(),
+            origin: Instant::now(),
             last_ms: AtomicU64::new(0),
         }
     }
@@ -501,13 +506,41 @@ impl<T: Transport> Scheduler<T> {
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer for the earliest retry, moved only when that changes (not registered
+        // again at every event).
+        let sleep = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(sleep);
+        let mut armed = None;
         loop {
             self.heartbeat.beat();
             self.dispatch();
             let next_due = self.waiting.peek().map(|Reverse((t, _))| *t);
+            if let Some(t) = next_due
+                && armed != Some(t)
+            {
+                sleep.as_mut().reset(t);
+                armed = Some(t);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                // What is due first, so that an event (a stats request on paused time, a
+                // flood of submissions) never finds a due message still parked.
+                () = &mut sleep, if next_due.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    while let Some(Reverse((t, id))) = self.waiting.peek().copied() {
+                        if t > now {
+                            break;
+                        }
+                        self.waiting.pop();
+                        if self.parked.get(&id).is_some_and(|(due, _)| *due == t)
+                            && let Some((_, m)) = self.parked.remove(&id)
+                        {
+                            self.ready.push_back(m);
+                        }
+                    }
+                }
                 ev = rx.recv() => match ev {
                     None => break,
                     Some(Event::New(m)) => self.schedule(m),
@@ -524,25 +557,12 @@ impl<T: Transport> Scheduler<T> {
                     }
                     Some(Event::Reconfigure(cfg)) => {
                         tracing::info!("queue settings reloaded");
-                        self.cfg = *cfg;
+                        let clock = self.cfg.clock;
+                        self.cfg = SchedulerConfig { clock, ..*cfg };
                     }
                 },
                 // Turns the loop when idle: the heartbeat stays fresh.
                 _ = tick.tick() => {}
-                _ = sleep_until(next_due), if next_due.is_some() => {
-                    let now = Instant::now();
-                    while let Some(Reverse((t, id))) = self.waiting.peek().copied() {
-                        if t > now {
-                            break;
-                        }
-                        self.waiting.pop();
-                        if self.parked.get(&id).is_some_and(|(due, _)| *due == t)
-                            && let Some((_, m)) = self.parked.remove(&id)
-                        {
-                            self.ready.push_back(m);
-                        }
-                    }
-                }
             }
         }
         // Nothing new starts; the attempts still running are waited for (as long as the
@@ -587,7 +607,7 @@ impl<T: Transport> Scheduler<T> {
 
     /// Puts a message where it belongs: ready now, or waiting for its next attempt.
     fn schedule(&mut self, m: QueuedMessage) {
-        let now = unix_now();
+        let now = self.cfg.clock.unix_now();
         if m.held {
             self.held.insert(m.id, m);
         } else if m.next_attempt <= now {
@@ -862,12 +882,6 @@ impl<T: Transport> Scheduler<T> {
     }
 }
 
-async fn sleep_until(t: Option<Instant>) {
-    if let Some(t) = t {
-        tokio::time::sleep_until(t.into()).await;
-    }
-}
-
 /// The wait before attempt number `attempts + 1`, with ±10% jitter so that messages deferred
 /// together do not all come back at the same instant.
 pub fn retry_delay(retry: &[Duration], attempts: u32) -> Duration {
@@ -894,7 +908,7 @@ async fn attempt<T: Transport>(
     tx: &mpsc::UnboundedSender<Event>,
     mut m: QueuedMessage,
 ) -> Option<QueuedMessage> {
-    let retry = &cfg.retry[..];
+    let retry = (&cfg.retry[..], cfg.clock);
     let pending = m.pending();
     if pending.is_empty() {
         let _ = spool.remove(&m);
@@ -922,7 +936,7 @@ async fn attempt<T: Transport>(
     let (outcomes, notified) =
         deliver_in_batches(spool, transport, cfg, Some(tx), &job, &mut m).await;
     let mut answered = vec![false; m.status.len()];
-    let now = unix_now();
+    let now = cfg.clock.unix_now();
     let delay = now.saturating_sub(m.arrival);
     let mut notices = Notices::default();
     for (i, outcome) in outcomes {
@@ -1203,7 +1217,7 @@ pub(crate) async fn bounce_now(
     };
     let why = Failure::local(reply::bounced_by_administrator());
     let text = why.to_string();
-    let now = unix_now();
+    let now = cfg.clock.unix_now();
     let mut notices = Notices::default();
     for i in m.pending() {
         m.status[i].state = RcptState::Failed;
@@ -1222,7 +1236,7 @@ pub(crate) async fn bounce_now(
 
 async fn defer_all(
     spool: &Spool,
-    retry: &[Duration],
+    retry: (&[Duration], Clock),
     mut m: QueuedMessage,
     pending: &[usize],
     why: &str,
@@ -1238,13 +1252,13 @@ async fn defer_all(
 
 /// Sets the next attempt of `m` from the retry schedule, by the most attempts any of its
 /// `pending` recipients has had.
-fn schedule_retry(m: &mut QueuedMessage, pending: &[usize], retry: &[Duration]) {
+fn schedule_retry(m: &mut QueuedMessage, pending: &[usize], (retry, clock): (&[Duration], Clock)) {
     let attempts = pending
         .iter()
         .map(|&i| m.status[i].attempts)
         .max()
         .unwrap_or(1);
-    m.next_attempt = unix_now() + retry_delay(retry, attempts).as_secs().max(1);
+    m.next_attempt = clock.unix_now() + retry_delay(retry, attempts).as_secs().max(1);
 }
 
 /// Delivers `job` batch by batch ([`Transport::batches`]). After each batch but the last, the
@@ -1300,7 +1314,16 @@ async fn deliver_in_batches<T: Transport>(
             // Notifications first, then the state that caused them.
             notified.extend(notices.delivered.iter().map(|n| n.0));
             notified.extend(notices.relayed.iter().map(|n| n.0));
-            send_notices(spool, cfg, tx, m, &job.content, notices, unix_now()).await;
+            send_notices(
+                spool,
+                cfg,
+                tx,
+                m,
+                &job.content,
+                notices,
+                cfg.clock.unix_now(),
+            )
+            .await;
             if let Err(e) = spool.write_status(&mut progress).await {
                 tracing::error!(id = %m.id, error = %e, "cannot record delivery state");
             }

@@ -33,6 +33,7 @@ pub fn config() -> SchedulerConfig {
         delay_warning: None,
         max_returned: 10_000,
         double_bounce_to: None,
+        clock: estafeta_queue::Clock::System,
     }
 }
 
