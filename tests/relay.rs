@@ -35,11 +35,16 @@ mailboxes = "*"
 [[domain]]
 name = "strict.test"
 mailboxes = ["only"]
+[[domain]]
+name = "verified.test"
+mailboxes = "*"
 "#,
             d = dir.path().join("b").display()
         ),
     );
-    // A: the sender's server; routes remote.test and strict.test to B, dead.test nowhere.
+    // A: the sender's server; routes remote.test, strict.test and verified.test to B,
+    // dead.test nowhere. remote.test requires TLS; verified.test requires a certificate that
+    // B's self-signed one is not.
     let a_cfg = write(
         dir.path(),
         "a.toml",
@@ -56,6 +61,10 @@ mynetworks = ["127.0.0.1/32"]
 "remote.test" = "[127.0.0.2]:{b_port}"
 "strict.test" = "[127.0.0.2]:{b_port}"
 "dead.test" = "[127.0.0.1]:{dead_port}"
+"verified.test" = "[127.0.0.2]:{b_port}"
+[relay.tls_policy]
+"remote.test" = "required"
+"Verified.Test" = "verify"
 [[domain]]
 name = "local.test"
 mailboxes = "*"
@@ -100,6 +109,20 @@ retry = ["1s"]
     );
     assert!(m.contains("by mx.local.test (estafeta) with ESMTP"), "{m}");
     assert!(m.contains("\r\n.leading dot\r\nbody\r\n"), "{m}");
+    // The TLS status line: the policy asked for, where it came from, what the session got.
+    let log = a.log_text();
+    let status = log
+        .lines()
+        .find(|l| l.contains("TLS status") && l.contains("domain=remote.test"))
+        .unwrap_or_else(|| panic!("A:\n{log}"));
+    for field in [
+        "tls_policy=\"required\"",
+        "tls_policy_from=\"relay.tls_policy\"",
+        "tls=\"TLSv1.3\"",
+        "tls_verified=false",
+    ] {
+        assert!(status.contains(field), "{field}: {status}");
+    }
     // nobody@strict.test was refused by B (550 5.1.1): alice gets a bounce.
     let bounces = maildir_new(
         &dir.path().join("a"),
@@ -118,6 +141,30 @@ retry = ["1s"]
     );
     assert!(bounce.contains("Status: 5.1.1"), "{bounce}");
     assert!(bounce.contains("Remote-MTA: dns; 127.0.0.2"), "{bounce}");
+    // verified.test: B's self-signed certificate fails verification; the message waits.
+    send(&["dave@verified.test"], "verify me");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a
+        .log_text()
+        .contains("to=dave@verified.test status=\"deferred\"")
+    {
+        assert!(std::time::Instant::now() < deadline, "A:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = a.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("to=dave@verified.test status=\"deferred\""))
+        .unwrap();
+    assert!(
+        line.contains("4.7.") && line.to_lowercase().contains("certificate"),
+        "{line}"
+    );
+    assert!(
+        !b.log_text().contains("dave@verified.test"),
+        "{}",
+        b.log_text()
+    );
     // dead.test: nothing listens; the message stays queued and is retried.
     send(&["carol@dead.test"], "nowhere");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -134,7 +181,7 @@ retry = ["1s"]
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().len() == 12)
         .count();
-    assert_eq!(queued, 1);
+    assert_eq!(queued, 2, "carol's and dave's");
 }
 
 /// ETRN through Python's smtplib, from `source`: the reply code and text.

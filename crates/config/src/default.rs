@@ -103,6 +103,7 @@ impl Config {
                 smarthost_tls: SmarthostTls::Required,
                 smarthost_credentials: None,
                 routes: Default::default(),
+                tls_policy: Default::default(),
                 ip_version: IpVersion::Any,
                 source_address: None,
                 helo_name: None,

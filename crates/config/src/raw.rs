@@ -216,6 +216,8 @@ pub(crate) struct RawRelay {
     pub smarthost_credentials: Option<Spanned<String>>,
     /// `[relay.routes]`: domain → next hop.
     pub routes: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    /// `[relay.tls_policy]`: domain → `none | opportunistic | required | verify`.
+    pub tls_policy: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     /// `any | ipv4 | ipv6`.
     pub ip_version: Option<Spanned<String>>,
     /// The local address of outbound connections.

@@ -298,6 +298,9 @@ pub struct RelayConfig {
     pub smarthost_credentials: Option<PathBuf>,
     /// Per-domain next hop that overrides MX (`[relay.routes]`), keys lower-cased.
     pub routes: BTreeMap<String, NextHop>,
+    /// Per-domain TLS policy for MX and route delivery (`[relay.tls_policy]`), keys
+    /// lower-cased; a domain not listed gets `opportunistic`.
+    pub tls_policy: BTreeMap<String, SmarthostTls>,
     /// Which address families outbound connections use; default `any`.
     pub ip_version: IpVersion,
     /// The local address outbound connections come from (for destinations of its family);
@@ -418,7 +421,8 @@ pub(crate) fn loopback_networks() -> Vec<IpNet> {
     ]
 }
 
-/// TLS towards the smarthost, `relay.smarthost_tls`.
+/// A TLS policy for outbound delivery: `relay.smarthost_tls` and the values of
+/// `[relay.tls_policy]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SmarthostTls {
     /// `"none"`: plaintext, never STARTTLS.

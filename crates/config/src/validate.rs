@@ -769,6 +769,40 @@ impl Validator<'_, '_> {
             };
             routes.insert(name, next);
         }
+        let mut tls_policy = BTreeMap::new();
+        for (domain, level) in raw.relay.tls_policy.iter().flatten() {
+            let name = normalize_domain(domain.get_ref());
+            if let Err(why) = check_domain(&name) {
+                self.r.at(
+                    domain.span(),
+                    format!("invalid domain {:?}: it {why}", domain.get_ref()),
+                    Some(
+                        "tls_policy keys are domain names, e.g. \"example.net\" = \"verify\""
+                            .to_owned(),
+                    ),
+                );
+                continue;
+            }
+            if level.get_ref().trim().eq_ignore_ascii_case("dane") {
+                self.r.at(
+                    level.span(),
+                    format!("TLS policy \"dane\" for {name:?} is not available yet"),
+                    Some("use \"verify\" (the certificate must be valid for the MX host's name) or \"required\"".to_owned()),
+                );
+                continue;
+            }
+            let v = self.enumerated(Some(level), SMARTHOST_TLS, SmarthostTls::Opportunistic);
+            if tls_policy.insert(name.clone(), v).is_some() {
+                self.r.at(
+                    domain.span(),
+                    format!("domain {name:?} has two TLS policies"),
+                    Some(
+                        "keep one of them (domain names are compared case-insensitively)"
+                            .to_owned(),
+                    ),
+                );
+            }
+        }
         RelayConfig {
             mynetworks,
             allow_open_relay,
@@ -776,6 +810,7 @@ impl Validator<'_, '_> {
             smarthost_tls,
             smarthost_credentials,
             routes,
+            tls_policy,
             ip_version,
             source_address,
             helo_name,

@@ -52,7 +52,7 @@ fn the_annotated_example_means_what_it_says() {
 }
 
 /// Tables whose keys are names chosen by the user (any key is valid there).
-const FREE_FORM: &[&str] = &["relay.routes", "aliases"];
+const FREE_FORM: &[&str] = &["relay.routes", "relay.tls_policy", "aliases"];
 
 /// Every table of `table`, as (display path, path of keys and indices).
 fn tables(

@@ -180,13 +180,24 @@ fn remote_delivery(
         .unwrap_or_else(|| cfg.hostname.clone());
     let mut client = ClientConfig::new(helo.clone());
     client.source = cfg.relay.source_address;
-    let mut smarthost_client = client.clone();
-    smarthost_client.tls = match cfg.relay.smarthost_tls {
+    let policy = |level: estafeta_config::SmarthostTls| match level {
         estafeta_config::SmarthostTls::None => TlsPolicy::None,
         estafeta_config::SmarthostTls::Opportunistic => TlsPolicy::Opportunistic,
         estafeta_config::SmarthostTls::Required => TlsPolicy::Required,
         estafeta_config::SmarthostTls::Verify => TlsPolicy::Verify,
     };
+    let tls_policy = cfg
+        .relay
+        .tls_policy
+        .iter()
+        .map(|(domain, &level)| {
+            let mut c = client.clone();
+            c.tls = policy(level);
+            (domain.clone(), c)
+        })
+        .collect();
+    let mut smarthost_client = client.clone();
+    smarthost_client.tls = policy(cfg.relay.smarthost_tls);
     if let Some(path) = &cfg.relay.smarthost_credentials {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("relay.smarthost_credentials {}", path.display()))?;
@@ -210,6 +221,7 @@ fn remote_delivery(
         resolver,
         client,
         smarthost_client,
+        tls_policy,
         ip_version: cfg.relay.ip_version,
         local: LocalIdentity {
             hostnames: vec![cfg.hostname.to_lowercase(), helo.to_lowercase()],

@@ -76,6 +76,29 @@ pub enum TlsPolicy {
     Verify,
 }
 
+impl TlsPolicy {
+    /// The policy's name in the configuration and the logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsPolicy::None => "none",
+            TlsPolicy::Opportunistic => "opportunistic",
+            TlsPolicy::Required => "required",
+            TlsPolicy::Verify => "verify",
+        }
+    }
+}
+
+/// The TLS a session runs, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: &'static str,
+    /// The cipher suite, as IANA names it.
+    pub cipher: &'static str,
+    /// The certificate was verified (chain to a trusted root, name of the host).
+    pub verified: bool,
+}
+
 /// How long to wait for each step (RFC 5321 §4.5.3.2). Each wait is bounded; when one runs
 /// out, the session ends with a temporary failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +211,8 @@ impl fmt::Debug for ClientConfig {
 /// One message to send: the envelope as the queue holds it and the content.
 #[derive(Debug, Clone, Copy)]
 pub struct OutboundMessage<'a> {
+    /// The queue ID, for the log.
+    pub id: &'a str,
     /// The reverse path without `<>`; empty for the null sender.
     pub from: &'a str,
     /// The MAIL parameters of the original transaction (RET and ENVID are passed on).
@@ -341,8 +366,8 @@ pub struct Connection {
     peer: String,
     /// What the peer offered (after TLS, if TLS was started).
     ext: Extensions,
-    /// True once TLS is running.
-    tls: bool,
+    /// What TLS runs, once it does.
+    tls: Option<TlsInfo>,
     timeouts: Timeouts,
     /// A transaction ended early (refused MAIL, no recipient); RSET before the next.
     needs_rset: bool,
@@ -397,7 +422,12 @@ impl Connection {
 
     /// True when the session runs over TLS.
     pub fn is_tls(&self) -> bool {
-        self.tls
+        self.tls.is_some()
+    }
+
+    /// What the session's TLS is, once it runs.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
     }
 
     /// True while the session can carry another message.
@@ -426,7 +456,7 @@ impl Connection {
             host: host.to_string(),
             peer,
             ext: Extensions::default(),
-            tls: false,
+            tls: None,
             timeouts: t,
             needs_rset: false,
             dead: None,
@@ -531,8 +561,20 @@ impl Connection {
         let connector = tokio_rustls::TlsConnector::from(config);
         match timeout(self.timeouts.ehlo, connector.connect(name, inner)).await {
             Ok(Ok(stream)) => {
+                let session = stream.get_ref().1;
+                self.tls = Some(TlsInfo {
+                    version: match session.protocol_version() {
+                        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                        _ => "TLS",
+                    },
+                    cipher: session
+                        .negotiated_cipher_suite()
+                        .and_then(|c| c.suite().as_str())
+                        .unwrap_or("unknown"),
+                    verified: tls == TlsPolicy::Verify,
+                });
                 self.stream = Some(Stream(BufReader::new(Box::new(stream))));
-                self.tls = true;
                 Ok(())
             }
             Ok(Err(e)) => Err(handshake_failed(&self.peer, e.to_string())),

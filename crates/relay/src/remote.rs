@@ -36,6 +36,9 @@ pub struct Remote {
     pub client: ClientConfig,
     /// The client settings for the smarthost (its TLS policy and credentials).
     pub smarthost_client: ClientConfig,
+    /// The client settings for domains with a TLS policy of their own (`[relay.tls_policy]`),
+    /// for MX and route delivery; keys lower-case.
+    pub tls_policy: std::collections::HashMap<String, ClientConfig>,
     /// IPv4, IPv6 or both.
     pub ip_version: IpVersion,
     /// This server's names and addresses (mail loops back to myself).
@@ -77,11 +80,15 @@ impl Default for ConnectionCache {
 }
 
 struct Idle {
-    /// The address, the host name and whether the smarthost settings opened it.
-    key: (SocketAddr, String, bool),
+    key: Key,
     since: Instant,
     conn: client::Connection,
 }
+
+/// What an idle session may be reused for: the address, the host name, whether the
+/// smarthost settings opened it, and the TLS policy it was opened under (a session opened
+/// in plaintext under `opportunistic` never carries mail for a domain that requires TLS).
+type Key = (SocketAddr, String, bool, client::TlsPolicy);
 
 impl ConnectionCache {
     /// How long an idle session is kept.
@@ -89,7 +96,7 @@ impl ConnectionCache {
     /// The most idle sessions kept at once.
     const MAX_IDLE: usize = 32;
 
-    fn take(&self, key: &(SocketAddr, String, bool)) -> Option<client::Connection> {
+    fn take(&self, key: &Key) -> Option<client::Connection> {
         let mut idle = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let i = idle
@@ -98,7 +105,7 @@ impl ConnectionCache {
         Some(idle.swap_remove(i).conn)
     }
 
-    fn put(&self, key: (SocketAddr, String, bool), conn: client::Connection) {
+    fn put(&self, key: Key, conn: client::Connection) {
         if self.closing.is_cancelled() {
             // Shutting down: nothing is kept for a next message.
             self.tasks.spawn(conn.quit());
@@ -173,18 +180,28 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    /// The (host name, addresses, port, client settings) to try, in order.
+    /// The client settings for `domain` and where their TLS policy comes from (for the log).
+    fn settings(&self, domain: &str, hop: Hop<'_>) -> (&ClientConfig, &'static str) {
+        if let Hop::Smarthost(_) = hop {
+            return (&self.smarthost_client, "relay.smarthost_tls");
+        }
+        match self.tls_policy.get(&domain.to_ascii_lowercase()) {
+            Some(cfg) => (cfg, "relay.tls_policy"),
+            None => (&self.client, "default"),
+        }
+    }
+
+    /// The (host name, addresses, port) to try, in order.
     async fn hops(
         &self,
         domain: &str,
         hop: Hop<'_>,
-    ) -> Result<(Vec<(String, Vec<IpAddr>, u16)>, &ClientConfig), Outcome> {
+    ) -> Result<Vec<(String, Vec<IpAddr>, u16)>, Outcome> {
         let fixed = match hop {
-            Hop::Route(h) => Some((h, &self.client)),
-            Hop::Smarthost(h) => Some((h, &self.smarthost_client)),
+            Hop::Route(h) | Hop::Smarthost(h) => Some(h),
             Hop::Mx => None,
         };
-        if let Some((hop, cfg)) = fixed {
+        if let Some(hop) = fixed {
             let addrs: Vec<IpAddr> = match hop.host.parse::<IpAddr>() {
                 Ok(ip) => vec![ip],
                 Err(_) => match tokio::net::lookup_host((hop.host.as_str(), hop.port)).await {
@@ -199,13 +216,13 @@ impl Remote {
                     }
                 },
             };
-            return Ok((vec![(hop.host.clone(), addrs, hop.port)], cfg));
+            return Ok(vec![(hop.host.clone(), addrs, hop.port)]);
         }
         // An address literal: that address, no MX.
         if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
             let ip: Option<IpAddr> = lit.strip_prefix("IPv6:").unwrap_or(lit).parse().ok();
             return match ip {
-                Some(ip) => Ok((vec![(ip.to_string(), vec![ip], self.mx_port)], &self.client)),
+                Some(ip) => Ok(vec![(ip.to_string(), vec![ip], self.mx_port)]),
                 None => Err(Outcome::PermFail(Failure::local(
                     replies::bad_address_literal(domain),
                 ))),
@@ -216,13 +233,10 @@ impl Remote {
             .destinations(domain, self.ip_version, &self.local)
             .await
         {
-            Ok(dests) => Ok((
-                dests
-                    .into_iter()
-                    .map(|d| (d.host, d.addrs, self.mx_port))
-                    .collect(),
-                &self.client,
-            )),
+            Ok(dests) => Ok(dests
+                .into_iter()
+                .map(|d| (d.host, d.addrs, self.mx_port))
+                .collect()),
             Err(ResolveError::Permanent { status, reason }) => Err(Outcome::PermFail(
                 Failure::local(replies::undeliverable_domain(status, &reason)),
             )),
@@ -241,30 +255,32 @@ impl Remote {
         smarthost: bool,
         cfg: &ClientConfig,
         msg: &OutboundMessage<'_>,
-    ) -> Result<Vec<Outcome>, client::SessionError> {
+    ) -> Result<(Vec<Outcome>, Option<client::TlsInfo>), client::SessionError> {
         if msg.rcpts.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
-        let key = (addr, host.to_string(), smarthost);
+        let key = (addr, host.to_string(), smarthost, cfg.tls);
         if let Some(mut conn) = self.idle.take(&key) {
             let outcomes = conn.send(msg).await;
+            let tls = conn.tls().cloned();
             if conn.is_usable() {
                 tracing::debug!(host = %host, address = %addr, "reused an open session");
                 self.idle.put(key, conn);
-                return Ok(outcomes);
+                return Ok((outcomes, tls));
             }
             // The peer closed the idle session (its own timeout): a temporary failure of
             // every recipient says nothing about the message, so it gets a fresh session.
             if !outcomes.iter().all(|o| matches!(o, Outcome::TempFail(_))) {
-                return Ok(outcomes);
+                return Ok((outcomes, tls));
             }
         }
         let mut conn = client::Connection::open(addr, host, cfg).await?;
         let outcomes = conn.send(msg).await;
+        let tls = conn.tls().cloned();
         if conn.is_usable() {
             self.idle.put(key, conn);
         }
-        Ok(outcomes)
+        Ok((outcomes, tls))
     }
 
     /// Delivers `msg` (whose recipients all belong to `domain`): one outcome per recipient, in
@@ -277,18 +293,36 @@ impl Remote {
         msg: &OutboundMessage<'_>,
     ) -> Vec<Outcome> {
         let n = msg.rcpts.len();
-        let (hops, cfg) = match self.hops(domain, hop).await {
+        let hops = match self.hops(domain, hop).await {
             Ok(h) => h,
             Err(o) => return vec![o; n],
         };
+        let (cfg, from) = self.settings(domain, hop);
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
-        let smarthost = std::ptr::eq(cfg, &self.smarthost_client);
+        let smarthost = matches!(hop, Hop::Smarthost(_));
         for (host, addrs, port) in hops {
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
                 match self.send(addr, &host, smarthost, cfg, msg).await {
-                    Ok(outcomes) => return outcomes,
+                    Ok((outcomes, tls)) => {
+                        // Postfix's "TLS feature status": the policy asked for, where it
+                        // comes from, and what the session got.
+                        tracing::info!(
+                            target: "estafeta::maillog",
+                            id = %msg.id,
+                            domain = %domain,
+                            host = %host,
+                            address = %addr,
+                            tls_policy = cfg.tls.name(),
+                            tls_policy_from = from,
+                            tls = tls.as_ref().map_or("none", |t| t.version),
+                            tls_cipher = tls.as_ref().map_or("none", |t| t.cipher),
+                            tls_verified = tls.as_ref().is_some_and(|t| t.verified),
+                            "TLS status"
+                        );
+                        return outcomes;
+                    }
                     Err(e) => {
                         tracing::info!(target: "estafeta::maillog", host = %host, address = %addr, reason = %e, "trying the next host");
                         all_permanent &= e.permanent;

@@ -538,6 +538,7 @@ mod tests {
 
     fn msg<'a>(rcpts: &'a [(String, RcptParams)], params: &'a MailParams) -> OutboundMessage<'a> {
         OutboundMessage {
+            id: "",
             from: "a@local.test",
             params,
             rcpts,

@@ -245,6 +245,7 @@ fn message<'a>(
     content: &'a [u8],
 ) -> OutboundMessage<'a> {
     OutboundMessage {
+        id: "",
         from: "sender@origin.test",
         params,
         rcpts,

@@ -89,6 +89,7 @@ fn remote() -> Remote {
     Remote {
         resolver: Resolver::with_nameservers(&["127.0.0.1:9".parse().unwrap()]),
         smarthost_client: client.clone(),
+        tls_policy: Default::default(),
         client,
         ip_version: IpVersion::Any,
         local: LocalIdentity {
@@ -107,6 +108,7 @@ async fn messages_to_one_host_share_a_session_that_is_closed_when_idle() {
     let params = MailParams::default();
     let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
     let msg = OutboundMessage {
+        id: "",
         from: "alice@local.test",
         params: &params,
         rcpts: &rcpts,
@@ -146,6 +148,7 @@ async fn a_session_the_peer_closed_while_idle_is_replaced() {
     let params = MailParams::default();
     let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
     let msg = OutboundMessage {
+        id: "",
         from: "alice@local.test",
         params: &params,
         rcpts: &rcpts,
@@ -174,6 +177,7 @@ async fn close_says_quit_to_every_idle_session() {
     let params = MailParams::default();
     let rcpts = vec![("bob@remote.test".to_string(), RcptParams::default())];
     let msg = OutboundMessage {
+        id: "",
         from: "alice@local.test",
         params: &params,
         rcpts: &rcpts,
@@ -211,4 +215,53 @@ async fn close_says_quit_to_every_idle_session() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(remote.idle.idle_count(), 0);
+}
+
+/// `[relay.tls_policy]`: a domain that requires TLS is never sent in the plaintext session
+/// kept open for another domain of the same host; towards a peer without STARTTLS it waits
+/// (a temporary failure that says why), while the other domains go on in plaintext.
+#[tokio::test]
+async fn a_domain_that_requires_tls_does_not_reuse_a_plaintext_session() {
+    let (addr, seen) = peer(false).await;
+    let mut remote = remote();
+    let mut strict = remote.client.clone();
+    strict.tls = TlsPolicy::Required;
+    remote.tls_policy.insert("secure.test".into(), strict);
+    let params = MailParams::default();
+    let send = |to: &str| {
+        let rcpts = vec![(to.to_string(), RcptParams::default())];
+        let domain = to.split_once('@').unwrap().1.to_string();
+        let remote = &remote;
+        let params = &params;
+        async move {
+            let msg = OutboundMessage {
+                id: "TEST",
+                from: "alice@local.test",
+                params,
+                rcpts: &rcpts,
+                content: b"Subject: hi\r\n\r\nhello\r\n",
+                needs_smtputf8: false,
+                needs_8bit: false,
+            };
+            remote.deliver(&domain, Hop::Route(&hop(addr)), &msg).await
+        }
+    };
+    let out = send("bob@plain.test").await;
+    assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
+    assert_eq!(remote.idle.idle_count(), 1);
+    // Same host, same address: the idle plaintext session is not used for secure.test.
+    let out = send("carol@Secure.Test").await;
+    let [Outcome::TempFail(f)] = &out[..] else {
+        panic!("{out:?}");
+    };
+    assert!(f.to_string().contains("TLS is required"), "{f}");
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!((s.sessions, s.messages), (2, 1), "{s:?}");
+    }
+    // plain.test still uses its open session.
+    let out = send("dave@plain.test").await;
+    assert!(matches!(out[..], [Outcome::Relayed { .. }]), "{out:?}");
+    let s = seen.lock().unwrap();
+    assert_eq!((s.sessions, s.messages), (2, 2), "{s:?}");
 }

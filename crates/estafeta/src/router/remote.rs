@@ -49,6 +49,7 @@ impl Transport for RemoteAgent {
             return outcomes;
         };
         let from = env.from.to_string();
+        let id = job.id.to_string();
         let content = job.content.as_bytes();
         for ((domain, via), idx) in &groups {
             let rcpts: Vec<(String, estafeta_proto::RcptParams)> = idx
@@ -56,6 +57,7 @@ impl Transport for RemoteAgent {
                 .map(|&i| (env.rcpts[i].path.to_string(), env.rcpts[i].params.clone()))
                 .collect();
             let msg = estafeta_relay::client::OutboundMessage {
+                id: &id,
                 from: &from,
                 params: &env.params,
                 rcpts: &rcpts,
