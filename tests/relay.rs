@@ -120,6 +120,7 @@ retry = ["1s"]
         "tls_policy_from=\"relay.tls_policy\"",
         "tls=\"TLSv1.3\"",
         "tls_verified=false",
+        "tls_fallback=false",
     ] {
         assert!(status.contains(field), "{field}: {status}");
     }

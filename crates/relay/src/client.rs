@@ -72,7 +72,8 @@ pub enum TlsPolicy {
     /// STARTTLS must succeed, but the certificate is not verified (Postfix `encrypt`).
     Required,
     /// STARTTLS must succeed and the certificate must chain to a trusted root and match the
-    /// host name (Postfix `secure`, with the host name as given to [`deliver`]).
+    /// host name as given to [`deliver`] (Postfix `verify`: for MX delivery that name comes
+    /// from DNS, so this does not protect against a forged MX answer; DANE and MTA-STS will).
     Verify,
 }
 
@@ -368,6 +369,8 @@ pub struct Connection {
     ext: Extensions,
     /// What TLS runs, once it does.
     tls: Option<TlsInfo>,
+    /// In plaintext because the TLS handshake failed under the opportunistic policy.
+    tls_fallback: bool,
     timeouts: Timeouts,
     /// A transaction ended early (refused MAIL, no recipient); RSET before the next.
     needs_rset: bool,
@@ -406,9 +409,12 @@ impl Connection {
             Opened::Ready(conn) => Ok(*conn),
             Opened::Failed(err) => Err(err),
             Opened::HandshakeFailed(err) => {
-                tracing::info!(error = %err.failure, "TLS handshake failed; retrying in plaintext");
+                tracing::info!(target: "estafeta::maillog", host, address = %addr, reason = %err.failure, "TLS handshake failed; retrying in plaintext");
                 match Self::attempt(addr, host, cfg, TlsPolicy::None).await {
-                    Opened::Ready(conn) => Ok(*conn),
+                    Opened::Ready(mut conn) => {
+                        conn.tls_fallback = true;
+                        Ok(*conn)
+                    }
                     Opened::Failed(err) | Opened::HandshakeFailed(err) => Err(err),
                 }
             }
@@ -428,6 +434,12 @@ impl Connection {
     /// What the session's TLS is, once it runs.
     pub fn tls(&self) -> Option<&TlsInfo> {
         self.tls.as_ref()
+    }
+
+    /// True when the session runs in plaintext because its TLS handshake failed under the
+    /// opportunistic policy.
+    pub fn tls_fallback(&self) -> bool {
+        self.tls_fallback
     }
 
     /// True while the session can carry another message.
@@ -457,6 +469,7 @@ impl Connection {
             peer,
             ext: Extensions::default(),
             tls: None,
+            tls_fallback: false,
             timeouts: t,
             needs_rset: false,
             dead: None,

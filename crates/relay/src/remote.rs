@@ -220,7 +220,11 @@ impl Remote {
         }
         // An address literal: that address, no MX.
         if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
-            let ip: Option<IpAddr> = lit.strip_prefix("IPv6:").unwrap_or(lit).parse().ok();
+            // The router lower-cases the domain: `[ipv6:…]` as well as `[IPv6:…]`.
+            let v6 = lit
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("IPv6:"));
+            let ip: Option<IpAddr> = if v6 { &lit[5..] } else { lit }.parse().ok();
             return match ip {
                 Some(ip) => Ok(vec![(ip.to_string(), vec![ip], self.mx_port)]),
                 None => Err(Outcome::PermFail(Failure::local(
@@ -255,14 +259,14 @@ impl Remote {
         smarthost: bool,
         cfg: &ClientConfig,
         msg: &OutboundMessage<'_>,
-    ) -> Result<(Vec<Outcome>, Option<client::TlsInfo>), client::SessionError> {
+    ) -> Result<(Vec<Outcome>, (Option<client::TlsInfo>, bool)), client::SessionError> {
         if msg.rcpts.is_empty() {
-            return Ok((Vec::new(), None));
+            return Ok((Vec::new(), (None, false)));
         }
         let key = (addr, host.to_string(), smarthost, cfg.tls);
         if let Some(mut conn) = self.idle.take(&key) {
             let outcomes = conn.send(msg).await;
-            let tls = conn.tls().cloned();
+            let tls = (conn.tls().cloned(), conn.tls_fallback());
             if conn.is_usable() {
                 tracing::debug!(host = %host, address = %addr, "reused an open session");
                 self.idle.put(key, conn);
@@ -276,7 +280,7 @@ impl Remote {
         }
         let mut conn = client::Connection::open(addr, host, cfg).await?;
         let outcomes = conn.send(msg).await;
-        let tls = conn.tls().cloned();
+        let tls = (conn.tls().cloned(), conn.tls_fallback());
         if conn.is_usable() {
             self.idle.put(key, conn);
         }
@@ -305,7 +309,7 @@ impl Remote {
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
                 match self.send(addr, &host, smarthost, cfg, msg).await {
-                    Ok((outcomes, tls)) => {
+                    Ok((outcomes, (tls, fallback))) => {
                         // Postfix's "TLS feature status": the policy asked for, where it
                         // comes from, and what the session got.
                         tracing::info!(
@@ -319,6 +323,7 @@ impl Remote {
                             tls = tls.as_ref().map_or("none", |t| t.version),
                             tls_cipher = tls.as_ref().map_or("none", |t| t.cipher),
                             tls_verified = tls.as_ref().is_some_and(|t| t.verified),
+                            tls_fallback = fallback,
                             "TLS status"
                         );
                         return outcomes;

@@ -1003,7 +1003,11 @@ async fn tls_verify_checks_the_chain_and_the_host_name() {
     let params = MailParams::default();
     let r = rcpts(&["a@remote.test"]);
     let msg = message(&params, &r, CONTENT);
-    let out = deliver(addr, "mx.test", &cfg, &msg).await.unwrap();
+    let mut conn = Connection::open(addr, "mx.test", &cfg).await.unwrap();
+    let tls = conn.tls().cloned().unwrap();
+    assert!(tls.verified && !conn.tls_fallback(), "{tls:?}");
+    let out = conn.send(&msg).await;
+    conn.quit().await;
     assert!(matches!(out[0], Outcome::Relayed { .. }), "{out:?}");
     // The same certificate presented for another name: refused, and no plaintext fallback.
     let err = deliver(addr, "other.test", &cfg, &msg).await.unwrap_err();

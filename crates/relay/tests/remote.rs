@@ -265,3 +265,42 @@ async fn a_domain_that_requires_tls_does_not_reuse_a_plaintext_session() {
     let s = seen.lock().unwrap();
     assert_eq!((s.sessions, s.messages), (2, 2), "{s:?}");
 }
+
+/// The router lower-cases the domain, so an IPv6 address literal arrives as `[ipv6:…]`: it is
+/// still that address (a connection is tried: nothing listens on port 9, a temporary failure),
+/// not a malformed literal bounced for good.
+#[tokio::test]
+async fn a_lower_cased_ipv6_literal_is_an_address() {
+    let mut remote = remote();
+    remote.mx_port = 9;
+    let params = MailParams::default();
+    for domain in ["[ipv6:::1]", "[IPv6:::1]", "[127.0.0.1]"] {
+        let rcpts = vec![(format!("bob@{domain}"), RcptParams::default())];
+        let msg = OutboundMessage {
+            id: "",
+            from: "alice@local.test",
+            params: &params,
+            rcpts: &rcpts,
+            content: b"Subject: hi\r\n\r\nhello\r\n",
+            needs_smtputf8: false,
+            needs_8bit: false,
+        };
+        let out = remote.deliver(domain, Hop::Mx, &msg).await;
+        assert!(
+            matches!(out[..], [Outcome::TempFail(_)]),
+            "{domain}: {out:?}"
+        );
+    }
+    let rcpts = vec![("bob@[ipv6:nonsense]".to_string(), RcptParams::default())];
+    let msg = OutboundMessage {
+        id: "",
+        from: "alice@local.test",
+        params: &params,
+        rcpts: &rcpts,
+        content: b"x\r\n",
+        needs_smtputf8: false,
+        needs_8bit: false,
+    };
+    let out = remote.deliver("[ipv6:nonsense]", Hop::Mx, &msg).await;
+    assert!(matches!(out[..], [Outcome::PermFail(_)]), "{out:?}");
+}
