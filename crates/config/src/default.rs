@@ -104,6 +104,8 @@ impl Config {
                 smarthost_credentials: None,
                 routes: Default::default(),
                 tls_policy: Default::default(),
+                mta_sts: true,
+                ca_file: None,
                 ip_version: IpVersion::Any,
                 source_address: None,
                 helo_name: None,

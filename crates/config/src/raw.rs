@@ -218,6 +218,10 @@ pub(crate) struct RawRelay {
     pub routes: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     /// `[relay.tls_policy]`: domain → `none | opportunistic | required | verify`.
     pub tls_policy: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    /// MTA-STS (RFC 8461) for MX delivery.
+    pub mta_sts: Option<bool>,
+    /// The PEM bundle of trusted roots for verified TLS.
+    pub ca_file: Option<Spanned<String>>,
     /// `any | ipv4 | ipv6`.
     pub ip_version: Option<Spanned<String>>,
     /// The local address of outbound connections.

@@ -301,6 +301,12 @@ pub struct RelayConfig {
     /// Per-domain TLS policy for MX and route delivery (`[relay.tls_policy]`), keys
     /// lower-cased; a domain not listed gets `opportunistic`.
     pub tls_policy: BTreeMap<String, SmarthostTls>,
+    /// Honour the MTA-STS policies (RFC 8461) of recipient domains in MX delivery; default
+    /// true.
+    pub mta_sts: bool,
+    /// The trusted roots (a PEM bundle) for `verify`, MTA-STS policy fetches and MTA-STS
+    /// delivery; default: the system's bundle.
+    pub ca_file: Option<PathBuf>,
     /// Which address families outbound connections use; default `any`.
     pub ip_version: IpVersion,
     /// The local address outbound connections come from (for destinations of its family);

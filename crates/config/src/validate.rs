@@ -803,6 +803,11 @@ impl Validator<'_, '_> {
                 );
             }
         }
+        let ca_file = self.path(
+            raw.relay.ca_file.as_ref(),
+            "ca_file",
+            "\"/etc/ssl/certs/ca-certificates.crt\"",
+        );
         RelayConfig {
             mynetworks,
             allow_open_relay,
@@ -811,6 +816,8 @@ impl Validator<'_, '_> {
             smarthost_credentials,
             routes,
             tls_policy,
+            mta_sts: raw.relay.mta_sts.unwrap_or(true),
+            ca_file,
             ip_version,
             source_address,
             helo_name,

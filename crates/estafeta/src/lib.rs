@@ -180,6 +180,43 @@ fn remote_delivery(
         .unwrap_or_else(|| cfg.hostname.clone());
     let mut client = ClientConfig::new(helo.clone());
     client.source = cfg.relay.source_address;
+    // The roots of verified TLS: `ca_file`, else the system's bundle (read when first
+    // needed; MTA-STS is off without one).
+    let roots = match &cfg.relay.ca_file {
+        Some(path) => {
+            let roots = estafeta_relay::client::load_roots(path)
+                .map_err(|e| anyhow::anyhow!("relay.ca_file: {e}"))?;
+            client.roots = Some(roots.clone());
+            Some(roots)
+        }
+        None => match estafeta_relay::client::system_roots() {
+            Ok(roots) => Some(roots),
+            Err(e) => {
+                if cfg.relay.mta_sts {
+                    tracing::warn!(error = %e, "MTA-STS is off: no trusted roots (set [relay] ca_file)");
+                }
+                None
+            }
+        },
+    };
+    let mta_sts = match roots {
+        Some(roots) if cfg.relay.mta_sts => {
+            let mut verify = client.clone();
+            verify.tls = TlsPolicy::Verify;
+            verify.roots = Some(roots.clone());
+            Some(estafeta_relay::remote::StsSettings {
+                lookup: estafeta_relay::mtasts::MtaSts::new(
+                    resolver.clone(),
+                    roots,
+                    443,
+                    std::time::Duration::from_secs(30),
+                    cfg.relay.ip_version,
+                ),
+                client: verify,
+            })
+        }
+        _ => None,
+    };
     let policy = |level: estafeta_config::SmarthostTls| match level {
         estafeta_config::SmarthostTls::None => TlsPolicy::None,
         estafeta_config::SmarthostTls::Opportunistic => TlsPolicy::Opportunistic,
@@ -222,6 +259,7 @@ fn remote_delivery(
         client,
         smarthost_client,
         tls_policy,
+        mta_sts,
         ip_version: cfg.relay.ip_version,
         local: LocalIdentity {
             hostnames: vec![cfg.hostname.to_lowercase(), helo.to_lowercase()],

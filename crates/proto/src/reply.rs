@@ -945,6 +945,19 @@ pub fn tls_failed(peer: &str, detail: &str) -> Reply {
     )
 }
 
+/// `451 4.7.5`: the domain's MTA-STS policy (RFC 8461) in `enforce` mode names none of its
+/// MX hosts.
+pub fn mta_sts_no_mx(domain: &str, mx: &[String]) -> Reply {
+    Reply::new(
+        451,
+        st(4, 7, 5),
+        format!(
+            "MTA-STS policy of {domain} allows none of its MX hosts (policy mx: {})",
+            mx.join(", ")
+        ),
+    )
+}
+
 /// `451 4.7.x`: AUTH towards a smarthost cannot be done as configured (`status` says why:
 /// 4.7.10 no encryption, 4.7.0 no usable mechanism).
 pub fn client_auth_impossible(peer: &str, status: Status, text: &str) -> Reply {

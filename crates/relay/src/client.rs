@@ -897,7 +897,7 @@ async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Brok
 
 // ---- TLS -----------------------------------------------------------------------------------
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
@@ -932,8 +932,22 @@ fn tls_config(cfg: &ClientConfig, policy: TlsPolicy) -> Result<Arc<rustls::Clien
     Ok(Arc::new(config))
 }
 
-/// The system's roots, read once.
-fn system_roots() -> Result<Arc<RootCertStore>, String> {
+/// The trusted roots in the PEM bundle at `path` (config `[relay] ca_file`).
+pub fn load_roots(path: &std::path::Path) -> Result<Arc<RootCertStore>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut store = RootCertStore::empty();
+    for cert in certs.flatten() {
+        let _ = store.add(cert);
+    }
+    if store.is_empty() {
+        return Err(format!("no usable certificate in {}", path.display()));
+    }
+    Ok(Arc::new(store))
+}
+
+/// The system's roots ([`SYSTEM_ROOTS`]), read once.
+pub fn system_roots() -> Result<Arc<RootCertStore>, String> {
     static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
     ROOTS
         .get_or_init(|| {

@@ -39,6 +39,9 @@ pub struct Remote {
     /// The client settings for domains with a TLS policy of their own (`[relay.tls_policy]`),
     /// for MX and route delivery; keys lower-case.
     pub tls_policy: std::collections::HashMap<String, ClientConfig>,
+    /// MTA-STS (RFC 8461) for MX delivery to domains without a `[relay.tls_policy]` entry;
+    /// `None`: off.
+    pub mta_sts: Option<StsSettings>,
     /// IPv4, IPv6 or both.
     pub ip_version: IpVersion,
     /// This server's names and addresses (mail loops back to myself).
@@ -47,6 +50,16 @@ pub struct Remote {
     pub mx_port: u16,
     /// Sessions kept open a moment after a message, for the next message to the same host.
     pub idle: ConnectionCache,
+}
+
+/// MTA-STS lookups and the client settings its `enforce` mode delivers with (certificate
+/// verified against the MX host's name).
+#[derive(Debug, Clone)]
+pub struct StsSettings {
+    /// The lookups and their cache.
+    pub lookup: crate::mtasts::MtaSts,
+    /// [`client::TlsPolicy::Verify`] settings.
+    pub client: ClientConfig,
 }
 
 /// Open sessions waiting for the next message to the same host (Postfix's connection cache):
@@ -297,11 +310,56 @@ impl Remote {
         msg: &OutboundMessage<'_>,
     ) -> Vec<Outcome> {
         let n = msg.rcpts.len();
-        let hops = match self.hops(domain, hop).await {
+        let (mut cfg, mut from) = self.settings(domain, hop);
+        // MTA-STS for MX delivery the operator did not give a policy of its own; looked up
+        // while the MX hosts are.
+        let sts = match (&self.mta_sts, hop) {
+            (Some(sts), Hop::Mx)
+                if from == "default" && crate::resolve::address_literal(domain).is_none() =>
+            {
+                Some(sts)
+            }
+            _ => None,
+        };
+        let (hops, policy) = tokio::join!(self.hops(domain, hop), async {
+            match sts {
+                Some(sts) => sts.lookup.policy(domain).await,
+                None => None,
+            }
+        });
+        let mut hops = match hops {
             Ok(h) => h,
             Err(o) => return vec![o; n],
         };
-        let (cfg, from) = self.settings(domain, hop);
+        if let (Some(sts), Some(policy)) = (sts, policy) {
+            let outside: Vec<&str> = hops
+                .iter()
+                .filter(|(h, ..)| !policy.allows(h))
+                .map(|(h, ..)| h.as_str())
+                .collect();
+            match policy.mode {
+                crate::mtasts::Mode::Enforce => {
+                    for host in &outside {
+                        tracing::info!(target: "estafeta::maillog", id = %msg.id, domain = %domain, host = %host, "MTA-STS: MX host not in the policy; skipped");
+                    }
+                    hops.retain(|(h, ..)| policy.allows(h));
+                    if hops.is_empty() {
+                        let r = replies::mta_sts_no_mx(domain, &policy.mx);
+                        return vec![Outcome::TempFail(Failure::local(r)); n];
+                    }
+                    cfg = &sts.client;
+                    from = "mta-sts";
+                }
+                crate::mtasts::Mode::Testing => {
+                    // Delivered as usual; what enforce would have refused is reported.
+                    for host in &outside {
+                        tracing::info!(target: "estafeta::maillog", id = %msg.id, domain = %domain, host = %host, "MTA-STS testing: MX host not in the policy; delivering anyway");
+                    }
+                    from = "default (mta-sts testing)";
+                }
+                crate::mtasts::Mode::None => {}
+            }
+        }
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
         let smarthost = matches!(hop, Hop::Smarthost(_));

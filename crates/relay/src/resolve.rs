@@ -192,6 +192,45 @@ impl Resolver {
         Resolver { inner }
     }
 
+    /// The TXT records at `name`, each with its strings joined: `Ok(vec![])` when the name
+    /// does not exist or has none (NXDOMAIN, NODATA); `Err` when the lookup failed.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        let name = Name::from_ascii(name).map_err(|e| format!("invalid name {name:?}: {e}"))?;
+        match self.inner.txt_lookup(name).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(err) => match classify(&err) {
+                Negative::NxDomain | Negative::NoData => Ok(Vec::new()),
+                Negative::Failure => Err(describe(&err)),
+            },
+        }
+    }
+
+    /// The addresses of `host` (IPv6 first, then IPv4, per `ip_version`), or why there are
+    /// none.
+    pub async fn host_addresses(
+        &self,
+        host: &str,
+        ip_version: IpVersion,
+    ) -> Result<Vec<IpAddr>, String> {
+        let name = Name::from_ascii(host).map_err(|e| format!("invalid name {host:?}: {e}"))?;
+        match host_addrs(&self.inner, name, ip_version).await {
+            HostAddrs::Found(addrs) => Ok(addrs),
+            HostAddrs::None(why) | HostAddrs::Failed(why) => Err(why),
+        }
+    }
+
     /// The hosts to try for `domain`, in order: MX hosts sorted by preference, shuffled among
     /// equal preferences, each with its addresses per `ip_version` ([`IpVersion::Any`]: IPv6
     /// first, then IPv4).

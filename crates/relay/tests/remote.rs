@@ -90,6 +90,7 @@ fn remote() -> Remote {
         resolver: Resolver::with_nameservers(&["127.0.0.1:9".parse().unwrap()]),
         smarthost_client: client.clone(),
         tls_policy: Default::default(),
+        mta_sts: None,
         client,
         ip_version: IpVersion::Any,
         local: LocalIdentity {

@@ -1,0 +1,470 @@
+//! MTA-STS (RFC 8461) end to end in the relay: the real hickory resolver asks the test DNS
+//! server (tests/dns.rs) for MX and `_mta-sts` TXT records, the policy comes over HTTPS from a
+//! local server whose certificate a test CA signed, and the message goes to a local SMTP peer
+//! that offers STARTTLS — all on 127.0.0.1.
+//!
+//! Domains: `good.test` (enforce, its MX matches, the MX certificate names it: delivered over
+//! verified TLS), `mismatch.test` (enforce, its MX is not in the policy: deferred, nothing
+//! sent), `badcert.test` (enforce, the MX certificate does not name the MX: deferred),
+//! `testing.test` (testing, MX not in the policy: delivered anyway), `plain.test` (no record:
+//! delivered as usual), `short.test` (enforce, max_age 1: once expired and no longer served,
+//! no policy), `redirect.test` (the policy URL redirects: no policy).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use estafeta_proto::{MailParams, RcptParams};
+use estafeta_queue::Outcome;
+use estafeta_relay::client::{ClientConfig, OutboundMessage, TlsPolicy};
+use estafeta_relay::mtasts::MtaSts;
+use estafeta_relay::remote::{Hop, Remote, StsSettings};
+use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+#[allow(dead_code)]
+#[path = "../../../tests/dns.rs"]
+mod dns;
+use dns::{DnsServer, Zones};
+
+fn skip_or_fail(why: &str) {
+    if std::env::var_os("ESTAFETA_NO_SKIP").is_some() {
+        panic!("{why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+/// A self-signed end-entity certificate for `names`, made by openssl.
+fn certificate(
+    dir: &Path,
+    tag: &str,
+    names: &[&str],
+) -> Option<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+    let cert = dir.join(format!("{tag}.pem"));
+    let key = dir.join(format!("{tag}.key"));
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+        .args(["-subj", &format!("/CN={}", names[0])])
+        .args(["-addext", &format!("subjectAltName={san}")])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip_or_fail("openssl is not available: MTA-STS test skipped");
+        return None;
+    }
+    Some((
+        CertificateDer::from_pem_file(&cert).unwrap(),
+        PrivateKeyDer::from_pem_file(&key).unwrap(),
+    ))
+}
+
+fn acceptor(cert: &CertificateDer<'static>, key: &PrivateKeyDer<'static>) -> TlsAcceptor {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.clone()], key.clone_key())
+    .unwrap();
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// The policy server: answers `GET /.well-known/mta-sts.txt` by the Host header from
+/// `policies` (host → response), counting requests per host.
+struct PolicyServer {
+    addr: SocketAddr,
+    requests: Arc<Mutex<HashMap<String, usize>>>,
+    /// When set, every request gets 404.
+    gone: Arc<AtomicBool>,
+}
+
+async fn policy_server(tls: TlsAcceptor, policies: HashMap<String, String>) -> PolicyServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(Mutex::new(HashMap::new()));
+    let gone = Arc::new(AtomicBool::new(false));
+    let (r, g) = (requests.clone(), gone.clone());
+    let policies = Arc::new(policies);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (tls, r, g, policies) = (tls.clone(), r.clone(), g.clone(), policies.clone());
+            tokio::spawn(async move {
+                let Ok(mut stream) = tls.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let host = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("host").then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                *r.lock().unwrap().entry(host.clone()).or_default() += 1;
+                let ok_path = head.starts_with("GET /.well-known/mta-sts.txt HTTP/1.1\r\n");
+                let response = match policies.get(&host) {
+                    _ if g.load(Ordering::SeqCst) || !ok_path => {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
+                    }
+                    Some(text) if text.starts_with("HTTP/") => text.clone(),
+                    Some(text) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    ),
+                    None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    PolicyServer {
+        addr,
+        requests,
+        gone,
+    }
+}
+
+/// An SMTP peer offering STARTTLS with `tls`; counts the messages it accepted.
+async fn smtp_peer(tls: TlsAcceptor) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let messages = Arc::new(AtomicUsize::new(0));
+    let m = messages.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (tls, m) = (tls.clone(), m.clone());
+            tokio::spawn(async move {
+                let mut plain = BufReader::new(tcp);
+                plain
+                    .get_mut()
+                    .write_all(b"220 peer.test ESMTP\r\n")
+                    .await
+                    .unwrap();
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if plain.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" => b"250-peer.test\r\n250 STARTTLS\r\n",
+                        "STAR" => b"220 2.0.0 go ahead\r\n",
+                        "QUIT" => b"221 2.0.0 bye\r\n",
+                        _ => b"250 2.0.0 Ok\r\n",
+                    };
+                    plain.get_mut().write_all(reply).await.unwrap();
+                    if verb == "STAR" {
+                        break;
+                    }
+                    if verb == "QUIT" {
+                        return;
+                    }
+                }
+                let Ok(stream) = tls.accept(plain.into_inner()).await else {
+                    return;
+                };
+                let mut s = BufReader::new(stream);
+                let mut data = false;
+                loop {
+                    line.clear();
+                    if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let reply: &[u8] = if data {
+                        if line != ".\r\n" {
+                            continue;
+                        }
+                        data = false;
+                        m.fetch_add(1, Ordering::SeqCst);
+                        b"250 2.0.0 Ok: queued\r\n"
+                    } else {
+                        match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                            "EHLO" => b"250 peer.test\r\n",
+                            "DATA" => {
+                                data = true;
+                                b"354 go ahead\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = s.get_mut().write_all(b"221 2.0.0 bye\r\n").await;
+                                return;
+                            }
+                            _ => b"250 2.0.0 Ok\r\n",
+                        }
+                    };
+                    if s.get_mut().write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, messages)
+}
+
+const ENFORCE_GOOD: &str =
+    "version: STSv1\nmode: enforce\nmx: mx.good.test\nmx: *.good.test\nmax_age: 86400\n";
+
+struct World {
+    remote: Remote,
+    sts: MtaSts,
+    policies: PolicyServer,
+    delivered: Arc<AtomicUsize>,
+    _dns: DnsServer,
+}
+
+async fn world(dir: &Path) -> Option<World> {
+    // The MX certificate names mx.good.test and the hosts that are not in a policy, never
+    // mx.badcert.test; the policy server's names every mta-sts host.
+    let (mx_cert, mx_key) = certificate(
+        dir,
+        "mx",
+        &["mx.good.test", "mx.elsewhere.test", "mx.short.test"],
+    )?;
+    let sts_hosts = [
+        "mta-sts.good.test",
+        "mta-sts.mismatch.test",
+        "mta-sts.badcert.test",
+        "mta-sts.testing.test",
+        "mta-sts.short.test",
+        "mta-sts.redirect.test",
+    ];
+    let (web_cert, web_key) = certificate(dir, "web", &sts_hosts)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(mx_cert.clone()).unwrap();
+    roots.add(web_cert.clone()).unwrap();
+    let roots = Arc::new(roots);
+
+    let mut zones = Zones::new()
+        .mx("good.test", 10, "mx.good.test")
+        .mx("mismatch.test", 10, "mx.elsewhere.test")
+        .mx("badcert.test", 10, "mx.badcert.test")
+        .mx("testing.test", 10, "mx.elsewhere.test")
+        .mx("plain.test", 10, "mx.elsewhere.test")
+        .mx("short.test", 10, "mx.elsewhere.test")
+        .mx("redirect.test", 10, "mx.elsewhere.test");
+    for host in ["mx.good.test", "mx.elsewhere.test", "mx.badcert.test"] {
+        zones = zones.a(host, "127.0.0.1");
+    }
+    for host in sts_hosts {
+        zones = zones.a(host, "127.0.0.1");
+        let domain = host.strip_prefix("mta-sts.").unwrap();
+        zones = zones.txt(
+            &format!("_mta-sts.{domain}"),
+            "v=STSv1; id=20261203T000000;",
+        );
+    }
+    let dns = DnsServer::start(zones);
+    let policies: HashMap<String, String> = [
+        ("mta-sts.good.test", ENFORCE_GOOD.to_string()),
+        (
+            "mta-sts.mismatch.test",
+            "version: STSv1\nmode: enforce\nmx: mx.mismatch.test\nmax_age: 86400\n".into(),
+        ),
+        (
+            "mta-sts.badcert.test",
+            "version: STSv1\nmode: enforce\nmx: mx.badcert.test\nmax_age: 86400\n".into(),
+        ),
+        (
+            "mta-sts.testing.test",
+            "version: STSv1\nmode: testing\nmx: mx.testing.test\nmax_age: 86400\n".into(),
+        ),
+        (
+            "mta-sts.short.test",
+            "version: STSv1\nmode: enforce\nmx: mx.short.test\nmax_age: 1\n".into(),
+        ),
+        (
+            "mta-sts.redirect.test",
+            "HTTP/1.1 302 Found\r\nLocation: https://mta-sts.good.test/.well-known/mta-sts.txt\r\nContent-Length: 0\r\n\r\n".into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let policies = policy_server(acceptor(&web_cert, &web_key), policies).await;
+    let (smtp, delivered) = smtp_peer(acceptor(&mx_cert, &mx_key)).await;
+
+    let resolver = Resolver::with_nameservers_and_timeout(&[dns.addr], Duration::from_secs(2), 1);
+    let sts = MtaSts::new(
+        resolver.clone(),
+        roots.clone(),
+        policies.addr.port(),
+        Duration::from_secs(5),
+        IpVersion::Ipv4,
+    );
+    let client = ClientConfig::new("mx.local.test");
+    let mut verify = client.clone();
+    verify.tls = TlsPolicy::Verify;
+    verify.roots = Some(roots);
+    let remote = Remote {
+        resolver,
+        smarthost_client: client.clone(),
+        client,
+        tls_policy: Default::default(),
+        mta_sts: Some(StsSettings {
+            lookup: sts.clone(),
+            client: verify,
+        }),
+        ip_version: IpVersion::Ipv4,
+        local: LocalIdentity {
+            hostnames: vec!["mx.local.test".into()],
+            addrs: Vec::new(),
+        },
+        mx_port: smtp.port(),
+        idle: Default::default(),
+    };
+    Some(World {
+        remote,
+        sts,
+        policies,
+        delivered,
+        _dns: dns,
+    })
+}
+
+async fn send(w: &World, to: &str) -> Outcome {
+    let params = MailParams::default();
+    let rcpts = vec![(to.to_string(), RcptParams::default())];
+    let domain = to.split_once('@').unwrap().1;
+    let msg = OutboundMessage {
+        id: "TEST",
+        from: "alice@local.test",
+        params: &params,
+        rcpts: &rcpts,
+        content: b"Subject: hi\r\n\r\nhello\r\n",
+        needs_smtputf8: false,
+        needs_8bit: false,
+    };
+    let mut out = w.remote.deliver(domain, Hop::Mx, &msg).await;
+    assert_eq!(out.len(), 1);
+    out.remove(0)
+}
+
+fn fetches(w: &World, host: &str) -> usize {
+    w.policies
+        .requests
+        .lock()
+        .unwrap()
+        .get(host)
+        .copied()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn enforce_delivers_only_over_verified_tls_to_a_listed_mx() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    // good.test: listed MX, certificate valid for it.
+    let out = send(&w, "bob@good.test").await;
+    assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
+    assert_eq!(w.delivered.load(Ordering::SeqCst), 1);
+    let cached = w.sts.cached("good.test").expect("cached");
+    assert_eq!(cached.id, "20261203T000000");
+    assert_eq!(cached.policy.mx, ["mx.good.test", "*.good.test"]);
+    // The second message uses the cached policy: one fetch in all.
+    let out = send(&w, "carol@good.test").await;
+    assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
+    assert_eq!(fetches(&w, "mta-sts.good.test"), 1);
+
+    // mismatch.test: its MX is not in the policy: deferred, and the peer never sees it.
+    let out = send(&w, "bob@mismatch.test").await;
+    let Outcome::TempFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        f.reply.status.map(|s| s.to_string()).as_deref(),
+        Some("4.7.5")
+    );
+    assert!(
+        f.to_string().contains("MTA-STS policy of mismatch.test"),
+        "{f}"
+    );
+    // badcert.test: the MX is listed but its certificate does not name it.
+    let out = send(&w, "bob@badcert.test").await;
+    let Outcome::TempFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(f.to_string().contains("4.7.5"), "{f}");
+    assert!(f.to_string().contains("certificate"), "{f}");
+    assert_eq!(
+        w.delivered.load(Ordering::SeqCst),
+        2,
+        "nothing more reached the peer"
+    );
+}
+
+#[tokio::test]
+async fn testing_no_record_and_a_redirect_deliver_as_usual() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    for to in ["bob@testing.test", "bob@plain.test", "bob@redirect.test"] {
+        let out = send(&w, to).await;
+        assert!(matches!(out, Outcome::Relayed { .. }), "{to}: {out:?}");
+    }
+    assert_eq!(w.delivered.load(Ordering::SeqCst), 3);
+    assert!(w.sts.cached("testing.test").is_some());
+    assert!(w.sts.cached("plain.test").is_none());
+    // The redirect was asked for once and not followed.
+    assert_eq!(fetches(&w, "mta-sts.redirect.test"), 1);
+    assert_eq!(fetches(&w, "mta-sts.good.test"), 0);
+    assert!(w.sts.cached("redirect.test").is_none());
+}
+
+#[tokio::test]
+async fn an_expired_policy_no_longer_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    // short.test: enforce with max_age 1 s, its MX not listed: deferred.
+    let out = send(&w, "bob@short.test").await;
+    assert!(matches!(out, Outcome::TempFail(_)), "{out:?}");
+    // The policy server now fails. While the policy lives, it still applies (RFC 8461 §5.1:
+    // a failed refresh keeps the cached policy)…
+    w.policies.gone.store(true, Ordering::SeqCst);
+    assert!(w.sts.cached("short.test").is_some());
+    // …once it has expired and cannot be fetched again, there is none: delivered as usual.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(w.sts.cached("short.test").is_none());
+    let out = send(&w, "bob@short.test").await;
+    assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
+    assert_eq!(fetches(&w, "mta-sts.short.test"), 2);
+    w.sts.settle().await;
+}
