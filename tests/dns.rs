@@ -23,6 +23,8 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 pub struct Zones {
     records: HashMap<(Name, RecordType), Vec<RData>>,
     servfail: Vec<Name>,
+    /// The TTL of every answer; None: 60 s.
+    ttl: Option<u32>,
 }
 
 impl Zones {
@@ -84,7 +86,14 @@ impl Zones {
         self
     }
 
+    /// Every answer with this TTL (0: resolvers keep nothing, so a change is seen at once).
+    pub fn ttl(mut self, secs: u32) -> Self {
+        self.ttl = Some(secs);
+        self
+    }
+
     fn answer(&self, request: &Message) -> Message {
+        let ttl = self.ttl.unwrap_or(60);
         let mut response = Message::new(
             request.metadata.id,
             MessageType::Response,
@@ -106,7 +115,7 @@ impl Zones {
         match self.records.get(&(name.clone(), query.query_type)) {
             Some(rdatas) => {
                 for rdata in rdatas {
-                    response.add_answer(Record::from_rdata(query.name.clone(), 60, rdata.clone()));
+                    response.add_answer(Record::from_rdata(query.name.clone(), ttl, rdata.clone()));
                 }
             }
             None => {
@@ -114,7 +123,7 @@ impl Zones {
                     response.metadata.response_code = ResponseCode::NXDomain;
                 }
                 // The SOA makes the negative answer cacheable (RFC 2308), as real servers do.
-                response.add_authority(Record::from_rdata(name_of("test"), 60, RData::SOA(soa())));
+                response.add_authority(Record::from_rdata(name_of("test"), ttl, RData::SOA(soa())));
             }
         }
         response
@@ -147,6 +156,7 @@ pub struct DnsServer {
     /// Where it listens (UDP).
     pub addr: SocketAddr,
     queries: Arc<Mutex<Vec<(Name, RecordType)>>>,
+    zones: Arc<Mutex<Zones>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -169,6 +179,8 @@ impl DnsServer {
         let stopping = stop.clone();
         let queries = Arc::new(Mutex::new(Vec::new()));
         let log = queries.clone();
+        let zones = Arc::new(Mutex::new(zones));
+        let served = zones.clone();
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while !stopping.load(Ordering::Relaxed) {
@@ -183,7 +195,8 @@ impl DnsServer {
                         .unwrap()
                         .push((q.name.to_lowercase(), q.query_type));
                 }
-                if let Ok(bytes) = zones.answer(&request).to_vec() {
+                let answer = served.lock().unwrap().answer(&request);
+                if let Ok(bytes) = answer.to_vec() {
                     let _ = socket.send_to(&bytes, peer);
                 }
             }
@@ -191,9 +204,15 @@ impl DnsServer {
         DnsServer {
             addr,
             queries,
+            zones,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Serves `zones` from now on (a zone's operator publishing a change).
+    pub fn replace(&self, zones: Zones) {
+        *self.zones.lock().unwrap() = zones;
     }
 
     /// Whether it was asked for `record_type` records of `name`.

@@ -159,6 +159,8 @@ certificate = "{mx_cert}"
 private_key = "{mx_key}"
 [relay]
 mynetworks = []
+[dns]
+nameservers = ["{dns}"]
 [[domain]]
 name = "sts.test"
 mailboxes = "*"
@@ -167,6 +169,7 @@ name = "stsbad.test"
 mailboxes = "*"
 "#,
             data = d.join("peer").display(),
+            dns = dns.addr,
         ),
     )
     .unwrap();

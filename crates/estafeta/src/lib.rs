@@ -68,8 +68,8 @@ pub struct Server {
     live: Arc<Live>,
     router: Arc<LiveRouter>,
     queue: QueueHandle,
-    /// Idle outbound sessions (the relay's connection cache).
-    idle: estafeta_relay::remote::ConnectionCache,
+    /// What outbound delivery keeps across reloads.
+    kept: Kept,
     running: Mutex<Running>,
     reloads: Option<tokio::sync::mpsc::Receiver<control::ReloadRequest>>,
 }
@@ -159,11 +159,18 @@ pub fn local_session_config(cfg: &Config) -> SessionConfig {
 /// The port of MX hosts (RFC 5321 §4.5.4.2's well-known port; routes may name another).
 const MX_PORT: u16 = 25;
 
-/// Remote delivery from the configuration: `[dns]`, `[relay.routes]`, the smarthost.
-fn remote_delivery(
-    cfg: &Config,
+/// What outbound delivery keeps for the server's life, across reloads: the idle sessions
+/// (closed with QUIT at shutdown) and the MTA-STS policies fetched (a reload must not open a
+/// window where a domain's policy is unknown).
+#[derive(Clone, Debug, Default)]
+struct Kept {
     idle: estafeta_relay::remote::ConnectionCache,
-) -> anyhow::Result<estafeta_relay::remote::Remote> {
+    sts: estafeta_relay::mtasts::PolicyCache,
+}
+
+/// Remote delivery from the configuration: `[dns]`, `[relay.routes]`, the smarthost.
+fn remote_delivery(cfg: &Config, kept: &Kept) -> anyhow::Result<estafeta_relay::remote::Remote> {
+    let idle = kept.idle.clone();
     use estafeta_relay::client::ClientConfig;
     use estafeta_relay::client::TlsPolicy;
     use estafeta_relay::remote::Remote;
@@ -211,6 +218,7 @@ fn remote_delivery(
                     443,
                     std::time::Duration::from_secs(30),
                     cfg.relay.ip_version,
+                    kept.sts.clone(),
                 ),
                 client: verify,
             })
@@ -377,12 +385,12 @@ fn build_router(
     policy: Arc<Policy>,
     syncer: Syncer,
     lmtp: router::LmtpClients,
-    idle: &estafeta_relay::remote::ConnectionCache,
+    kept: &Kept,
 ) -> anyhow::Result<Router> {
     let router = Router::new(policy, Maildir::new(syncer, &cfg.hostname), cfg, lmtp)
         .map_err(anyhow::Error::msg)?;
     Ok(if cfg.source.is_some() {
-        router.with_remote(Arc::new(remote_delivery(cfg, idle.clone())?))
+        router.with_remote(Arc::new(remote_delivery(cfg, kept)?))
     } else {
         router
     })
@@ -606,10 +614,10 @@ impl Server {
         }
         let policy = build_policy(&cfg, &users);
         let lmtp = router::lmtp_clients(&cfg).map_err(anyhow::Error::msg)?;
-        // One cache of idle outbound sessions for the server's life, across reloads: closed
-        // with QUIT at shutdown.
-        let idle = estafeta_relay::remote::ConnectionCache::default();
-        let first_router = build_router(&cfg, policy, syncer, lmtp, &idle)?;
+        // One cache of idle outbound sessions and one of MTA-STS policies for the server's
+        // life, across reloads; the sessions are closed with QUIT at shutdown.
+        let kept = Kept::default();
+        let first_router = build_router(&cfg, policy, syncer, lmtp, &kept)?;
         let router = Arc::new(LiveRouter::new(first_router));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -717,7 +725,7 @@ impl Server {
             live,
             router,
             queue,
-            idle,
+            kept,
             running: Mutex::new(Running { cfg, users, auth }),
             reloads: Some(reload_rx),
         })
@@ -832,7 +840,7 @@ impl Server {
         let policy = build_policy(new, &users);
         let syncer = self.queue.spool().syncer().clone();
         let lmtp = router::lmtp_clients(new).map_err(anyhow::Error::msg)?;
-        let router = build_router(new, policy, syncer, lmtp, &self.idle)?;
+        let router = build_router(new, policy, syncer, lmtp, &self.kept)?;
         let tls = self.tls.clone().context("no TLS")?;
         let kinds: Vec<ListenerKind> = self.live.load().sessions.keys().copied().collect();
         let mail_auth = Arc::new(MailAuth::build(new).map_err(anyhow::Error::msg)?);
@@ -881,7 +889,7 @@ impl Server {
             .await
             .is_ok();
         // The deliveries are over: the idle outbound sessions get their QUIT.
-        self.idle.close(Duration::from_secs(2)).await;
+        self.kept.idle.close(Duration::from_secs(2)).await;
         done
     }
 }

@@ -30,6 +30,17 @@ use crate::resolve::{IpVersion, Resolver};
 pub const MAX_AGE_LIMIT: u64 = 31_557_600;
 /// The largest policy file read (RFC 8461 §3.3 suggests 64 KiB).
 pub const MAX_POLICY_SIZE: usize = 64 * 1024;
+/// The most `mx` lines a policy may have.
+pub const MAX_MX: usize = 100;
+/// The most domains whose policies are cached; beyond, the one expiring first goes.
+pub const MAX_CACHED: usize = 10_000;
+/// How long a failed fetch for a record `id` is not tried again (RFC 8461 §3.3: at least five
+/// minutes).
+pub const FAILED_FETCH_PAUSE: Duration = Duration::from_secs(300);
+/// The bound on the `_mta-sts` lookup.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound on the fetch from one address of `mta-sts.DOMAIN`.
+const PER_ADDRESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a policy asks of senders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,12 +108,12 @@ pub fn parse_record(txt: &str) -> Result<String, String> {
     id.ok_or_else(|| "no id".into())
 }
 
-/// The policy of the `_mta-sts` records at a name: the one record that starts with `v=STSv1`
-/// (others are ignored); none, several, or an invalid one mean no policy (RFC 8461 §3.1).
+/// The policy of the `_mta-sts` records at a name: the one record whose first field is
+/// `v=STSv1` (others, `v=STSv10;` too, are ignored); none, several, or an invalid one mean no policy (RFC 8461 §3.1).
 pub fn record_id(records: &[String]) -> Result<String, String> {
     let sts: Vec<&String> = records
         .iter()
-        .filter(|r| r.trim_start().starts_with("v=STSv1"))
+        .filter(|r| r.split(';').next().map(str::trim) == Some("v=STSv1"))
         .collect();
     match sts[..] {
         [] => Err("no v=STSv1 record".into()),
@@ -146,6 +157,7 @@ pub fn parse_policy(text: &str) -> Result<Policy, String> {
                     .ok_or_else(|| format!("max_age {value:?} is not a number of seconds"))?;
                 max_age = Some(n.min(MAX_AGE_LIMIT));
             }
+            "mx" if mx.len() >= MAX_MX => return Err(format!("more than {MAX_MX} mx")),
             "mx" => mx.push(normalize_pattern(value)?),
             _ => {}
         }
@@ -206,6 +218,44 @@ impl Cached {
     }
 }
 
+/// The policies fetched, and the fetches that failed lately; shared by every [`MtaSts`] made
+/// with it, so that the server keeps it across reloads. Bounded ([`MAX_CACHED`]).
+#[derive(Clone, Default)]
+pub struct PolicyCache {
+    inner: Arc<Mutex<CacheState>>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    policies: HashMap<String, Cached>,
+    /// (domain, id) → when the fetch failed.
+    failed: HashMap<(String, String), Instant>,
+}
+
+impl std::fmt::Debug for PolicyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyCache")
+            .field("domains", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Domains with a cached policy (expired ones included until they are dropped).
+    pub fn len(&self) -> usize {
+        self.lock().policies.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// MTA-STS lookups and their cache; cheap to clone (the cache is shared).
 #[derive(Clone)]
 pub struct MtaSts {
@@ -218,7 +268,9 @@ struct Inner {
     https_port: u16,
     timeout: Duration,
     ip_version: IpVersion,
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: PolicyCache,
+    /// One fetch per domain at a time: the others wait for it and take its result.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     refreshing: Mutex<std::collections::HashSet<String>>,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -233,14 +285,15 @@ impl std::fmt::Debug for MtaSts {
 
 impl MtaSts {
     /// Lookups through `resolver`; policies fetched from port 443 (tests: another), their
-    /// certificates verified against `roots`; each record lookup and fetch bounded by
-    /// `timeout`.
+    /// certificates verified against `roots`; a fetch bounded by `timeout` in all (and 10 s
+    /// per address), the record lookup by 10 s; policies kept in `cache`.
     pub fn new(
         resolver: Resolver,
         roots: Arc<RootCertStore>,
         https_port: u16,
         timeout: Duration,
         ip_version: IpVersion,
+        cache: PolicyCache,
     ) -> MtaSts {
         MtaSts {
             inner: Arc::new(Inner {
@@ -249,7 +302,8 @@ impl MtaSts {
                 https_port,
                 timeout,
                 ip_version,
-                cache: Mutex::new(HashMap::new()),
+                cache,
+                fetching: Mutex::new(HashMap::new()),
                 refreshing: Mutex::new(Default::default()),
                 tasks: tokio_util::task::TaskTracker::new(),
             }),
@@ -260,12 +314,11 @@ impl MtaSts {
     pub async fn policy(&self, domain: &str) -> Option<Arc<Policy>> {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let record = tokio::time::timeout(
-            self.inner.timeout,
+            LOOKUP_TIMEOUT.min(self.inner.timeout),
             self.inner.resolver.txt(&format!("_mta-sts.{domain}.")),
         )
         .await
         .unwrap_or_else(|_| Err("no answer (timeout)".into()));
-        let cached = self.cached(&domain);
         let id = match record {
             Ok(records) => match record_id(&records) {
                 Ok(id) => id,
@@ -273,60 +326,126 @@ impl MtaSts {
                     if !records.is_empty() {
                         tracing::info!(domain, reason = %why, "MTA-STS: ignoring the _mta-sts record");
                     }
-                    return cached.map(|c| c.policy);
+                    return self.cached(&domain).map(|c| c.policy);
                 }
             },
             Err(why) => {
                 tracing::info!(domain, reason = %why, "MTA-STS: the _mta-sts lookup failed");
-                return cached.map(|c| c.policy);
+                return self.cached(&domain).map(|c| c.policy);
             }
         };
-        if let Some(c) = &cached
-            && c.id == id
-        {
-            let age = c.fetched.elapsed();
-            if age > Duration::from_secs(c.policy.max_age / 2) {
+        if let Some(c) = self.current(&domain, &id) {
+            if c.fetched.elapsed() > Duration::from_secs(c.policy.max_age / 2) {
                 self.refresh_in_background(&domain, &id);
             }
-            return Some(c.policy.clone());
+            return Some(c.policy);
         }
-        match self.fetch(&domain).await {
-            Ok(policy) => {
-                tracing::info!(
-                    domain,
-                    id,
-                    mode = policy.mode.name(),
-                    max_age = policy.max_age,
-                    "MTA-STS: policy fetched"
-                );
-                let policy = Arc::new(policy);
-                self.store(&domain, id, policy.clone());
-                Some(policy)
+        // One fetch per domain at a time; who waited takes its result.
+        let gate = {
+            let mut fetching = self
+                .inner
+                .fetching
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            fetching.entry(domain.clone()).or_default().clone()
+        };
+        let held = gate.lock().await;
+        let result = if let Some(c) = self.current(&domain, &id) {
+            Some(c.policy)
+        } else if self.failed_lately(&domain, &id) {
+            self.cached(&domain).map(|c| c.policy)
+        } else {
+            match self.fetch(&domain).await {
+                Ok(policy) => {
+                    tracing::info!(
+                        domain,
+                        id,
+                        mode = policy.mode.name(),
+                        max_age = policy.max_age,
+                        "MTA-STS: policy fetched"
+                    );
+                    let policy = Arc::new(policy);
+                    self.store(&domain, id, policy.clone());
+                    Some(policy)
+                }
+                Err(why) => {
+                    tracing::warn!(domain, id, reason = %why, "MTA-STS: cannot fetch the policy; not tried again for this id for 5 minutes");
+                    self.inner
+                        .cache
+                        .lock()
+                        .failed
+                        .insert((domain.clone(), id), Instant::now());
+                    self.cached(&domain).map(|c| c.policy)
+                }
             }
-            Err(why) => {
-                tracing::warn!(domain, id, reason = %why, "MTA-STS: cannot fetch the policy");
-                cached.map(|c| c.policy)
+        };
+        drop(held);
+        {
+            let mut fetching = self
+                .inner
+                .fetching
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if fetching
+                .get(&domain)
+                .is_some_and(|g| Arc::strong_count(g) == 2)
+            {
+                fetching.remove(&domain);
             }
         }
+        result
+    }
+
+    /// The cached policy of `domain` when it is for record `id` and has not expired.
+    fn current(&self, domain: &str, id: &str) -> Option<Cached> {
+        self.cached(domain).filter(|c| c.id == id)
+    }
+
+    /// True when fetching the policy of `domain` for `id` failed less than
+    /// [`FAILED_FETCH_PAUSE`] ago.
+    fn failed_lately(&self, domain: &str, id: &str) -> bool {
+        let mut cache = self.inner.cache.lock();
+        cache
+            .failed
+            .retain(|_, at| at.elapsed() < FAILED_FETCH_PAUSE);
+        cache
+            .failed
+            .contains_key(&(domain.to_string(), id.to_string()))
     }
 
     /// The cached policy of `domain`, unless it has expired.
     pub fn cached(&self, domain: &str) -> Option<Cached> {
-        let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = self.inner.cache.lock();
         cache
+            .policies
             .get(domain)
             .filter(|c| c.expires() > Instant::now())
             .cloned()
     }
 
+    /// Caches a policy: expired ones are dropped first, and when the cache is full the one
+    /// expiring first goes.
     fn store(&self, domain: &str, id: String, policy: Arc<Policy>) {
-        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.insert(
+        let mut cache = self.inner.cache.lock();
+        let now = Instant::now();
+        cache.policies.retain(|_, c| c.expires() > now);
+        if cache.policies.len() >= MAX_CACHED && !cache.policies.contains_key(domain) {
+            let first = cache
+                .policies
+                .iter()
+                .min_by_key(|(_, c)| c.expires())
+                .map(|(d, _)| d.clone());
+            if let Some(first) = first {
+                cache.policies.remove(&first);
+            }
+        }
+        cache.failed.remove(&(domain.to_string(), id.clone()));
+        cache.policies.insert(
             domain.to_string(),
             Cached {
                 id,
                 policy,
-                fetched: Instant::now(),
+                fetched: now,
             },
         );
     }
@@ -379,10 +498,13 @@ impl MtaSts {
             .map_err(|why| format!("{host}: {why}"))?;
         let mut last = format!("{host}: no address");
         for ip in addrs {
-            match self
-                .get(&host, SocketAddr::new(ip, self.inner.https_port))
-                .await
-            {
+            let got = tokio::time::timeout(
+                PER_ADDRESS_TIMEOUT,
+                self.get(&host, SocketAddr::new(ip, self.inner.https_port)),
+            )
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+            match got {
                 Ok(text) => return parse_policy(&text).map_err(|why| format!("policy: {why}")),
                 Err(why) => last = format!("{host}[{ip}]: {why}"),
             }
@@ -514,6 +636,9 @@ mod tests {
         let p =
             parse_policy("version: STSv1\nmode: none\nmax_age: 9999999999\nfoo: bar\n").unwrap();
         assert_eq!((p.mode, p.max_age), (Mode::None, MAX_AGE_LIMIT));
+        let many = "version: STSv1\nmode: enforce\nmax_age: 1\n".to_string()
+            + &"mx: a.example\n".repeat(MAX_MX + 1);
+        assert!(parse_policy(&many).unwrap_err().contains("more than"));
     }
 
     #[test]
@@ -529,6 +654,10 @@ mod tests {
         assert!(parse_record(&format!("v=STSv1; id={}", "a".repeat(33))).is_err());
         let one = |r: &[&str]| record_id(&r.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(one(&["v=spf1 -all", "v=STSv1; id=x1"]).unwrap(), "x1");
+        assert_eq!(
+            one(&["v=STSv10; id=x9", "v=STSv1 ; id=x1 ;"]).unwrap(),
+            "x1"
+        );
         assert!(one(&["v=STSv1; id=x1", "v=STSv1; id=x2"]).is_err());
         assert!(one(&[]).is_err());
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use estafeta_proto::{MailParams, RcptParams};
 use estafeta_queue::Outcome;
 use estafeta_relay::client::{ClientConfig, OutboundMessage, TlsPolicy};
-use estafeta_relay::mtasts::MtaSts;
+use estafeta_relay::mtasts::{MtaSts, PolicyCache};
 use estafeta_relay::remote::{Hop, Remote, StsSettings};
 use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
 use rustls_pki_types::pem::PemObject;
@@ -156,9 +156,10 @@ async fn policy_server(tls: TlsAcceptor, policies: HashMap<String, String>) -> P
     }
 }
 
-/// An SMTP peer offering STARTTLS with `tls`; counts the messages it accepted.
-async fn smtp_peer(tls: TlsAcceptor) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// An SMTP peer on `addr` offering STARTTLS with `tls` (or, with `starttls` false, nothing
+/// but plaintext); counts the messages it accepted.
+async fn smtp_peer(addr: &str, tls: TlsAcceptor, starttls: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let messages = Arc::new(AtomicUsize::new(0));
     let m = messages.clone();
@@ -180,7 +181,12 @@ async fn smtp_peer(tls: TlsAcceptor) -> (SocketAddr, Arc<AtomicUsize>) {
                         return;
                     }
                     let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    if verb == "DATA" {
+                        // Plaintext content: counted, so that a test sees it was sent.
+                        m.fetch_add(1, Ordering::SeqCst);
+                    }
                     let reply: &[u8] = match verb.as_str() {
+                        "EHLO" if !starttls => b"250 peer.test\r\n",
                         "EHLO" => b"250-peer.test\r\n250 STARTTLS\r\n",
                         "STAR" => b"220 2.0.0 go ahead\r\n",
                         "QUIT" => b"221 2.0.0 bye\r\n",
@@ -243,7 +249,10 @@ struct World {
     sts: MtaSts,
     policies: PolicyServer,
     delivered: Arc<AtomicUsize>,
-    _dns: DnsServer,
+    /// Messages (DATA commands) the plaintext-only peer got.
+    plain: Arc<AtomicUsize>,
+    dns: DnsServer,
+    zones: Zones,
 }
 
 async fn world(dir: &Path) -> Option<World> {
@@ -255,6 +264,8 @@ async fn world(dir: &Path) -> Option<World> {
         &["mx.good.test", "mx.elsewhere.test", "mx.short.test"],
     )?;
     let sts_hosts = [
+        "mta-sts.nostarttls.test",
+        "mta-sts.sticky.test",
         "mta-sts.good.test",
         "mta-sts.mismatch.test",
         "mta-sts.badcert.test",
@@ -269,25 +280,35 @@ async fn world(dir: &Path) -> Option<World> {
     let roots = Arc::new(roots);
 
     let mut zones = Zones::new()
+        .ttl(0)
         .mx("good.test", 10, "mx.good.test")
         .mx("mismatch.test", 10, "mx.elsewhere.test")
         .mx("badcert.test", 10, "mx.badcert.test")
         .mx("testing.test", 10, "mx.elsewhere.test")
         .mx("plain.test", 10, "mx.elsewhere.test")
         .mx("short.test", 10, "mx.elsewhere.test")
-        .mx("redirect.test", 10, "mx.elsewhere.test");
+        .mx("redirect.test", 10, "mx.elsewhere.test")
+        .mx("sticky.test", 10, "mx.elsewhere.test")
+        .mx("nostarttls.test", 10, "mx.nostarttls.test")
+        .a("mx.nostarttls.test", "127.0.0.2");
     for host in ["mx.good.test", "mx.elsewhere.test", "mx.badcert.test"] {
         zones = zones.a(host, "127.0.0.1");
     }
     for host in sts_hosts {
         zones = zones.a(host, "127.0.0.1");
         let domain = host.strip_prefix("mta-sts.").unwrap();
-        zones = zones.txt(
-            &format!("_mta-sts.{domain}"),
-            "v=STSv1; id=20261203T000000;",
-        );
+        if domain != "sticky.test" {
+            zones = zones.txt(
+                &format!("_mta-sts.{domain}"),
+                "v=STSv1; id=20261203T000000;",
+            );
+        }
     }
-    let dns = DnsServer::start(zones);
+    // sticky.test's record is the one a test changes: `zones` is kept without it.
+    let first = zones
+        .clone()
+        .txt("_mta-sts.sticky.test", "v=STSv1; id=20261203T000000;");
+    let dns = DnsServer::start(first);
     let policies: HashMap<String, String> = [
         ("mta-sts.good.test", ENFORCE_GOOD.to_string()),
         (
@@ -307,6 +328,14 @@ async fn world(dir: &Path) -> Option<World> {
             "version: STSv1\nmode: enforce\nmx: mx.short.test\nmax_age: 1\n".into(),
         ),
         (
+            "mta-sts.sticky.test",
+            "version: STSv1\nmode: enforce\nmx: mx.sticky.test\nmax_age: 86400\n".into(),
+        ),
+        (
+            "mta-sts.nostarttls.test",
+            "version: STSv1\nmode: enforce\nmx: mx.nostarttls.test\nmax_age: 86400\n".into(),
+        ),
+        (
             "mta-sts.redirect.test",
             "HTTP/1.1 302 Found\r\nLocation: https://mta-sts.good.test/.well-known/mta-sts.txt\r\nContent-Length: 0\r\n\r\n".into(),
         ),
@@ -315,7 +344,14 @@ async fn world(dir: &Path) -> Option<World> {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let policies = policy_server(acceptor(&web_cert, &web_key), policies).await;
-    let (smtp, delivered) = smtp_peer(acceptor(&mx_cert, &mx_key)).await;
+    let (smtp, delivered) = smtp_peer("127.0.0.1:0", acceptor(&mx_cert, &mx_key), true).await;
+    // mx.nostarttls.test: the same port on 127.0.0.2, plaintext only.
+    let (_, plain) = smtp_peer(
+        &format!("127.0.0.2:{}", smtp.port()),
+        acceptor(&mx_cert, &mx_key),
+        false,
+    )
+    .await;
 
     let resolver = Resolver::with_nameservers_and_timeout(&[dns.addr], Duration::from_secs(2), 1);
     let sts = MtaSts::new(
@@ -324,6 +360,7 @@ async fn world(dir: &Path) -> Option<World> {
         policies.addr.port(),
         Duration::from_secs(5),
         IpVersion::Ipv4,
+        PolicyCache::default(),
     );
     let client = ClientConfig::new("mx.local.test");
     let mut verify = client.clone();
@@ -351,7 +388,9 @@ async fn world(dir: &Path) -> Option<World> {
         sts,
         policies,
         delivered,
-        _dns: dns,
+        plain,
+        dns,
+        zones,
     })
 }
 
@@ -389,10 +428,12 @@ async fn enforce_delivers_only_over_verified_tls_to_a_listed_mx() {
     let Some(w) = world(dir.path()).await else {
         return;
     };
-    // good.test: listed MX, certificate valid for it.
-    let out = send(&w, "bob@good.test").await;
-    assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
-    assert_eq!(w.delivered.load(Ordering::SeqCst), 1);
+    // good.test: listed MX, certificate valid for it; two messages at once, one fetch.
+    let (a, b) = tokio::join!(send(&w, "bob@good.test"), send(&w, "dave@good.test"));
+    assert!(matches!(a, Outcome::Relayed { .. }), "{a:?}");
+    assert!(matches!(b, Outcome::Relayed { .. }), "{b:?}");
+    assert_eq!(w.delivered.load(Ordering::SeqCst), 2);
+    assert_eq!(fetches(&w, "mta-sts.good.test"), 1);
     let cached = w.sts.cached("good.test").expect("cached");
     assert_eq!(cached.id, "20261203T000000");
     assert_eq!(cached.policy.mx, ["mx.good.test", "*.good.test"]);
@@ -421,9 +462,16 @@ async fn enforce_delivers_only_over_verified_tls_to_a_listed_mx() {
     };
     assert!(f.to_string().contains("4.7.5"), "{f}");
     assert!(f.to_string().contains("certificate"), "{f}");
+    // nostarttls.test: the listed MX offers no STARTTLS: deferred, never sent in the clear.
+    let out = send(&w, "bob@nostarttls.test").await;
+    let Outcome::TempFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(f.to_string().contains("4.7.4"), "{f}");
+    assert_eq!(w.plain.load(Ordering::SeqCst), 0);
     assert_eq!(
         w.delivered.load(Ordering::SeqCst),
-        2,
+        3,
         "nothing more reached the peer"
     );
 }
@@ -456,8 +504,8 @@ async fn an_expired_policy_no_longer_applies() {
     // short.test: enforce with max_age 1 s, its MX not listed: deferred.
     let out = send(&w, "bob@short.test").await;
     assert!(matches!(out, Outcome::TempFail(_)), "{out:?}");
-    // The policy server now fails. While the policy lives, it still applies (RFC 8461 §5.1:
-    // a failed refresh keeps the cached policy)…
+    // The policy server now fails (that a living policy survives a failed fetch is
+    // a_failed_fetch_of_a_new_policy_keeps_the_cached_one)…
     w.policies.gone.store(true, Ordering::SeqCst);
     assert!(w.sts.cached("short.test").is_some());
     // …once it has expired and cannot be fetched again, there is none: delivered as usual.
@@ -467,4 +515,38 @@ async fn an_expired_policy_no_longer_applies() {
     assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
     assert_eq!(fetches(&w, "mta-sts.short.test"), 2);
     w.sts.settle().await;
+}
+
+/// RFC 8461 §5.1: the record's id changes, the new policy cannot be fetched: the cached one
+/// still applies, and the fetch is not tried again for that id for 5 minutes.
+#[tokio::test]
+async fn a_failed_fetch_of_a_new_policy_keeps_the_cached_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    let out = send(&w, "bob@sticky.test").await;
+    assert!(matches!(out, Outcome::TempFail(_)), "{out:?}");
+    assert_eq!(fetches(&w, "mta-sts.sticky.test"), 1);
+    // A new id, and the policy server fails.
+    w.dns.replace(
+        w.zones
+            .clone()
+            .txt("_mta-sts.sticky.test", "v=STSv1; id=20261203T000001;"),
+    );
+    w.policies.gone.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let out = send(&w, "bob@sticky.test").await;
+        let Outcome::TempFail(f) = &out else {
+            panic!("{out:?}")
+        };
+        assert!(
+            f.to_string().contains("MTA-STS policy of sticky.test"),
+            "{f}"
+        );
+    }
+    // One more fetch for the new id, not two.
+    assert_eq!(fetches(&w, "mta-sts.sticky.test"), 2);
+    assert_eq!(w.sts.cached("sticky.test").unwrap().id, "20261203T000000");
+    assert_eq!(w.delivered.load(Ordering::SeqCst), 0);
 }
