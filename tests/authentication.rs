@@ -887,6 +887,17 @@ fn dns_records_check_names_each_missing_record() {
     let (code, out) = run(all(None, &dkim_txt));
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("all records are published"), "{out}");
+    // MTA-STS and TLS-RPT are recommended, not needed: printed, reported, not counted.
+    assert_eq!(out.matches("not published (optional)").count(), 2, "{out}");
+    assert!(
+        out.contains("_smtp._tls.example.test. 3600 IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@example.test\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("_mta-sts.example.test. 3600 IN TXT \"v=STSv1; id="),
+        "{out}"
+    );
+    assert!(out.contains(";   mode: testing"), "{out}");
     assert!(
         out.contains("example.test. 3600 IN MX 10 mx.test.example."),
         "{out}"

@@ -159,6 +159,7 @@ certificate = "{mx_cert}"
 private_key = "{mx_key}"
 [relay]
 mynetworks = []
+ca_file = "{bundle}"
 [dns]
 nameservers = ["{dns}"]
 [[domain]]
@@ -170,6 +171,7 @@ mailboxes = "*"
 "#,
             data = d.join("peer").display(),
             dns = dns.addr,
+            bundle = bundle.display(),
         ),
     )
     .unwrap();
@@ -277,4 +279,41 @@ retry = ["1s"]
         logs()
     );
     assert!(!peer.log_text().contains("carol@stsbad.test"), "{}", logs());
+
+    // The receiving side's view: `dns-records --check` fetches each domain's policy as a
+    // sender would and says whether it lets this host (mx.sts.test) receive.
+    let check = |domain: &str| {
+        let out = Command::new(estafeta_e2e::estafeta_bin())
+            .args([
+                "dns-records",
+                domain,
+                "--check",
+                "--address",
+                "127.0.0.6",
+                "--config",
+            ])
+            .arg(&peer_cfg)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let out = check("sts.test");
+    assert!(
+        out.contains(
+            "ok: https://mta-sts.sts.test/.well-known/mta-sts.txt: mode enforce, mx mx.sts.test"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("ok: v=STSv1; id=2026120301;"), "{out}");
+    assert!(
+        out.contains(
+            "_smtp._tls.sts.test. 3600 IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@sts.test\""
+        ),
+        "{out}"
+    );
+    let out = check("stsbad.test");
+    assert!(
+        out.contains("WRONG: https://mta-sts.stsbad.test/.well-known/mta-sts.txt does not list this host (mx.sts.test)"),
+        "{out}"
+    );
 }

@@ -223,6 +223,48 @@ fn interface_addresses() -> Vec<IpAddr> {
     out
 }
 
+/// Fetches `domain`'s MTA-STS policy as a sending server would (`[dns] nameservers`,
+/// `[relay] ca_file`) and says whether it names this host as an MX.
+async fn fetch_own_policy(cfg: &estafeta_config::Config, domain: &str) -> Result<String, String> {
+    use estafeta_relay::resolve::Resolver;
+    let resolver = if cfg.dns.nameservers.is_empty() {
+        Resolver::system().map_err(|e| e.to_string())?
+    } else {
+        Resolver::with_nameservers(&cfg.dns.nameservers)
+    };
+    let roots = match &cfg.relay.ca_file {
+        Some(path) => estafeta_relay::client::load_roots(path)?,
+        None => estafeta_relay::client::system_roots()?,
+    };
+    let sts = estafeta_relay::mtasts::MtaSts::new(
+        resolver,
+        roots,
+        443,
+        std::time::Duration::from_secs(30),
+        cfg.relay.ip_version,
+        Default::default(),
+    );
+    let url = format!("https://mta-sts.{domain}/.well-known/mta-sts.txt");
+    let policy = sts
+        .fetch(domain)
+        .await
+        .map_err(|e| format!("the policy at {url} cannot be had: {e}"))?;
+    if policy.allows(&cfg.hostname) {
+        Ok(format!(
+            "{url}: mode {}, mx {}, max_age {}",
+            policy.mode.name(),
+            policy.mx.join(" "),
+            policy.max_age
+        ))
+    } else {
+        Err(format!(
+            "{url} does not list this host ({}) among its mx ({}): senders that enforce it will not deliver here",
+            cfg.hostname,
+            policy.mx.join(" ")
+        ))
+    }
+}
+
 /// `estafeta dns-records [DOMAIN] [--check] [--address IP…]`: every record each local domain
 /// (or DOMAIN) needs, as zone-file lines; with `--check`, each looked up through the resolver
 /// (`[dns] nameservers`) and reported ok / MISSING / WRONG. Exit 1 when one is missing or
@@ -306,20 +348,41 @@ pub fn dns_records(
                 let status = rt.block_on(records::check(checker.authenticator(), cfg, domain, &r));
                 let line = match &status {
                     Status::Ok(s) => format!("  ok: {s}"),
+                    Status::Missing(s) if r.optional => format!("  not published (optional): {s}"),
                     Status::Missing(s) => format!("  MISSING: {s}"),
                     Status::Wrong(s) => format!("  WRONG: {s}"),
                     Status::Unknown(s) => format!("  UNKNOWN (DNS error): {s}"),
                 };
-                if !matches!(status, Status::Ok(_)) {
+                let missing_optional = r.optional && matches!(status, Status::Missing(_));
+                if !matches!(status, Status::Ok(_)) && !missing_optional {
                     bad += 1;
                 }
                 println!("{line}");
+                // A published MTA-STS record: the policy it announces must be served and
+                // must let this host receive the domain's mail.
+                if r.kind == records::Kind::MtaSts && matches!(status, Status::Ok(_)) {
+                    match rt.block_on(fetch_own_policy(cfg, domain)) {
+                        Ok(line) => println!("  ok: {line}"),
+                        Err(line) => {
+                            bad += 1;
+                            println!("  WRONG: {line}");
+                        }
+                    }
+                }
             }
         }
         printed_ptr = true;
+        println!(
+            "; the MTA-STS policy file, to serve as https://mta-sts.{domain}/.well-known/mta-sts.txt"
+        );
+        println!(
+            "; (Content-Type: text/plain, a certificate valid for mta-sts.{domain}); mode testing first, enforce once the reports are clean:"
+        );
+        for line in records::mta_sts_policy(cfg).lines() {
+            println!(";   {line}");
+        }
         println!();
     }
-    println!("; MTA-STS and TLSRPT records: not yet (estafeta does not serve an MTA-STS policy).");
     if check {
         if bad == 0 {
             println!("all records are published");

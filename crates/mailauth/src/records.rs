@@ -1,7 +1,7 @@
 //! The DNS records a domain needs so that other servers accept its mail and send it here: MX,
-//! the host's A/AAAA and PTR, SPF, DKIM (each selector), DMARC. Printed ready to paste into a
-//! zone file (`estafeta dns-records`), and checked against what the resolver answers
-//! (`--check`).
+//! the host's A/AAAA and PTR, SPF, DKIM (each selector), DMARC; and, optional, MTA-STS and
+//! TLS-RPT. Printed ready to paste into a zone file (`estafeta dns-records`), and checked
+//! against what the resolver answers (`--check`).
 
 use std::net::IpAddr;
 
@@ -26,6 +26,11 @@ pub enum Kind {
     Dkim,
     /// DMARC.
     Dmarc,
+    /// MTA-STS (RFC 8461): the TXT record that announces the policy (optional: the policy file
+    /// needs a web server).
+    MtaSts,
+    /// TLS-RPT (RFC 8460): where other servers send reports of their TLS with us (optional).
+    TlsRpt,
 }
 
 /// One record to publish.
@@ -44,6 +49,8 @@ pub struct Record {
     pub value: String,
     /// A comment for the operator.
     pub note: String,
+    /// Recommended, not needed: `--check` reports it missing without failing.
+    pub optional: bool,
 }
 
 impl Record {
@@ -110,6 +117,33 @@ pub fn dmarc_value(domain: &str) -> String {
     format!("v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:postmaster@{domain}")
 }
 
+/// The TLS-RPT record we recommend: reports to the postmaster (RFC 8460 §3).
+pub fn tlsrpt_value(domain: &str) -> String {
+    format!("v=TLSRPTv1; rua=mailto:postmaster@{domain}")
+}
+
+/// The MTA-STS policy file we recommend for the domains whose MX is this host (RFC 8461
+/// §3.2): `testing` first, a week of `max_age`; switch to `enforce` once the TLS-RPT reports
+/// show no failures.
+pub fn mta_sts_policy(cfg: &Config) -> String {
+    format!(
+        "version: STSv1\nmode: testing\nmx: {}\nmax_age: 604800\n",
+        cfg.hostname.trim_end_matches('.').to_ascii_lowercase()
+    )
+}
+
+/// The `_mta-sts` record of `policy`: its `id` is derived from the policy's text, so that it
+/// changes whenever the policy does (RFC 8461 §3.1).
+pub fn mta_sts_value(policy: &str) -> String {
+    // FNV-1a, 64 bits: 16 hexadecimal digits (the id allows 32 letters and digits).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in policy.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("v=STSv1; id={h:016x}")
+}
+
 /// The SPF record we recommend: the domain's MX hosts may send its mail, nobody else.
 pub const SPF_VALUE: &str = "v=spf1 mx -all";
 
@@ -130,6 +164,7 @@ pub fn needed(
         data: format!("10 {host}"),
         value: cfg.hostname.to_ascii_lowercase(),
         note: format!("mail for {domain} comes to this server"),
+        optional: false,
     }];
     if addresses.is_empty() {
         out.push(Record {
@@ -139,6 +174,7 @@ pub fn needed(
             data: "<this host's public IPv4 address>".into(),
             value: String::new(),
             note: "and AAAA for IPv6: no public address was found on this host's interfaces or listeners".into(),
+            optional: false,
         });
     }
     for ip in addresses {
@@ -149,6 +185,7 @@ pub fn needed(
             data: ip.to_string(),
             value: ip.to_string(),
             note: "this host's address".into(),
+            optional: false,
         });
     }
     for ip in addresses {
@@ -160,6 +197,7 @@ pub fn needed(
             value: cfg.hostname.to_ascii_lowercase(),
             note: "reverse DNS: ask whoever owns the address (your hosting provider) to set it"
                 .into(),
+            optional: false,
         });
     }
     out.push(Record {
@@ -169,6 +207,7 @@ pub fn needed(
         data: quote_txt(SPF_VALUE),
         value: SPF_VALUE.into(),
         note: "SPF: the MX hosts send this domain's mail, nobody else".into(),
+        optional: false,
     });
     for (selector, algorithm, public) in dkim {
         let text = txt_record(*algorithm, public);
@@ -179,8 +218,31 @@ pub fn needed(
             data: quote_txt(&text),
             value: text,
             note: format!("DKIM key {selector} ({})", algorithm.name()),
+            optional: false,
         });
     }
+    let tlsrpt = tlsrpt_value(domain);
+    out.push(Record {
+        kind: Kind::TlsRpt,
+        name: format!("_smtp._tls.{d}"),
+        rtype: "TXT",
+        data: quote_txt(&tlsrpt),
+        value: tlsrpt,
+        note: "TLS-RPT (optional): where other servers send daily reports of their TLS sessions with this domain's MX".into(),
+        optional: true,
+    });
+    let sts = mta_sts_value(&mta_sts_policy(cfg));
+    out.push(Record {
+        kind: Kind::MtaSts,
+        name: format!("_mta-sts.{d}"),
+        rtype: "TXT",
+        data: quote_txt(&sts),
+        value: sts,
+        note: format!(
+            "MTA-STS (optional): publish it once https://mta-sts.{domain}/.well-known/mta-sts.txt serves the policy below; its id changes with the policy"
+        ),
+        optional: true,
+    });
     let dmarc = dmarc_value(domain);
     out.push(Record {
         kind: Kind::Dmarc,
@@ -189,6 +251,7 @@ pub fn needed(
         data: quote_txt(&dmarc),
         value: dmarc,
         note: "DMARC: start with p=none to watch the reports, then quarantine, then reject".into(),
+        optional: false,
     });
     out
 }
@@ -406,6 +469,29 @@ pub async fn check(
                     "the published key does not match the key file: publish the record above"
                         .into(),
                 ),
+            }
+        }
+        Kind::MtaSts | Kind::TlsRpt => {
+            let records = match txts(auth, name).await {
+                Ok(t) => t,
+                Err(e) => return Status::Unknown(e),
+            };
+            let version = if record.kind == Kind::MtaSts {
+                "v=STSv1"
+            } else {
+                "v=TLSRPTv1"
+            };
+            let found: Vec<&String> = records
+                .iter()
+                .filter(|t| t.split(';').next().map(str::trim) == Some(version))
+                .collect();
+            match found.as_slice() {
+                [] => Status::Missing(format!("no {version} record at {name}")),
+                [one] => Status::Ok(one.to_string()),
+                _ => Status::Wrong(format!(
+                    "{} {version} records at {name}: keep one (several mean none)",
+                    found.len()
+                )),
             }
         }
         Kind::Dmarc => {
