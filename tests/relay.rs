@@ -437,3 +437,178 @@ retry = ["1s"]
     let m = String::from_utf8_lossy(&direct[0]).into_owned();
     assert!(m.contains("with ESMTPS "), "{m}");
 }
+
+/// RFC 8689 between two estafeta instances: Python's smtplib sends to A with
+/// `MAIL FROM … REQUIRETLS` (refused in plaintext, offered and accepted over TLS); A relays to
+/// B through a route under TLS policy `verify` (B's certificate, for its address, trusted by
+/// `[relay] ca_file`), B offers REQUIRETLS and gets it. A route without `verify` cannot carry
+/// such a message: it bounces at once (5.7.10), the report holding the headers only.
+#[test]
+fn requiretls_end_to_end_and_refused_without_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a_port, b_port) = (free_port(), free_port());
+    let cert = d.join("b.pem");
+    let key = d.join("b.key");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=127.0.0.2"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.2"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let b_cfg = write(
+        d,
+        "b.toml",
+        format!(
+            r#"hostname = "mx.secure.test"
+data_dir = "{data}"
+run_as_root = true
+[[listener]]
+kind = "smtp"
+address = "127.0.0.2:{b_port}"
+[tls]
+certificate = "{cert}"
+private_key = "{key}"
+[relay]
+mynetworks = []
+[[domain]]
+name = "secure.test"
+mailboxes = "*"
+[[domain]]
+name = "loose.test"
+mailboxes = "*"
+"#,
+            data = d.join("b").display(),
+            cert = cert.display(),
+            key = key.display(),
+        ),
+    );
+    let a_cfg = write(
+        d,
+        "a.toml",
+        format!(
+            r#"hostname = "mx.local.test"
+data_dir = "{data}"
+run_as_root = true
+[[listener]]
+kind = "smtp"
+address = "127.0.0.1:{a_port}"
+[relay]
+mynetworks = ["127.0.0.1/32"]
+ca_file = "{cert}"
+[relay.routes]
+"secure.test" = "[127.0.0.2]:{b_port}"
+"loose.test" = "[127.0.0.2]:{b_port}"
+[relay.tls_policy]
+"secure.test" = "verify"
+[[domain]]
+name = "local.test"
+mailboxes = "*"
+[queue]
+retry = ["1s"]
+"#,
+            data = d.join("a").display(),
+            cert = cert.display(),
+        ),
+    );
+    let b = Process::serve(
+        &b_cfg,
+        format!("127.0.0.2:{b_port}").parse().unwrap(),
+        &d.join("b.log"),
+    );
+    let a = Process::serve(
+        &a_cfg,
+        format!("127.0.0.1:{a_port}").parse().unwrap(),
+        &d.join("a.log"),
+    );
+    let logs = || format!("A:\n{}\nB:\n{}", a.log_text(), b.log_text());
+    let send = |rcpt: &str, subject: &str| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/requiretls.py");
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .args([
+                "127.0.0.1",
+                &a_port.to_string(),
+                "alice@local.test",
+                rcpt,
+                subject,
+            ])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = send("bob@secure.test", "over verified TLS");
+    assert!(out.contains("\"plain_offers\": false"), "{out}");
+    assert!(
+        out.contains("\"plain_mail\": \"530 5.7.10 REQUIRETLS needs a TLS session"),
+        "{out}"
+    );
+    assert!(out.contains("\"tls_offers\": true"), "{out}");
+    assert!(out.contains("\"refused\": {}"), "{out}");
+    let got = maildir_new(
+        &d.join("b"),
+        "secure.test",
+        "bob",
+        1,
+        Duration::from_secs(15),
+    );
+    assert_eq!(got.len(), 1, "{}", logs());
+    let log = a.log_text();
+    let status = log
+        .lines()
+        .find(|l| l.contains("TLS status") && l.contains("domain=secure.test"))
+        .unwrap_or_else(|| panic!("{}", logs()));
+    for field in [
+        "tls_policy=\"verify\"",
+        "tls_verified=true",
+        "requiretls=true",
+    ] {
+        assert!(status.contains(field), "{field}: {status}");
+    }
+
+    // loose.test: its route is not under `verify`: bounced at once, headers only.
+    let out = send("carol@loose.test", "not over a verified route");
+    assert!(out.contains("\"refused\": {}"), "{out}");
+    let bounces = maildir_new(
+        &d.join("a"),
+        "local.test",
+        "alice",
+        1,
+        Duration::from_secs(15),
+    );
+    assert_eq!(bounces.len(), 1, "{}", logs());
+    let bounce = String::from_utf8_lossy(&bounces[0]).into_owned();
+    assert!(bounce.contains("Status: 5.7.10"), "{bounce}");
+    assert!(bounce.contains("REQUIRETLS support required"), "{bounce}");
+    assert!(
+        bounce.contains("Subject: not over a verified route"),
+        "{bounce}"
+    );
+    assert!(
+        !bounce.contains("confidential"),
+        "the body is not returned: {bounce}"
+    );
+    assert!(!b.log_text().contains("carol@loose.test"), "{}", logs());
+}

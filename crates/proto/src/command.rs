@@ -137,6 +137,9 @@ pub struct MailParams {
     /// `AUTH=` (RFC 4954 §5): the original submitter as the client claims it, xtext or `<>`.
     /// Accepted and not trusted.
     pub auth: Option<String>,
+    /// `REQUIRETLS` (RFC 8689): relay this message only over TLS to servers authenticated by
+    /// MTA-STS or DANE that support REQUIRETLS.
+    pub requiretls: bool,
 }
 
 /// The parameters of `RCPT TO`.
@@ -169,6 +172,9 @@ impl std::fmt::Display for MailParams {
         }
         if let Some(auth) = &self.auth {
             write!(f, " AUTH={auth}")?;
+        }
+        if self.requiretls {
+            f.write_str(" REQUIRETLS")?;
         }
         Ok(())
     }
@@ -430,6 +436,10 @@ fn parse_mail_params(text: &str) -> Result<MailParams, ParseError> {
                     return Err(param_err(reply::bad_parameter("bad AUTH value")));
                 }
                 p.auth = Some(v.to_string());
+            }
+            "REQUIRETLS" => {
+                no_value(&key, v)?;
+                p.requiretls = true;
             }
             _ => return Err(param_err(reply::unsupported_parameter(&key))),
         }

@@ -68,6 +68,9 @@ impl Status {
     pub const ENCRYPTION_NEEDED_TEMPORARY: Status = Status::new(4, 7, 10);
     /// `5.7.0` Other or undefined security status (RFC 3463 §3.8).
     pub const SECURITY_OTHER: Status = Status::new(5, 7, 0);
+    /// `5.7.10` REQUIRETLS support required (RFC 8689 §6): the message asked for REQUIRETLS
+    /// and no next hop can meet it.
+    pub const REQUIRETLS_NEEDED: Status = Status::new(5, 7, 10);
 
     /// The undefined status of a reply code's class (`4.0.0` for a 4xx, `5.0.0` otherwise):
     /// what a failure reply without an enhanced status code stands for.
@@ -617,6 +620,25 @@ pub fn bad_recipient_syntax(detail: &str) -> Reply {
 pub fn address_too_long(sender: bool, what: &str) -> Reply {
     let status = if sender { st(5, 1, 7) } else { st(5, 1, 3) };
     Reply::new(553, status, format!("Error: {what} too long"))
+}
+
+/// `530 5.7.10`: `MAIL FROM … REQUIRETLS` outside TLS (RFC 8689 §4.1: the session that
+/// carries such a message must itself be protected by TLS).
+pub fn requiretls_needs_tls() -> Reply {
+    Reply::new(
+        530,
+        Status::REQUIRETLS_NEEDED,
+        "REQUIRETLS needs a TLS session: use STARTTLS first",
+    )
+}
+
+/// `550 5.7.10`: a REQUIRETLS message cannot be relayed as RFC 8689 §4.2 requires (`why`).
+pub fn requiretls_unmet(why: &str) -> Reply {
+    Reply::new(
+        550,
+        Status::REQUIRETLS_NEEDED,
+        format!("REQUIRETLS support required: {why}"),
+    )
 }
 
 /// `530 5.7.0 Authentication required` (RFC 4954 §6): MAIL before AUTH on a submission port.

@@ -980,6 +980,10 @@ impl Session {
             "SMTPUTF8".to_string(),
             "CHUNKING".to_string(),
         ]);
+        // RFC 8689 §4.1: only where the session itself is protected by TLS.
+        if self.tls.is_some() {
+            ext.push("REQUIRETLS".to_string());
+        }
         ext
     }
 
@@ -1055,6 +1059,10 @@ impl Session {
         // RFC 5321 §4.1.1.11: parameters need the extension, and extensions need EHLO.
         if !self.esmtp && *params != MailParams::default() {
             return Err(reply::unsupported_parameter("ESMTP parameters need EHLO"));
+        }
+        // REQUIRETLS is offered only inside TLS (RFC 8689 §4.1).
+        if params.requiretls && self.tls.is_none() {
+            return Err(reply::requiretls_needs_tls());
         }
         // BINARYMIME is not advertised (RFC 3030 §3).
         if params.body == Some(Body::BinaryMime) {

@@ -657,7 +657,8 @@ fn submission() -> SessionConfig {
 const EHLO_PLAIN: &str = "250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n\
      250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n";
 const EHLO_TLS: &str = "250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-AUTH PLAIN LOGIN\r\n\
-     250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n";
+     250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n\
+     250 REQUIRETLS\r\n";
 
 #[test]
 fn submission_before_tls_offers_starttls_not_auth() {
@@ -693,6 +694,44 @@ fn starttls_discards_pipelined_plaintext_and_resets() {
     assert_eq!(
         h.c("STARTTLS\r\n"),
         "503 5.5.1 Error: TLS already active\r\n"
+    );
+}
+
+/// RFC 8689: REQUIRETLS is offered, and asked for, only inside TLS; it takes no value, and the
+/// envelope carries it.
+#[test]
+fn requiretls_only_inside_tls() {
+    let (mut h, _) = Harness::new(submission());
+    assert!(!h.c("EHLO client.example\r\n").contains("REQUIRETLS"));
+    let mut h = tls_session();
+    assert_eq!(
+        h.c("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n"),
+        "235 2.7.0 Authentication successful\r\n"
+    );
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test> REQUIRETLS=yes\r\n"),
+        "501 5.5.4 Error: REQUIRETLS takes no value\r\n"
+    );
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test> REQUIRETLS\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"),
+        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+    );
+    h.c("Subject: secret\r\n\r\nx\r\n.\r\n");
+    assert!(h.queued[0].0.params.requiretls);
+    assert!(h.queued[0].0.params.to_string().contains(" REQUIRETLS"));
+}
+
+#[test]
+fn requiretls_outside_tls_is_refused() {
+    let (mut h, _) = Harness::new(config());
+    h.c("EHLO client.example\r\n");
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test> REQUIRETLS\r\n"),
+        "530 5.7.10 REQUIRETLS needs a TLS session: use STARTTLS first\r\n"
+    );
+    assert_eq!(
+        h.c("MAIL FROM:<alice@example.test>\r\n"),
+        "250 2.1.0 Ok\r\n"
     );
 }
 

@@ -1155,9 +1155,11 @@ async fn send_notices(
             sender: &sender,
             recipients: &recipients,
             original: content.as_bytes(),
-            // RFC 3461 §4.3: only failure reports return the whole message.
+            // RFC 3461 §4.3: only failure reports return the whole message; never one that
+            // asked for REQUIRETLS (RFC 8689 §5: its report carries the headers only).
             return_full: action == DsnAction::Failed
-                && m.envelope.params.ret == Some(estafeta_proto::Ret::Full),
+                && m.envelope.params.ret == Some(estafeta_proto::Ret::Full)
+                && !m.envelope.params.requiretls,
             max_returned: cfg.max_returned,
             boundary_seed: now ^ m.id.as_u64(),
         });
@@ -1173,7 +1175,11 @@ async fn send_notices(
                 name: None,
             },
             from: estafeta_proto::ReversePath::Null,
-            params: estafeta_proto::MailParams::default(),
+            // The report of a REQUIRETLS message travels under REQUIRETLS too (RFC 8689 §5).
+            params: estafeta_proto::MailParams {
+                requiretls: m.envelope.params.requiretls,
+                ..Default::default()
+            },
             rcpts: vec![estafeta_proto::Recipient {
                 path: estafeta_proto::ForwardPath {
                     mailbox: to,

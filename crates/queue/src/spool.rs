@@ -1142,6 +1142,9 @@ fn serialize_envelope(env: &Envelope, id: QueueId, arrival: u64) -> String {
     if let Some(envid) = &env.params.envid {
         line("envid", envid);
     }
+    if env.params.requiretls {
+        line("requiretls", "");
+    }
     for r in &env.rcpts {
         line("rcpt", &format!("<{}>{}", r.path, r.params));
     }
@@ -1219,6 +1222,7 @@ fn parse_header(reader: &mut impl BufRead, id: QueueId) -> io::Result<(QueuedMes
                 }
             }
             "envid" => params.envid = Some(v.to_string()),
+            "requiretls" => params.requiretls = true,
             "rcpt" => {
                 let (path, rest) = parse_forward_path(v).map_err(|_| bad("rcpt"))?;
                 // The RCPT TO parser's reading of what it accepted and the spool wrote. An

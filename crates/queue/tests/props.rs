@@ -52,10 +52,11 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             any::<bool>(),
             prop::option::of(prop_oneof![Just(Ret::Full), Just(Ret::Hdrs)]),
             prop::option::of("[A-Za-z0-9+]{1,20}"),
+            any::<bool>(),
         ),
     )
         .prop_map(
-            |(helo, name, tls, auth, from, rcpts, (size, body, utf8, ret, envid))| {
+            |(helo, name, tls, auth, from, rcpts, (size, body, utf8, ret, envid, requiretls))| {
                 let from = match from {
                     Some(a) => parse_reverse_path(&format!("<{a}>")).unwrap().0,
                     None => parse_reverse_path("<>").unwrap().0,
@@ -78,6 +79,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                         smtputf8: utf8,
                         ret,
                         envid,
+                        requiretls,
                         ..Default::default()
                     },
                     rcpts: rcpts

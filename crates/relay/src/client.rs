@@ -297,6 +297,8 @@ pub struct Extensions {
     pub dsn: bool,
     /// STARTTLS (RFC 3207).
     pub starttls: bool,
+    /// REQUIRETLS (RFC 8689).
+    pub requiretls: bool,
     /// The AUTH mechanisms (RFC 4954), upper case.
     pub auth: Vec<String>,
 }
@@ -326,6 +328,7 @@ impl Extensions {
                 "SMTPUTF8" => ext.smtputf8 = true,
                 "DSN" => ext.dsn = true,
                 "STARTTLS" => ext.starttls = true,
+                "REQUIRETLS" => ext.requiretls = true,
                 "AUTH" => ext.auth.extend(words.map(|w| w.to_ascii_uppercase())),
                 _ => {}
             }
@@ -424,6 +427,11 @@ impl Connection {
     /// What the peer offered in EHLO (empty after a HELO fallback).
     pub fn extensions(&self) -> &Extensions {
         &self.ext
+    }
+
+    /// `host[ip]:port`, for texts and logs.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// True when the session runs over TLS.

@@ -278,6 +278,10 @@ impl Remote {
         }
         let key = (addr, host.to_string(), smarthost, cfg.tls);
         if let Some(mut conn) = self.idle.take(&key) {
+            if let Err(e) = refuses_requiretls(&conn, msg) {
+                self.idle.put(key, conn);
+                return Err(e);
+            }
             let outcomes = conn.send(msg).await;
             let tls = (conn.tls().cloned(), conn.tls_fallback());
             if conn.is_usable() {
@@ -292,6 +296,10 @@ impl Remote {
             }
         }
         let mut conn = client::Connection::open(addr, host, cfg).await?;
+        if let Err(e) = refuses_requiretls(&conn, msg) {
+            self.idle.put(key, conn);
+            return Err(e);
+        }
         let outcomes = conn.send(msg).await;
         let tls = (conn.tls().cloned(), conn.tls_fallback());
         if conn.is_usable() {
@@ -311,11 +319,25 @@ impl Remote {
     ) -> Vec<Outcome> {
         let n = msg.rcpts.len();
         let (mut cfg, mut from) = self.settings(domain, hop);
-        // MTA-STS for MX delivery the operator did not give a policy of its own; looked up
-        // while the MX hosts are.
+        // RFC 8689: REQUIRETLS asks for verified TLS to authenticated hosts all the way;
+        // `TLS-Required: No` (without REQUIRETLS) asks to ignore the recipient's policies.
+        let requiretls = msg.params.requiretls;
+        let relaxed = !requiretls && tls_required_no(msg.content);
+        let unmet = |why: String| {
+            vec![Outcome::PermFail(Failure::local(replies::requiretls_unmet(&why))); n]
+        };
+        if requiretls && !matches!(hop, Hop::Mx) && cfg.tls != client::TlsPolicy::Verify {
+            return unmet(format!(
+                "the next hop for {domain} is not configured with TLS policy \"verify\""
+            ));
+        }
+        // MTA-STS for MX delivery the operator did not give a policy of its own (and always for
+        // REQUIRETLS, which needs it); looked up while the MX hosts are.
         let sts = match (&self.mta_sts, hop) {
             (Some(sts), Hop::Mx)
-                if from == "default" && crate::resolve::address_literal(domain).is_none() =>
+                if (from == "default" || requiretls)
+                    && !relaxed
+                    && crate::resolve::address_literal(domain).is_none() =>
             {
                 Some(sts)
             }
@@ -331,6 +353,19 @@ impl Remote {
             Ok(h) => h,
             Err(o) => return vec![o; n],
         };
+        if requiretls
+            && matches!(hop, Hop::Mx)
+            && policy
+                .as_ref()
+                .is_none_or(|p| p.mode != crate::mtasts::Mode::Enforce)
+        {
+            return unmet(format!(
+                "no MTA-STS policy in enforce mode authenticates the MX hosts of {domain}"
+            ));
+        }
+        if relaxed {
+            from = "default (TLS-Required: No)";
+        }
         if let (Some(sts), Some(policy)) = (sts, policy) {
             let outside: Vec<&str> = hops
                 .iter()
@@ -382,6 +417,7 @@ impl Remote {
                             tls_cipher = tls.as_ref().map_or("none", |t| t.cipher),
                             tls_verified = tls.as_ref().is_some_and(|t| t.verified),
                             tls_fallback = fallback,
+                            requiretls,
                             "TLS status"
                         );
                         return outcomes;
@@ -400,4 +436,60 @@ impl Remote {
             None => vec![Outcome::TempFail(Failure::local(replies::no_route(domain))); n],
         }
     }
+}
+
+/// A REQUIRETLS message goes only to a server that offers REQUIRETLS over its TLS (RFC 8689
+/// §4.2.1); the session stays good for other messages.
+fn refuses_requiretls(
+    conn: &client::Connection,
+    msg: &OutboundMessage<'_>,
+) -> Result<(), client::SessionError> {
+    if msg.params.requiretls && !(conn.is_tls() && conn.extensions().requiretls) {
+        return Err(client::SessionError {
+            permanent: true,
+            failure: Failure::local(replies::requiretls_unmet(&format!(
+                "{} does not offer REQUIRETLS",
+                conn.peer()
+            ))),
+        });
+    }
+    Ok(())
+}
+
+/// True when the header section has `TLS-Required: No` (RFC 8689 §5).
+pub fn tls_required_no(content: &[u8]) -> bool {
+    let end = end_of_header(content);
+    let head = String::from_utf8_lossy(&content[..end]);
+    let mut fields: Vec<String> = Vec::new();
+    for line in head.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = fields.last_mut() {
+                last.push_str(line);
+            }
+        } else {
+            fields.push(line.to_string());
+        }
+    }
+    fields.iter().any(|f| {
+        f.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("TLS-Required")
+                && value.trim().eq_ignore_ascii_case("no")
+        })
+    })
+}
+
+/// Where the header section ends: at its empty line, or the whole content.
+fn end_of_header(content: &[u8]) -> usize {
+    let mut at = 0;
+    for line in content.split_inclusive(|&b| b == b'\n') {
+        if line == b"\r\n" || line == b"\n" {
+            return at;
+        }
+        at += line.len();
+        if at > 1 << 20 {
+            break;
+        }
+    }
+    at.min(content.len())
 }

@@ -453,7 +453,9 @@ impl Transaction {
     }
 }
 
-/// `MAIL FROM:<…> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET= ENVID=]\r\n`: what the peer offers.
+/// `MAIL FROM:<…> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET= ENVID=] [REQUIRETLS]\r\n`: what the
+/// peer offers (a REQUIRETLS message reaches only a peer that offers REQUIRETLS: the remote
+/// agent sees to it).
 fn mail_command(msg: &OutboundMessage<'_>, ext: &Extensions) -> String {
     let params = MailParams {
         size: ext.size.map(|_| msg.content.len() as u64),
@@ -462,6 +464,7 @@ fn mail_command(msg: &OutboundMessage<'_>, ext: &Extensions) -> String {
         ret: msg.params.ret.filter(|_| ext.dsn),
         envid: msg.params.envid.clone().filter(|_| ext.dsn),
         auth: None,
+        requiretls: msg.params.requiretls && ext.requiretls,
     };
     format!("MAIL FROM:<{}>{params}\r\n", msg.from)
 }

@@ -159,14 +159,28 @@ async fn policy_server(tls: TlsAcceptor, policies: HashMap<String, String>) -> P
 /// An SMTP peer on `addr` offering STARTTLS with `tls` (or, with `starttls` false, nothing
 /// but plaintext); counts the messages it accepted.
 async fn smtp_peer(addr: &str, tls: TlsAcceptor, starttls: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (addr, messages, _) = smtp_peer_offering(addr, tls, starttls, false).await;
+    (addr, messages)
+}
+
+/// [`smtp_peer`], offering REQUIRETLS inside TLS when `requiretls`; also returns the MAIL
+/// commands it got over TLS.
+async fn smtp_peer_offering(
+    addr: &str,
+    tls: TlsAcceptor,
+    starttls: bool,
+    requiretls: bool,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let messages = Arc::new(AtomicUsize::new(0));
+    let mails = Arc::new(Mutex::new(Vec::new()));
     let m = messages.clone();
+    let seen = mails.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
-            let (tls, m) = (tls.clone(), m.clone());
+            let (tls, m, seen) = (tls.clone(), m.clone(), seen.clone());
             tokio::spawn(async move {
                 let mut plain = BufReader::new(tcp);
                 plain
@@ -219,7 +233,12 @@ async fn smtp_peer(addr: &str, tls: TlsAcceptor, starttls: bool) -> (SocketAddr,
                         b"250 2.0.0 Ok: queued\r\n"
                     } else {
                         match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                            "EHLO" if requiretls => b"250-peer.test\r\n250 REQUIRETLS\r\n",
                             "EHLO" => b"250 peer.test\r\n",
+                            "MAIL" => {
+                                seen.lock().unwrap().push(line.trim_end().to_string());
+                                b"250 2.0.0 Ok\r\n"
+                            }
                             "DATA" => {
                                 data = true;
                                 b"354 go ahead\r\n"
@@ -238,7 +257,7 @@ async fn smtp_peer(addr: &str, tls: TlsAcceptor, starttls: bool) -> (SocketAddr,
             });
         }
     });
-    (addr, messages)
+    (addr, messages, mails)
 }
 
 const ENFORCE_GOOD: &str =
@@ -251,6 +270,9 @@ struct World {
     delivered: Arc<AtomicUsize>,
     /// Messages (DATA commands) the plaintext-only peer got.
     plain: Arc<AtomicUsize>,
+    /// Messages the REQUIRETLS peer (mx.secure.test) accepted, and its MAIL commands.
+    secure: Arc<AtomicUsize>,
+    secure_mails: Arc<Mutex<Vec<String>>>,
     dns: DnsServer,
     zones: Zones,
 }
@@ -261,9 +283,15 @@ async fn world(dir: &Path) -> Option<World> {
     let (mx_cert, mx_key) = certificate(
         dir,
         "mx",
-        &["mx.good.test", "mx.elsewhere.test", "mx.short.test"],
+        &[
+            "mx.good.test",
+            "mx.elsewhere.test",
+            "mx.short.test",
+            "mx.secure.test",
+        ],
     )?;
     let sts_hosts = [
+        "mta-sts.secure.test",
         "mta-sts.nostarttls.test",
         "mta-sts.sticky.test",
         "mta-sts.good.test",
@@ -290,7 +318,9 @@ async fn world(dir: &Path) -> Option<World> {
         .mx("redirect.test", 10, "mx.elsewhere.test")
         .mx("sticky.test", 10, "mx.elsewhere.test")
         .mx("nostarttls.test", 10, "mx.nostarttls.test")
-        .a("mx.nostarttls.test", "127.0.0.2");
+        .a("mx.nostarttls.test", "127.0.0.2")
+        .mx("secure.test", 10, "mx.secure.test")
+        .a("mx.secure.test", "127.0.0.3");
     for host in ["mx.good.test", "mx.elsewhere.test", "mx.badcert.test"] {
         zones = zones.a(host, "127.0.0.1");
     }
@@ -332,6 +362,10 @@ async fn world(dir: &Path) -> Option<World> {
             "version: STSv1\nmode: enforce\nmx: mx.sticky.test\nmax_age: 86400\n".into(),
         ),
         (
+            "mta-sts.secure.test",
+            "version: STSv1\nmode: enforce\nmx: mx.secure.test\nmax_age: 86400\n".into(),
+        ),
+        (
             "mta-sts.nostarttls.test",
             "version: STSv1\nmode: enforce\nmx: mx.nostarttls.test\nmax_age: 86400\n".into(),
         ),
@@ -350,6 +384,14 @@ async fn world(dir: &Path) -> Option<World> {
         &format!("127.0.0.2:{}", smtp.port()),
         acceptor(&mx_cert, &mx_key),
         false,
+    )
+    .await;
+    // mx.secure.test: the same port on 127.0.0.3, offering REQUIRETLS.
+    let (_, secure, secure_mails) = smtp_peer_offering(
+        &format!("127.0.0.3:{}", smtp.port()),
+        acceptor(&mx_cert, &mx_key),
+        true,
+        true,
     )
     .await;
 
@@ -389,13 +431,18 @@ async fn world(dir: &Path) -> Option<World> {
         policies,
         delivered,
         plain,
+        secure,
+        secure_mails,
         dns,
         zones,
     })
 }
 
 async fn send(w: &World, to: &str) -> Outcome {
-    let params = MailParams::default();
+    send_with(w, to, MailParams::default(), "Subject: hi\r\n\r\nhello\r\n").await
+}
+
+async fn send_with(w: &World, to: &str, params: MailParams, content: &str) -> Outcome {
     let rcpts = vec![(to.to_string(), RcptParams::default())];
     let domain = to.split_once('@').unwrap().1;
     let msg = OutboundMessage {
@@ -403,7 +450,7 @@ async fn send(w: &World, to: &str) -> Outcome {
         from: "alice@local.test",
         params: &params,
         rcpts: &rcpts,
-        content: b"Subject: hi\r\n\r\nhello\r\n",
+        content: content.as_bytes(),
         needs_smtputf8: false,
         needs_8bit: false,
     };
@@ -549,4 +596,73 @@ async fn a_failed_fetch_of_a_new_policy_keeps_the_cached_one() {
     assert_eq!(fetches(&w, "mta-sts.sticky.test"), 2);
     assert_eq!(w.sts.cached("sticky.test").unwrap().id, "20261203T000000");
     assert_eq!(w.delivered.load(Ordering::SeqCst), 0);
+}
+
+/// RFC 8689: a REQUIRETLS message goes only to an MX that an enforced MTA-STS policy lists,
+/// over verified TLS, offering REQUIRETLS, and it says REQUIRETLS there; otherwise it fails
+/// for good (5.7.10). `TLS-Required: No` lets a message past the recipient's policy.
+#[tokio::test]
+async fn requiretls_and_tls_required_no() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    let requiretls = MailParams {
+        requiretls: true,
+        ..MailParams::default()
+    };
+    let body = "Subject: secret\r\n\r\nx\r\n";
+    // secure.test: listed, verified, offers REQUIRETLS.
+    let out = send_with(&w, "bob@secure.test", requiretls.clone(), body).await;
+    assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
+    assert_eq!(w.secure.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        *w.secure_mails.lock().unwrap(),
+        ["MAIL FROM:<alice@local.test> REQUIRETLS"]
+    );
+    // good.test: listed and verified, but no REQUIRETLS: refused for good, nothing sent.
+    let before = w.delivered.load(Ordering::SeqCst);
+    let out = send_with(&w, "bob@good.test", requiretls.clone(), body).await;
+    let Outcome::PermFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(f.to_string().contains("5.7.10"), "{f}");
+    assert!(f.to_string().contains("does not offer REQUIRETLS"), "{f}");
+    // plain.test: no MTA-STS policy authenticates its MX.
+    let out = send_with(&w, "bob@plain.test", requiretls.clone(), body).await;
+    let Outcome::PermFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        f.to_string().contains("no MTA-STS policy in enforce mode"),
+        "{f}"
+    );
+    // testing.test: a policy in testing mode is not enough either.
+    let out = send_with(&w, "bob@testing.test", requiretls, body).await;
+    assert!(matches!(out, Outcome::PermFail(_)), "{out:?}");
+    assert_eq!(w.delivered.load(Ordering::SeqCst), before);
+
+    // mismatch.test enforces a policy its MX is not in: deferred, unless the message says
+    // TLS-Required: No (folded, any case).
+    let out = send(&w, "bob@mismatch.test").await;
+    assert!(matches!(out, Outcome::TempFail(_)), "{out:?}");
+    let relaxed =
+        "Subject: newsletter\r\ntls-required:\r\n no\r\n\r\nTLS-Required: yes in the body\r\n";
+    let out = send_with(&w, "bob@mismatch.test", MailParams::default(), relaxed).await;
+    assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
+    assert_eq!(w.delivered.load(Ordering::SeqCst), before + 1);
+    // With REQUIRETLS, the header field is ignored: the policy holds (and defers).
+    let both = MailParams {
+        requiretls: true,
+        ..MailParams::default()
+    };
+    let out = send_with(&w, "bob@mismatch.test", both, relaxed).await;
+    let Outcome::TempFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        f.to_string().contains("MTA-STS policy of mismatch.test"),
+        "{f}"
+    );
+    assert_eq!(w.delivered.load(Ordering::SeqCst), before + 1);
 }
