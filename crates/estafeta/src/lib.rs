@@ -616,7 +616,14 @@ impl Server {
         let lmtp = router::lmtp_clients(&cfg).map_err(anyhow::Error::msg)?;
         // One cache of idle outbound sessions and one of MTA-STS policies for the server's
         // life, across reloads; the sessions are closed with QUIT at shutdown.
-        let kept = Kept::default();
+        let kept = Kept {
+            idle: Default::default(),
+            sts: estafeta_relay::mtasts::PolicyCache::open(&cfg.data_dir.join("mta-sts"))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, dir = %cfg.data_dir.join("mta-sts").display(), "MTA-STS policies are kept in memory only");
+                    Default::default()
+                }),
+        };
         let first_router = build_router(&cfg, policy, syncer, lmtp, &kept)?;
         let router = Arc::new(LiveRouter::new(first_router));
         let shutdown = CancellationToken::new();

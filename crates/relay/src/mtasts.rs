@@ -76,6 +76,16 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy as a policy file says it.
+    pub fn to_text(&self) -> String {
+        let mut t = format!("version: STSv1\nmode: {}\n", self.mode.name());
+        for mx in &self.mx {
+            t.push_str(&format!("mx: {mx}\n"));
+        }
+        t.push_str(&format!("max_age: {}\n", self.max_age));
+        t
+    }
+
     /// True when `host` (an MX host name) matches one of the policy's `mx` patterns.
     pub fn allows(&self, host: &str) -> bool {
         self.mx.iter().any(|p| mx_matches(p, host))
@@ -219,7 +229,8 @@ impl Cached {
 }
 
 /// The policies fetched, and the fetches that failed lately; shared by every [`MtaSts`] made
-/// with it, so that the server keeps it across reloads. Bounded ([`MAX_CACHED`]).
+/// with it, so that the server keeps it across reloads, and kept in a directory (one file a
+/// domain) so that a restart keeps it too (RFC 8461 §5.1). Bounded ([`MAX_CACHED`]).
 #[derive(Clone, Default)]
 pub struct PolicyCache {
     inner: Arc<Mutex<CacheState>>,
@@ -230,6 +241,74 @@ struct CacheState {
     policies: HashMap<String, Cached>,
     /// (domain, id) → when the fetch failed.
     failed: HashMap<(String, String), Instant>,
+    /// Where the policies are kept; None: in memory only.
+    dir: Option<std::path::PathBuf>,
+}
+
+impl CacheState {
+    /// Caches a policy: expired ones are dropped first, and when the cache is full the one
+    /// expiring first goes; the file follows.
+    fn insert(&mut self, domain: &str, cached: Cached) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .policies
+            .iter()
+            .filter(|(_, c)| c.expires() <= now)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in expired {
+            self.remove(&d);
+        }
+        if self.policies.len() >= MAX_CACHED && !self.policies.contains_key(domain) {
+            let first = self
+                .policies
+                .iter()
+                .min_by_key(|(_, c)| c.expires())
+                .map(|(d, _)| d.clone());
+            if let Some(first) = first {
+                self.remove(&first);
+            }
+        }
+        self.failed.remove(&(domain.to_string(), cached.id.clone()));
+        if let Some(path) = self.file(domain) {
+            let tmp = path.with_extension("tmp");
+            let text = format!(
+                "cache-id: {}\ncache-fetched: {}\n{}",
+                cached.id,
+                unix_now().saturating_sub(cached.fetched.elapsed().as_secs()),
+                cached.policy.to_text()
+            );
+            if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+                tracing::warn!(domain, error = %e, "MTA-STS: cannot keep the policy on disk");
+            }
+        }
+        self.policies.insert(domain.to_string(), cached);
+    }
+
+    fn remove(&mut self, domain: &str) {
+        self.policies.remove(domain);
+        if let Some(path) = self.file(domain) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// The file of `domain`'s policy: only for names of letters, digits, hyphens and dots.
+    fn file(&self, domain: &str) -> Option<std::path::PathBuf> {
+        let dir = self.dir.as_ref()?;
+        let safe = !domain.is_empty()
+            && !domain.starts_with('.')
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        safe.then(|| dir.join(domain))
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for PolicyCache {
@@ -243,6 +322,59 @@ impl std::fmt::Debug for PolicyCache {
 impl PolicyCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A cache kept in `dir` (created when missing), with the policies found there that have
+    /// not expired; files that cannot be read are removed.
+    pub fn open(dir: &std::path::Path) -> std::io::Result<PolicyCache> {
+        std::fs::create_dir_all(dir)?;
+        let mut state = CacheState {
+            dir: Some(dir.to_path_buf()),
+            ..CacheState::default()
+        };
+        let now = unix_now();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let Some(domain) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            };
+            let loaded = (|| {
+                let id = field("cache-id:")?;
+                let fetched: u64 = field("cache-fetched:")?.parse().ok()?;
+                let policy = parse_policy(&text).ok()?;
+                let age = now.checked_sub(fetched)?;
+                (age < policy.max_age && state.file(&domain).as_ref() == Some(&path)).then(|| {
+                    Cached {
+                        id,
+                        policy: Arc::new(policy),
+                        fetched: Instant::now()
+                            .checked_sub(Duration::from_secs(age))
+                            .unwrap_or_else(Instant::now),
+                    }
+                })
+            })();
+            match loaded {
+                Some(cached) => {
+                    state.policies.insert(domain, cached);
+                }
+                None => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(PolicyCache {
+            inner: Arc::new(Mutex::new(state)),
+        })
     }
 
     /// Domains with a cached policy (expired ones included until they are dropped).
@@ -423,29 +555,13 @@ impl MtaSts {
             .cloned()
     }
 
-    /// Caches a policy: expired ones are dropped first, and when the cache is full the one
-    /// expiring first goes.
     fn store(&self, domain: &str, id: String, policy: Arc<Policy>) {
-        let mut cache = self.inner.cache.lock();
-        let now = Instant::now();
-        cache.policies.retain(|_, c| c.expires() > now);
-        if cache.policies.len() >= MAX_CACHED && !cache.policies.contains_key(domain) {
-            let first = cache
-                .policies
-                .iter()
-                .min_by_key(|(_, c)| c.expires())
-                .map(|(d, _)| d.clone());
-            if let Some(first) = first {
-                cache.policies.remove(&first);
-            }
-        }
-        cache.failed.remove(&(domain.to_string(), id.clone()));
-        cache.policies.insert(
-            domain.to_string(),
+        self.inner.cache.lock().insert(
+            domain,
             Cached {
                 id,
                 policy,
-                fetched: now,
+                fetched: Instant::now(),
             },
         );
     }
@@ -639,6 +755,62 @@ mod tests {
         let many = "version: STSv1\nmode: enforce\nmax_age: 1\n".to_string()
             + &"mx: a.example\n".repeat(MAX_MX + 1);
         assert!(parse_policy(&many).unwrap_err().contains("more than"));
+    }
+
+    #[tokio::test]
+    async fn the_cache_survives_a_restart_and_forgets_what_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PolicyCache::open(dir.path()).unwrap();
+        let long = Arc::new(parse_policy(RFC_EXAMPLE).unwrap());
+        let short = Arc::new(
+            parse_policy("version: STSv1\nmode: testing\nmx: a.example\nmax_age: 1\n").unwrap(),
+        );
+        let now = Instant::now();
+        cache.lock().insert(
+            "example.com",
+            Cached {
+                id: "a1".into(),
+                policy: long.clone(),
+                fetched: now,
+            },
+        );
+        cache.lock().insert(
+            "short.example",
+            Cached {
+                id: "b2".into(),
+                policy: short,
+                fetched: now,
+            },
+        );
+        // A name that cannot be a file name is cached in memory only.
+        cache.lock().insert(
+            "../x",
+            Cached {
+                id: "c3".into(),
+                policy: long.clone(),
+                fetched: now,
+            },
+        );
+        std::fs::write(dir.path().join("garbage.example"), "not a policy").unwrap();
+        assert_eq!(cache.len(), 3);
+        std::thread::sleep(Duration::from_millis(1_100));
+        let again = PolicyCache::open(dir.path()).unwrap();
+        let state = again.lock();
+        assert_eq!(
+            state.policies.len(),
+            1,
+            "{:?}",
+            state.policies.keys().collect::<Vec<_>>()
+        );
+        let c = &state.policies["example.com"];
+        assert_eq!((c.id.as_str(), &*c.policy), ("a1", &*long));
+        // The expired and the unreadable files are gone.
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["example.com"]);
     }
 
     #[test]
