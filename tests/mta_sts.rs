@@ -131,7 +131,7 @@ fn an_enforced_policy_is_fetched_honoured_and_logged() {
         .unwrap();
     }
     let _web6 = Https::start(&d.join("127.0.0.6"), &web_cert, &web_key, "127.0.0.6");
-    let _web7 = Https::start(&d.join("127.0.0.7"), &web_cert, &web_key, "127.0.0.7");
+    let web7 = Https::start(&d.join("127.0.0.7"), &web_cert, &web_key, "127.0.0.7");
     let dns = DnsServer::start(
         Zones::new()
             .mx("sts.test", 10, "mx.sts.test")
@@ -208,7 +208,7 @@ retry = ["1s"]
         ),
     )
     .unwrap();
-    let sender = Process::serve(
+    let mut sender = Process::serve(
         &sender_cfg,
         format!("127.0.0.1:{port}").parse().unwrap(),
         &d.join("sender.log"),
@@ -316,4 +316,34 @@ retry = ["1s"]
         out.contains("WRONG: https://mta-sts.stsbad.test/.well-known/mta-sts.txt does not list this host (mx.sts.test)"),
         "{out}"
     );
+
+    // The policies are kept on disk: after a restart with stsbad.test's policy server gone,
+    // the policy still holds (no fetch: the record's id is the same), and carol waits.
+    let kept = std::fs::read_to_string(d.join("sender/mta-sts/stsbad.test")).unwrap();
+    assert!(
+        kept.contains("cache-id: 2026120301") && kept.contains("mx: mx.other.test"),
+        "{kept}"
+    );
+    drop(web7);
+    sender.terminate();
+    drop(sender);
+    let sender = Process::serve(
+        &sender_cfg,
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &d.join("sender2.log"),
+    );
+    let logs = || format!("sender:\n{}\npeer:\n{}", sender.log_text(), peer.log_text());
+    wait_for(
+        "a deferral of carol@stsbad.test after the restart",
+        20,
+        || {
+            sender.log_text().lines().any(|l| {
+                l.contains("to=carol@stsbad.test status=\"deferred\"")
+                    && l.contains("MTA-STS policy of stsbad.test")
+            })
+        },
+        logs,
+    );
+    assert!(!sender.log_text().contains("policy fetched"), "{}", logs());
+    assert!(!peer.log_text().contains("carol@stsbad.test"), "{}", logs());
 }
