@@ -442,7 +442,7 @@ retry = ["1s"]
 /// `MAIL FROM … REQUIRETLS` (refused in plaintext, offered and accepted over TLS); A relays to
 /// B through a route under TLS policy `verify` (B's certificate, for its address, trusted by
 /// `[relay] ca_file`), B offers REQUIRETLS and gets it. A route without `verify` cannot carry
-/// such a message: it bounces at once (5.7.10), the report holding the headers only.
+/// such a message: it bounces at once (5.7.30), the report holding the headers only.
 #[test]
 fn requiretls_end_to_end_and_refused_without_verified_tls() {
     let dir = tempfile::tempdir().unwrap();
@@ -600,7 +600,7 @@ retry = ["1s"]
     );
     assert_eq!(bounces.len(), 1, "{}", logs());
     let bounce = String::from_utf8_lossy(&bounces[0]).into_owned();
-    assert!(bounce.contains("Status: 5.7.10"), "{bounce}");
+    assert!(bounce.contains("Status: 5.7.30"), "{bounce}");
     assert!(bounce.contains("REQUIRETLS support required"), "{bounce}");
     assert!(
         bounce.contains("Subject: not over a verified route"),

@@ -425,6 +425,7 @@ fn show(spool: Option<&Spool>, id: QueueId, json: bool) -> Result<ExitCode, Stri
             "smtputf8": env.params.smtputf8,
             "ret": env.params.ret.map(|r| r.as_str()),
             "envid": env.params.envid,
+            "requiretls": env.params.requiretls,
         });
         v["headers"] = headers.into();
         println!("{v}");
@@ -448,6 +449,9 @@ fn show(spool: Option<&Spool>, id: QueueId, json: bool) -> Result<ExitCode, Stri
     }
     if let Some(e) = &env.params.envid {
         params.push(format!("ENVID={e}"));
+    }
+    if env.params.requiretls {
+        params.push("REQUIRETLS".into());
     }
     println!("sender:       <{}> {}", env.from, params.join(" "));
     let mut client = format!(

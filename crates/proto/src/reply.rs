@@ -68,9 +68,13 @@ impl Status {
     pub const ENCRYPTION_NEEDED_TEMPORARY: Status = Status::new(4, 7, 10);
     /// `5.7.0` Other or undefined security status (RFC 3463 §3.8).
     pub const SECURITY_OTHER: Status = Status::new(5, 7, 0);
-    /// `5.7.10` REQUIRETLS support required (RFC 8689 §6): the message asked for REQUIRETLS
+    /// `5.7.10` Encryption needed (RFC 5248's registry): a command that needs TLS outside it.
+    pub const ENCRYPTION_NEEDED: Status = Status::new(5, 7, 10);
+    /// `5.7.30` REQUIRETLS support required (RFC 8689 §6): the message asked for REQUIRETLS
     /// and no next hop can meet it.
-    pub const REQUIRETLS_NEEDED: Status = Status::new(5, 7, 10);
+    pub const REQUIRETLS_SUPPORT: Status = Status::new(5, 7, 30);
+    /// `4.7.30`: REQUIRETLS cannot be judged now (a lookup or policy fetch failed).
+    pub const REQUIRETLS_SUPPORT_TEMPORARY: Status = Status::new(4, 7, 30);
 
     /// The undefined status of a reply code's class (`4.0.0` for a 4xx, `5.0.0` otherwise):
     /// what a failure reply without an enhanced status code stands for.
@@ -627,17 +631,27 @@ pub fn address_too_long(sender: bool, what: &str) -> Reply {
 pub fn requiretls_needs_tls() -> Reply {
     Reply::new(
         530,
-        Status::REQUIRETLS_NEEDED,
+        Status::ENCRYPTION_NEEDED,
         "REQUIRETLS needs a TLS session: use STARTTLS first",
     )
 }
 
-/// `550 5.7.10`: a REQUIRETLS message cannot be relayed as RFC 8689 §4.2 requires (`why`).
+/// `550 5.7.30`: a REQUIRETLS message cannot be relayed as RFC 8689 §4.2 requires (`why`).
 pub fn requiretls_unmet(why: &str) -> Reply {
     Reply::new(
         550,
-        Status::REQUIRETLS_NEEDED,
+        Status::REQUIRETLS_SUPPORT,
         format!("REQUIRETLS support required: {why}"),
+    )
+}
+
+/// `451 4.7.30`: whether a REQUIRETLS message can be relayed cannot be known now (`why`: a
+/// lookup or a policy fetch failed); retried.
+pub fn requiretls_unknown(why: &str) -> Reply {
+    Reply::new(
+        451,
+        Status::REQUIRETLS_SUPPORT_TEMPORARY,
+        format!("REQUIRETLS support cannot be checked now: {why}"),
     )
 }
 

@@ -211,6 +211,35 @@ pub fn mx_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// What a lookup found.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// The domain has no policy (no record, or an invalid one).
+    None,
+    /// The policy that applies.
+    Policy(Arc<Policy>),
+    /// A record lookup or a fetch failed and nothing is cached: no policy is applied, but
+    /// whether the domain has one is not known.
+    Unknown(String),
+}
+
+impl Lookup {
+    /// The policy, if one applies.
+    pub fn policy(self) -> Option<Arc<Policy>> {
+        match self {
+            Lookup::Policy(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn cached_or(cached: Option<Cached>, otherwise: Lookup) -> Lookup {
+        match cached {
+            Some(c) => Lookup::Policy(c.policy),
+            None => otherwise,
+        }
+    }
+}
+
 /// A policy as cached, with the record `id` it was fetched for.
 #[derive(Debug, Clone)]
 pub struct Cached {
@@ -444,6 +473,11 @@ impl MtaSts {
 
     /// The policy that applies to mail for `domain` now (lower-case A-labels), if any.
     pub async fn policy(&self, domain: &str) -> Option<Arc<Policy>> {
+        self.lookup(domain).await.policy()
+    }
+
+    /// Like [`MtaSts::policy`], telling "no policy" apart from "could not know".
+    pub async fn lookup(&self, domain: &str) -> Lookup {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let record = tokio::time::timeout(
             LOOKUP_TIMEOUT.min(self.inner.timeout),
@@ -458,19 +492,22 @@ impl MtaSts {
                     if !records.is_empty() {
                         tracing::info!(domain, reason = %why, "MTA-STS: ignoring the _mta-sts record");
                     }
-                    return self.cached(&domain).map(|c| c.policy);
+                    return Lookup::cached_or(self.cached(&domain), Lookup::None);
                 }
             },
             Err(why) => {
                 tracing::info!(domain, reason = %why, "MTA-STS: the _mta-sts lookup failed");
-                return self.cached(&domain).map(|c| c.policy);
+                return Lookup::cached_or(
+                    self.cached(&domain),
+                    Lookup::Unknown(format!("the _mta-sts lookup failed: {why}")),
+                );
             }
         };
         if let Some(c) = self.current(&domain, &id) {
             if c.fetched.elapsed() > Duration::from_secs(c.policy.max_age / 2) {
                 self.refresh_in_background(&domain, &id);
             }
-            return Some(c.policy);
+            return Lookup::Policy(c.policy);
         }
         // One fetch per domain at a time; who waited takes its result.
         let gate = {
@@ -483,9 +520,12 @@ impl MtaSts {
         };
         let held = gate.lock().await;
         let result = if let Some(c) = self.current(&domain, &id) {
-            Some(c.policy)
+            Lookup::Policy(c.policy)
         } else if self.failed_lately(&domain, &id) {
-            self.cached(&domain).map(|c| c.policy)
+            Lookup::cached_or(
+                self.cached(&domain),
+                Lookup::Unknown("the policy could not be fetched lately".into()),
+            )
         } else {
             match self.fetch(&domain).await {
                 Ok(policy) => {
@@ -498,7 +538,7 @@ impl MtaSts {
                     );
                     let policy = Arc::new(policy);
                     self.store(&domain, id, policy.clone());
-                    Some(policy)
+                    Lookup::Policy(policy)
                 }
                 Err(why) => {
                     tracing::warn!(domain, id, reason = %why, "MTA-STS: cannot fetch the policy; not tried again for this id for 5 minutes");
@@ -507,7 +547,10 @@ impl MtaSts {
                         .lock()
                         .failed
                         .insert((domain.clone(), id), Instant::now());
-                    self.cached(&domain).map(|c| c.policy)
+                    Lookup::cached_or(
+                        self.cached(&domain),
+                        Lookup::Unknown(format!("the policy cannot be fetched: {why}")),
+                    )
                 }
             }
         };

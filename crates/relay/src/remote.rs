@@ -319,10 +319,12 @@ impl Remote {
     ) -> Vec<Outcome> {
         let n = msg.rcpts.len();
         let (mut cfg, mut from) = self.settings(domain, hop);
-        // RFC 8689: REQUIRETLS asks for verified TLS to authenticated hosts all the way;
-        // `TLS-Required: No` (without REQUIRETLS) asks to ignore the recipient's policies.
-        let requiretls = msg.params.requiretls;
-        let relaxed = !requiretls && tls_required_no(msg.content);
+        // RFC 8689: REQUIRETLS asks for verified TLS to authenticated hosts all the way (not
+        // for a bounce, §4.2.1: its report goes out with REQUIRETLS when the server offers it,
+        // never held back over it); `TLS-Required: No` (without REQUIRETLS) asks to ignore the
+        // recipient's policies.
+        let requiretls = msg.params.requiretls && !msg.from.is_empty();
+        let relaxed = !msg.params.requiretls && tls_required_no(msg.content);
         let unmet = |why: String| {
             vec![Outcome::PermFail(Failure::local(replies::requiretls_unmet(&why))); n]
         };
@@ -343,27 +345,33 @@ impl Remote {
             }
             _ => None,
         };
-        let (hops, policy) = tokio::join!(self.hops(domain, hop), async {
+        let (hops, lookup) = tokio::join!(self.hops(domain, hop), async {
             match sts {
-                Some(sts) => sts.lookup.policy(domain).await,
-                None => None,
+                Some(sts) => sts.lookup.lookup(domain).await,
+                None => crate::mtasts::Lookup::None,
             }
         });
         let mut hops = match hops {
             Ok(h) => h,
             Err(o) => return vec![o; n],
         };
-        if requiretls
-            && matches!(hop, Hop::Mx)
-            && policy
-                .as_ref()
-                .is_none_or(|p| p.mode != crate::mtasts::Mode::Enforce)
-        {
-            return unmet(format!(
-                "no MTA-STS policy in enforce mode authenticates the MX hosts of {domain}"
-            ));
+        if requiretls && matches!(hop, Hop::Mx) {
+            match &lookup {
+                crate::mtasts::Lookup::Policy(p) if p.mode == crate::mtasts::Mode::Enforce => {}
+                // Not known now: retried, not bounced over a passing failure.
+                crate::mtasts::Lookup::Unknown(why) => {
+                    let r = replies::requiretls_unknown(&format!("MTA-STS of {domain}: {why}"));
+                    return vec![Outcome::TempFail(Failure::local(r)); n];
+                }
+                _ => {
+                    return unmet(format!(
+                        "no MTA-STS policy in enforce mode authenticates the MX hosts of {domain}"
+                    ));
+                }
+            }
         }
-        if relaxed {
+        let policy = lookup.policy();
+        if relaxed && from == "default" {
             from = "default (TLS-Required: No)";
         }
         if let (Some(sts), Some(policy)) = (sts, policy) {
@@ -444,7 +452,9 @@ fn refuses_requiretls(
     conn: &client::Connection,
     msg: &OutboundMessage<'_>,
 ) -> Result<(), client::SessionError> {
-    if msg.params.requiretls && !(conn.is_tls() && conn.extensions().requiretls) {
+    // A bounce (null sender) is never held back over REQUIRETLS (RFC 8689 §4.2.1).
+    let required = msg.params.requiretls && !msg.from.is_empty();
+    if required && !(conn.is_tls() && conn.extensions().requiretls) {
         return Err(client::SessionError {
             permanent: true,
             failure: Failure::local(replies::requiretls_unmet(&format!(

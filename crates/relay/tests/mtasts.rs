@@ -314,6 +314,8 @@ async fn world(dir: &Path) -> Option<World> {
         .mx("badcert.test", 10, "mx.badcert.test")
         .mx("testing.test", 10, "mx.elsewhere.test")
         .mx("plain.test", 10, "mx.elsewhere.test")
+        .mx("flaky.test", 10, "mx.elsewhere.test")
+        .servfail("_mta-sts.flaky.test")
         .mx("short.test", 10, "mx.elsewhere.test")
         .mx("redirect.test", 10, "mx.elsewhere.test")
         .mx("sticky.test", 10, "mx.elsewhere.test")
@@ -443,11 +445,15 @@ async fn send(w: &World, to: &str) -> Outcome {
 }
 
 async fn send_with(w: &World, to: &str, params: MailParams, content: &str) -> Outcome {
+    send_from(w, "alice@local.test", to, params, content).await
+}
+
+async fn send_from(w: &World, from: &str, to: &str, params: MailParams, content: &str) -> Outcome {
     let rcpts = vec![(to.to_string(), RcptParams::default())];
     let domain = to.split_once('@').unwrap().1;
     let msg = OutboundMessage {
         id: "TEST",
-        from: "alice@local.test",
+        from,
         params: &params,
         rcpts: &rcpts,
         content: content.as_bytes(),
@@ -600,7 +606,8 @@ async fn a_failed_fetch_of_a_new_policy_keeps_the_cached_one() {
 
 /// RFC 8689: a REQUIRETLS message goes only to an MX that an enforced MTA-STS policy lists,
 /// over verified TLS, offering REQUIRETLS, and it says REQUIRETLS there; otherwise it fails
-/// for good (5.7.10). `TLS-Required: No` lets a message past the recipient's policy.
+/// for good (5.7.30), or waits when it cannot be known (4.7.30); a bounce is never held back
+/// over it. `TLS-Required: No` lets a message past the recipient's policy.
 #[tokio::test]
 async fn requiretls_and_tls_required_no() {
     let dir = tempfile::tempdir().unwrap();
@@ -626,7 +633,7 @@ async fn requiretls_and_tls_required_no() {
     let Outcome::PermFail(f) = &out else {
         panic!("{out:?}")
     };
-    assert!(f.to_string().contains("5.7.10"), "{f}");
+    assert!(f.to_string().contains("5.7.30"), "{f}");
     assert!(f.to_string().contains("does not offer REQUIRETLS"), "{f}");
     // plain.test: no MTA-STS policy authenticates its MX.
     let out = send_with(&w, "bob@plain.test", requiretls.clone(), body).await;
@@ -638,9 +645,23 @@ async fn requiretls_and_tls_required_no() {
         "{f}"
     );
     // testing.test: a policy in testing mode is not enough either.
-    let out = send_with(&w, "bob@testing.test", requiretls, body).await;
+    let out = send_with(&w, "bob@testing.test", requiretls.clone(), body).await;
     assert!(matches!(out, Outcome::PermFail(_)), "{out:?}");
     assert_eq!(w.delivered.load(Ordering::SeqCst), before);
+    // flaky.test: its _mta-sts lookup fails: not known now, so retried rather than bounced.
+    let out = send_with(&w, "bob@flaky.test", requiretls.clone(), body).await;
+    let Outcome::TempFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(f.to_string().contains("451 4.7.30"), "{f}");
+    // A bounce of a REQUIRETLS message (null sender) is never held back over it: delivered
+    // to good.test (no REQUIRETLS there) and to plain.test (no policy).
+    for to in ["bob@good.test", "bob@plain.test"] {
+        let out = send_from(&w, "", to, requiretls.clone(), body).await;
+        assert!(matches!(out, Outcome::Relayed { .. }), "{to}: {out:?}");
+    }
+    assert_eq!(w.delivered.load(Ordering::SeqCst), before + 2);
+    let before = before + 2;
 
     // mismatch.test enforces a policy its MX is not in: deferred, unless the message says
     // TLS-Required: No (folded, any case).

@@ -77,6 +77,16 @@ impl Transport for LmtpAgent {
         }
         let from = env.from.to_string();
         for (server, rcpts) in groups {
+            // REQUIRETLS (RFC 8689): our LMTP has no TLS, so only a server on this machine
+            // may take such a message; another host over the network is a hop in the clear.
+            if env.params.requiretls && !is_local_socket(&server) {
+                let r =
+                    reply::requiretls_unmet(&format!("LMTP to {server} is not protected by TLS"));
+                for (i, _) in rcpts {
+                    outcomes.push((i, Outcome::PermFail(Failure::local(r.clone()))));
+                }
+                continue;
+            }
             let Some(client) = self.clients.get(&server) else {
                 let r = reply::local_delivery_failed(&format!("no LMTP client for {server}"));
                 for (i, _) in rcpts {
@@ -94,5 +104,43 @@ impl Transport for LmtpAgent {
             outcomes.extend(rcpts.iter().map(|(i, _)| *i).zip(got));
         }
         outcomes
+    }
+}
+
+/// True for `unix:/PATH` and `inet:` sockets on loopback (`127.0.0.0/8`, `::1`, `localhost`).
+fn is_local_socket(server: &str) -> bool {
+    let Some(rest) = server.strip_prefix("inet:") else {
+        return true;
+    };
+    let host = match rest.rsplit_once(':') {
+        Some((host, _port)) => host,
+        None => rest,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_sockets() {
+        for s in [
+            "unix:/run/dovecot/lmtp",
+            "inet:127.0.0.1:24",
+            "inet:[::1]:24",
+            "inet:localhost:24",
+        ] {
+            assert!(super::is_local_socket(s), "{s}");
+        }
+        for s in [
+            "inet:192.0.2.5:24",
+            "inet:store.example:24",
+            "inet:[2001:db8::5]:24",
+        ] {
+            assert!(!super::is_local_socket(s), "{s}");
+        }
     }
 }
