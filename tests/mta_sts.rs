@@ -137,6 +137,10 @@ fn an_enforced_policy_is_fetched_honoured_and_logged() {
             .mx("sts.test", 10, "mx.sts.test")
             .a("mx.sts.test", "127.0.0.6")
             .txt("_mta-sts.sts.test", "v=STSv1; id=2026120301;")
+            .txt(
+                "_smtp._tls.sts.test",
+                "v=TLSRPTv1; rua=mailto:tlsrpt@example.test,https://reports.example/x",
+            )
             .a("mta-sts.sts.test", "127.0.0.6")
             .mx("stsbad.test", 10, "mx.stsbad.test")
             .a("mx.stsbad.test", "127.0.0.6")
@@ -194,6 +198,7 @@ address = "127.0.0.1:{port}"
 [relay]
 mynetworks = ["127.0.0.1/32"]
 ca_file = "{bundle}"
+tls_reports = true
 [dns]
 nameservers = ["{dns}"]
 [[domain]]
@@ -324,6 +329,20 @@ retry = ["1s"]
         kept.contains("cache-id: 2026120301") && kept.contains("mx: mx.other.test"),
         "{kept}"
     );
+    // TLS-RPT: the session to sts.test's MX is kept for today's report. Renamed to
+    // yesterday, the restarted server sends it.
+    let reports = d.join("sender/tls-reports");
+    let today: Vec<_> = std::fs::read_dir(&reports)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(today.len(), 1, "{today:?}");
+    let kept = std::fs::read_to_string(&today[0]).unwrap();
+    assert!(
+        kept.starts_with("sts.test\tsts\tversion: STSv1|mode: enforce|mx: mx.sts.test|max_age: 86400\tmx.sts.test\tmx.sts.test\t127.0.0.6\tok\t"),
+        "{kept}"
+    );
+    std::fs::rename(&today[0], reports.join("2026-01-01")).unwrap();
     drop(web7);
     sender.terminate();
     drop(sender);
@@ -346,4 +365,42 @@ retry = ["1s"]
     );
     assert!(!sender.log_text().contains("policy fetched"), "{}", logs());
     assert!(!peer.log_text().contains("carol@stsbad.test"), "{}", logs());
+    // The report of 2026-01-01 reached tlsrpt@example.test (the mailto: of the record; the
+    // https: one is not supported), and Python's email and jsonschema accept it.
+    let got = maildir_new(
+        &d.join("sender"),
+        "example.test",
+        "tlsrpt",
+        1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(got.len(), 1, "{}", logs());
+    let file = d.join("report.eml");
+    std::fs::write(&file, &got[0]).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/tlsrpt_check.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&file)
+        .output()
+        .unwrap();
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{json}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for part in [
+        "\"start-datetime\":\"2026-01-01T00:00:00Z\"",
+        "\"policy-type\":\"sts\"",
+        "\"policy-domain\":\"sts.test\"",
+        "\"mx-host\":[\"mx.sts.test\"]",
+        "\"total-successful-session-count\":1",
+        "\"total-failure-session-count\":0",
+    ] {
+        assert!(json.contains(part), "{part}: {json}");
+    }
+    assert!(
+        !reports.join("2026-01-01").exists(),
+        "the day's results are gone once sent"
+    );
 }

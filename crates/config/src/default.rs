@@ -106,6 +106,7 @@ impl Config {
                 tls_policy: Default::default(),
                 mta_sts: true,
                 ca_file: None,
+                tls_reports: false,
                 ip_version: IpVersion::Any,
                 source_address: None,
                 helo_name: None,

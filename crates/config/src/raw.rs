@@ -222,6 +222,8 @@ pub(crate) struct RawRelay {
     pub mta_sts: Option<bool>,
     /// The PEM bundle of trusted roots for verified TLS.
     pub ca_file: Option<Spanned<String>>,
+    /// Send TLS-RPT (RFC 8460) reports.
+    pub tls_reports: Option<bool>,
     /// `any | ipv4 | ipv6`.
     pub ip_version: Option<Spanned<String>>,
     /// The local address of outbound connections.

@@ -307,6 +307,9 @@ pub struct RelayConfig {
     /// The trusted roots (a PEM bundle) for `verify`, MTA-STS policy fetches and MTA-STS
     /// delivery; default: the system's bundle.
     pub ca_file: Option<PathBuf>,
+    /// Keep the TLS result of every session to a recipient domain's MX and send each domain
+    /// that publishes a TLS-RPT record a daily report (RFC 8460); default false.
+    pub tls_reports: bool,
     /// Which address families outbound connections use; default `any`.
     pub ip_version: IpVersion,
     /// The local address outbound connections come from (for destinations of its family);

@@ -818,6 +818,7 @@ impl Validator<'_, '_> {
             tls_policy,
             mta_sts: raw.relay.mta_sts.unwrap_or(true),
             ca_file,
+            tls_reports: raw.relay.tls_reports.unwrap_or(false),
             ip_version,
             source_address,
             helo_name,

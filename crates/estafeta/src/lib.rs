@@ -12,6 +12,7 @@ pub mod privileges;
 pub mod queue_cmd;
 pub mod router;
 pub mod sendmail;
+pub mod tlsrpt;
 pub mod user_cmd;
 
 use estafeta_mailauth::MailAuth;
@@ -268,6 +269,10 @@ fn remote_delivery(cfg: &Config, kept: &Kept) -> anyhow::Result<estafeta_relay::
         smarthost_client,
         tls_policy,
         mta_sts,
+        tls_reports: cfg.relay.tls_reports.then(|| {
+            Arc::new(crate::tlsrpt::Store::new(&cfg.data_dir.join("tls-reports")))
+                as Arc<dyn estafeta_relay::tlsrpt::TlsReporter>
+        }),
         ip_version: cfg.relay.ip_version,
         local: LocalIdentity {
             hostnames: vec![cfg.hostname.to_lowercase(), helo.to_lowercase()],
@@ -669,6 +674,33 @@ impl Server {
             &tracker,
         )
         .context("cannot recover the spool")?;
+        // TLS-RPT: yesterday's (and any earlier day's) reports, checked a few seconds after
+        // the start and then every 10 minutes.
+        if cfg.relay.tls_reports && cfg.source.is_some() {
+            let dir = cfg.data_dir.join("tls-reports");
+            let hostname = cfg.hostname.clone();
+            let resolver = if cfg.dns.nameservers.is_empty() {
+                estafeta_relay::resolve::Resolver::system().ok()
+            } else {
+                Some(estafeta_relay::resolve::Resolver::with_nameservers(
+                    &cfg.dns.nameservers,
+                ))
+            };
+            let (queue, stop) = (queue.clone(), shutdown.clone());
+            if let Some(resolver) = resolver {
+                tracker.spawn(async move {
+                    let mut wait = Duration::from_secs(3);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        tlsrpt::send_due(&dir, &hostname, &resolver, &queue).await;
+                        wait = Duration::from_secs(600);
+                    }
+                });
+            }
+        }
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         if let Err(e) = control::serve(
             control,

@@ -6,4 +6,5 @@ pub mod mtasts;
 pub mod opening;
 pub mod remote;
 pub mod resolve;
+pub mod tlsrpt;
 pub mod transaction;

@@ -42,6 +42,9 @@ pub struct Remote {
     /// MTA-STS (RFC 8461) for MX delivery to domains without a `[relay.tls_policy]` entry;
     /// `None`: off.
     pub mta_sts: Option<StsSettings>,
+    /// Where the TLS result of each session to an MX host goes (TLS-RPT, RFC 8460); `None`:
+    /// nowhere.
+    pub tls_reports: Option<Arc<dyn crate::tlsrpt::TlsReporter>>,
     /// IPv4, IPv6 or both.
     pub ip_version: IpVersion,
     /// This server's names and addresses (mail loops back to myself).
@@ -371,6 +374,9 @@ impl Remote {
             }
         }
         let policy = lookup.policy();
+        let policy_applied = policy
+            .clone()
+            .filter(|p| p.mode != crate::mtasts::Mode::None);
         if relaxed && from == "default" {
             from = "default (TLS-Required: No)";
         }
@@ -406,6 +412,26 @@ impl Remote {
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
         let smarthost = matches!(hop, Hop::Smarthost(_));
+        // TLS-RPT: sessions to the recipient domain's MX hosts (not to a route or the
+        // smarthost the operator chose), under the policy that applied.
+        let report =
+            |host: &str, ip: IpAddr, failure: Option<&'static str>, detail: Option<String>| {
+                if let (Some(r), Hop::Mx) = (&self.tls_reports, hop)
+                    && crate::resolve::address_literal(domain).is_none()
+                {
+                    r.record(crate::tlsrpt::TlsResult {
+                        domain: domain.to_ascii_lowercase(),
+                        policy: match &policy_applied {
+                            Some(p) => crate::tlsrpt::PolicyApplied::Sts(p.clone()),
+                            None => crate::tlsrpt::PolicyApplied::NoPolicyFound,
+                        },
+                        mx: host.to_string(),
+                        ip,
+                        failure,
+                        detail,
+                    });
+                }
+            };
         for (host, addrs, port) in hops {
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
@@ -428,9 +454,26 @@ impl Remote {
                             requiretls,
                             "TLS status"
                         );
+                        match &tls {
+                            Some(_) => report(&host, ip, None, None),
+                            None => report(
+                                &host,
+                                ip,
+                                Some("starttls-not-supported"),
+                                Some(if fallback {
+                                    "the TLS handshake failed; delivered in plaintext".into()
+                                } else {
+                                    "STARTTLS was not offered".into()
+                                }),
+                            ),
+                        }
                         return outcomes;
                     }
                     Err(e) => {
+                        let text = e.failure.to_string();
+                        if let Some(kind) = crate::tlsrpt::classify(&text) {
+                            report(&host, ip, Some(kind), Some(text));
+                        }
                         tracing::info!(target: "estafeta::maillog", host = %host, address = %addr, reason = %e, "trying the next host");
                         all_permanent &= e.permanent;
                         last = Some(e);

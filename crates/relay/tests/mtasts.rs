@@ -24,6 +24,17 @@ use estafeta_relay::client::{ClientConfig, OutboundMessage, TlsPolicy};
 use estafeta_relay::mtasts::{MtaSts, PolicyCache};
 use estafeta_relay::remote::{Hop, Remote, StsSettings};
 use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
+use estafeta_relay::tlsrpt::{PolicyApplied, TlsReporter, TlsResult};
+
+/// Keeps what the relay reports for TLS-RPT.
+#[derive(Debug, Default)]
+struct Collected(Mutex<Vec<TlsResult>>);
+
+impl TlsReporter for Collected {
+    fn record(&self, result: TlsResult) {
+        self.0.lock().unwrap().push(result);
+    }
+}
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -275,6 +286,8 @@ struct World {
     secure_mails: Arc<Mutex<Vec<String>>>,
     dns: DnsServer,
     zones: Zones,
+    /// What the relay reported for TLS-RPT.
+    reports: Arc<Collected>,
 }
 
 async fn world(dir: &Path) -> Option<World> {
@@ -397,6 +410,7 @@ async fn world(dir: &Path) -> Option<World> {
     )
     .await;
 
+    let reports = Arc::new(Collected::default());
     let resolver = Resolver::with_nameservers_and_timeout(&[dns.addr], Duration::from_secs(2), 1);
     let sts = MtaSts::new(
         resolver.clone(),
@@ -419,6 +433,7 @@ async fn world(dir: &Path) -> Option<World> {
             lookup: sts.clone(),
             client: verify,
         }),
+        tls_reports: Some(reports.clone()),
         ip_version: IpVersion::Ipv4,
         local: LocalIdentity {
             hostnames: vec!["mx.local.test".into()],
@@ -437,6 +452,7 @@ async fn world(dir: &Path) -> Option<World> {
         secure_mails,
         dns,
         zones,
+        reports,
     })
 }
 
@@ -686,4 +702,61 @@ async fn requiretls_and_tls_required_no() {
         "{f}"
     );
     assert_eq!(w.delivered.load(Ordering::SeqCst), before + 1);
+}
+
+/// TLS-RPT: each session to an MX host is reported with the policy it was held to and what it
+/// got (RFC 8460 §4.3 result types).
+#[tokio::test]
+async fn each_session_to_an_mx_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    for to in [
+        "bob@good.test",
+        "bob@badcert.test",
+        "bob@plain.test",
+        "bob@nostarttls.test",
+    ] {
+        send(&w, to).await;
+    }
+    let got = w.reports.0.lock().unwrap().clone();
+    let seen: Vec<(&str, &str, &str, Option<&str>)> = got
+        .iter()
+        .map(|r| {
+            (
+                r.domain.as_str(),
+                match &r.policy {
+                    PolicyApplied::Sts(_) => "sts",
+                    PolicyApplied::NoPolicyFound => "no-policy-found",
+                },
+                r.mx.as_str(),
+                r.failure,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("good.test", "sts", "mx.good.test", None),
+            (
+                "badcert.test",
+                "sts",
+                "mx.badcert.test",
+                Some("certificate-host-mismatch")
+            ),
+            ("plain.test", "no-policy-found", "mx.elsewhere.test", None),
+            (
+                "nostarttls.test",
+                "sts",
+                "mx.nostarttls.test",
+                Some("starttls-not-supported")
+            ),
+        ]
+    );
+    assert!(
+        got[1].detail.as_deref().unwrap().contains("certificate"),
+        "{:?}",
+        got[1]
+    );
 }
