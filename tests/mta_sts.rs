@@ -343,6 +343,27 @@ retry = ["1s"]
         "{kept}"
     );
     std::fs::rename(&today[0], reports.join("2026-01-01")).unwrap();
+    // A DKIM key for sender.test, the domain of mx.sender.test: the report is signed with it.
+    let key = d.join("tr.key");
+    let made = Command::new(estafeta_e2e::estafeta_bin())
+        .args(["dkim", "generate", "sender.test", "--selector", "tr"])
+        .args(["--algorithm", "ed25519", "--output"])
+        .arg(&key)
+        .arg("--config")
+        .arg(&sender_cfg)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mut text = std::fs::read_to_string(&sender_cfg).unwrap();
+    text.push_str(&format!(
+        "[[dkim]]\ndomain = \"sender.test\"\nselector = \"tr\"\nprivate_key = \"{}\"\n",
+        key.display()
+    ));
+    std::fs::write(&sender_cfg, text).unwrap();
     drop(web7);
     sender.terminate();
     drop(sender);
@@ -375,6 +396,20 @@ retry = ["1s"]
         Duration::from_secs(20),
     );
     assert_eq!(got.len(), 1, "{}", logs());
+    let report = String::from_utf8_lossy(&got[0]).into_owned();
+    assert!(
+        report.contains("From: TLS reports <postmaster@sender.test>"),
+        "{report}"
+    );
+    let signature = report
+        .lines()
+        .skip_while(|l| !l.starts_with("DKIM-Signature:"))
+        .take_while(|l| l.starts_with("DKIM-Signature:") || l.starts_with([' ', '\t']))
+        .collect::<String>();
+    assert!(
+        signature.contains("d=sender.test") && signature.contains("s=tr"),
+        "{report}"
+    );
     let file = d.join("report.eml");
     std::fs::write(&file, &got[0]).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/tlsrpt_check.py");

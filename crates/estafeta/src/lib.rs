@@ -687,6 +687,18 @@ impl Server {
                 ))
             };
             let (queue, stop) = (queue.clone(), shutdown.clone());
+            let keys: Vec<_> = cfg
+                .dkim
+                .iter()
+                .filter_map(|k| {
+                    estafeta_mailauth::keys::load(k)
+                        .map_err(
+                            |e| tracing::warn!(error = %e, "TLS-RPT: reports unsigned by this key"),
+                        )
+                        .ok()
+                })
+                .collect();
+            let signer = estafeta_mailauth::sign::Signer::new(keys);
             if let Some(resolver) = resolver {
                 tracker.spawn(async move {
                     let mut wait = Duration::from_secs(3);
@@ -695,7 +707,7 @@ impl Server {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(wait) => {}
                         }
-                        tlsrpt::send_due(&dir, &hostname, &resolver, &queue).await;
+                        tlsrpt::send_due(&dir, &hostname, &signer, &resolver, &queue).await;
                         wait = Duration::from_secs(600);
                     }
                 });

@@ -215,6 +215,7 @@ pub fn rua(records: &[String]) -> Vec<String> {
 /// gzip-compressed and base64-encoded as `application/tlsrpt+gzip`.
 pub fn message(
     hostname: &str,
+    from_domain: &str,
     domain: &str,
     to: &str,
     day_start: u64,
@@ -239,7 +240,7 @@ pub fn message(
         day_start + 86_399
     );
     format!(
-        "From: TLS reports <postmaster@{hostname}>\r\n\
+        "From: TLS reports <postmaster@{from_domain}>\r\n\
          To: <{to}>\r\n\
          Date: {date}\r\n\
          Subject: Report Domain: {domain} Submitter: {hostname} Report-ID: <{report_id}>\r\n\
@@ -266,13 +267,28 @@ pub fn message(
     .into_bytes()
 }
 
+/// The domain reports come from: the `[[dkim]]` domain that `hostname` is or belongs to (so
+/// that they can be signed, RFC 8460 §3), else `hostname`.
+pub fn report_domain(hostname: &str, signer: &estafeta_mailauth::sign::Signer) -> String {
+    let host = hostname.trim_end_matches('.').to_ascii_lowercase();
+    signer
+        .keys()
+        .map(|(k, _)| k.domain.to_ascii_lowercase())
+        .filter(|d| host == *d || host.ends_with(&format!(".{d}")))
+        .max_by_key(|d| d.len())
+        .unwrap_or(host)
+}
+
 /// Sends the reports of every day before today found in `dir`, then removes the day's file.
+/// Each is DKIM-signed when `signer` has a key for the report's domain.
 pub async fn send_due(
     dir: &Path,
     hostname: &str,
+    signer: &estafeta_mailauth::sign::Signer,
     resolver: &estafeta_relay::resolve::Resolver,
     queue: &estafeta_queue::QueueHandle,
 ) {
+    let from_domain = report_domain(hostname, signer);
     let now = estafeta_queue::unix_now();
     let today = day_of(now);
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -326,7 +342,26 @@ pub async fn send_due(
                         params: Default::default(),
                     }],
                 };
-                let bytes = message(hostname, &domain, &addr, day_start, &json, now);
+                let mut bytes = message(
+                    hostname,
+                    &from_domain,
+                    &domain,
+                    &addr,
+                    day_start,
+                    &json,
+                    now,
+                );
+                match signer.sign(&bytes) {
+                    Some(Ok(signed)) => {
+                        let mut out = signed.fields.into_bytes();
+                        out.extend_from_slice(&bytes);
+                        bytes = out;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(domain, error = %e, "TLS-RPT: cannot sign the report")
+                    }
+                    None => {}
+                }
                 match queue.submit(envelope, bytes).await {
                     Ok(id) => {
                         tracing::info!(target: "estafeta::maillog", id = %id, domain, to = %addr, day, "TLS-RPT report queued")
@@ -426,6 +461,12 @@ mod tests {
         assert_eq!(other["policy"]["policy-type"], "no-policy-found");
         assert!(other["policy"].get("mx-host").is_none());
         assert!(other.get("failure-details").is_none());
+    }
+
+    #[test]
+    fn reports_come_from_the_signing_domain_of_the_host() {
+        let none = estafeta_mailauth::sign::Signer::default();
+        assert_eq!(report_domain("MX.Example.org.", &none), "mx.example.org");
     }
 
     #[test]
