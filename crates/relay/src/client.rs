@@ -26,7 +26,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use estafeta_proto::data::Stuffer;
@@ -98,6 +98,8 @@ pub struct TlsInfo {
     pub cipher: &'static str,
     /// The certificate was verified (chain to a trusted root, name of the host).
     pub verified: bool,
+    /// Under an audit ([`ClientConfig::audit`]): why the certificate would have failed.
+    pub audit_error: Option<String>,
 }
 
 /// How long to wait for each step (RFC 5321 §4.5.3.2). Each wait is bounded; when one runs
@@ -177,6 +179,10 @@ pub struct ClientConfig {
     /// The trusted roots for [`TlsPolicy::Verify`]; `None` reads [`SYSTEM_ROOTS`] (once per
     /// process).
     pub roots: Option<Arc<RootCertStore>>,
+    /// Under `opportunistic` and `required`: check the certificate anyway, without acting on
+    /// the result, so that [`TlsInfo`] says whether it would have passed (MTA-STS `testing`,
+    /// whose failures TLS-RPT reports).
+    pub audit: bool,
 }
 
 impl ClientConfig {
@@ -189,6 +195,7 @@ impl ClientConfig {
             timeouts: Timeouts::default(),
             credentials: None,
             roots: None,
+            audit: false,
         }
     }
 }
@@ -558,7 +565,13 @@ impl Connection {
                 replies::tls_failed(peer, &detail),
             )))
         };
-        let config = match tls_config(cfg, tls) {
+        let audit = (cfg.audit && tls != TlsPolicy::Verify && tls != TlsPolicy::None)
+            .then(|| Arc::new(Mutex::new(None::<Result<(), String>>)));
+        let config = match &audit {
+            Some(seen) => audit_config(cfg, seen.clone()),
+            None => tls_config(cfg, tls),
+        };
+        let config = match config {
             Ok(config) => config,
             Err(e) => {
                 return Err(Setup::Failed(SessionError::temporary(Failure::local(
@@ -593,7 +606,16 @@ impl Connection {
                         .negotiated_cipher_suite()
                         .and_then(|c| c.suite().as_str())
                         .unwrap_or("unknown"),
-                    verified: tls == TlsPolicy::Verify,
+                    verified: tls == TlsPolicy::Verify
+                        || audit.as_ref().is_some_and(|a| {
+                            matches!(*a.lock().unwrap_or_else(|e| e.into_inner()), Some(Ok(())))
+                        }),
+                    audit_error: audit.as_ref().and_then(|a| {
+                        match &*a.lock().unwrap_or_else(|e| e.into_inner()) {
+                            Some(Err(e)) => Some(e.clone()),
+                            _ => None,
+                        }
+                    }),
                 });
                 self.stream = Some(Stream(BufReader::new(Box::new(stream))));
                 Ok(())
@@ -938,6 +960,77 @@ fn tls_config(cfg: &ClientConfig, policy: TlsPolicy) -> Result<Arc<rustls::Clien
             .clone());
     };
     Ok(Arc::new(config))
+}
+
+/// A client configuration that checks the certificate against the roots and the name but
+/// accepts it whatever the result, which goes into `seen`.
+fn audit_config(
+    cfg: &ClientConfig,
+    seen: Arc<Mutex<Option<Result<(), String>>>>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let roots = match &cfg.roots {
+        Some(roots) => roots.clone(),
+        None => system_roots()?,
+    };
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| format!("TLS configuration: {e}"))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Audit { inner, seen }))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Verifies like the roots would, records the outcome, and accepts the certificate; the
+/// handshake's signatures are still checked.
+#[derive(Debug)]
+struct Audit {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    seen: Arc<Mutex<Option<Result<(), String>>>>,
+}
+
+impl ServerCertVerifier for Audit {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let result = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The trusted roots in the PEM bundle at `path` (config `[relay] ca_file`).

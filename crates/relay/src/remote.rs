@@ -102,9 +102,10 @@ struct Idle {
 }
 
 /// What an idle session may be reused for: the address, the host name, whether the
-/// smarthost settings opened it, and the TLS policy it was opened under (a session opened
-/// in plaintext under `opportunistic` never carries mail for a domain that requires TLS).
-type Key = (SocketAddr, String, bool, client::TlsPolicy);
+/// smarthost settings opened it, the TLS policy it was opened under (a session opened
+/// in plaintext under `opportunistic` never carries mail for a domain that requires TLS), and
+/// whether its certificate was audited (MTA-STS `testing`).
+type Key = (SocketAddr, String, bool, client::TlsPolicy, bool);
 
 impl ConnectionCache {
     /// How long an idle session is kept.
@@ -279,7 +280,7 @@ impl Remote {
         if msg.rcpts.is_empty() {
             return Ok((Vec::new(), (None, false)));
         }
-        let key = (addr, host.to_string(), smarthost, cfg.tls);
+        let key = (addr, host.to_string(), smarthost, cfg.tls, cfg.audit);
         if let Some(mut conn) = self.idle.take(&key) {
             if let Err(e) = refuses_requiretls(&conn, msg) {
                 self.idle.put(key, conn);
@@ -374,6 +375,7 @@ impl Remote {
             }
         }
         let policy = lookup.policy();
+        let audit_cfg: client::ClientConfig;
         let policy_applied = policy
             .clone()
             .filter(|p| p.mode != crate::mtasts::Mode::None);
@@ -400,7 +402,14 @@ impl Remote {
                     from = "mta-sts";
                 }
                 crate::mtasts::Mode::Testing => {
-                    // Delivered as usual; what enforce would have refused is reported.
+                    // Delivered as usual; what enforce would have refused is reported, the
+                    // certificate checked without acting on it (for TLS-RPT).
+                    audit_cfg = client::ClientConfig {
+                        audit: true,
+                        roots: sts.client.roots.clone(),
+                        ..cfg.clone()
+                    };
+                    cfg = &audit_cfg;
                     for host in &outside {
                         tracing::info!(target: "estafeta::maillog", id = %msg.id, domain = %domain, host = %host, "MTA-STS testing: MX host not in the policy; delivering anyway");
                     }
@@ -455,6 +464,12 @@ impl Remote {
                             "TLS status"
                         );
                         match &tls {
+                            Some(t) if cfg.audit && !t.verified => {
+                                let why = t.audit_error.clone().unwrap_or_default();
+                                let kind =
+                                    crate::tlsrpt::classify(&why).unwrap_or("validation-failure");
+                                report(&host, ip, Some(kind), Some(why))
+                            }
                             Some(_) => report(&host, ip, None, None),
                             None => report(
                                 &host,

@@ -304,6 +304,7 @@ async fn world(dir: &Path) -> Option<World> {
         ],
     )?;
     let sts_hosts = [
+        "mta-sts.testbad.test",
         "mta-sts.secure.test",
         "mta-sts.nostarttls.test",
         "mta-sts.sticky.test",
@@ -328,6 +329,7 @@ async fn world(dir: &Path) -> Option<World> {
         .mx("testing.test", 10, "mx.elsewhere.test")
         .mx("plain.test", 10, "mx.elsewhere.test")
         .mx("flaky.test", 10, "mx.elsewhere.test")
+        .mx("testbad.test", 10, "mx.badcert.test")
         .servfail("_mta-sts.flaky.test")
         .mx("short.test", 10, "mx.elsewhere.test")
         .mx("redirect.test", 10, "mx.elsewhere.test")
@@ -375,6 +377,10 @@ async fn world(dir: &Path) -> Option<World> {
         (
             "mta-sts.sticky.test",
             "version: STSv1\nmode: enforce\nmx: mx.sticky.test\nmax_age: 86400\n".into(),
+        ),
+        (
+            "mta-sts.testbad.test",
+            "version: STSv1\nmode: testing\nmx: mx.badcert.test\nmax_age: 86400\n".into(),
         ),
         (
             "mta-sts.secure.test",
@@ -717,6 +723,8 @@ async fn each_session_to_an_mx_is_reported() {
         "bob@badcert.test",
         "bob@plain.test",
         "bob@nostarttls.test",
+        "bob@testing.test",
+        "bob@testbad.test",
     ] {
         send(&w, to).await;
     }
@@ -752,8 +760,18 @@ async fn each_session_to_an_mx_is_reported() {
                 "mx.nostarttls.test",
                 Some("starttls-not-supported")
             ),
+            // testing: delivered either way; the certificate is checked all the same.
+            ("testing.test", "sts", "mx.elsewhere.test", None),
+            (
+                "testbad.test",
+                "sts",
+                "mx.badcert.test",
+                Some("certificate-host-mismatch")
+            ),
         ]
     );
+    // Both testing-mode messages were delivered: 4 in all (good, plain, testing, testbad).
+    assert_eq!(w.delivered.load(Ordering::SeqCst), 4);
     assert!(
         got[1].detail.as_deref().unwrap().contains("certificate"),
         "{:?}",
