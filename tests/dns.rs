@@ -25,6 +25,8 @@ pub struct Zones {
     servfail: Vec<Name>,
     /// The TTL of every answer; None: 60 s.
     ttl: Option<u32>,
+    /// Zones whose answers carry the AD bit, as a validating resolver's would (DANE tests).
+    secure: Vec<Name>,
 }
 
 impl Zones {
@@ -86,6 +88,27 @@ impl Zones {
         self
     }
 
+    /// Answers for names in `zone` carry the AD bit (DNSSEC-secure, as a validating resolver
+    /// says it).
+    pub fn secure(mut self, zone: &str) -> Self {
+        self.secure.push(name_of(zone));
+        self
+    }
+
+    /// `name TLSA usage selector matching data`.
+    pub fn tlsa(self, name: &str, usage: u8, selector: u8, matching: u8, data: &[u8]) -> Self {
+        use hickory_resolver::proto::rr::rdata::TLSA;
+        self.add(
+            name,
+            RData::TLSA(TLSA::new(
+                usage.into(),
+                selector.into(),
+                matching.into(),
+                data.to_vec(),
+            )),
+        )
+    }
+
     /// Every answer with this TTL (0: resolvers keep nothing, so a change is seen at once).
     pub fn ttl(mut self, secs: u32) -> Self {
         self.ttl = Some(secs);
@@ -108,6 +131,7 @@ impl Zones {
             return response;
         };
         let name = query.name.to_lowercase();
+        response.metadata.authentic_data = self.secure.iter().any(|zone| zone.zone_of(&name));
         if self.servfail.iter().any(|zone| zone.zone_of(&name)) {
             response.metadata.response_code = ResponseCode::ServFail;
             return response;

@@ -238,6 +238,8 @@ pub(crate) struct RawRelay {
 pub(crate) struct RawDns {
     /// Resolver socket addresses.
     pub nameservers: Option<Vec<Spanned<String>>>,
+    /// The nameservers validate DNSSEC; trust their AD bit (DANE).
+    pub dnssec: Option<Spanned<bool>>,
 }
 
 /// One `[[domain]]`.

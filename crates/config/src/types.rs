@@ -443,6 +443,9 @@ pub enum SmarthostTls {
     Required,
     /// `"verify"`: TLS is mandatory and the certificate must be valid for the smarthost's name.
     Verify,
+    /// `"dane"` (`[relay.tls_policy]` only, with `[dns] dnssec`): the MX hosts must be
+    /// authenticated by DANE (RFC 7672).
+    Dane,
 }
 
 /// `[dns]`.
@@ -450,6 +453,9 @@ pub enum SmarthostTls {
 pub struct DnsConfig {
     /// Resolvers to query; empty = the ones in `/etc/resolv.conf`.
     pub nameservers: Vec<SocketAddr>,
+    /// The nameservers validate DNSSEC: their AD bit is trusted, and DANE (RFC 7672) is used
+    /// for MX delivery. Default false.
+    pub dnssec: bool,
 }
 
 /// One `[[domain]]`: a domain this server receives mail for.

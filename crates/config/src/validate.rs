@@ -123,6 +123,22 @@ pub(crate) fn validate(raw: RawConfig, source: &Path, r: &mut Reporter<'_>) -> C
                 Err(_) => v.socket_addr(ns, 53),
             })
             .collect(),
+        dnssec: false,
+    };
+    let dns = match &raw.dns.dnssec {
+        Some(d) if *d.get_ref() && dns.nameservers.is_empty() => {
+            v.r.at(
+                d.span(),
+                "dnssec = true trusts the AD bit of the nameservers named here, and none is".to_owned(),
+                Some("add nameservers = [\"127.0.0.1\"] for a validating resolver on this host (unbound), or remove dnssec".to_owned()),
+            );
+            dns
+        }
+        Some(d) => DnsConfig {
+            dnssec: *d.get_ref(),
+            ..dns
+        },
+        None => dns,
     };
 
     let pipes = v.pipes(&raw);
@@ -783,15 +799,19 @@ impl Validator<'_, '_> {
                 );
                 continue;
             }
-            if level.get_ref().trim().eq_ignore_ascii_case("dane") {
-                self.r.at(
-                    level.span(),
-                    format!("TLS policy \"dane\" for {name:?} is not available yet"),
-                    Some("use \"verify\" (the certificate must be valid for the MX host's name) or \"required\"".to_owned()),
-                );
-                continue;
-            }
-            let v = self.enumerated(Some(level), SMARTHOST_TLS, SmarthostTls::Opportunistic);
+            let v = if level.get_ref().trim().eq_ignore_ascii_case("dane") {
+                if !raw.dns.dnssec.as_ref().is_some_and(|d| *d.get_ref()) {
+                    self.r.at(
+                        level.span(),
+                        format!("TLS policy \"dane\" for {name:?} needs DNSSEC-validated answers"),
+                        Some("set [dns] dnssec = true with nameservers that validate (e.g. a local unbound), or use \"verify\"".to_owned()),
+                    );
+                    continue;
+                }
+                SmarthostTls::Dane
+            } else {
+                self.enumerated(Some(level), SMARTHOST_TLS, SmarthostTls::Opportunistic)
+            };
             if tls_policy.insert(name.clone(), v).is_some() {
                 self.r.at(
                     domain.span(),

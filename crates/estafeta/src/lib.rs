@@ -231,6 +231,7 @@ fn remote_delivery(cfg: &Config, kept: &Kept) -> anyhow::Result<estafeta_relay::
         estafeta_config::SmarthostTls::Opportunistic => TlsPolicy::Opportunistic,
         estafeta_config::SmarthostTls::Required => TlsPolicy::Required,
         estafeta_config::SmarthostTls::Verify => TlsPolicy::Verify,
+        estafeta_config::SmarthostTls::Dane => TlsPolicy::Dane,
     };
     let tls_policy = cfg
         .relay
@@ -269,6 +270,13 @@ fn remote_delivery(cfg: &Config, kept: &Kept) -> anyhow::Result<estafeta_relay::
         smarthost_client,
         tls_policy,
         mta_sts,
+        // DANE through the validating nameservers `[dns] dnssec` names.
+        dane: cfg.dns.dnssec.then(|| {
+            estafeta_relay::dane::SecureDns::new(
+                cfg.dns.nameservers.clone(),
+                std::time::Duration::from_secs(10),
+            )
+        }),
         tls_reports: cfg.relay.tls_reports.then(|| {
             Arc::new(crate::tlsrpt::Store::new(&cfg.data_dir.join("tls-reports")))
                 as Arc<dyn estafeta_relay::tlsrpt::TlsReporter>

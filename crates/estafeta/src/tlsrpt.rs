@@ -53,6 +53,7 @@ pub fn line(r: &TlsResult) -> String {
             p.to_text().lines().collect::<Vec<_>>().join("|"),
             p.mx.join("|"),
         ),
+        PolicyApplied::Tlsa(records) => ("tlsa", records.join("|"), String::new()),
         PolicyApplied::NoPolicyFound => ("no-policy-found", String::new(), String::new()),
     };
     format!(
@@ -147,6 +148,8 @@ pub fn reports(
                     if kind == "sts" {
                         policy["policy-string"] = list(&text).into();
                         policy["mx-host"] = list(&mx).into();
+                    } else if kind == "tlsa" {
+                        policy["policy-string"] = list(&text).into();
                     }
                     let failed: u64 = failures.values().sum();
                     let details: Vec<serde_json::Value> = failures

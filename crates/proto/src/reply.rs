@@ -994,6 +994,12 @@ pub fn mta_sts_no_mx(domain: &str, mx: &[String]) -> Reply {
     )
 }
 
+/// `451 4.7.5`: DANE (RFC 7672) cannot authenticate `host` now (a bogus or unanswered TLSA
+/// lookup; or DANE required and unavailable).
+pub fn dane_lookup_failed(host: &str, why: &str) -> Reply {
+    Reply::new(451, st(4, 7, 5), format!("DANE for {host}: {why}"))
+}
+
 /// `451 4.7.x`: AUTH towards a smarthost cannot be done as configured (`status` says why:
 /// 4.7.10 no encryption, 4.7.0 no usable mechanism).
 pub fn client_auth_impossible(peer: &str, status: Status, text: &str) -> Reply {

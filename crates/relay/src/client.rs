@@ -71,6 +71,9 @@ pub enum TlsPolicy {
     Opportunistic,
     /// STARTTLS must succeed, but the certificate is not verified (Postfix `encrypt`).
     Required,
+    /// STARTTLS must succeed and the certificate must match the host's DANE TLSA records
+    /// ([`ClientConfig::dane`]; RFC 7672).
+    Dane,
     /// STARTTLS must succeed and the certificate must chain to a trusted root and match the
     /// host name as given to [`deliver`] (Postfix `verify`: for MX delivery that name comes
     /// from DNS, so this does not protect against a forged MX answer; DANE and MTA-STS will).
@@ -85,6 +88,7 @@ impl TlsPolicy {
             TlsPolicy::Opportunistic => "opportunistic",
             TlsPolicy::Required => "required",
             TlsPolicy::Verify => "verify",
+            TlsPolicy::Dane => "dane",
         }
     }
 }
@@ -179,6 +183,8 @@ pub struct ClientConfig {
     /// The trusted roots for [`TlsPolicy::Verify`]; `None` reads [`SYSTEM_ROOTS`] (once per
     /// process).
     pub roots: Option<Arc<RootCertStore>>,
+    /// The usable TLSA records of the host, for [`TlsPolicy::Dane`].
+    pub dane: Option<Arc<Vec<hickory_resolver::proto::rr::rdata::TLSA>>>,
     /// Under `opportunistic` and `required`: check the certificate anyway, without acting on
     /// the result, so that [`TlsInfo`] says whether it would have passed (MTA-STS `testing`,
     /// whose failures TLS-RPT reports).
@@ -195,6 +201,7 @@ impl ClientConfig {
             timeouts: Timeouts::default(),
             credentials: None,
             roots: None,
+            dane: None,
             audit: false,
         }
     }
@@ -250,7 +257,7 @@ pub struct SessionError {
 }
 
 impl SessionError {
-    fn temporary(failure: Failure) -> Self {
+    pub(crate) fn temporary(failure: Failure) -> Self {
         SessionError {
             permanent: false,
             failure,
@@ -607,6 +614,7 @@ impl Connection {
                         .and_then(|c| c.suite().as_str())
                         .unwrap_or("unknown"),
                     verified: tls == TlsPolicy::Verify
+                        || tls == TlsPolicy::Dane
                         || audit.as_ref().is_some_and(|a| {
                             matches!(*a.lock().unwrap_or_else(|e| e.into_inner()), Some(Ok(())))
                         }),
@@ -940,6 +948,17 @@ fn tls_config(cfg: &ClientConfig, policy: TlsPolicy) -> Result<Arc<rustls::Clien
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS configuration: {e}"))?;
+    if policy == TlsPolicy::Dane {
+        let records = cfg.dane.as_ref().map(|r| r.to_vec()).unwrap_or_default();
+        let config = builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(crate::dane::DaneVerifier::new(
+                records,
+                provider(),
+            )))
+            .with_no_client_auth();
+        return Ok(Arc::new(config));
+    }
     let config = if policy == TlsPolicy::Verify {
         let roots = match &cfg.roots {
             Some(roots) => roots.clone(),

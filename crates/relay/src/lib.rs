@@ -2,6 +2,7 @@
 //! its own, separate from the SMTP client (`client`).
 
 pub mod client;
+pub mod dane;
 pub mod mtasts;
 pub mod opening;
 pub mod remote;

@@ -203,7 +203,7 @@ impl Opening {
         let wants_tls = match self.policy {
             TlsPolicy::None => false,
             TlsPolicy::Opportunistic => self.ext.starttls,
-            TlsPolicy::Required | TlsPolicy::Verify => {
+            TlsPolicy::Required | TlsPolicy::Verify | TlsPolicy::Dane => {
                 if !self.ext.starttls {
                     let reply = replies::tls_not_offered(&self.peer);
                     return self.fail(Failure::local(reply));

@@ -2,6 +2,7 @@
 //! the smarthost, an address literal, or the domain's MX hosts), then the hosts in order until
 //! one gives per-recipient answers.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +43,8 @@ pub struct Remote {
     /// MTA-STS (RFC 8461) for MX delivery to domains without a `[relay.tls_policy]` entry;
     /// `None`: off.
     pub mta_sts: Option<StsSettings>,
+    /// DANE (RFC 7672) for MX delivery, through validating nameservers; `None`: off.
+    pub dane: Option<crate::dane::SecureDns>,
     /// Where the TLS result of each session to an MX host goes (TLS-RPT, RFC 8460); `None`:
     /// nowhere.
     pub tls_reports: Option<Arc<dyn crate::tlsrpt::TlsReporter>>,
@@ -374,7 +377,23 @@ impl Remote {
                 }
             }
         }
-        let policy = lookup.policy();
+        // DANE (RFC 7672): with a secure MX RRset, each host's TLSA records decide; where any
+        // host has them, DANE wins over MTA-STS (RFC 8461 §2).
+        let mandatory_dane = cfg.tls == client::TlsPolicy::Dane;
+        let plan = match (&self.dane, hop) {
+            (Some(dns), Hop::Mx)
+                if !relaxed
+                    && (from == "default" || mandatory_dane)
+                    && crate::resolve::address_literal(domain).is_none() =>
+            {
+                dane_plan(dns, domain, &hops, self.mx_port, cfg).await
+            }
+            _ => HashMap::new(),
+        };
+        let dane_applies = plan
+            .values()
+            .any(|h| matches!(h, HostDane::Records(_) | HostDane::Unusable));
+        let policy = if dane_applies { None } else { lookup.policy() };
         let audit_cfg: client::ClientConfig;
         let policy_applied = policy
             .clone()
@@ -428,11 +447,19 @@ impl Remote {
                 if let (Some(r), Hop::Mx) = (&self.tls_reports, hop)
                     && crate::resolve::address_literal(domain).is_none()
                 {
+                    let tlsa = match plan.get(host) {
+                        Some(HostDane::Records(c)) => c
+                            .dane
+                            .as_deref()
+                            .map(|r| r.iter().map(crate::dane::record_text).collect::<Vec<_>>()),
+                        _ => None,
+                    };
                     r.record(crate::tlsrpt::TlsResult {
                         domain: domain.to_ascii_lowercase(),
-                        policy: match &policy_applied {
-                            Some(p) => crate::tlsrpt::PolicyApplied::Sts(p.clone()),
-                            None => crate::tlsrpt::PolicyApplied::NoPolicyFound,
+                        policy: match (&policy_applied, tlsa) {
+                            (_, Some(records)) => crate::tlsrpt::PolicyApplied::Tlsa(records),
+                            (Some(p), None) => crate::tlsrpt::PolicyApplied::Sts(p.clone()),
+                            (None, None) => crate::tlsrpt::PolicyApplied::NoPolicyFound,
                         },
                         mx: host.to_string(),
                         ip,
@@ -441,7 +468,39 @@ impl Remote {
                     });
                 }
             };
+        let required_cfg = client::ClientConfig {
+            tls: client::TlsPolicy::Required,
+            ..cfg.clone()
+        };
         for (host, addrs, port) in hops {
+            let (cfg, from) = match plan.get(&host) {
+                Some(HostDane::Records(c)) => (&**c, "dane"),
+                Some(HostDane::Unusable) => (&required_cfg, "dane (TLSA records, none usable)"),
+                Some(HostDane::Failed(why)) => {
+                    // A bogus or unanswered TLSA lookup: this host is not used now.
+                    tracing::info!(target: "estafeta::maillog", id = %msg.id, domain = %domain, host = %host, reason = %why, "DANE: TLSA lookup failed; host skipped");
+                    for &ip in &addrs {
+                        report(&host, ip, Some("dnssec-invalid"), Some(why.clone()));
+                    }
+                    all_permanent = false;
+                    last = Some(client::SessionError::temporary(Failure::local(
+                        replies::dane_lookup_failed(&host, why),
+                    )));
+                    continue;
+                }
+                None if mandatory_dane => {
+                    let why = "no usable TLSA records, or an insecure MX".to_string();
+                    for &ip in &addrs {
+                        report(&host, ip, Some("dane-required"), Some(why.clone()));
+                    }
+                    all_permanent = false;
+                    last = Some(client::SessionError::temporary(Failure::local(
+                        replies::dane_lookup_failed(&host, &why),
+                    )));
+                    continue;
+                }
+                None => (cfg, from),
+            };
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
                 match self.send(addr, &host, smarthost, cfg, msg).await {
@@ -560,4 +619,62 @@ fn end_of_header(content: &[u8]) -> usize {
         }
     }
     at.min(content.len())
+}
+
+/// What DANE says of one MX host.
+#[derive(Debug)]
+enum HostDane {
+    /// Usable TLSA records: these settings (policy `dane`, the records).
+    Records(Box<client::ClientConfig>),
+    /// TLSA records, none usable: TLS without authentication (RFC 7672 §2.2).
+    Unusable,
+    /// The TLSA lookup failed (bogus, no answer): the host is not used now.
+    Failed(String),
+}
+
+/// DANE for each host of `hops`, when `domain`'s MX RRset is secure (hosts without a secure
+/// TLSA RRset are left out: they get the usual policy).
+async fn dane_plan(
+    dns: &crate::dane::SecureDns,
+    domain: &str,
+    hops: &[(String, Vec<IpAddr>, u16)],
+    port: u16,
+    cfg: &client::ClientConfig,
+) -> HashMap<String, HostDane> {
+    use crate::dane::Answer;
+    let mut plan = HashMap::new();
+    match dns.mx_secure(domain).await {
+        Answer::Secure(_) | Answer::SecureNone => {}
+        _ => return plan,
+    }
+    let mut lookups = tokio::task::JoinSet::new();
+    for (host, ..) in hops {
+        let (dns, host) = (dns.clone(), host.clone());
+        lookups.spawn(async move {
+            let answer = dns.tlsa(&host, port).await;
+            (host, answer)
+        });
+    }
+    while let Some(Ok((host, answer))) = lookups.join_next().await {
+        match answer {
+            Answer::Secure(records) => {
+                let usable = crate::dane::usable(&records);
+                let entry = if usable.is_empty() {
+                    HostDane::Unusable
+                } else {
+                    HostDane::Records(Box::new(client::ClientConfig {
+                        tls: client::TlsPolicy::Dane,
+                        dane: Some(Arc::new(usable)),
+                        ..cfg.clone()
+                    }))
+                };
+                plan.insert(host, entry);
+            }
+            Answer::Failed(why) => {
+                plan.insert(host, HostDane::Failed(why));
+            }
+            Answer::SecureNone | Answer::Insecure => {}
+        }
+    }
+    plan
 }

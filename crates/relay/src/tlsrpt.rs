@@ -11,6 +11,8 @@ use crate::mtasts::Policy;
 pub enum PolicyApplied {
     /// An MTA-STS policy (`policy-type: sts`).
     Sts(Arc<Policy>),
+    /// DANE TLSA records (`policy-type: tlsa`), as presentation text.
+    Tlsa(Vec<String>),
     /// None was found (`no-policy-found`).
     NoPolicyFound,
 }

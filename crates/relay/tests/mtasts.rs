@@ -21,6 +21,7 @@ use std::time::Duration;
 use estafeta_proto::{MailParams, RcptParams};
 use estafeta_queue::Outcome;
 use estafeta_relay::client::{ClientConfig, OutboundMessage, TlsPolicy};
+use estafeta_relay::dane::SecureDns;
 use estafeta_relay::mtasts::{MtaSts, PolicyCache};
 use estafeta_relay::remote::{Hop, Remote, StsSettings};
 use estafeta_relay::resolve::{IpVersion, LocalIdentity, Resolver};
@@ -288,6 +289,8 @@ struct World {
     zones: Zones,
     /// What the relay reported for TLS-RPT.
     reports: Arc<Collected>,
+    /// The SMTP peers' certificate (PEM file).
+    mx_pem: std::path::PathBuf,
 }
 
 async fn world(dir: &Path) -> Option<World> {
@@ -439,6 +442,7 @@ async fn world(dir: &Path) -> Option<World> {
             lookup: sts.clone(),
             client: verify,
         }),
+        dane: Some(SecureDns::new(vec![dns.addr], Duration::from_secs(2))),
         tls_reports: Some(reports.clone()),
         ip_version: IpVersion::Ipv4,
         local: LocalIdentity {
@@ -459,6 +463,7 @@ async fn world(dir: &Path) -> Option<World> {
         dns,
         zones,
         reports,
+        mx_pem: dir.join("mx.pem"),
     })
 }
 
@@ -737,6 +742,7 @@ async fn each_session_to_an_mx_is_reported() {
                 match &r.policy {
                     PolicyApplied::Sts(_) => "sts",
                     PolicyApplied::NoPolicyFound => "no-policy-found",
+                    PolicyApplied::Tlsa(_) => "tlsa",
                 },
                 r.mx.as_str(),
                 r.failure,
@@ -777,4 +783,97 @@ async fn each_session_to_an_mx_is_reported() {
         "{:?}",
         got[1]
     );
+}
+
+/// SHA-256 of the SubjectPublicKeyInfo of the certificate in `pem`, by openssl (a TLSA 3 1 1).
+fn spki_sha256(pem: &Path) -> Vec<u8> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform DER | openssl dgst -sha256 -binary",
+            pem.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout.len() == 32, "{out:?}");
+    out.stdout
+}
+
+/// DANE (RFC 7672) through a validating resolver's AD bit: a secure MX with a matching TLSA
+/// 3 1 1 delivers over TLS authenticated by it (no name check); a mismatching one, or a TLSA
+/// lookup the resolver fails (bogus), defers and sends nothing; an insecure zone's TLSA is
+/// ignored; a secure zone without TLSA gets the usual policy. DANE wins over MTA-STS.
+#[tokio::test]
+async fn dane_authenticates_the_mx_by_its_tlsa_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    let port = w.remote.mx_port;
+    let good = spki_sha256(&w.mx_pem);
+    let mut bad = good.clone();
+    bad[0] ^= 0xff;
+    let tlsa = |host: &str| format!("_{port}._tcp.{host}");
+    w.dns.replace(
+        w.zones
+            .clone()
+            .secure("dane.test")
+            .mx("dane.test", 10, "mx.dane.test")
+            .a("mx.dane.test", "127.0.0.1")
+            .tlsa(&tlsa("mx.dane.test"), 3, 1, 1, &good)
+            .secure("danebad.test")
+            .mx("danebad.test", 10, "mx.danebad.test")
+            .a("mx.danebad.test", "127.0.0.1")
+            .tlsa(&tlsa("mx.danebad.test"), 3, 1, 1, &bad)
+            .secure("danebogus.test")
+            .mx("danebogus.test", 10, "mx.danebogus.test")
+            .a("mx.danebogus.test", "127.0.0.1")
+            .servfail(&tlsa("mx.danebogus.test"))
+            .mx("daneinsecure.test", 10, "mx.daneinsecure.test")
+            .a("mx.daneinsecure.test", "127.0.0.1")
+            .tlsa(&tlsa("mx.daneinsecure.test"), 3, 1, 1, &bad)
+            .secure("danenone.test")
+            .mx("danenone.test", 10, "mx.danenone.test")
+            .a("mx.danenone.test", "127.0.0.1")
+            // good.test's MX made secure with a matching TLSA: DANE wins over its MTA-STS.
+            .secure("good.test")
+            .tlsa(&tlsa("mx.good.test"), 3, 1, 1, &good),
+    );
+    let before = w.delivered.load(Ordering::SeqCst);
+    for to in [
+        "bob@dane.test",
+        "bob@daneinsecure.test",
+        "bob@danenone.test",
+        "bob@good.test",
+    ] {
+        let out = send(&w, to).await;
+        assert!(matches!(out, Outcome::Relayed { .. }), "{to}: {out:?}");
+    }
+    for (to, why) in [
+        ("bob@danebad.test", "DANE: no TLSA record matches"),
+        ("bob@danebogus.test", "DANE for mx.danebogus.test"),
+    ] {
+        let out = send(&w, to).await;
+        let Outcome::TempFail(f) = &out else {
+            panic!("{to}: {out:?}")
+        };
+        assert!(f.to_string().contains(why), "{to}: {f}");
+    }
+    assert_eq!(w.delivered.load(Ordering::SeqCst), before + 4);
+    // TLS-RPT: the DANE sessions under policy-type tlsa, the bogus lookup as dnssec-invalid.
+    let got = w.reports.0.lock().unwrap().clone();
+    let find = |d: &str| got.iter().find(|r| r.domain == d).unwrap().clone();
+    let dane = find("dane.test");
+    assert!(
+        matches!(&dane.policy, PolicyApplied::Tlsa(r) if r[0].starts_with("3 1 1 ")),
+        "{dane:?}"
+    );
+    assert_eq!(dane.failure, None);
+    assert!(matches!(find("good.test").policy, PolicyApplied::Tlsa(_)));
+    assert_eq!(find("danebad.test").failure, Some("validation-failure"));
+    assert_eq!(find("danebogus.test").failure, Some("dnssec-invalid"));
+    assert!(matches!(
+        find("daneinsecure.test").policy,
+        PolicyApplied::NoPolicyFound
+    ));
 }

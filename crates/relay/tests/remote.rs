@@ -91,6 +91,7 @@ fn remote() -> Remote {
         smarthost_client: client.clone(),
         tls_policy: Default::default(),
         mta_sts: None,
+        dane: None,
         tls_reports: None,
         client,
         ip_version: IpVersion::Any,
