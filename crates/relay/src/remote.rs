@@ -386,8 +386,11 @@ impl Remote {
                     && (from == "default" || mandatory_dane)
                     && crate::resolve::address_literal(domain).is_none() =>
             {
-                dane_plan(dns, domain, &hops, self.mx_port, cfg).await
+                dane_plan(dns, Some(domain), &hops, cfg).await
             }
+            // A route the operator holds to DANE: its host's TLSA records (the route is
+            // configured, not looked up, so no MX to be secure).
+            (Some(dns), Hop::Route(_)) if mandatory_dane => dane_plan(dns, None, &hops, cfg).await,
             _ => HashMap::new(),
         };
         let dane_applies = plan
@@ -632,24 +635,26 @@ enum HostDane {
     Failed(String),
 }
 
-/// DANE for each host of `hops`, when `domain`'s MX RRset is secure (hosts without a secure
-/// TLSA RRset are left out: they get the usual policy).
+/// DANE for each host of `hops` (its TLSA records at `_PORT._tcp.HOST`, the port it is
+/// reached on), when `mx_of`'s MX RRset is secure (or, for a route, `None`: always); hosts
+/// without a secure TLSA RRset are left out: they get the usual policy.
 async fn dane_plan(
     dns: &crate::dane::SecureDns,
-    domain: &str,
+    mx_of: Option<&str>,
     hops: &[(String, Vec<IpAddr>, u16)],
-    port: u16,
     cfg: &client::ClientConfig,
 ) -> HashMap<String, HostDane> {
     use crate::dane::Answer;
     let mut plan = HashMap::new();
-    match dns.mx_secure(domain).await {
-        Answer::Secure(_) | Answer::SecureNone => {}
-        _ => return plan,
+    if let Some(domain) = mx_of {
+        match dns.mx_secure(domain).await {
+            Answer::Secure(_) | Answer::SecureNone => {}
+            _ => return plan,
+        }
     }
     let mut lookups = tokio::task::JoinSet::new();
-    for (host, ..) in hops {
-        let (dns, host) = (dns.clone(), host.clone());
+    for (host, _, port) in hops {
+        let (dns, host, port) = (dns.clone(), host.clone(), *port);
         lookups.spawn(async move {
             let answer = dns.tlsa(&host, port).await;
             (host, answer)

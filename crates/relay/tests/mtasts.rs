@@ -877,3 +877,100 @@ async fn dane_authenticates_the_mx_by_its_tlsa_records() {
         PolicyApplied::NoPolicyFound
     ));
 }
+
+/// A CA and a leaf it signed for `name`, by openssl: (CA certificate, leaf certificate, leaf
+/// key, the CA's DER).
+fn ca_and_leaf(
+    dir: &Path,
+    name: &str,
+) -> (
+    CertificateDer<'static>,
+    CertificateDer<'static>,
+    PrivateKeyDer<'static>,
+    Vec<u8>,
+) {
+    let d = dir.display();
+    let script = format!(
+        "set -e; cd {d}; \
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj '/CN=Test CA' \
+           -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+           -keyout ca.key -out ca.pem 2>/dev/null; \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj '/CN={name}' \
+           -keyout leaf.key -out leaf.csr 2>/dev/null; \
+         printf 'subjectAltName=DNS:{name}\\nbasicConstraints=critical,CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > leaf.ext; \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+           -extfile leaf.ext -out leaf.pem 2>/dev/null; \
+         openssl x509 -in ca.pem -outform DER -out ca.der"
+    );
+    let ok = Command::new("sh").arg("-c").arg(&script).status().unwrap();
+    assert!(ok.success(), "{script}");
+    (
+        CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap(),
+        CertificateDer::from_pem_file(dir.join("leaf.pem")).unwrap(),
+        PrivateKeyDer::from_pem_file(dir.join("leaf.key")).unwrap(),
+        std::fs::read(dir.join("ca.der")).unwrap(),
+    )
+}
+
+/// DANE-TA (2 0 1): the CA in the chain the server sends matches the record and anchors a
+/// validation for the MX host's name; the same chain presented for another MX name defers.
+#[tokio::test]
+async fn dane_ta_anchors_the_chain_for_the_mx_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(w) = world(dir.path()).await else {
+        return;
+    };
+    let ca_dir = dir.path().join("ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let (ca, leaf, key, ca_der) = ca_and_leaf(&ca_dir, "mx.daneta.test");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf, ca], key)
+    .unwrap();
+    let port = w.remote.mx_port;
+    let (_, delivered, _) = smtp_peer_offering(
+        &format!("127.0.0.4:{port}"),
+        TlsAcceptor::from(Arc::new(config)),
+        true,
+        false,
+    )
+    .await;
+    let digest = {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl dgst -sha256 -binary {}",
+                ca_dir.join("ca.der").display()
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout.len(), 32);
+        out.stdout
+    };
+    assert!(!ca_der.is_empty());
+    let tlsa = |host: &str| format!("_{port}._tcp.{host}");
+    w.dns.replace(
+        w.zones
+            .clone()
+            .secure("daneta.test")
+            .mx("daneta.test", 10, "mx.daneta.test")
+            .a("mx.daneta.test", "127.0.0.4")
+            .tlsa(&tlsa("mx.daneta.test"), 2, 0, 1, &digest)
+            .secure("danetaname.test")
+            .mx("danetaname.test", 10, "mx.danetaname.test")
+            .a("mx.danetaname.test", "127.0.0.4")
+            .tlsa(&tlsa("mx.danetaname.test"), 2, 0, 1, &digest),
+    );
+    let out = send(&w, "bob@daneta.test").await;
+    assert!(matches!(out, Outcome::Relayed { .. }), "{out:?}");
+    let out = send(&w, "bob@danetaname.test").await;
+    let Outcome::TempFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(f.to_string().contains("DANE-TA"), "{f}");
+    assert_eq!(delivered.load(Ordering::SeqCst), 1);
+}
