@@ -234,6 +234,13 @@ retry = ["1s"]
         Duration::from_secs(20),
     );
     assert_eq!(got.len(), 1, "{}", logs());
+    // The peer keeps the message before it answers 250; the sender logs after it.
+    wait_for(
+        "the TLS status line",
+        10,
+        || sender.log_text().contains("TLS status"),
+        logs,
+    );
     let log = sender.log_text();
     assert!(log.contains("MTA-STS: policy fetched"), "{}", logs());
     let status = log

@@ -110,6 +110,12 @@ retry = ["1s"]
     assert!(m.contains("by mx.local.test (estafeta) with ESMTP"), "{m}");
     assert!(m.contains("\r\n.leading dot\r\nbody\r\n"), "{m}");
     // The TLS status line: the policy asked for, where it came from, what the session got.
+    // (B keeps the message before it answers 250; A logs after that.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a.log_text().contains("TLS status") {
+        assert!(std::time::Instant::now() < deadline, "A:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = a.log_text();
     let status = log
         .lines()
@@ -575,6 +581,11 @@ retry = ["1s"]
         Duration::from_secs(15),
     );
     assert_eq!(got.len(), 1, "{}", logs());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a.log_text().contains("TLS status") {
+        assert!(std::time::Instant::now() < deadline, "{}", logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = a.log_text();
     let status = log
         .lines()

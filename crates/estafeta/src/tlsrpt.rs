@@ -250,6 +250,7 @@ pub fn message(
          Message-ID: <tlsrpt.{day_start}.{domain}@{hostname}>\r\n\
          TLS-Report-Domain: {domain}\r\n\
          TLS-Report-Submitter: {hostname}\r\n\
+         TLS-Required: No\r\n\
          MIME-Version: 1.0\r\n\
          Content-Type: multipart/report; report-type=\"tlsrpt\"; boundary=\"{boundary}\"\r\n\
          \r\n\
@@ -307,11 +308,15 @@ pub async fn send_due(
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let contact = format!("postmaster@{hostname}");
         let day_start = now - now % 86_400 - 86_400 * days_between(&day, &today);
+        // Domains whose report could not be made now (a DNS or queue failure): their lines
+        // stay for the next run; the others are done and never sent twice.
+        let mut pending: Vec<String> = Vec::new();
         for (domain, json) in reports(&day, &text, hostname, &contact) {
             let records = match resolver.txt(&format!("_smtp._tls.{domain}.")).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::info!(domain, error = %e, "TLS-RPT: cannot look up _smtp._tls; no report");
+                    tracing::info!(domain, error = %e, "TLS-RPT: cannot look up _smtp._tls; tried again later");
+                    pending.push(domain);
                     continue;
                 }
             };
@@ -320,63 +325,87 @@ pub async fn send_due(
                 tracing::debug!(domain, "TLS-RPT: no mailto: rua; no report");
                 continue;
             }
-            for addr in to {
-                let Ok((path, _)) =
+            // One message for all the addresses: queued once, or not at all.
+            let rcpts: Vec<estafeta_proto::Recipient> = to
+                .iter()
+                .filter_map(|addr| {
                     estafeta_proto::address::parse_forward_path(&format!("<{addr}>"))
-                else {
-                    tracing::info!(domain, to = %addr, "TLS-RPT: not an address; skipped");
-                    continue;
-                };
-                let envelope = estafeta_proto::Envelope {
-                    client: estafeta_proto::ClientInfo {
-                        ip: std::net::IpAddr::from([127, 0, 0, 1]),
-                        port: 0,
-                        helo: hostname.to_string(),
-                        protocol: "TLSRPT".into(),
-                        tls: None,
-                        auth: None,
-                        local_uid: None,
-                        name: None,
-                    },
-                    from: estafeta_proto::ReversePath::Null,
-                    params: Default::default(),
-                    rcpts: vec![estafeta_proto::Recipient {
-                        path,
-                        params: Default::default(),
-                    }],
-                };
-                let mut bytes = message(
-                    hostname,
-                    &from_domain,
-                    &domain,
-                    &addr,
-                    day_start,
-                    &json,
-                    now,
-                );
-                match signer.sign(&bytes) {
-                    Some(Ok(signed)) => {
-                        let mut out = signed.fields.into_bytes();
-                        out.extend_from_slice(&bytes);
-                        bytes = out;
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(domain, error = %e, "TLS-RPT: cannot sign the report")
-                    }
-                    None => {}
+                        .ok()
+                        .map(|(path, _)| estafeta_proto::Recipient {
+                            path,
+                            params: Default::default(),
+                        })
+                })
+                .collect();
+            if rcpts.is_empty() {
+                tracing::info!(domain, "TLS-RPT: no usable address in rua; no report");
+                continue;
+            }
+            let envelope = estafeta_proto::Envelope {
+                client: estafeta_proto::ClientInfo {
+                    ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                    port: 0,
+                    helo: hostname.to_string(),
+                    protocol: "TLSRPT".into(),
+                    tls: None,
+                    auth: None,
+                    local_uid: None,
+                    name: None,
+                },
+                from: estafeta_proto::ReversePath::Null,
+                params: Default::default(),
+                rcpts,
+            };
+            let mut bytes = message(
+                hostname,
+                &from_domain,
+                &domain,
+                &to.join(">, <"),
+                day_start,
+                &json,
+                now,
+            );
+            match signer.sign(&bytes) {
+                Some(Ok(signed)) => {
+                    let mut out = signed.fields.into_bytes();
+                    out.extend_from_slice(&bytes);
+                    bytes = out;
                 }
-                match queue.submit(envelope, bytes).await {
-                    Ok(id) => {
-                        tracing::info!(target: "estafeta::maillog", id = %id, domain, to = %addr, day, "TLS-RPT report queued")
-                    }
-                    Err(e) => {
-                        tracing::warn!(domain, error = %e, "TLS-RPT: cannot queue the report; tried again later");
-                        return;
-                    }
+                Some(Err(e)) => {
+                    tracing::warn!(domain, error = %e, "TLS-RPT: cannot sign the report")
+                }
+                None => {}
+            }
+            match queue.submit(envelope, bytes).await {
+                Ok(id) => {
+                    tracing::info!(target: "estafeta::maillog", id = %id, domain, to = %to.join(","), day, "TLS-RPT report queued")
+                }
+                Err(e) => {
+                    tracing::warn!(domain, error = %e, "TLS-RPT: cannot queue the report; tried again later");
+                    pending.push(domain);
                 }
             }
         }
-        let _ = std::fs::remove_file(&path);
+        if pending.is_empty() {
+            let _ = std::fs::remove_file(&path);
+        } else {
+            let keep: String = text
+                .lines()
+                .filter(|l| {
+                    l.split('\t')
+                        .next()
+                        .is_some_and(|d| pending.iter().any(|p| p == d))
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, keep)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
+                tracing::warn!(day, "TLS-RPT: cannot keep the pending results");
+            }
+        }
     }
 }
 

@@ -572,7 +572,7 @@ impl Connection {
                 replies::tls_failed(peer, &detail),
             )))
         };
-        let audit = (cfg.audit && tls != TlsPolicy::Verify && tls != TlsPolicy::None)
+        let audit = (cfg.audit && matches!(tls, TlsPolicy::Opportunistic | TlsPolicy::Required))
             .then(|| Arc::new(Mutex::new(None::<Result<(), String>>)));
         let config = match &audit {
             Some(seen) => audit_config(cfg, seen.clone()),

@@ -143,7 +143,7 @@ async fn exchange(server: SocketAddr, name: &Name, rtype: RecordType) -> Result<
         let Ok(reply) = Message::from_vec(&buf[..n]) else {
             continue;
         };
-        if reply.metadata.id == id && reply.metadata.message_type == MessageType::Response {
+        if answers(&reply, id, name, rtype) {
             break reply;
         }
     };
@@ -162,19 +162,27 @@ async fn exchange(server: SocketAddr, name: &Name, rtype: RecordType) -> Result<
     tcp.read_exact(&mut len).await.map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     tcp.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-    Message::from_vec(&buf).map_err(|e| e.to_string())
+    let reply = Message::from_vec(&buf).map_err(|e| e.to_string())?;
+    if !answers(&reply, id, name, rtype) {
+        return Err("a reply to another question".into());
+    }
+    Ok(reply)
+}
+
+/// True when `reply` answers our query `id` for `name` `rtype`.
+fn answers(reply: &Message, id: u16, name: &Name, rtype: RecordType) -> bool {
+    reply.metadata.id == id
+        && reply.metadata.message_type == MessageType::Response
+        && reply.queries.len() == 1
+        && reply.queries[0].query_type == rtype
+        && reply.queries[0].name.to_lowercase() == name.to_lowercase()
 }
 
 fn rand_id() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let counter = {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        N.fetch_add(0x9e37, std::sync::atomic::Ordering::Relaxed)
-    };
-    (nanos ^ counter ^ (nanos >> 16)) as u16
+    use ring::rand::SecureRandom;
+    let mut id = [0u8; 2];
+    let _ = ring::rand::SystemRandom::new().fill(&mut id);
+    u16::from_be_bytes(id)
 }
 
 /// The TLSA records SMTP may use (RFC 7672 §3.1.3); a set with records but none usable means

@@ -362,28 +362,13 @@ impl Remote {
             Ok(h) => h,
             Err(o) => return vec![o; n],
         };
-        if requiretls && matches!(hop, Hop::Mx) {
-            match &lookup {
-                crate::mtasts::Lookup::Policy(p) if p.mode == crate::mtasts::Mode::Enforce => {}
-                // Not known now: retried, not bounced over a passing failure.
-                crate::mtasts::Lookup::Unknown(why) => {
-                    let r = replies::requiretls_unknown(&format!("MTA-STS of {domain}: {why}"));
-                    return vec![Outcome::TempFail(Failure::local(r)); n];
-                }
-                _ => {
-                    return unmet(format!(
-                        "no MTA-STS policy in enforce mode authenticates the MX hosts of {domain}"
-                    ));
-                }
-            }
-        }
-        // DANE (RFC 7672): with a secure MX RRset, each host's TLSA records decide; where any
-        // host has them, DANE wins over MTA-STS (RFC 8461 §2).
+        // DANE (RFC 7672): with a secure MX RRset, each host's TLSA records decide for that
+        // host; DANE wins over MTA-STS there (RFC 8461 §2), the other hosts keep MTA-STS.
+        // The operator's own `dane` policy holds even under `TLS-Required: No`.
         let mandatory_dane = cfg.tls == client::TlsPolicy::Dane;
         let plan = match (&self.dane, hop) {
             (Some(dns), Hop::Mx)
-                if !relaxed
-                    && (from == "default" || mandatory_dane)
+                if (mandatory_dane || (!relaxed && from == "default"))
                     && crate::resolve::address_literal(domain).is_none() =>
             {
                 dane_plan(dns, Some(domain), &hops, cfg).await
@@ -393,10 +378,27 @@ impl Remote {
             (Some(dns), Hop::Route(_)) if mandatory_dane => dane_plan(dns, None, &hops, cfg).await,
             _ => HashMap::new(),
         };
-        let dane_applies = plan
-            .values()
-            .any(|h| matches!(h, HostDane::Records(_) | HostDane::Unusable));
-        let policy = if dane_applies { None } else { lookup.policy() };
+        let dane_host = |h: &str| matches!(plan.get(h), Some(HostDane::Records(_)));
+        let enforced = matches!(&lookup, crate::mtasts::Lookup::Policy(p) if p.mode == crate::mtasts::Mode::Enforce);
+        if requiretls
+            && matches!(hop, Hop::Mx)
+            && !enforced
+            && !hops.iter().any(|(h, ..)| dane_host(h))
+        {
+            match &lookup {
+                // Not known now: retried, not bounced over a passing failure.
+                crate::mtasts::Lookup::Unknown(why) => {
+                    let r = replies::requiretls_unknown(&format!("MTA-STS of {domain}: {why}"));
+                    return vec![Outcome::TempFail(Failure::local(r)); n];
+                }
+                _ => {
+                    return unmet(format!(
+                        "neither DANE nor an MTA-STS policy in enforce mode authenticates the MX hosts of {domain}"
+                    ));
+                }
+            }
+        }
+        let policy = lookup.policy();
         let audit_cfg: client::ClientConfig;
         let policy_applied = policy
             .clone()
@@ -407,7 +409,7 @@ impl Remote {
         if let (Some(sts), Some(policy)) = (sts, policy) {
             let outside: Vec<&str> = hops
                 .iter()
-                .filter(|(h, ..)| !policy.allows(h))
+                .filter(|(h, ..)| !policy.allows(h) && !dane_host(h))
                 .map(|(h, ..)| h.as_str())
                 .collect();
             match policy.mode {
@@ -415,7 +417,8 @@ impl Remote {
                     for host in &outside {
                         tracing::info!(target: "estafeta::maillog", id = %msg.id, domain = %domain, host = %host, "MTA-STS: MX host not in the policy; skipped");
                     }
-                    hops.retain(|(h, ..)| policy.allows(h));
+                    // A host DANE authenticates stays: DANE wins over MTA-STS for it.
+                    hops.retain(|(h, ..)| policy.allows(h) || dane_host(h));
                     if hops.is_empty() {
                         let r = replies::mta_sts_no_mx(domain, &policy.mx);
                         return vec![Outcome::TempFail(Failure::local(r)); n];
@@ -440,6 +443,9 @@ impl Remote {
                 crate::mtasts::Mode::None => {}
             }
         }
+        // Under REQUIRETLS, a host that neither DANE nor an enforced MTA-STS policy
+        // authenticates is never used (RFC 8689 §4.2.1).
+        let mta_sts_verified = enforced && from == "mta-sts";
         let mut last: Option<client::SessionError> = None;
         let mut all_permanent = true;
         let smarthost = matches!(hop, Hop::Smarthost(_));
@@ -447,8 +453,11 @@ impl Remote {
         // smarthost the operator chose), under the policy that applied.
         let report =
             |host: &str, ip: IpAddr, failure: Option<&'static str>, detail: Option<String>| {
+                // Not the sessions that carry TLS reports themselves (RFC 8460 §3: null
+                // sender, `TLS-Required: No`), which would report on reporting.
                 if let (Some(r), Hop::Mx) = (&self.tls_reports, hop)
                     && crate::resolve::address_literal(domain).is_none()
+                    && !(relaxed && msg.from.is_empty())
                 {
                     let tlsa = match plan.get(host) {
                         Some(HostDane::Records(c)) => c
@@ -478,7 +487,12 @@ impl Remote {
         for (host, addrs, port) in hops {
             let (cfg, from) = match plan.get(&host) {
                 Some(HostDane::Records(c)) => (&**c, "dane"),
-                Some(HostDane::Unusable) => (&required_cfg, "dane (TLSA records, none usable)"),
+                // TLSA records, none usable: TLS required (RFC 7672 §2.2), or the enforced
+                // MTA-STS policy's verification, which is more.
+                Some(HostDane::Unusable) if !mta_sts_verified => {
+                    (&required_cfg, "dane (TLSA records, none usable)")
+                }
+                Some(HostDane::Unusable) => (cfg, from),
                 Some(HostDane::Failed(why)) => {
                     // A bogus or unanswered TLSA lookup: this host is not used now.
                     tracing::info!(target: "estafeta::maillog", id = %msg.id, domain = %domain, host = %host, reason = %why, "DANE: TLSA lookup failed; host skipped");
@@ -504,6 +518,16 @@ impl Remote {
                 }
                 None => (cfg, from),
             };
+            if requiretls && matches!(hop, Hop::Mx) && from != "dane" && !mta_sts_verified {
+                tracing::info!(target: "estafeta::maillog", id = %msg.id, domain = %domain, host = %host, "REQUIRETLS: host not authenticated by DANE or MTA-STS; skipped");
+                last = Some(client::SessionError {
+                    permanent: true,
+                    failure: Failure::local(replies::requiretls_unmet(&format!(
+                        "{host} is authenticated neither by DANE nor by MTA-STS"
+                    ))),
+                });
+                continue;
+            }
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
                 match self.send(addr, &host, smarthost, cfg, msg).await {
@@ -649,7 +673,17 @@ async fn dane_plan(
     if let Some(domain) = mx_of {
         match dns.mx_secure(domain).await {
             Answer::Secure(_) | Answer::SecureNone => {}
-            _ => return plan,
+            // Whether DANE applies cannot be known: no host is used now (RFC 7672 §2.1.1).
+            Answer::Failed(why) => {
+                for (host, ..) in hops {
+                    plan.insert(
+                        host.clone(),
+                        HostDane::Failed(format!("MX of {domain}: {why}")),
+                    );
+                }
+                return plan;
+            }
+            Answer::Insecure => return plan,
         }
     }
     let mut lookups = tokio::task::JoinSet::new();

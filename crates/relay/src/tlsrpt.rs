@@ -45,7 +45,9 @@ pub trait TlsReporter: Send + Sync + std::fmt::Debug {
 /// certificate errors, our own replies), or None when the failure was not about TLS (a
 /// refused connection, a timeout before STARTTLS).
 pub fn classify(text: &str) -> Option<&'static str> {
-    if text.contains("TLS is required, but was not offered") {
+    if text.contains("DANE:") {
+        Some("tlsa-invalid")
+    } else if text.contains("TLS is required, but was not offered") {
         Some("starttls-not-supported")
     } else if text.contains("NotValidForName") || text.contains("not valid for name") {
         Some("certificate-host-mismatch")
@@ -88,5 +90,9 @@ mod tests {
             Some("validation-failure")
         );
         assert_eq!(classify("451 4.4.1 connection refused"), None);
+        assert_eq!(
+            classify("451 4.7.5 Cannot start TLS with x: DANE: no TLSA record matches"),
+            Some("tlsa-invalid")
+        );
     }
 }

@@ -668,7 +668,8 @@ async fn requiretls_and_tls_required_no() {
         panic!("{out:?}")
     };
     assert!(
-        f.to_string().contains("no MTA-STS policy in enforce mode"),
+        f.to_string()
+            .contains("neither DANE nor an MTA-STS policy in enforce mode"),
         "{f}"
     );
     // testing.test: a policy in testing mode is not enough either.
@@ -860,6 +861,34 @@ async fn dane_authenticates_the_mx_by_its_tlsa_records() {
         assert!(f.to_string().contains(why), "{to}: {f}");
     }
     assert_eq!(w.delivered.load(Ordering::SeqCst), before + 4);
+    // REQUIRETLS: DANE authenticates dane.test's MX (the peer then lacks REQUIRETLS); nothing
+    // authenticates daneinsecure.test's.
+    let requiretls = MailParams {
+        requiretls: true,
+        ..MailParams::default()
+    };
+    let out = send_with(
+        &w,
+        "bob@dane.test",
+        requiretls.clone(),
+        "Subject: x\r\n\r\nx\r\n",
+    )
+    .await;
+    let Outcome::PermFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(f.to_string().contains("does not offer REQUIRETLS"), "{f}");
+    let out = send_with(
+        &w,
+        "bob@daneinsecure.test",
+        requiretls,
+        "Subject: x\r\n\r\nx\r\n",
+    )
+    .await;
+    let Outcome::PermFail(f) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(f.to_string().contains("neither DANE nor"), "{f}");
     // TLS-RPT: the DANE sessions under policy-type tlsa, the bogus lookup as dnssec-invalid.
     let got = w.reports.0.lock().unwrap().clone();
     let find = |d: &str| got.iter().find(|r| r.domain == d).unwrap().clone();
@@ -870,7 +899,7 @@ async fn dane_authenticates_the_mx_by_its_tlsa_records() {
     );
     assert_eq!(dane.failure, None);
     assert!(matches!(find("good.test").policy, PolicyApplied::Tlsa(_)));
-    assert_eq!(find("danebad.test").failure, Some("validation-failure"));
+    assert_eq!(find("danebad.test").failure, Some("tlsa-invalid"));
     assert_eq!(find("danebogus.test").failure, Some("dnssec-invalid"));
     assert!(matches!(
         find("daneinsecure.test").policy,
