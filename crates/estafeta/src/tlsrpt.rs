@@ -54,6 +54,7 @@ pub fn line(r: &TlsResult) -> String {
             p.mx.join("|"),
         ),
         PolicyApplied::Tlsa(records) => ("tlsa", records.join("|"), String::new()),
+        PolicyApplied::StsUnknown => ("sts", String::new(), String::new()),
         PolicyApplied::NoPolicyFound => ("no-policy-found", String::new(), String::new()),
     };
     format!(
@@ -62,7 +63,7 @@ pub fn line(r: &TlsResult) -> String {
         clean(&text),
         clean(&mx),
         clean(&r.mx),
-        r.ip,
+        r.ip.map(|ip| ip.to_string()).unwrap_or_default(),
         r.failure.unwrap_or("ok"),
         clean(r.detail.as_deref().unwrap_or(""))
     )
@@ -145,7 +146,7 @@ pub fn reports(
                         "policy-type": kind,
                         "policy-domain": domain,
                     });
-                    if kind == "sts" {
+                    if kind == "sts" && !text.is_empty() {
                         policy["policy-string"] = list(&text).into();
                         policy["mx-host"] = list(&mx).into();
                     } else if kind == "tlsa" {
@@ -157,10 +158,14 @@ pub fn reports(
                         .map(|((result, host, ip, detail), n)| {
                             let mut d = serde_json::json!({
                                 "result-type": result,
-                                "receiving-mx-hostname": host,
-                                "receiving-ip": ip,
                                 "failed-session-count": n,
                             });
+                            if !host.is_empty() {
+                                d["receiving-mx-hostname"] = host.into();
+                            }
+                            if !ip.is_empty() {
+                                d["receiving-ip"] = ip.into();
+                            }
                             if !detail.is_empty() {
                                 d["additional-information"] = detail.into();
                             }
@@ -452,7 +457,7 @@ mod tests {
                 PolicyApplied::NoPolicyFound
             },
             mx: "mx.example.net".into(),
-            ip,
+            ip: Some(ip),
             failure,
             detail: failure.map(|_| "bad\tcert\r\n".into()),
         };
@@ -488,6 +493,31 @@ mod tests {
         assert_eq!(
             p["failure-details"][0]["additional-information"],
             "bad cert  "
+        );
+        // A policy that could not be fetched: policy-type sts without its text, and a failure
+        // that names no host.
+        let fetch = TlsResult {
+            domain: "fetch.example".into(),
+            policy: PolicyApplied::StsUnknown,
+            mx: String::new(),
+            ip: None,
+            failure: Some("sts-policy-fetch-error"),
+            detail: Some("HTTP status 404".into()),
+        };
+        let f = reports(
+            "2026-12-02",
+            &line(&fetch),
+            "mx.local.test",
+            "postmaster@mx.local.test",
+        );
+        let p = &f["fetch.example"]["policies"][0];
+        assert_eq!(p["policy"]["policy-type"], "sts");
+        assert!(p["policy"].get("policy-string").is_none(), "{p}");
+        let d = &p["failure-details"][0];
+        assert_eq!(d["result-type"], "sts-policy-fetch-error");
+        assert!(
+            d.get("receiving-ip").is_none() && d.get("receiving-mx-hostname").is_none(),
+            "{d}"
         );
         let other = &all["other.example"]["policies"][0];
         assert_eq!(other["policy"]["policy-type"], "no-policy-found");

@@ -398,6 +398,20 @@ impl Remote {
                 }
             }
         }
+        // TLS-RPT: a policy its record announces but whose fetch failed (once per fetch: not
+        // again while the failure is remembered).
+        if let (Some(r), crate::mtasts::Lookup::Unknown(why)) = (&self.tls_reports, &lookup)
+            && let Some(reason) = why.strip_prefix("the policy cannot be fetched: ")
+        {
+            r.record(crate::tlsrpt::TlsResult {
+                domain: domain.to_ascii_lowercase(),
+                policy: crate::tlsrpt::PolicyApplied::StsUnknown,
+                mx: String::new(),
+                ip: None,
+                failure: Some(crate::tlsrpt::classify_fetch(reason)),
+                detail: Some(reason.to_string()),
+            });
+        }
         let policy = lookup.policy();
         let audit_cfg: client::ClientConfig;
         let policy_applied = policy
@@ -453,6 +467,7 @@ impl Remote {
         // smarthost the operator chose), under the policy that applied.
         let report =
             |host: &str, ip: IpAddr, failure: Option<&'static str>, detail: Option<String>| {
+                let ip = Some(ip);
                 // Not the sessions that carry TLS reports themselves (RFC 8460 §3: null
                 // sender, `TLS-Required: No`), which would report on reporting.
                 if let (Some(r), Hop::Mx) = (&self.tls_reports, hop)

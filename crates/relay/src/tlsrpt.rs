@@ -13,6 +13,9 @@ pub enum PolicyApplied {
     Sts(Arc<Policy>),
     /// DANE TLSA records (`policy-type: tlsa`), as presentation text.
     Tlsa(Vec<String>),
+    /// An MTA-STS policy announced by its record but not had (`policy-type: sts`, no
+    /// `policy-string`): its fetch failed.
+    StsUnknown,
     /// None was found (`no-policy-found`).
     NoPolicyFound,
 }
@@ -24,10 +27,10 @@ pub struct TlsResult {
     pub domain: String,
     /// The policy the session was held to.
     pub policy: PolicyApplied,
-    /// The MX host's name.
+    /// The MX host's name (empty for a policy failure, which concerns no host).
     pub mx: String,
-    /// The address connected to.
-    pub ip: std::net::IpAddr,
+    /// The address connected to (none for a policy failure).
+    pub ip: Option<std::net::IpAddr>,
     /// `None`: a TLS session was established (and verified where the policy asked it);
     /// `Some(result-type)`: it failed (RFC 8460 §4.3).
     pub failure: Option<&'static str>,
@@ -39,6 +42,17 @@ pub struct TlsResult {
 pub trait TlsReporter: Send + Sync + std::fmt::Debug {
     /// Takes one result; must not block for long (it runs on the delivery's task).
     fn record(&self, result: TlsResult);
+}
+
+/// The RFC 8460 §4.3.2 result type of a failed MTA-STS policy fetch, from its reason.
+pub fn classify_fetch(text: &str) -> &'static str {
+    if text.contains("policy: ") {
+        "sts-policy-invalid"
+    } else if text.contains("TLS: ") {
+        "sts-webpki-invalid"
+    } else {
+        "sts-policy-fetch-error"
+    }
 }
 
 /// The RFC 8460 §4.3 result type of a failed session, from the failure's text (rustls's

@@ -731,6 +731,7 @@ async fn each_session_to_an_mx_is_reported() {
         "bob@nostarttls.test",
         "bob@testing.test",
         "bob@testbad.test",
+        "bob@redirect.test",
     ] {
         send(&w, to).await;
     }
@@ -744,6 +745,7 @@ async fn each_session_to_an_mx_is_reported() {
                     PolicyApplied::Sts(_) => "sts",
                     PolicyApplied::NoPolicyFound => "no-policy-found",
                     PolicyApplied::Tlsa(_) => "tlsa",
+                    PolicyApplied::StsUnknown => "sts-unknown",
                 },
                 r.mx.as_str(),
                 r.failure,
@@ -775,10 +777,24 @@ async fn each_session_to_an_mx_is_reported() {
                 "mx.badcert.test",
                 Some("certificate-host-mismatch")
             ),
+            // redirect.test: the policy's fetch failed (a redirect), then the session itself.
+            (
+                "redirect.test",
+                "sts-unknown",
+                "",
+                Some("sts-policy-fetch-error")
+            ),
+            (
+                "redirect.test",
+                "no-policy-found",
+                "mx.elsewhere.test",
+                None
+            ),
         ]
     );
-    // Both testing-mode messages were delivered: 4 in all (good, plain, testing, testbad).
-    assert_eq!(w.delivered.load(Ordering::SeqCst), 4);
+    // Both testing-mode messages were delivered: 5 in all (good, plain, testing, testbad,
+    // redirect).
+    assert_eq!(w.delivered.load(Ordering::SeqCst), 5);
     assert!(
         got[1].detail.as_deref().unwrap().contains("certificate"),
         "{:?}",
