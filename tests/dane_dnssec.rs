@@ -108,12 +108,7 @@ fn dane_against_a_signed_zone_and_a_validating_resolver() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The peer's certificate, and the SHA-256 of its key (TLSA 3 1 1).
-    run(
-        d,
-        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-         -subj /CN=mx.good.dnssec.test -addext basicConstraints=critical,CA:FALSE \
-         -keyout mx.key -out mx.pem 2>/dev/null",
-    );
+    estafeta_e2e::self_signed(d, "mx", &["mx.good.dnssec.test"]);
     let good = run(
         d,
         "openssl x509 -in mx.pem -pubkey -noout | openssl pkey -pubin -outform DER \

@@ -21,6 +21,38 @@ pub fn skip(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
+/// A self-signed end-entity certificate made by openssl into `dir/TAG.pem` and
+/// `dir/TAG.key`, for `names` (host names, or IP addresses): the first is its CN. Returns the
+/// two paths as text, for configuration files.
+pub fn self_signed(dir: &Path, tag: &str, names: &[&str]) -> (String, String) {
+    let cert = dir.join(format!("{tag}.pem"));
+    let key = dir.join(format!("{tag}.key"));
+    let san = names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(_) => format!("IP:{n}"),
+            Err(_) => format!("DNS:{n}"),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+        .args(["-subj", &format!("/CN={}", names[0])])
+        .args(["-addext", &format!("subjectAltName={san}")])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success(), "openssl could not make a certificate");
+    (cert.display().to_string(), key.display().to_string())
+}
+
 /// Adds a user to the users file of `config` with `estafeta user add --password-stdin`, as
 /// a sysadmin would; panics when the command fails.
 pub fn add_user(config: &Path, address: &str, password: &str) {

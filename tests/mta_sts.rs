@@ -18,32 +18,6 @@ use std::time::{Duration, Instant};
 use estafeta_e2e::dns::{DnsServer, Zones};
 use estafeta_e2e::{Process, free_port, maildir_new, submit};
 
-fn openssl_cert(dir: &Path, tag: &str, names: &[&str]) -> (String, String) {
-    let cert = dir.join(format!("{tag}.pem"));
-    let key = dir.join(format!("{tag}.key"));
-    let san = names
-        .iter()
-        .map(|n| format!("DNS:{n}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
-        .args(["-subj", &format!("/CN={}", names[0])])
-        .args(["-addext", &format!("subjectAltName={san}")])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl runs");
-    assert!(status.success());
-    (cert.display().to_string(), key.display().to_string())
-}
-
 /// Python's HTTPS file server on `ip:443`, serving `root`.
 struct Https(Child);
 
@@ -113,8 +87,9 @@ fn an_enforced_policy_is_fetched_honoured_and_logged() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mx_cert, mx_key) = openssl_cert(d, "mx", &["mx.sts.test", "mx.stsbad.test"]);
-    let (web_cert, web_key) = openssl_cert(d, "web", &["mta-sts.sts.test", "mta-sts.stsbad.test"]);
+    let (mx_cert, mx_key) = estafeta_e2e::self_signed(d, "mx", &["mx.sts.test", "mx.stsbad.test"]);
+    let (web_cert, web_key) =
+        estafeta_e2e::self_signed(d, "web", &["mta-sts.sts.test", "mta-sts.stsbad.test"]);
     let bundle = d.join("roots.pem");
     std::fs::write(
         &bundle,

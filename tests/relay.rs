@@ -454,29 +454,7 @@ fn requiretls_end_to_end_and_refused_without_verified_tls() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (a_port, b_port) = (free_port(), free_port());
-    let cert = d.join("b.pem");
-    let key = d.join("b.key");
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=127.0.0.2"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.2"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let (cert, key) = estafeta_e2e::self_signed(d, "b", &["127.0.0.2"]);
     let b_cfg = write(
         d,
         "b.toml",
@@ -500,8 +478,8 @@ name = "loose.test"
 mailboxes = "*"
 "#,
             data = d.join("b").display(),
-            cert = cert.display(),
-            key = key.display(),
+            cert = cert,
+            key = key,
         ),
     );
     let a_cfg = write(
@@ -529,7 +507,7 @@ mailboxes = "*"
 retry = ["1s"]
 "#,
             data = d.join("a").display(),
-            cert = cert.display(),
+            cert = cert,
         ),
     );
     let b = Process::serve(

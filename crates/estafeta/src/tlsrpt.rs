@@ -312,7 +312,11 @@ pub async fn send_due(
         let path = dir.join(&day);
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let contact = format!("postmaster@{hostname}");
-        let day_start = now - now % 86_400 - 86_400 * days_between(&day, &today);
+        // The day's first second: the latest midnight whose date is `day`.
+        let day_start = (0..36_600)
+            .map(|k| now - now % 86_400 - 86_400 * k)
+            .find(|t| day_of(*t) == day)
+            .unwrap_or(now - now % 86_400);
         // Domains whose report could not be made now (a DNS or queue failure): their lines
         // stay for the next run; the others are done and never sent twice.
         let mut pending: Vec<String> = Vec::new();
@@ -411,27 +415,6 @@ pub async fn send_due(
                 tracing::warn!(day, "TLS-RPT: cannot keep the pending results");
             }
         }
-    }
-}
-
-/// Whole days from `a` to `b` (`YYYY-MM-DD`, `a` not after `b`).
-fn days_between(a: &str, b: &str) -> u64 {
-    let days = |d: &str| -> Option<i64> {
-        let y: i64 = d.get(..4)?.parse().ok()?;
-        let m: i64 = d.get(5..7)?.parse().ok()?;
-        let dd: i64 = d.get(8..10)?.parse().ok()?;
-        // Howard Hinnant's days_from_civil.
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (m + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + dd - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        Some(era * 146_097 + doe - 719_468)
-    };
-    match (days(a), days(b)) {
-        (Some(a), Some(b)) if b >= a => (b - a) as u64,
-        _ => 0,
     }
 }
 
@@ -544,9 +527,8 @@ mod tests {
 
     #[test]
     fn days() {
-        assert_eq!(days_between("2026-12-02", "2026-12-03"), 1);
-        assert_eq!(days_between("2026-02-28", "2026-03-01"), 1);
-        assert_eq!(days_between("2024-02-28", "2024-03-01"), 2);
         assert_eq!(day_of(1_796_262_400), "2026-12-03");
+        assert_eq!(day_of(1_796_256_000), "2026-12-03");
+        assert_eq!(day_of(1_796_255_999), "2026-12-02");
     }
 }

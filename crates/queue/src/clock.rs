@@ -6,8 +6,6 @@
 //! (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) an hour of retries passes in
 //! no time and a test asserts what happens at each instant instead of sleeping.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 /// The time of day as the scheduler sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Clock {
@@ -26,7 +24,7 @@ impl Clock {
     /// A clock that reads the wall clock's time now and from then on moves with tokio's clock.
     pub fn following_tokio() -> Clock {
         Clock::Tokio {
-            base: system_now(),
+            base: crate::spool::unix_now(),
             origin: tokio::time::Instant::now(),
         }
     }
@@ -34,17 +32,10 @@ impl Clock {
     /// Seconds since the Unix epoch.
     pub fn unix_now(&self) -> u64 {
         match self {
-            Clock::System => system_now(),
+            Clock::System => crate::spool::unix_now(),
             Clock::Tokio { base, origin } => base + origin.elapsed().as_secs(),
         }
     }
-}
-
-fn system_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

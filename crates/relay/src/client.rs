@@ -1089,7 +1089,7 @@ pub fn system_roots() -> Result<Arc<RootCertStore>, String> {
 /// still checks the handshake signatures, so the session is encrypted to whoever holds the
 /// key of the certificate it showed.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+pub(crate) struct AnyCertificate(pub(crate) Arc<CryptoProvider>);
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(

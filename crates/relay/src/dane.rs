@@ -242,12 +242,18 @@ fn matches(t: &TLSA, cert: &CertificateDer<'_>) -> bool {
 pub struct DaneVerifier {
     records: Vec<TLSA>,
     provider: Arc<CryptoProvider>,
+    /// The handshake's signatures are checked as for any certificate.
+    signatures: crate::client::AnyCertificate,
 }
 
 impl DaneVerifier {
     /// A verifier for these (usable) records.
     pub fn new(records: Vec<TLSA>, provider: Arc<CryptoProvider>) -> DaneVerifier {
-        DaneVerifier { records, provider }
+        DaneVerifier {
+            records,
+            signatures: crate::client::AnyCertificate(provider.clone()),
+            provider,
+        }
     }
 
     fn check(
@@ -318,12 +324,7 @@ impl ServerCertVerifier for DaneVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -332,17 +333,10 @@ impl ServerCertVerifier for DaneVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }

@@ -304,7 +304,7 @@ impl CacheState {
             let text = format!(
                 "cache-id: {}\ncache-fetched: {}\n{}",
                 cached.id,
-                unix_now().saturating_sub(cached.fetched.elapsed().as_secs()),
+                estafeta_queue::unix_now().saturating_sub(cached.fetched.elapsed().as_secs()),
                 cached.policy.to_text()
             );
             if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
@@ -333,13 +333,6 @@ impl CacheState {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl std::fmt::Debug for PolicyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyCache")
@@ -361,7 +354,7 @@ impl PolicyCache {
             dir: Some(dir.to_path_buf()),
             ..CacheState::default()
         };
-        let now = unix_now();
+        let now = estafeta_queue::unix_now();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let path = entry.path();

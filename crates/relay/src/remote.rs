@@ -627,7 +627,7 @@ fn refuses_requiretls(
 
 /// True when the header section has `TLS-Required: No` (RFC 8689 §5).
 pub fn tls_required_no(content: &[u8]) -> bool {
-    let end = end_of_header(content);
+    let end = estafeta_proto::trace::header_stats(content).size;
     let head = String::from_utf8_lossy(&content[..end]);
     let mut fields: Vec<String> = Vec::new();
     for line in head.split('\n') {
@@ -646,21 +646,6 @@ pub fn tls_required_no(content: &[u8]) -> bool {
                 && value.trim().eq_ignore_ascii_case("no")
         })
     })
-}
-
-/// Where the header section ends: at its empty line, or the whole content.
-fn end_of_header(content: &[u8]) -> usize {
-    let mut at = 0;
-    for line in content.split_inclusive(|&b| b == b'\n') {
-        if line == b"\r\n" || line == b"\n" {
-            return at;
-        }
-        at += line.len();
-        if at > 1 << 20 {
-            break;
-        }
-    }
-    at.min(content.len())
 }
 
 /// What DANE says of one MX host.

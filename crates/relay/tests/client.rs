@@ -2,6 +2,9 @@
 //! plain TCP server that answers each command line with the next reply of a fixed script and
 //! records every byte it read) and, when installed, Postfix's `smtp-sink`.
 
+mod common;
+use common::{acceptor, certificate, skip};
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,8 +16,6 @@ use estafeta_queue::{Failure, Outcome};
 use estafeta_relay::client::{
     ClientConfig, Connection, OutboundMessage, Timeouts, TlsPolicy, classify, deliver,
 };
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -813,53 +814,6 @@ async fn a_silent_peer_times_out_within_the_configured_bound() {
 
 // ---- TLS -----------------------------------------------------------------------------------
 
-/// A self-signed certificate for `mx.test` made by openssl, or None when openssl is missing.
-fn certificate(dir: &Path) -> Option<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=mx.test"])
-        .args(["-addext", "subjectAltName=DNS:mx.test"])
-        // An end-entity certificate (webpki refuses a CA certificate as the server's).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip("openssl is not available: TLS test skipped");
-        return None;
-    }
-    Some((
-        CertificateDer::from_pem_file(&cert).unwrap(),
-        PrivateKeyDer::from_pem_file(&key).unwrap(),
-    ))
-}
-
-fn acceptor(cert: &CertificateDer<'static>, key: &PrivateKeyDer<'static>) -> TlsAcceptor {
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.clone()], key.clone_key())
-    .unwrap();
-    TlsAcceptor::from(Arc::new(config))
-}
-
 const TLS_STEPS: [(&str, &str); 6] = [
     ("EHLO", "250-mx.test\n250-STARTTLS\n250 SIZE 100000"),
     ("STARTTLS", "220 2.0.0 Ready to start TLS"),
@@ -876,7 +830,7 @@ const TLS_STEPS: [(&str, &str); 6] = [
 #[tokio::test]
 async fn starttls_opportunistic_then_ehlo_again() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((cert, key)) = certificate(dir.path()) else {
+    let Some((cert, key)) = certificate(dir.path(), "cert", &["mx.test"]) else {
         return;
     };
     let mut steps = TLS_STEPS.to_vec();
@@ -913,7 +867,7 @@ async fn starttls_opportunistic_then_ehlo_again() {
 #[tokio::test]
 async fn auth_plain_is_sent_inside_tls_only() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((cert, key)) = certificate(dir.path()) else {
+    let Some((cert, key)) = certificate(dir.path(), "cert", &["mx.test"]) else {
         return;
     };
     let mut steps = TLS_STEPS[..3].to_vec();
@@ -979,7 +933,7 @@ async fn tls_required_but_not_offered_is_a_temporary_session_error() {
 #[tokio::test]
 async fn tls_verify_checks_the_chain_and_the_host_name() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((cert, key)) = certificate(dir.path()) else {
+    let Some((cert, key)) = certificate(dir.path(), "cert", &["mx.test"]) else {
         return;
     };
     let mut roots = rustls::RootCertStore::empty();
@@ -1159,14 +1113,6 @@ async fn delivers_to_postfix_smtp_sink() {
     for o in &out {
         assert!(matches!(o, Outcome::Relayed { .. }), "{o:?}");
     }
-}
-
-/// A note on a developer's machine; a failure where `ESTAFETA_NO_SKIP` is set (CI).
-fn skip(why: &str) {
-    if std::env::var_os("ESTAFETA_NO_SKIP").is_some() {
-        panic!("would skip, but ESTAFETA_NO_SKIP is set: {why}");
-    }
-    eprintln!("SKIPPED: {why}");
 }
 
 /// A peer that answers 4xx, 5xx, garbage, or hangs up, at each step of a transaction: the one

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,66 +42,13 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+mod common;
+use common::{acceptor, certificate};
+
 #[allow(dead_code)]
 #[path = "../../../tests/dns.rs"]
 mod dns;
 use dns::{DnsServer, Zones};
-
-fn skip_or_fail(why: &str) {
-    if std::env::var_os("ESTAFETA_NO_SKIP").is_some() {
-        panic!("{why}");
-    }
-    eprintln!("SKIPPED: {why}");
-}
-
-/// A self-signed end-entity certificate for `names`, made by openssl.
-fn certificate(
-    dir: &Path,
-    tag: &str,
-    names: &[&str],
-) -> Option<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
-    let cert = dir.join(format!("{tag}.pem"));
-    let key = dir.join(format!("{tag}.key"));
-    let san = names
-        .iter()
-        .map(|n| format!("DNS:{n}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
-        .args(["-subj", &format!("/CN={}", names[0])])
-        .args(["-addext", &format!("subjectAltName={san}")])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip_or_fail("openssl is not available: MTA-STS test skipped");
-        return None;
-    }
-    Some((
-        CertificateDer::from_pem_file(&cert).unwrap(),
-        PrivateKeyDer::from_pem_file(&key).unwrap(),
-    ))
-}
-
-fn acceptor(cert: &CertificateDer<'static>, key: &PrivateKeyDer<'static>) -> TlsAcceptor {
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.clone()], key.clone_key())
-    .unwrap();
-    TlsAcceptor::from(Arc::new(config))
-}
 
 /// The policy server: answers `GET /.well-known/mta-sts.txt` by the Host header from
 /// `policies` (host → response), counting requests per host.
